@@ -1,3 +1,16 @@
 //! mpcs: reproduce MPCS (WACV 2023) as a content-addressed experiment DAG.
 //!
-//! The binary (`src/main.rs`) is a thin CLI over these modules.
+//! The flow of data, one module per step:
+//! `experiment` (TOML → typed, validated stages) → `plan` (matrix expansion into a DAG, action keys) →
+//! `exec` (scheduler, device slots, progress) → `cache` (entries, locks, fingerprints, journal, gc/verify) →
+//! `lineage` (states, why a node reruns, graph renderings). `stages` holds one file per stage kind.
+//! The binary (`src/main.rs`) is a thin CLI over `commands`.
+
+pub mod cache;
+pub mod commands;
+pub mod error;
+pub mod exec;
+pub mod experiment;
+pub mod lineage;
+pub mod plan;
+pub mod stages;

@@ -1,1 +1,209 @@
-fn main(){}
+//! The `mpcs` command line: parses arguments, calls the library, maps errors to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use mpcs::cache::{Cache, CACHE_ENV};
+use mpcs::commands::{self, GraphFormat, RunArgs};
+use mpcs::error::{exit, Error};
+use mpcs::exec::devices::DeviceSpec;
+use mpcs::exec::progress::{Console, Reporter, Silent};
+
+#[derive(Parser)]
+#[command(
+    name = "mpcs",
+    version,
+    about = "Reproduce and extend MPCS (WACV 2023) as a cached experiment DAG",
+    long_about = "mpcs runs experiments declared as TOML DAGs (download → stain-normalise → patchify → split → \
+                  pretrain → fine-tune → evaluate → table), caching every node's output by content so that only \
+                  what changed reruns.\n\nStart with:  mpcs run experiments/quickstart.toml\nThen look:    mpcs graph experiments/quickstart.toml"
+)]
+struct Cli {
+    /// Cache directory (default: ./cache)
+    #[arg(long, global = true, env = CACHE_ENV, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// More log output (-v, -vv)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an experiment: execute every node whose inputs or parameters changed, reuse the rest.
+    Run {
+        /// The experiment file (TOML)
+        experiment: PathBuf,
+        /// Override a value of the file: --set stage.finetune.params.lr=0.01 (repeatable)
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
+        /// Nodes to run at once (default: number of CPU cores)
+        #[arg(short, long)]
+        jobs: Option<usize>,
+        /// GPUs to hand out: auto (CUDA_VISIBLE_DEVICES or nvidia-smi), cpu, or a list like 0,1 / cuda:0,cuda:1
+        #[arg(long, default_value = "auto")]
+        devices: DeviceSpec,
+        /// Keep running independent branches after a node fails
+        #[arg(short, long)]
+        keep_going: bool,
+        /// Show what would run (and on which device class) without running anything
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        /// Print a JSON summary as the last line of stdout
+        #[arg(long)]
+        json: bool,
+        /// Plain log lines instead of live progress bars
+        #[arg(long)]
+        plain: bool,
+        /// No progress output at all
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show the DAG with each node's state (cached, will-run, blocked, failed), or why one node would rerun.
+    Graph {
+        experiment: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: GraphFormat,
+        /// Explain exactly what differs from the node's last recorded run
+        #[arg(long, value_name = "NODE")]
+        why: Option<String>,
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Print a cache entry's manifest and where its files and log are (by node id or key prefix).
+    Show {
+        /// A node id (e.g. 'finetune[fold=0,lr=0.1]') or a key prefix (at least 4 hex digits)
+        target: String,
+        /// Resolve the node in this experiment (default: the newest record in any experiment)
+        #[arg(long = "exp", value_name = "EXPERIMENT")]
+        experiment: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
+        /// Print the raw manifest as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove cache entries that none of the given experiments reaches.
+    Gc {
+        #[arg(required = true)]
+        experiments: Vec<PathBuf>,
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
+        /// Only say what would be removed
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+    },
+    /// Re-hash every cache entry and report any whose files no longer match their manifest.
+    Verify {
+        /// Delete corrupt entries so the next run recomputes them
+        #[arg(long)]
+        remove: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MPCS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .init();
+
+    let code = match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!(
+                "{}",
+                e.message
+                    .strip_prefix("error: ")
+                    .map(|m| format!("error: {m}"))
+                    .unwrap_or_else(|| format!("error: {}", e.message))
+            );
+            e.exit_code()
+        }
+    };
+    ExitCode::from(code as u8)
+}
+
+fn real_main(cli: Cli) -> Result<i32, Error> {
+    let cache_dir = cli.cache.unwrap_or_else(|| PathBuf::from("cache"));
+    let cache = || Cache::open(&cache_dir);
+    match cli.command {
+        Command::Run {
+            experiment,
+            sets,
+            jobs,
+            devices,
+            keep_going,
+            dry_run,
+            json,
+            plain,
+            quiet,
+        } => {
+            let cancel = Arc::new(AtomicBool::new(false));
+            // First Ctrl-C: stop cleanly. Second: exit at once (nothing half-done is visible either way).
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                let _ = signal_hook::flag::register_conditional_shutdown(
+                    sig,
+                    exit::INTERRUPTED,
+                    Arc::clone(&cancel),
+                );
+                let _ = signal_hook::flag::register(sig, Arc::clone(&cancel));
+            }
+            let jobs = jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let console;
+            let reporter: &dyn Reporter = if quiet {
+                &Silent
+            } else {
+                console = Console::new(plain);
+                &console
+            };
+            let args = RunArgs {
+                experiment: &experiment,
+                sets: &sets,
+                jobs,
+                devices,
+                keep_going,
+                dry_run,
+                json,
+            };
+            commands::run(&args, &cache()?, reporter, &cancel)
+        }
+        Command::Graph {
+            experiment,
+            format,
+            why,
+            sets,
+        } => commands::graph(&experiment, &sets, format, why.as_deref(), &cache()?),
+        Command::Show {
+            target,
+            experiment,
+            sets,
+            json,
+        } => commands::show(&target, experiment.as_deref(), &sets, json, &cache()?),
+        Command::Gc {
+            experiments,
+            sets,
+            dry_run,
+        } => commands::gc(&experiments, &sets, dry_run, &cache()?),
+        Command::Verify { remove } => commands::verify(remove, &cache()?),
+    }
+}

@@ -1,0 +1,139 @@
+//! The run journal: one append-only JSON-lines file per experiment, one line per node whose recorded state
+//! changed (a new key, a failure). It answers "what did this node look like last time?" for `mpcs graph --why`
+//! and the "failed last time" state. It is never rewritten per node (that is what makes DVC's `dvc.lock`
+//! quadratic); when it grows to several times the number of nodes it is compacted once, under a lock.
+//! A line torn by a crash is skipped on reading. Entries, not the journal, are the truth about what is cached.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{write_atomic, Cache, FileLock};
+use crate::error::{Error, Result};
+use crate::plan::key::Action;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub node: String,
+    pub status: Status,
+    pub key: String,
+    pub action: Action,
+    /// Output digest, when the node succeeded.
+    #[serde(default)]
+    pub digest: Option<String>,
+    pub time_unix: f64,
+    /// The failure log, when it failed.
+    #[serde(default)]
+    pub log: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+pub struct Journal {
+    path: PathBuf,
+    lock_path: PathBuf,
+}
+
+impl Journal {
+    pub fn open(cache: &Cache, experiment: &str) -> Journal {
+        let safe: String = experiment
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let dir = cache.journal_dir();
+        Journal {
+            path: dir.join(format!("{safe}.jsonl")),
+            lock_path: dir.join(format!("{safe}.lock")),
+        }
+    }
+
+    /// The latest record of every node.
+    pub fn load(&self) -> Result<HashMap<String, Record>> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+            Err(e) => return Err(Error::io("cannot read journal", &self.path, e)),
+        };
+        let mut latest = HashMap::new();
+        let mut lines = 0usize;
+        for line in text.lines() {
+            lines += 1;
+            if let Ok(r) = serde_json::from_str::<Record>(line) {
+                latest.insert(r.node.clone(), r);
+            }
+        }
+        if lines > 4 * latest.len() + 1000 {
+            self.compact(&latest);
+        }
+        Ok(latest)
+    }
+
+    /// Appends records, each as one `write` of a whole line.
+    pub fn append(&self, records: &[Record]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let _shared = FileLock::shared(&self.lock_path)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| Error::io("cannot open journal", &self.path, e))?;
+        for r in records {
+            let mut line = serde_json::to_vec(r).map_err(|e| Error::internal(e.to_string()))?;
+            line.push(b'\n');
+            f.write_all(&line)
+                .map_err(|e| Error::io("cannot append to journal", &self.path, e))?;
+        }
+        Ok(())
+    }
+
+    fn compact(&self, latest: &HashMap<String, Record>) {
+        let Ok(Some(_lock)) = FileLock::try_exclusive(&self.lock_path) else {
+            return;
+        };
+        // Re-read under the lock: another run may have appended since.
+        let Ok(text) = fs::read_to_string(&self.path) else {
+            return;
+        };
+        let mut current: HashMap<String, Record> = latest.clone();
+        for line in text.lines() {
+            if let Ok(r) = serde_json::from_str::<Record>(line) {
+                current.insert(r.node.clone(), r);
+            }
+        }
+        let mut records: Vec<&Record> = current.values().collect();
+        records.sort_by(|a, b| a.time_unix.total_cmp(&b.time_unix));
+        let mut out = Vec::new();
+        for r in records {
+            if let Ok(mut l) = serde_json::to_vec(r) {
+                l.push(b'\n');
+                out.extend_from_slice(&l);
+            }
+        }
+        let _ = write_atomic(&self.path, &out);
+    }
+}
+
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

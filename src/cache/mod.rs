@@ -1,0 +1,291 @@
+//! The content-addressed cache.
+//!
+//! ```text
+//! <cache>/CACHEDIR.TAG
+//! <cache>/v1/entries/<k[0..2]>/<key>/{manifest.json, log.txt, out/...}   published entries, immutable
+//! <cache>/v1/tmp/<key>.<pid>.<n>/                                       entries being written
+//! <cache>/v1/locks/<k[0..2]>/<key>                                      per-key flock files
+//! <cache>/v1/scratch/<key>/                                             checkpoints of long stages, for resume
+//! <cache>/v1/failed/<key>/log.txt                                       the log of the last failed attempt
+//! <cache>/v1/stat/<hash>.json                                           stat caches of sources
+//! <cache>/v1/journal/<experiment>.jsonl                                 append-only run records per experiment
+//! ```
+//!
+//! An entry is written in `tmp/` and published with one `rename`, so a half-written entry is never visible and
+//! a killed run leaves only a `tmp/` directory that the next holder of the key's lock removes.
+
+pub mod fingerprint;
+pub mod journal;
+pub mod lock;
+pub mod maintenance;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::plan::key::Action;
+pub use fingerprint::FileDigest;
+pub use lock::FileLock;
+
+/// Environment variable that moves the cache (the `--cache` flag wins over it).
+pub const CACHE_ENV: &str = "MPCS_CACHE";
+const FORMAT_DIR: &str = "v1";
+const MANIFEST_FORMAT: u32 = 1;
+
+/// What an entry records about how it was made.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub key: String,
+    pub node: String,
+    pub experiment: String,
+    pub action: Action,
+    pub output_digest: String,
+    pub files: Vec<FileDigest>,
+    pub started_unix: f64,
+    pub duration_s: f64,
+    pub device: String,
+    pub host: String,
+    pub tool_version: String,
+    pub seed: u64,
+    /// Stage-specific results (metrics of an evaluation, counts of a data stage...).
+    #[serde(default)]
+    pub metrics: serde_json::Value,
+}
+
+/// A cache directory.
+#[derive(Clone)]
+pub struct Cache {
+    root: PathBuf,
+    base: PathBuf,
+}
+
+/// An entry being written: its files go in `out`, its log in `log`.
+pub struct Staging {
+    pub dir: PathBuf,
+    pub out: PathBuf,
+    pub log: PathBuf,
+}
+
+static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Cache {
+    /// Opens (creating if needed) the cache at `root`.
+    pub fn open(root: &Path) -> Result<Cache> {
+        let base = root.join(FORMAT_DIR);
+        for sub in [
+            "entries", "tmp", "locks", "scratch", "failed", "stat", "journal",
+        ] {
+            let d = base.join(sub);
+            fs::create_dir_all(&d).map_err(|e| {
+                Error::env(format!(
+                    "cannot create the cache directory {}: {e}; pass --cache DIR or set {CACHE_ENV} to a writable place",
+                    d.display()
+                ))
+            })?;
+        }
+        let tag = root.join("CACHEDIR.TAG");
+        if !tag.exists() {
+            let _ = fs::write(
+                &tag,
+                "Signature: 8a477f597d28d172789f06886806bc55\n# This directory is the mpcs cache (see `mpcs gc`).\n",
+            );
+        }
+        let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+        let base = root.join(FORMAT_DIR);
+        Ok(Cache { root, base })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn entries_dir(&self) -> PathBuf {
+        self.base.join("entries")
+    }
+
+    pub fn entry_dir(&self, key: &str) -> PathBuf {
+        self.base.join("entries").join(&key[..2]).join(key)
+    }
+
+    /// Directory holding an entry's output files.
+    pub fn entry_out(&self, key: &str) -> PathBuf {
+        self.entry_dir(key).join("out")
+    }
+
+    pub fn scratch_dir(&self, key: &str) -> PathBuf {
+        self.base.join("scratch").join(key)
+    }
+
+    pub fn failed_log(&self, key: &str) -> PathBuf {
+        self.base.join("failed").join(key).join("log.txt")
+    }
+
+    pub fn stat_dir(&self) -> PathBuf {
+        self.base.join("stat")
+    }
+
+    pub fn journal_dir(&self) -> PathBuf {
+        self.base.join("journal")
+    }
+
+    fn lock_path(&self, key: &str) -> PathBuf {
+        self.base.join("locks").join(&key[..2]).join(key)
+    }
+
+    /// The manifest of a published entry, or None if there is no entry for `key`.
+    pub fn lookup(&self, key: &str) -> Result<Option<Manifest>> {
+        let path = self.entry_dir(key).join("manifest.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Error::env(format!(
+                    "cache entry {} has an unreadable manifest ({e}); run `mpcs verify --remove` to drop it",
+                    path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("cannot read", &path, e)),
+        }
+    }
+
+    /// Waits for the lock of `key`. Whoever holds it is the only one computing that entry.
+    pub fn lock(&self, key: &str) -> Result<FileLock> {
+        FileLock::exclusive(&self.lock_path(key))
+    }
+
+    pub fn try_lock(&self, key: &str) -> Result<Option<FileLock>> {
+        FileLock::try_exclusive(&self.lock_path(key))
+    }
+
+    /// Starts writing an entry for `key`. The caller holds the key's lock, so any `tmp/<key>.*` left over is
+    /// from a run that died and is removed.
+    pub fn begin(&self, key: &str, _lock: &FileLock) -> Result<Staging> {
+        let tmp = self.base.join("tmp");
+        if let Ok(rd) = fs::read_dir(&tmp) {
+            for e in rd.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{key}."))
+                {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = tmp.join(format!("{key}.{}.{n}", std::process::id()));
+        let out = dir.join("out");
+        fs::create_dir_all(&out).map_err(|e| Error::io("cannot create", &out, e))?;
+        Ok(Staging {
+            log: dir.join("log.txt"),
+            dir,
+            out,
+        })
+    }
+
+    /// Hashes the staged outputs, writes the manifest and publishes the entry with one rename.
+    /// Returns the manifest as published.
+    pub fn publish(
+        &self,
+        staging: Staging,
+        mut manifest: Manifest,
+        _lock: &FileLock,
+    ) -> Result<Manifest> {
+        let files = fingerprint::hash_tree(&staging.out)?;
+        manifest.output_digest = fingerprint::tree_digest(&files);
+        manifest.files = files;
+        manifest.format = MANIFEST_FORMAT;
+        let bytes =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;
+        let mpath = staging.dir.join("manifest.json");
+        fs::write(&mpath, bytes).map_err(|e| Error::io("cannot write", &mpath, e))?;
+        let dest = self.entry_dir(&manifest.key);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(|e| Error::io("cannot create", parent, e))?;
+        }
+        match fs::rename(&staging.dir, &dest) {
+            Ok(()) => {}
+            // Published meanwhile by someone not holding our lock (should not happen): keep theirs.
+            Err(_) if dest.join("manifest.json").exists() => {
+                let _ = fs::remove_dir_all(&staging.dir);
+            }
+            Err(e) => return Err(Error::io("cannot publish cache entry", &dest, e)),
+        }
+        let _ = fs::remove_dir_all(self.base.join("failed").join(&manifest.key));
+        Ok(manifest)
+    }
+
+    /// Throws a staged entry away, keeping its log as the key's last failure log. Returns that log's path.
+    pub fn discard(&self, staging: Staging, key: &str) -> PathBuf {
+        let failed = self.failed_log(key);
+        if let Some(parent) = failed.parent() {
+            let _ = fs::create_dir_all(parent);
+        }
+        if fs::rename(&staging.log, &failed).is_err() {
+            let _ = fs::write(&failed, b"");
+        }
+        let _ = fs::remove_dir_all(&staging.dir);
+        failed
+    }
+
+    /// Every published key (for gc and verify).
+    pub fn all_keys(&self) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let entries = self.entries_dir();
+        let rd = fs::read_dir(&entries).map_err(|e| Error::io("cannot list", &entries, e))?;
+        for shard in rd.flatten() {
+            if let Ok(inner) = fs::read_dir(shard.path()) {
+                for e in inner.flatten() {
+                    keys.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Finds keys starting with `prefix` (at least 4 hex digits).
+    pub fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        if prefix.len() < 4 || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(Vec::new());
+        }
+        let shard = self.entries_dir().join(&prefix[..2]);
+        let mut out = Vec::new();
+        if let Ok(rd) = fs::read_dir(shard) {
+            for e in rd.flatten() {
+                let k = e.file_name().to_string_lossy().into_owned();
+                if k.starts_with(prefix) {
+                    out.push(k);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Writes `bytes` to `path` via a temporary file and a rename, so readers see the old or the new file whole.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io("cannot write", path, e)
+    })
+}
+
+/// This machine's host name, for manifests.
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}

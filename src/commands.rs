@@ -1,0 +1,373 @@
+//! What each CLI subcommand does, as library functions returning an exit code. `main.rs` only parses
+//! arguments and maps errors to exit codes.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use crate::cache::journal::{Journal, Record};
+use crate::cache::{maintenance, Cache};
+use crate::error::{did_you_mean, exit, Error, Result};
+use crate::exec::devices::{self, DeviceSpec};
+use crate::exec::progress::Reporter;
+use crate::exec::{self, RunOptions};
+use crate::experiment::Experiment;
+use crate::lineage::{self, State};
+use crate::plan::Plan;
+
+/// Loads, validates and expands an experiment.
+pub fn load(path: &Path, sets: &[String]) -> Result<(Experiment, Plan)> {
+    let exp = Experiment::load(path, sets)?;
+    let plan = Plan::build(&exp)?;
+    Ok((exp, plan))
+}
+
+pub struct RunArgs<'a> {
+    pub experiment: &'a Path,
+    pub sets: &'a [String],
+    pub jobs: usize,
+    pub devices: DeviceSpec,
+    pub keep_going: bool,
+    pub dry_run: bool,
+    pub json: bool,
+}
+
+pub fn run(
+    args: &RunArgs<'_>,
+    cache: &Cache,
+    reporter: &dyn Reporter,
+    cancel: &AtomicBool,
+) -> Result<i32> {
+    let t0 = Instant::now();
+    let (exp, plan) = load(args.experiment, args.sets)?;
+    let gpus = devices::discover(&args.devices)?;
+    if args.dry_run {
+        return dry_run(&exp, &plan, cache, &gpus, args.json);
+    }
+    let opts = RunOptions {
+        jobs: args.jobs,
+        gpus,
+        keep_going: args.keep_going,
+        grace: Duration::from_secs(5),
+    };
+    let summary = exec::run(&exp, &plan, cache, &opts, reporter, cancel)?;
+    let secs = t0.elapsed().as_secs_f64();
+    for f in &summary.failed {
+        eprintln!("FAILED {}: {}", f.node, f.message);
+        if let Some(log) = &f.log {
+            eprintln!("  log: {}", log.display());
+        }
+    }
+    eprintln!(
+        "{}: {} nodes — {} executed, {} cached, {} failed, {} skipped in {secs:.2} s{}",
+        exp.name,
+        plan.nodes.len(),
+        summary.executed.len(),
+        summary.cached.len(),
+        summary.failed.len(),
+        summary.skipped.len(),
+        if summary.interrupted {
+            " (interrupted)"
+        } else {
+            ""
+        }
+    );
+    if args.json {
+        let failed: Vec<&str> = summary.failed.iter().map(|f| f.node.as_str()).collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "executed": summary.executed,
+                "cached": summary.cached,
+                "failed": failed,
+                "skipped": summary.skipped,
+            })
+        );
+    }
+    Ok(if summary.interrupted {
+        exit::INTERRUPTED
+    } else if summary.failed.is_empty() {
+        exit::OK
+    } else {
+        exit::NODE_FAILED
+    })
+}
+
+fn dry_run(
+    exp: &Experiment,
+    plan: &Plan,
+    cache: &Cache,
+    gpus: &[String],
+    json: bool,
+) -> Result<i32> {
+    let a = lineage::assess(exp, plan, cache)?;
+    let mut would = Vec::new();
+    let mut cached = Vec::new();
+    for &i in &plan.order {
+        let node = &plan.nodes[i];
+        let decl = &exp.stages[node.stage];
+        if a.nodes[i].state == State::Cached {
+            cached.push(node.id.clone());
+            continue;
+        }
+        let device = if decl.gpus == 0 {
+            "cpu".to_string()
+        } else if gpus.is_empty() {
+            format!("cpu (wants {} gpu, none found)", decl.gpus)
+        } else {
+            format!("gpu×{}", decl.gpus)
+        };
+        let reason = lineage::short_reason(exp, plan, &a, i);
+        would.push(serde_json::json!({"id": node.id, "state": a.nodes[i].state.as_str(), "device": device, "reason": reason}));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"would_run": would, "cached": cached})
+        );
+    } else {
+        for w in &would {
+            println!(
+                "would run  {:<44} on {:<10} {}",
+                w["id"].as_str().unwrap_or(""),
+                w["device"].as_str().unwrap_or(""),
+                w["reason"].as_str().unwrap_or("")
+            );
+        }
+        println!(
+            "{}: {} nodes — {} would run, {} cached (dry run: nothing was executed)",
+            exp.name,
+            plan.nodes.len(),
+            would.len(),
+            cached.len()
+        );
+    }
+    Ok(exit::OK)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GraphFormat {
+    Text,
+    Dot,
+    Mermaid,
+    Json,
+}
+
+pub fn graph(
+    experiment: &Path,
+    sets: &[String],
+    format: GraphFormat,
+    why: Option<&str>,
+    cache: &Cache,
+) -> Result<i32> {
+    let (exp, plan) = load(experiment, sets)?;
+    let a = lineage::assess(&exp, &plan, cache)?;
+    if let Some(node) = why {
+        let i = find_node(&plan, node)?;
+        print!("{}", lineage::why(&exp, &plan, &a, cache, i));
+        return Ok(exit::OK);
+    }
+    let out = match format {
+        GraphFormat::Text => lineage::render_text(&exp, &plan, &a),
+        GraphFormat::Dot => lineage::render_dot(&exp, &plan, &a),
+        GraphFormat::Mermaid => lineage::render_mermaid(&exp, &plan, &a),
+        GraphFormat::Json => lineage::render_json(&exp, &plan, &a) + "\n",
+    };
+    print!("{out}");
+    Ok(exit::OK)
+}
+
+fn find_node(plan: &Plan, id: &str) -> Result<usize> {
+    plan.find(id).ok_or_else(|| {
+        let hint = did_you_mean(id, plan.ids())
+            .map(|s| format!(" Did you mean `{s}`?"))
+            .unwrap_or_default();
+        Error::user(format!(
+            "no node `{id}` in this experiment.{hint} `mpcs graph EXP` lists the nodes."
+        ))
+    })
+}
+
+/// `mpcs show NODE|KEY`: an entry's manifest and where its files and log are.
+pub fn show(
+    target: &str,
+    experiment: Option<&Path>,
+    sets: &[String],
+    json: bool,
+    cache: &Cache,
+) -> Result<i32> {
+    let mut failure: Option<Record> = None;
+    let key = if let Some(exp_path) = experiment {
+        let (exp, plan) = load(exp_path, sets)?;
+        let i = find_node(&plan, target)?;
+        let a = lineage::assess(&exp, &plan, cache)?;
+        match (&a.nodes[i].state, &a.nodes[i].key) {
+            (State::Cached, Some(k))
+                if exp.stages[plan.nodes[i].stage].spec.as_source().is_none() =>
+            {
+                k.clone()
+            }
+            _ => match a.last.get(&plan.nodes[i].id) {
+                Some(r) => {
+                    failure = Some(r.clone());
+                    r.key.clone()
+                }
+                None => {
+                    return Err(Error::user(format!(
+                        "node `{target}` has no entry yet: run the experiment first"
+                    )))
+                }
+            },
+        }
+    } else {
+        let by_prefix = cache.keys_with_prefix(target)?;
+        match by_prefix.len() {
+            1 => by_prefix[0].clone(),
+            n if n > 1 => {
+                return Err(Error::user(format!("key prefix `{target}` is ambiguous ({n} entries); give more digits")))
+            }
+            _ => match latest_record_of(cache, target)? {
+                Some(r) => {
+                    failure = Some(r.clone());
+                    r.key
+                }
+                None => {
+                    return Err(Error::user(format!(
+                        "`{target}` is neither a cache key nor a node recorded in any experiment's journal; \
+                         give a node id as in `mpcs graph EXP` (with --exp EXP) or a key prefix"
+                    )))
+                }
+            },
+        }
+    };
+    let Some(m) = cache.lookup(&key)? else {
+        if let Some(r) = failure {
+            println!("node {}: last run {:?}, key {}", r.node, r.status, r.key);
+            if let Some(e) = &r.error {
+                println!("error: {e}");
+            }
+            if let Some(l) = &r.log {
+                println!("log: {l}");
+            }
+            println!("(no cache entry for this key: it failed, or was removed by gc)");
+            return Ok(exit::OK);
+        }
+        return Err(Error::user(format!("no cache entry {key}")));
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&m).map_err(|e| Error::internal(e.to_string()))?
+        );
+        return Ok(exit::OK);
+    }
+    let dir = cache.entry_dir(&key);
+    println!("entry      {}", m.key);
+    println!("node       {} (experiment {})", m.node, m.experiment);
+    println!("kind       {} v{}", m.action.kind, m.action.version);
+    println!(
+        "params     {}",
+        serde_json::to_string(&m.action.params).unwrap_or_default()
+    );
+    for (id, d) in &m.action.inputs {
+        println!("input      {id} {}", &d[..d.len().min(16)]);
+    }
+    println!(
+        "output     {} ({} files, {} bytes)",
+        &m.output_digest[..16],
+        m.files.len(),
+        m.files.iter().map(|f| f.size).sum::<u64>()
+    );
+    println!(
+        "made       {:.2} s on {} ({}), mpcs {}, seed {}",
+        m.duration_s, m.host, m.device, m.tool_version, m.seed
+    );
+    println!("files      {}", dir.join("out").display());
+    println!("log        {}", dir.join("log.txt").display());
+    println!("manifest   {}", dir.join("manifest.json").display());
+    if !m.metrics.is_null() {
+        println!("metrics    {}", m.metrics);
+    }
+    Ok(exit::OK)
+}
+
+/// The newest journal record of `node` across every experiment in the cache.
+fn latest_record_of(cache: &Cache, node: &str) -> Result<Option<Record>> {
+    let normalised: String = node.chars().filter(|c| !c.is_whitespace()).collect();
+    let mut best: Option<Record> = None;
+    let Ok(rd) = std::fs::read_dir(cache.journal_dir()) else {
+        return Ok(None);
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(exp) = name.strip_suffix(".jsonl") else {
+            continue;
+        };
+        if let Some(r) = Journal::open(cache, exp).load()?.remove(&normalised) {
+            if best.as_ref().is_none_or(|b| r.time_unix > b.time_unix) {
+                best = Some(r);
+            }
+        }
+    }
+    Ok(best)
+}
+
+pub fn gc(experiments: &[PathBuf], sets: &[String], dry_run: bool, cache: &Cache) -> Result<i32> {
+    if experiments.is_empty() {
+        return Err(Error::user(
+            "gc needs the experiments whose entries to keep: mpcs gc experiments/a.toml experiments/b.toml",
+        ));
+    }
+    let mut keep = HashSet::new();
+    for path in experiments {
+        let (exp, plan) = load(path, sets)?;
+        let a = lineage::assess(&exp, &plan, cache)?;
+        for (i, st) in a.nodes.iter().enumerate() {
+            if exp.stages[plan.nodes[i].stage].spec.as_source().is_none() {
+                if let Some(k) = &st.key {
+                    keep.insert(k.clone());
+                }
+            }
+        }
+    }
+    let r = maintenance::gc(cache, &keep, dry_run)?;
+    println!(
+        "{} {} entries ({:.1} MB), kept {}{}",
+        if dry_run { "would remove" } else { "removed" },
+        r.removed.len(),
+        r.bytes_freed as f64 / 1e6,
+        r.kept,
+        if r.busy > 0 {
+            format!(", {} busy (in use by a running mpcs) left alone", r.busy)
+        } else {
+            String::new()
+        }
+    );
+    Ok(exit::OK)
+}
+
+pub fn verify(remove: bool, cache: &Cache) -> Result<i32> {
+    let r = maintenance::verify(cache, remove)?;
+    for (key, problem) in &r.corrupt {
+        println!("CORRUPT {key}: {problem}");
+    }
+    println!(
+        "checked {} entries: {} corrupt{}",
+        r.checked,
+        r.corrupt.len(),
+        if remove {
+            format!(", {} removed (they will be recomputed)", r.removed)
+        } else {
+            String::new()
+        }
+    );
+    if r.corrupt.is_empty() {
+        Ok(exit::OK)
+    } else {
+        if !remove {
+            println!("run `mpcs verify --remove` to delete them so the next run recomputes them");
+        }
+        Ok(exit::ENVIRONMENT)
+    }
+}

@@ -1,0 +1,269 @@
+//! The plan: an experiment's stages expanded by their matrices into a DAG of nodes (petgraph).
+//!
+//! A node's id is `stage[key=value,...]` with the matrix keys in declaration order. A reference in `from`
+//! selects nodes of another stage: explicitly by `[key=value]` (values may interpolate the node's own matrix
+//! values, `{fold}`), and implicitly by every matrix key the two stages share (so `evaluate` over the same matrix
+//! as `finetune` pairs up node by node, and a stage without that key fans in over all of them).
+
+pub mod key;
+
+use std::collections::HashMap;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::error::{Error, Result};
+use crate::experiment::{Experiment, MatrixValue};
+
+pub struct Node {
+    pub id: String,
+    /// Index into `Experiment::stages`.
+    pub stage: usize,
+    pub matrix: Vec<(String, MatrixValue)>,
+    /// Input nodes in `from` order (each reference's matches in their own order), without repeats.
+    pub inputs: Vec<usize>,
+    /// Deterministic seed from the experiment seed and the node id (fits 32 bits so every RNG accepts it).
+    pub seed: u64,
+}
+
+impl Node {
+    pub fn matrix_value(&self, key: &str) -> Option<&MatrixValue> {
+        self.matrix.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+}
+
+pub struct Plan {
+    pub nodes: Vec<Node>,
+    /// Edges input → consumer; node weights are indices into `nodes`.
+    pub graph: DiGraph<usize, ()>,
+    /// Node indices in a topological order (inputs before consumers, stable within a stage).
+    pub order: Vec<usize>,
+    pub children: Vec<Vec<usize>>,
+    /// Length of the longest path from the node to a sink, counted in nodes (the scheduler's priority).
+    pub priority: Vec<u32>,
+    by_id: HashMap<String, usize>,
+}
+
+impl Plan {
+    pub fn build(exp: &Experiment) -> Result<Plan> {
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut stage_nodes: Vec<Vec<usize>> = Vec::new();
+        for (si, stage) in exp.stages.iter().enumerate() {
+            let mut ids = Vec::new();
+            for combo in cartesian(&stage.matrix) {
+                let id = node_id(&stage.name, &combo);
+                let seed = node_seed(exp.seed, &id);
+                ids.push(nodes.len());
+                nodes.push(Node {
+                    id,
+                    stage: si,
+                    matrix: combo,
+                    inputs: Vec::new(),
+                    seed,
+                });
+            }
+            stage_nodes.push(ids);
+        }
+
+        let stage_index: HashMap<&str, usize> = exp
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        for ni in 0..nodes.len() {
+            let stage = &exp.stages[nodes[ni].stage];
+            let mut inputs = Vec::new();
+            for r in &stage.refs {
+                let target = stage_index[r.stage.as_str()];
+                let target_decl = &exp.stages[target];
+                let lookup = |name: &str| nodes[ni].matrix_value(name).map(|v| vec![v.to_string()]);
+                let mut want: Vec<(String, String)> = Vec::new();
+                for (k, tpl) in &r.select {
+                    let v = tpl.render_string(&lookup).map_err(|e| {
+                        exp.source.error(
+                            r.span.clone(),
+                            format!("reference `{}`: {e}", r.text),
+                            None,
+                        )
+                    })?;
+                    want.push((k.clone(), v));
+                }
+                for (k, v) in &nodes[ni].matrix {
+                    if target_decl.has_matrix_key(k) && !want.iter().any(|(wk, _)| wk == k) {
+                        want.push((k.clone(), v.to_string()));
+                    }
+                }
+                let matches: Vec<usize> = stage_nodes[target]
+                    .iter()
+                    .copied()
+                    .filter(|&t| {
+                        want.iter().all(|(k, v)| {
+                            nodes[t]
+                                .matrix_value(k)
+                                .is_some_and(|x| &x.to_string() == v)
+                        })
+                    })
+                    .collect();
+                if matches.is_empty() && !r.optional {
+                    let wanted: Vec<String> =
+                        want.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let available: Vec<String> = target_decl
+                        .matrix
+                        .iter()
+                        .map(|(k, vs)| {
+                            format!(
+                                "{k} ∈ {{{}}}",
+                                vs.iter()
+                                    .map(|v| v.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        })
+                        .collect();
+                    return Err(exp.source.error(
+                        r.span.clone(),
+                        format!(
+                            "reference `{}` of node `{}` matches no node of stage `{}` (wanted {})",
+                            r.text,
+                            nodes[ni].id,
+                            r.stage,
+                            wanted.join(", ")
+                        ),
+                        Some(format!(
+                            "stage `{}` has {}; end the reference with `?` if some nodes have no such input",
+                            r.stage,
+                            available.join(" × ")
+                        )),
+                    ));
+                }
+                for m in matches {
+                    if !inputs.contains(&m) {
+                        inputs.push(m);
+                    }
+                }
+            }
+            nodes[ni].inputs = inputs;
+        }
+
+        let mut graph = DiGraph::<usize, ()>::with_capacity(nodes.len(), nodes.len() * 2);
+        let idx: Vec<NodeIndex> = (0..nodes.len()).map(|i| graph.add_node(i)).collect();
+        let mut children = vec![Vec::new(); nodes.len()];
+        for (ni, n) in nodes.iter().enumerate() {
+            for &i in &n.inputs {
+                graph.add_edge(idx[i], idx[ni], ());
+                children[i].push(ni);
+            }
+        }
+        // Kahn's algorithm, smallest node index first: inputs before consumers, and otherwise the order of the
+        // file (stage by stage, matrix order), so listings are stable. Stage cycles were rejected while parsing.
+        let mut indegree: Vec<usize> = nodes.iter().map(|n| n.inputs.len()).collect();
+        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<usize>> = (0..nodes.len())
+            .filter(|&i| indegree[i] == 0)
+            .map(std::cmp::Reverse)
+            .collect();
+        let mut order = Vec::with_capacity(nodes.len());
+        while let Some(std::cmp::Reverse(i)) = heap.pop() {
+            order.push(i);
+            for &c in &children[i] {
+                indegree[c] -= 1;
+                if indegree[c] == 0 {
+                    heap.push(std::cmp::Reverse(c));
+                }
+            }
+        }
+        if order.len() != nodes.len() {
+            return Err(Error::internal(
+                "the node graph has a cycle although the stage graph has none",
+            ));
+        }
+        let mut priority = vec![1u32; nodes.len()];
+        for &n in order.iter().rev() {
+            priority[n] = 1 + children[n].iter().map(|&c| priority[c]).max().unwrap_or(0);
+        }
+        let by_id = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.id.clone(), i))
+            .collect();
+        Ok(Plan {
+            nodes,
+            graph,
+            order,
+            children,
+            priority,
+            by_id,
+        })
+    }
+
+    /// Finds a node by id, tolerating spaces after commas and around `=`.
+    pub fn find(&self, id: &str) -> Option<usize> {
+        let normalised: String = id.chars().filter(|c| !c.is_whitespace()).collect();
+        self.by_id.get(&normalised).copied()
+    }
+
+    /// All node ids, for "did you mean" hints.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.nodes.iter().map(|n| n.id.as_str())
+    }
+}
+
+fn node_id(stage: &str, combo: &[(String, MatrixValue)]) -> String {
+    if combo.is_empty() {
+        return stage.to_string();
+    }
+    let parts: Vec<String> = combo.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{stage}[{}]", parts.join(","))
+}
+
+/// Seed of a node: blake3 of the experiment seed and the node id, reduced to 32 bits.
+pub fn node_seed(experiment_seed: u64, id: &str) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"mpcs-node-seed\0");
+    h.update(&experiment_seed.to_le_bytes());
+    h.update(id.as_bytes());
+    let b = h.finalize();
+    u64::from(u32::from_le_bytes([
+        b.as_bytes()[0],
+        b.as_bytes()[1],
+        b.as_bytes()[2],
+        b.as_bytes()[3],
+    ]))
+}
+
+/// Every combination of the matrix axes, first axis outermost.
+fn cartesian(matrix: &[(String, Vec<MatrixValue>)]) -> Vec<Vec<(String, MatrixValue)>> {
+    let mut out = vec![Vec::new()];
+    for (k, values) in matrix {
+        let mut next = Vec::with_capacity(out.len() * values.len());
+        for prefix in &out {
+            for v in values {
+                let mut combo = prefix.clone();
+                combo.push((k.clone(), v.clone()));
+                next.push(combo);
+            }
+        }
+        out = next;
+    }
+    out
+}
+
+/// The action of node `i`, given the output digests of its inputs (all must be known).
+pub fn action_for(
+    exp: &Experiment,
+    plan: &Plan,
+    i: usize,
+    digests: &[Option<String>],
+) -> Option<key::Action> {
+    let node = &plan.nodes[i];
+    let decl = &exp.stages[node.stage];
+    let mut inputs = Vec::with_capacity(node.inputs.len());
+    for &j in &node.inputs {
+        inputs.push((plan.nodes[j].id.clone(), digests[j].clone()?));
+    }
+    Some(key::Action {
+        kind: decl.spec.kind().to_string(),
+        version: decl.spec.version(),
+        params: decl.spec.key_params(decl, node),
+        inputs,
+    })
+}

@@ -1,0 +1,344 @@
+//! `command`: runs a user's program. The argv is a list (no shell unless the user writes one) with placeholders:
+//! `{out}` the node's output directory, `{in}` its inputs' directories, `{in.NAME}` those of stage NAME,
+//! `{seed}`, `{device}`, `{node}`, and every matrix value and `params` entry by name.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+use serde_json::Value;
+use toml::Spanned;
+
+use super::{ExecContext, StageFailure};
+use crate::error::{did_you_mean, Result};
+use crate::experiment::template::Template;
+use crate::experiment::{SourceText, StageDecl};
+use crate::plan::key::toml_to_json;
+use crate::plan::Node;
+
+pub const VERSION: u32 = 1;
+
+const BUILTIN_PLACEHOLDERS: &[&str] = &["out", "in", "seed", "device", "node"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    /// The argv; the first word is the program.
+    pub run: Spanned<Vec<Spanned<String>>>,
+    /// Values for placeholders; part of the action key.
+    #[serde(default)]
+    pub params: toml::Table,
+    /// Extra environment variables (values may use placeholders); part of the action key.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Per-node parameter changes: `vary = [{ when = { fold = 0 }, params = { lr = 0.01 } }]` sets `lr` for the
+    /// nodes whose matrix values match `when` (later entries win).
+    #[serde(default)]
+    pub vary: Vec<Vary>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vary {
+    pub when: Spanned<toml::Table>,
+    pub params: toml::Table,
+}
+
+impl CommandSpec {
+    pub fn validate(&self, decl: &StageDecl, _all: &[StageDecl], src: &SourceText) -> Result<()> {
+        if self.run.get_ref().is_empty() {
+            return Err(src.error(
+                self.run.span(),
+                format!("`run` of stage `{}` is empty", decl.name),
+                Some("give the program and its arguments, e.g. run = [\"python\", \"train.py\", \"{out}\"]".into()),
+            ));
+        }
+        for (k, _) in &self.params {
+            if BUILTIN_PLACEHOLDERS.contains(&k.as_str()) || decl.has_matrix_key(k) {
+                return Err(src.error(
+                    self.run.span(),
+                    format!("params key `{k}` of stage `{}` clashes with a placeholder of the same name", decl.name),
+                    Some("rename it; out, in, seed, device, node and the matrix keys are taken".into()),
+                ));
+            }
+        }
+        for v in &self.vary {
+            for (k, val) in v.when.get_ref() {
+                if !decl.has_matrix_key(k) {
+                    return Err(src.error(
+                        v.when.span(),
+                        format!(
+                            "`vary.when` of stage `{}` names `{k}`, which is not a matrix key",
+                            decl.name
+                        ),
+                        Some(format!(
+                            "matrix keys: {}",
+                            decl.matrix_keys().collect::<Vec<_>>().join(", ")
+                        )),
+                    ));
+                }
+                let shown = match val {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let exists = decl
+                    .matrix
+                    .iter()
+                    .any(|(mk, vs)| mk == k && vs.iter().any(|x| x.to_string() == shown));
+                if !exists {
+                    return Err(src.error(
+                        v.when.span(),
+                        format!("`vary.when` of stage `{}` selects {k} = {shown}, which is not in its matrix", decl.name),
+                        None,
+                    ));
+                }
+            }
+            for k in v.params.keys() {
+                if !self.params.contains_key(k) {
+                    return Err(src.error(
+                        v.when.span(),
+                        format!(
+                            "`vary` of stage `{}` sets `{k}`, which is not in its `params`",
+                            decl.name
+                        ),
+                        Some(format!("declare a default first: params = {{ {k} = ... }}")),
+                    ));
+                }
+            }
+        }
+        let mut valid: Vec<String> = BUILTIN_PLACEHOLDERS.iter().map(|s| s.to_string()).collect();
+        valid.extend(decl.refs.iter().map(|r| format!("in.{}", r.stage)));
+        valid.extend(decl.matrix_keys().map(String::from));
+        valid.extend(self.params.keys().cloned());
+        let templates = self
+            .run
+            .get_ref()
+            .iter()
+            .map(|w| (w.get_ref().as_str(), w.span()));
+        let env_span = self.run.span();
+        let env_templates = self.env.values().map(|v| (v.as_str(), env_span.clone()));
+        for (text, span) in templates.chain(env_templates) {
+            let tpl = Template::parse(text).map_err(|e| src.error(span.clone(), e, None))?;
+            for name in tpl.placeholders() {
+                if !valid.iter().any(|v| v == name) {
+                    let mut hint = String::new();
+                    if let Some(s) = did_you_mean(name, valid.iter().map(String::as_str)) {
+                        hint.push_str(&format!("did you mean `{{{s}}}`? "));
+                    }
+                    hint.push_str(&format!(
+                        "placeholders here: {}",
+                        valid
+                            .iter()
+                            .map(|v| format!("{{{v}}}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ));
+                    return Err(src.error(
+                        span.clone(),
+                        format!("unknown placeholder `{{{name}}}` in stage `{}`", decl.name),
+                        Some(hint),
+                    ));
+                }
+                if name == "in" && decl.refs.is_empty() {
+                    return Err(src.error(
+                        span.clone(),
+                        format!("stage `{}` uses `{{in}}` but has no inputs", decl.name),
+                        Some("add `from = [\"other_stage\"]`".into()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn key_params(&self, node: &Node) -> BTreeMap<String, Value> {
+        let mut p = BTreeMap::new();
+        p.insert(
+            "run".into(),
+            Value::Array(
+                self.run
+                    .get_ref()
+                    .iter()
+                    .map(|w| Value::String(w.get_ref().clone()))
+                    .collect(),
+            ),
+        );
+        let params = self.params_for(node);
+        if !params.is_empty() {
+            p.insert("params".into(), toml_to_json(&toml::Value::Table(params)));
+        }
+        if !self.env.is_empty() {
+            p.insert(
+                "env".into(),
+                serde_json::to_value(&self.env).unwrap_or_default(),
+            );
+        }
+        // The seed changes the output only where the command can see it.
+        let uses_seed = self
+            .run
+            .get_ref()
+            .iter()
+            .map(|w| w.get_ref().as_str())
+            .chain(self.env.values().map(String::as_str))
+            .any(|t| t.contains("{seed}"));
+        if uses_seed {
+            p.insert("seed".into(), Value::from(node.seed));
+        }
+        p
+    }
+
+    /// `params` with the `vary` entries that match this node applied.
+    pub fn params_for(&self, node: &Node) -> toml::Table {
+        let mut params = self.params.clone();
+        for v in &self.vary {
+            let matches = v.when.get_ref().iter().all(|(k, want)| {
+                let want = match want {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                node.matrix_value(k)
+                    .is_some_and(|mv| mv.to_string() == want)
+            });
+            if matches {
+                for (k, val) in &v.params {
+                    params.insert(k.clone(), val.clone());
+                }
+            }
+        }
+        params
+    }
+
+    fn lookup(&self, ctx: &ExecContext<'_>, name: &str) -> Option<Vec<String>> {
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        match name {
+            "out" => Some(vec![path(ctx.out)]),
+            "in" => Some(ctx.inputs.iter().map(|i| path(&i.path)).collect()),
+            "seed" => Some(vec![ctx.node.seed.to_string()]),
+            "device" => Some(vec![ctx.device.label()]),
+            "node" => Some(vec![ctx.node.id.clone()]),
+            _ => {
+                if let Some(stage) = name.strip_prefix("in.") {
+                    return Some(
+                        ctx.inputs
+                            .iter()
+                            .filter(|i| i.stage == stage)
+                            .map(|i| path(&i.path))
+                            .collect(),
+                    );
+                }
+                if let Some(v) = ctx.node.matrix_value(name) {
+                    return Some(vec![v.to_string()]);
+                }
+                self.params_for(ctx.node).get(name).map(param_words)
+            }
+        }
+    }
+
+    pub fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        let lookup = |name: &str| self.lookup(ctx, name);
+        let mut argv = Vec::new();
+        for w in self.run.get_ref() {
+            let tpl = Template::parse(w.get_ref()).map_err(StageFailure)?;
+            argv.extend(tpl.render(&lookup).map_err(StageFailure)?);
+        }
+        let log = std::fs::File::create(ctx.log)
+            .map_err(|e| StageFailure(format!("cannot create the log: {e}")))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| StageFailure(format!("cannot open the log: {e}")))?;
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .current_dir(&ctx.exp.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .env("MPCS_OUT", ctx.out)
+            .env("MPCS_NODE", &ctx.node.id)
+            .env("MPCS_SEED", ctx.node.seed.to_string())
+            .env("MPCS_DEVICE", ctx.device.label());
+        if !ctx.device.gpus.is_empty() {
+            cmd.env("CUDA_VISIBLE_DEVICES", ctx.device.gpus.join(","));
+        } else if ctx.device.gpus_managed {
+            // A CPU node must not grab a GPU that the scheduler is handing to others.
+            cmd.env("CUDA_VISIBLE_DEVICES", "");
+        }
+        for (k, v) in &self.env {
+            let tpl = Template::parse(v).map_err(StageFailure)?;
+            cmd.env(k, tpl.render_string(&lookup).map_err(StageFailure)?);
+        }
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Own process group, so Ctrl-C reaches mpcs first and mpcs ends the whole group cleanly.
+                libc::setpgid(0, 0);
+                // If mpcs dies (even by kill -9), the command dies with it instead of writing into a dead entry.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| StageFailure(format!("cannot start `{}`: {e}", argv[0])))?;
+        let token = ctx.processes.register(child.id() as i32);
+        if ctx.cancelled() {
+            ctx.processes.signal_all(libc::SIGTERM);
+        }
+        let status = child.wait();
+        ctx.processes.unregister(token);
+        let status =
+            status.map_err(|e| StageFailure(format!("cannot wait for `{}`: {e}", argv[0])))?;
+        if ctx.cancelled() {
+            return Err(StageFailure("interrupted".into()));
+        }
+        if !status.success() {
+            let how = match (status.code(), status.signal()) {
+                (Some(c), _) => format!("exited with status {c}"),
+                (None, Some(s)) => format!("was killed by signal {s}"),
+                _ => "failed".into(),
+            };
+            return Err(StageFailure(format!(
+                "command `{}` {how}{}",
+                argv.join(" "),
+                log_tail(ctx.log)
+            )));
+        }
+        let empty = std::fs::read_dir(ctx.out)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
+        if empty {
+            return Err(StageFailure(format!(
+                "command `{}` succeeded but wrote nothing in {{out}} ({}); a node must produce output{}",
+                argv.join(" "),
+                ctx.out.display(),
+                log_tail(ctx.log)
+            )));
+        }
+        Ok(Value::Null)
+    }
+}
+
+/// A params value as placeholder words: scalars as themselves, lists one word per element.
+fn param_words(v: &toml::Value) -> Vec<String> {
+    match v {
+        toml::Value::String(s) => vec![s.clone()],
+        toml::Value::Array(a) => a.iter().flat_map(param_words).collect(),
+        other => vec![other.to_string()],
+    }
+}
+
+/// The last lines of a log, indented, for failure messages.
+pub fn log_tail(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let start = lines.len().saturating_sub(15);
+    let mut out = String::from("\n    --- last lines of its log ---");
+    for l in &lines[start..] {
+        out.push_str("\n    ");
+        out.push_str(l);
+    }
+    out
+}

@@ -1,0 +1,159 @@
+//! Stage kinds. Each kind is a typed spec (serde, unknown keys rejected) plus what it contributes to the action
+//! key and how it executes. Adding a kind: a file here, a variant in [`StageSpec`], its name in `KINDS`.
+
+pub mod command;
+pub mod source;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Deserialize;
+use serde_json::Value;
+use toml::de::DeValue;
+use toml::Spanned;
+
+use crate::error::Result;
+use crate::exec::ProcessRegistry;
+use crate::experiment::{Experiment, SourceText, StageDecl};
+use crate::plan::Node;
+
+pub enum StageSpec {
+    Source(source::SourceSpec),
+    Command(command::CommandSpec),
+}
+
+/// One input of a node as its stage sees it.
+pub struct InputDir {
+    pub node: String,
+    pub stage: String,
+    /// The input's output directory (for a source: the source path itself).
+    pub path: PathBuf,
+}
+
+/// The device(s) a node runs on.
+#[derive(Clone, Debug)]
+pub struct DeviceAssignment {
+    /// GPU ids (as in CUDA_VISIBLE_DEVICES); empty = CPU.
+    pub gpus: Vec<String>,
+    /// Whether the scheduler manages GPUs at all (then CPU nodes get an empty CUDA_VISIBLE_DEVICES).
+    pub gpus_managed: bool,
+}
+
+impl DeviceAssignment {
+    /// `cuda:0,cuda:1` or `cpu`.
+    pub fn label(&self) -> String {
+        if self.gpus.is_empty() {
+            "cpu".into()
+        } else {
+            self.gpus
+                .iter()
+                .map(|g| format!("cuda:{g}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    }
+}
+
+/// Everything a stage needs to execute one node.
+pub struct ExecContext<'a> {
+    pub exp: &'a Experiment,
+    pub decl: &'a StageDecl,
+    pub node: &'a Node,
+    /// Where the node writes its outputs (published as the entry's `out/`).
+    pub out: &'a Path,
+    /// The node's log file (stdout and stderr of commands).
+    pub log: &'a Path,
+    /// A directory that survives interruptions, for checkpoints (keyed by the action key).
+    pub scratch: PathBuf,
+    pub inputs: Vec<InputDir>,
+    pub device: DeviceAssignment,
+    pub cancel: &'a AtomicBool,
+    pub processes: &'a ProcessRegistry,
+    pub progress: &'a (dyn Fn(u64, Option<u64>, &str) + Sync),
+}
+
+impl ExecContext<'_> {
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a node failed: a message for the user (the log path is added by the scheduler).
+#[derive(Debug)]
+pub struct StageFailure(pub String);
+
+impl StageSpec {
+    /// Every stage kind, for validation and "did you mean".
+    pub const KINDS: &'static [&'static str] = &["source", "command"];
+
+    pub fn parse(kind: &str, table: Spanned<DeValue<'_>>) -> Result<StageSpec, toml::de::Error> {
+        let de = toml::de::ValueDeserializer::from(table);
+        Ok(match kind {
+            "source" => StageSpec::Source(source::SourceSpec::deserialize(de)?),
+            "command" => StageSpec::Command(command::CommandSpec::deserialize(de)?),
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown stage kind `{other}`"
+                )))
+            }
+        })
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StageSpec::Source(_) => "source",
+            StageSpec::Command(_) => "command",
+        }
+    }
+
+    /// Bumped when the kind's semantics change, which invalidates its cache entries.
+    pub fn version(&self) -> u32 {
+        match self {
+            StageSpec::Source(_) => source::VERSION,
+            StageSpec::Command(_) => command::VERSION,
+        }
+    }
+
+    /// Sources are fingerprinted where they are instead of executed into the cache.
+    pub fn as_source(&self) -> Option<&source::SourceSpec> {
+        match self {
+            StageSpec::Source(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Checks that need the whole experiment (placeholders, inputs).
+    pub fn validate(&self, decl: &StageDecl, all: &[StageDecl], src: &SourceText) -> Result<()> {
+        match self {
+            StageSpec::Source(s) => s.validate(decl, src),
+            StageSpec::Command(c) => c.validate(decl, all, src),
+        }
+    }
+
+    /// The parameters that go into the action key (besides kind, version and input digests).
+    pub fn key_params(&self, decl: &StageDecl, node: &Node) -> BTreeMap<String, Value> {
+        let mut params = match self {
+            StageSpec::Source(s) => s.key_params(),
+            StageSpec::Command(c) => c.key_params(node),
+        };
+        if !node.matrix.is_empty() {
+            let m = node
+                .matrix
+                .iter()
+                .map(|(k, v)| (k.clone(), crate::plan::key::toml_to_json(&v.to_toml())))
+                .collect();
+            params.insert("matrix".into(), Value::Object(m));
+        }
+        let _ = decl;
+        params
+    }
+
+    /// Runs the node; on success returns stage metrics for the manifest.
+    pub fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        match self {
+            StageSpec::Source(_) => Err(StageFailure("a source is not executed".into())),
+            StageSpec::Command(c) => c.execute(ctx),
+        }
+    }
+}

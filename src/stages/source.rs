@@ -1,0 +1,68 @@
+//! `source`: a local file or folder, used in place and fingerprinted by content (with a stat cache).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_json::Value;
+use toml::Spanned;
+
+use crate::error::{Error, Result};
+use crate::experiment::{Experiment, SourceText, StageDecl};
+
+pub const VERSION: u32 = 1;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// File or folder, relative to the experiment file.
+    pub path: Spanned<String>,
+}
+
+impl SourceSpec {
+    pub fn validate(&self, decl: &StageDecl, src: &SourceText) -> Result<()> {
+        if let Some(r) = decl.refs.first() {
+            return Err(src.error(
+                r.span.clone(),
+                format!(
+                    "source stage `{}` cannot have `from`: a source reads a path, not other stages",
+                    decl.name
+                ),
+                None,
+            ));
+        }
+        if !decl.matrix.is_empty() {
+            return Err(src.error(
+                decl.span.clone(),
+                format!("source stage `{}` cannot have a `matrix`", decl.name),
+                Some("declare one source stage per path".into()),
+            ));
+        }
+        if self.path.get_ref().trim().is_empty() {
+            return Err(src.error(self.path.span(), "`path` is empty", None));
+        }
+        Ok(())
+    }
+
+    pub fn key_params(&self) -> BTreeMap<String, Value> {
+        // A source's identity is its content digest; the path itself is not part of any key.
+        BTreeMap::new()
+    }
+
+    /// The absolute path, or a located error if it does not exist.
+    pub fn resolve(&self, exp: &Experiment, decl: &StageDecl) -> Result<PathBuf> {
+        let p = exp.resolve_path(self.path.get_ref());
+        if !p.exists() {
+            return Err(exp.source.error(
+                self.path.span(),
+                format!("source `{}`: {} does not exist", decl.name, p.display()),
+                Some(format!(
+                    "create it, fix `path`, or point it elsewhere with --set stage.{}.path=DIR",
+                    decl.name
+                )),
+            ));
+        }
+        p.canonicalize()
+            .map_err(|e| Error::io("cannot resolve", &p, e))
+    }
+}

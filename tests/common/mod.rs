@@ -1,0 +1,231 @@
+//! Helpers for integration tests that drive the real `mpcs` binary in a temporary project.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub executed: BTreeSet<String>,
+    pub cached: BTreeSet<String>,
+    pub failed: BTreeSet<String>,
+    pub skipped: BTreeSet<String>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mpcs")
+}
+
+impl Project {
+    pub fn new() -> Project {
+        Project {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.path(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.current_dir(self.dir.path())
+            .args(args)
+            .env_remove("MPCS_CACHE")
+            .env_remove("CUDA_VISIBLE_DEVICES");
+        c
+    }
+
+    pub fn mpcs(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run mpcs")
+    }
+
+    /// Runs `mpcs run EXP --json ARGS` and parses the summary line; panics with the output if it failed.
+    pub fn run_ok(&self, exp: &str, args: &[&str]) -> Summary {
+        let out = self.run_raw(exp, args);
+        assert!(
+            out.status.success(),
+            "mpcs run failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse_summary(&out)
+    }
+
+    pub fn run_raw(&self, exp: &str, args: &[&str]) -> Output {
+        let mut all = vec!["run", exp, "--json", "--plain", "--jobs", "2"];
+        all.extend_from_slice(args);
+        self.mpcs(&all)
+    }
+
+    pub fn entries(&self) -> BTreeSet<String> {
+        let mut keys = BTreeSet::new();
+        let dir = self.path("cache/v1/entries");
+        if let Ok(rd) = fs::read_dir(dir) {
+            for shard in rd.flatten() {
+                for e in fs::read_dir(shard.path()).unwrap().flatten() {
+                    keys.insert(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        keys
+    }
+
+    /// `mpcs graph EXP --format json` as (id → state).
+    pub fn states(&self, exp: &str) -> std::collections::BTreeMap<String, String> {
+        let out = self.mpcs(&["graph", exp, "--format", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap().to_string(),
+                    n["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+pub fn parse_summary(out: &Output) -> Summary {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no stdout; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let v: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"));
+    let set = |k: &str| {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    Summary {
+        executed: set("executed"),
+        cached: set("cached"),
+        failed: set("failed"),
+        skipped: set("skipped"),
+    }
+}
+
+pub fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// The paper-shaped DAG of command stages: 1 source → prepare → stain → 5 folds → 15 pretrain → 80 finetune →
+/// 80 evaluate → 1 table, plus 15 linear-evaluation nodes and their table: 200 nodes. `extra` is appended to the
+/// finetune stage (e.g. a `vary` line); `prepare_note` is a parameter of `prepare` that does not change its output.
+/// Each command appends its node id to `exec.log` so tests can count executions.
+pub fn paper_dag(prepare_note: &str, finetune_extra: &str, sleep: &str) -> String {
+    format!(
+        r#"[experiment]
+name = "paper"
+seed = 47
+
+[stage.raw]
+kind = "source"
+path = "data/raw"
+
+[stage.prepare]
+kind = "command"
+from = "raw"
+params = {{ note = "{prepare_note}" }}
+run = ["sh", "-c", "echo {{node}} >> exec.log; cat {{in}}/*.txt > {{out}}/data.txt"]
+
+[stage.stain]
+kind = "command"
+from = "prepare"
+run = ["sh", "-c", "echo {{node}} >> exec.log; cp {{in}}/data.txt {{out}}/stained.txt"]
+
+[stage.folds]
+kind = "command"
+from = "stain"
+matrix = {{ fold = [0, 1, 2, 3, 4] }}
+run = ["sh", "-c", "echo {{node}} >> exec.log; {sleep} echo fold {{fold}} > {{out}}/split.csv; cat {{in}}/stained.txt >> {{out}}/split.csv"]
+
+[stage.pretrain]
+kind = "command"
+from = "folds"
+matrix = {{ fold = [0, 1, 2, 3, 4], pair = ["FP", "OP", "RP"] }}
+params = {{ epochs = 3 }}
+gpus = 1
+run = ["sh", "-c", "echo {{node}} >> exec.log; {sleep} echo {{pair}} {{epochs}} > {{out}}/backbone.txt; cat {{in}}/split.csv >> {{out}}/backbone.txt"]
+
+[stage.finetune]
+kind = "command"
+from = ["folds", "pretrain[fold={{fold}}, pair={{init}}]?"]
+matrix = {{ fold = [0, 1, 2, 3, 4], magnification = ["40X", "100X", "200X", "400X"], init = ["imagenet", "FP", "OP", "RP"] }}
+params = {{ lr = 0.001 }}
+gpus = 1
+run = ["sh", "-c", "echo {{node}} >> exec.log; {sleep} echo {{magnification}} {{init}} {{lr}} > {{out}}/model.txt; for d in {{in}}; do cat $d/*; done >> {{out}}/model.txt"]
+{finetune_extra}
+
+[stage.evaluate]
+kind = "command"
+from = "finetune"
+matrix = {{ fold = [0, 1, 2, 3, 4], magnification = ["40X", "100X", "200X", "400X"], init = ["imagenet", "FP", "OP", "RP"] }}
+run = ["sh", "-c", "echo {{node}} >> exec.log; {sleep} wc -c < {{in}}/model.txt > {{out}}/metrics.txt"]
+
+[stage.table]
+kind = "command"
+from = "evaluate"
+run = ["sh", "-c", "echo {{node}} >> exec.log; for d in {{in}}; do cat $d/metrics.txt; done > {{out}}/table.md"]
+
+[stage.linear]
+kind = "command"
+from = "pretrain"
+matrix = {{ fold = [0, 1, 2, 3, 4], pair = ["FP", "OP", "RP"] }}
+run = ["sh", "-c", "echo {{node}} >> exec.log; {sleep} head -c 40 {{in}}/backbone.txt > {{out}}/probe.txt"]
+
+[stage.linear_table]
+kind = "command"
+from = "linear"
+run = ["sh", "-c", "echo {{node}} >> exec.log; for d in {{in}}; do cat $d/probe.txt; done > {{out}}/linear.md"]
+"#
+    )
+}
+
+/// Execution counts per node from `exec.log`.
+pub fn exec_counts(p: &Project) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for l in fs::read_to_string(p.path("exec.log"))
+        .unwrap_or_default()
+        .lines()
+    {
+        *m.entry(l.to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+pub fn make_old(path: &Path) {
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+}

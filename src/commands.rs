@@ -33,24 +33,16 @@ pub struct RunArgs<'a> {
     pub json: bool,
 }
 
-pub fn run(
-    args: &RunArgs<'_>,
-    cache: &Cache,
-    reporter: &dyn Reporter,
-    cancel: &AtomicBool,
-) -> Result<i32> {
+/// `cache_dir` is opened only once the experiment is valid, so a bad file leaves no trace.
+pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel: &AtomicBool) -> Result<i32> {
     let t0 = Instant::now();
     let (exp, plan) = load(args.experiment, args.sets)?;
     let gpus = devices::discover(&args.devices)?;
+    let cache = &Cache::open(cache_dir)?;
     if args.dry_run {
         return dry_run(&exp, &plan, cache, &gpus, args.json);
     }
-    let opts = RunOptions {
-        jobs: args.jobs,
-        gpus,
-        keep_going: args.keep_going,
-        grace: Duration::from_secs(5),
-    };
+    let opts = RunOptions { jobs: args.jobs, gpus, keep_going: args.keep_going, grace: Duration::from_secs(5) };
     let summary = exec::run(&exp, &plan, cache, &opts, reporter, cancel)?;
     let secs = t0.elapsed().as_secs_f64();
     for f in &summary.failed {
@@ -67,11 +59,7 @@ pub fn run(
         summary.cached.len(),
         summary.failed.len(),
         summary.skipped.len(),
-        if summary.interrupted {
-            " (interrupted)"
-        } else {
-            ""
-        }
+        if summary.interrupted { " (interrupted)" } else { "" }
     );
     if args.json {
         let failed: Vec<&str> = summary.failed.iter().map(|f| f.node.as_str()).collect();
@@ -94,13 +82,7 @@ pub fn run(
     })
 }
 
-fn dry_run(
-    exp: &Experiment,
-    plan: &Plan,
-    cache: &Cache,
-    gpus: &[String],
-    json: bool,
-) -> Result<i32> {
+fn dry_run(exp: &Experiment, plan: &Plan, cache: &Cache, gpus: &[String], json: bool) -> Result<i32> {
     let a = lineage::assess(exp, plan, cache)?;
     let mut would = Vec::new();
     let mut cached = Vec::new();
@@ -119,13 +101,12 @@ fn dry_run(
             format!("gpu×{}", decl.gpus)
         };
         let reason = lineage::short_reason(exp, plan, &a, i);
-        would.push(serde_json::json!({"id": node.id, "state": a.nodes[i].state.as_str(), "device": device, "reason": reason}));
+        would.push(
+            serde_json::json!({"id": node.id, "state": a.nodes[i].state.as_str(), "device": device, "reason": reason}),
+        );
     }
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"would_run": would, "cached": cached})
-        );
+        println!("{}", serde_json::json!({"would_run": would, "cached": cached}));
     } else {
         for w in &would {
             println!(
@@ -159,9 +140,10 @@ pub fn graph(
     sets: &[String],
     format: GraphFormat,
     why: Option<&str>,
-    cache: &Cache,
+    cache_dir: &Path,
 ) -> Result<i32> {
     let (exp, plan) = load(experiment, sets)?;
+    let cache = &Cache::open(cache_dir)?;
     let a = lineage::assess(&exp, &plan, cache)?;
     if let Some(node) = why {
         let i = find_node(&plan, node)?;
@@ -180,44 +162,26 @@ pub fn graph(
 
 fn find_node(plan: &Plan, id: &str) -> Result<usize> {
     plan.find(id).ok_or_else(|| {
-        let hint = did_you_mean(id, plan.ids())
-            .map(|s| format!(" Did you mean `{s}`?"))
-            .unwrap_or_default();
-        Error::user(format!(
-            "no node `{id}` in this experiment.{hint} `mpcs graph EXP` lists the nodes."
-        ))
+        let hint = did_you_mean(id, plan.ids()).map(|s| format!(" Did you mean `{s}`?")).unwrap_or_default();
+        Error::user(format!("no node `{id}` in this experiment.{hint} `mpcs graph EXP` lists the nodes."))
     })
 }
 
 /// `mpcs show NODE|KEY`: an entry's manifest and where its files and log are.
-pub fn show(
-    target: &str,
-    experiment: Option<&Path>,
-    sets: &[String],
-    json: bool,
-    cache: &Cache,
-) -> Result<i32> {
+pub fn show(target: &str, experiment: Option<&Path>, sets: &[String], json: bool, cache: &Cache) -> Result<i32> {
     let mut failure: Option<Record> = None;
     let key = if let Some(exp_path) = experiment {
         let (exp, plan) = load(exp_path, sets)?;
         let i = find_node(&plan, target)?;
         let a = lineage::assess(&exp, &plan, cache)?;
         match (&a.nodes[i].state, &a.nodes[i].key) {
-            (State::Cached, Some(k))
-                if exp.stages[plan.nodes[i].stage].spec.as_source().is_none() =>
-            {
-                k.clone()
-            }
+            (State::Cached, Some(k)) if exp.stages[plan.nodes[i].stage].spec.as_source().is_none() => k.clone(),
             _ => match a.last.get(&plan.nodes[i].id) {
                 Some(r) => {
                     failure = Some(r.clone());
                     r.key.clone()
                 }
-                None => {
-                    return Err(Error::user(format!(
-                        "node `{target}` has no entry yet: run the experiment first"
-                    )))
-                }
+                None => return Err(Error::user(format!("node `{target}` has no entry yet: run the experiment first"))),
             },
         }
     } else {
@@ -256,20 +220,14 @@ pub fn show(
         return Err(Error::user(format!("no cache entry {key}")));
     };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&m).map_err(|e| Error::internal(e.to_string()))?
-        );
+        println!("{}", serde_json::to_string_pretty(&m).map_err(|e| Error::internal(e.to_string()))?);
         return Ok(exit::OK);
     }
     let dir = cache.entry_dir(&key);
     println!("entry      {}", m.key);
     println!("node       {} (experiment {})", m.node, m.experiment);
     println!("kind       {} v{}", m.action.kind, m.action.version);
-    println!(
-        "params     {}",
-        serde_json::to_string(&m.action.params).unwrap_or_default()
-    );
+    println!("params     {}", serde_json::to_string(&m.action.params).unwrap_or_default());
     for (id, d) in &m.action.inputs {
         println!("input      {id} {}", &d[..d.len().min(16)]);
     }
@@ -279,10 +237,7 @@ pub fn show(
         m.files.len(),
         m.files.iter().map(|f| f.size).sum::<u64>()
     );
-    println!(
-        "made       {:.2} s on {} ({}), mpcs {}, seed {}",
-        m.duration_s, m.host, m.device, m.tool_version, m.seed
-    );
+    println!("made       {:.2} s on {} ({}), mpcs {}, seed {}", m.duration_s, m.host, m.device, m.tool_version, m.seed);
     println!("files      {}", dir.join("out").display());
     println!("log        {}", dir.join("log.txt").display());
     println!("manifest   {}", dir.join("manifest.json").display());
@@ -338,11 +293,7 @@ pub fn gc(experiments: &[PathBuf], sets: &[String], dry_run: bool, cache: &Cache
         r.removed.len(),
         r.bytes_freed as f64 / 1e6,
         r.kept,
-        if r.busy > 0 {
-            format!(", {} busy (in use by a running mpcs) left alone", r.busy)
-        } else {
-            String::new()
-        }
+        if r.busy > 0 { format!(", {} busy (in use by a running mpcs) left alone", r.busy) } else { String::new() }
     );
     Ok(exit::OK)
 }
@@ -356,11 +307,7 @@ pub fn verify(remove: bool, cache: &Cache) -> Result<i32> {
         "checked {} entries: {} corrupt{}",
         r.checked,
         r.corrupt.len(),
-        if remove {
-            format!(", {} removed (they will be recomputed)", r.removed)
-        } else {
-            String::new()
-        }
+        if remove { format!(", {} removed (they will be recomputed)", r.removed) } else { String::new() }
     );
     if r.corrupt.is_empty() {
         Ok(exit::OK)

@@ -38,22 +38,13 @@ pub struct Error {
 
 impl Error {
     pub fn user(message: impl Into<String>) -> Self {
-        Error {
-            class: Class::User,
-            message: message.into(),
-        }
+        Error { class: Class::User, message: message.into() }
     }
     pub fn env(message: impl Into<String>) -> Self {
-        Error {
-            class: Class::Environment,
-            message: message.into(),
-        }
+        Error { class: Class::Environment, message: message.into() }
     }
     pub fn internal(message: impl Into<String>) -> Self {
-        Error {
-            class: Class::Internal,
-            message: message.into(),
-        }
+        Error { class: Class::Internal, message: message.into() }
     }
     /// An I/O error on `path`, classed as environment.
     pub fn io(what: &str, path: &std::path::Path, err: std::io::Error) -> Self {
@@ -79,10 +70,7 @@ impl std::error::Error for Error {}
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The closest candidate to `word` by edit distance, if it is close enough to be a plausible typo.
-pub fn did_you_mean<'a>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
         let d = edit_distance(word, c);
@@ -95,19 +83,27 @@ pub fn did_you_mean<'a>(
     (d <= (word.chars().count().max(c.chars().count()) / 3).max(1)).then_some(c)
 }
 
+/// Edit distance counting a swap of two neighbours as one edit (typos like `rwa` for `raw`).
 fn edit_distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != cb);
-            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    prev[b.len()]
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -116,11 +112,9 @@ mod tests {
 
     #[test]
     fn suggests_close_words_only() {
-        assert_eq!(
-            did_you_mean("comand", ["source", "command"]),
-            Some("command")
-        );
+        assert_eq!(did_you_mean("comand", ["source", "command"]), Some("command"));
         assert_eq!(did_you_mean("lrr", ["lr", "epochs"]), Some("lr"));
+        assert_eq!(did_you_mean("rwa", ["raw", "b"]), Some("raw"));
         assert_eq!(did_you_mean("zzzzzz", ["source", "command"]), None);
     }
 }

@@ -67,8 +67,7 @@ pub fn assess(exp: &Experiment, plan: &Plan, cache: &Cache) -> Result<Assessment
             let path = src.resolve(exp, decl)?;
             let fp = fingerprint_source(&path, &cache.stat_dir())?;
             source_paths.insert(i, path);
-            let same =
-                last.get(&node.id).and_then(|r| r.digest.as_deref()) == Some(fp.digest.as_str());
+            let same = last.get(&node.id).and_then(|r| r.digest.as_deref()) == Some(fp.digest.as_str());
             digests[i] = Some(fp.digest.clone());
             NodeStatus {
                 state: if same { State::Cached } else { State::WillRun },
@@ -78,12 +77,7 @@ pub fn assess(exp: &Experiment, plan: &Plan, cache: &Cache) -> Result<Assessment
             }
         } else {
             match action_for(exp, plan, i, &digests) {
-                None => NodeStatus {
-                    state: State::Blocked,
-                    key: None,
-                    action: None,
-                    digest: None,
-                },
+                None => NodeStatus { state: State::Blocked, key: None, action: None, digest: None },
                 Some(action) => {
                     let key = action.key();
                     match cache.lookup(&key)? {
@@ -97,15 +91,9 @@ pub fn assess(exp: &Experiment, plan: &Plan, cache: &Cache) -> Result<Assessment
                             }
                         }
                         None => {
-                            let failed = last
-                                .get(&node.id)
-                                .is_some_and(|r| r.status == Status::Failed && r.key == key);
+                            let failed = last.get(&node.id).is_some_and(|r| r.status == Status::Failed && r.key == key);
                             NodeStatus {
-                                state: if failed {
-                                    State::Failed
-                                } else {
-                                    State::WillRun
-                                },
+                                state: if failed { State::Failed } else { State::WillRun },
                                 key: Some(key),
                                 action: Some(action),
                                 digest: None,
@@ -117,15 +105,8 @@ pub fn assess(exp: &Experiment, plan: &Plan, cache: &Cache) -> Result<Assessment
         };
         nodes[i] = Some(status);
     }
-    let nodes = nodes
-        .into_iter()
-        .map(|s| s.expect("every node is assessed in topological order"))
-        .collect();
-    Ok(Assessment {
-        nodes,
-        last,
-        source_paths,
-    })
+    let nodes = nodes.into_iter().map(|s| s.expect("every node is assessed in topological order")).collect();
+    Ok(Assessment { nodes, last, source_paths })
 }
 
 /// One line: why a node is in its state (for listings and dry runs).
@@ -147,11 +128,7 @@ pub fn short_reason(exp: &Experiment, plan: &Plan, a: &Assessment, i: usize) -> 
         State::Failed => "failed last time".into(),
         State::WillRun => {
             if exp.stages[node.stage].spec.as_source().is_some() {
-                return if a.last.contains_key(&node.id) {
-                    "source changed".into()
-                } else {
-                    "new source".into()
-                };
+                return if a.last.contains_key(&node.id) { "source changed".into() } else { "new source".into() };
             }
             match (a.last.get(&node.id), &st.action) {
                 (Some(r), Some(cur)) => {
@@ -174,39 +151,21 @@ pub fn why(exp: &Experiment, plan: &Plan, a: &Assessment, cache: &Cache, i: usiz
     let decl = &exp.stages[node.stage];
     let st = &a.nodes[i];
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{} ({}): {}",
-        node.id,
-        decl.spec.kind(),
-        st.state.as_str()
-    );
+    let _ = writeln!(out, "{} ({}): {}", node.id, decl.spec.kind(), st.state.as_str());
     let last = a.last.get(&node.id);
 
     if let Some(src) = decl.spec.as_source() {
         let _ = writeln!(
             out,
             "  source {}",
-            a.source_paths
-                .get(&i)
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| src.path.get_ref().clone())
+            a.source_paths.get(&i).map(|p| p.display().to_string()).unwrap_or_else(|| src.path.get_ref().clone())
         );
         match (last.and_then(|r| r.digest.as_deref()), st.digest.as_deref()) {
             (Some(old), Some(new)) if old == new => {
-                let _ = writeln!(
-                    out,
-                    "  content unchanged since the last run (digest {})",
-                    short(new)
-                );
+                let _ = writeln!(out, "  content unchanged since the last run (digest {})", short(new));
             }
             (Some(old), Some(new)) => {
-                let _ = writeln!(
-                    out,
-                    "  content changed: digest {} → {}",
-                    short(old),
-                    short(new)
-                );
+                let _ = writeln!(out, "  content changed: digest {} → {}", short(old), short(new));
             }
             _ => {
                 let _ = writeln!(out, "  not fingerprinted in a run of `{}` before", exp.name);
@@ -217,10 +176,7 @@ pub fn why(exp: &Experiment, plan: &Plan, a: &Assessment, cache: &Cache, i: usiz
 
     match st.state {
         State::Blocked => {
-            let _ = writeln!(
-                out,
-                "  its key is not known yet: these inputs will run first and may change:"
-            );
+            let _ = writeln!(out, "  its key is not known yet: these inputs will run first and may change:");
             for &j in &node.inputs {
                 if a.nodes[j].state != State::Cached {
                     let _ = writeln!(
@@ -236,18 +192,10 @@ pub fn why(exp: &Experiment, plan: &Plan, a: &Assessment, cache: &Cache, i: usiz
             if !roots.is_empty() {
                 let _ = writeln!(out, "  root cause(s) upstream:");
                 for r in roots {
-                    let _ = writeln!(
-                        out,
-                        "    {}: {}",
-                        plan.nodes[r].id,
-                        short_reason(exp, plan, a, r)
-                    );
+                    let _ = writeln!(out, "    {}: {}", plan.nodes[r].id, short_reason(exp, plan, a, r));
                 }
             }
-            let _ = writeln!(
-                out,
-                "  (if an upstream node reproduces identical output, this node stays cached)"
-            );
+            let _ = writeln!(out, "  (if an upstream node reproduces identical output, this node stays cached)");
         }
         State::Cached => {
             let key = st.key.clone().unwrap_or_default();
@@ -262,10 +210,7 @@ pub fn why(exp: &Experiment, plan: &Plan, a: &Assessment, cache: &Cache, i: usiz
             if let (Some(r), Some(cur)) = (last, &st.action) {
                 if r.key != key {
                     let diffs = action_diff(&r.action, cur);
-                    let _ = writeln!(
-                        out,
-                        "  differs from the last recorded run (now restored from the cache):"
-                    );
+                    let _ = writeln!(out, "  differs from the last recorded run (now restored from the cache):");
                     for d in diffs {
                         let _ = writeln!(out, "    {d}");
                     }
@@ -276,7 +221,12 @@ pub fn why(exp: &Experiment, plan: &Plan, a: &Assessment, cache: &Cache, i: usiz
             let cur = st.action.as_ref();
             match (last, cur) {
                 (None, _) => {
-                    let _ = writeln!(out, "  never run before in experiment `{}` (no entry with its key {} in the cache)", exp.name, st.key.as_deref().unwrap_or("?"));
+                    let _ = writeln!(
+                        out,
+                        "  never run before in experiment `{}` (no entry with its key {} in the cache)",
+                        exp.name,
+                        st.key.as_deref().unwrap_or("?")
+                    );
                 }
                 (Some(r), Some(cur)) => {
                     let diffs = action_diff(&r.action, cur);
@@ -285,12 +235,7 @@ pub fn why(exp: &Experiment, plan: &Plan, a: &Assessment, cache: &Cache, i: usiz
                             let _ = writeln!(
                                 out,
                                 "  same action as last time, which failed: {}",
-                                r.error
-                                    .as_deref()
-                                    .unwrap_or("")
-                                    .lines()
-                                    .next()
-                                    .unwrap_or("")
+                                r.error.as_deref().unwrap_or("").lines().next().unwrap_or("")
                             );
                             if let Some(log) = &r.log {
                                 let _ = writeln!(out, "  log of that attempt: {log}");
@@ -363,22 +308,12 @@ pub fn action_diff(old: &Action, new: &Action) -> Vec<String> {
             out.push(format!("{k}: (unset) → {}", show(v)));
         }
     }
-    let old_in: BTreeMap<&str, &str> = old
-        .inputs
-        .iter()
-        .map(|(a, b)| (a.as_str(), b.as_str()))
-        .collect();
-    let new_in: BTreeMap<&str, &str> = new
-        .inputs
-        .iter()
-        .map(|(a, b)| (a.as_str(), b.as_str()))
-        .collect();
+    let old_in: BTreeMap<&str, &str> = old.inputs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let new_in: BTreeMap<&str, &str> = new.inputs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     for (id, d) in &new_in {
         match old_in.get(id) {
             None => out.push(format!("new input {id}")),
-            Some(od) if od != d => {
-                out.push(format!("input {id} changed: {} → {}", short(od), short(d)))
-            }
+            Some(od) if od != d => out.push(format!("input {id} changed: {} → {}", short(od), short(d))),
             _ => {}
         }
     }
@@ -451,10 +386,7 @@ pub fn render_text(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
         out,
         "{}{} — {} nodes: {} cached, {} will run, {} blocked, {} failed last time",
         exp.name,
-        exp.title
-            .as_deref()
-            .map(|t| format!(" ({t})"))
-            .unwrap_or_default(),
+        exp.title.as_deref().map(|t| format!(" ({t})")).unwrap_or_default(),
         plan.nodes.len(),
         count(State::Cached),
         count(State::WillRun),
@@ -468,16 +400,8 @@ pub fn render_text(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
             "\n{} ({}{}){}",
             stage.name,
             stage.spec.kind(),
-            if stage.gpus > 0 {
-                format!(", gpus={}", stage.gpus)
-            } else {
-                String::new()
-            },
-            if from.is_empty() {
-                String::new()
-            } else {
-                format!(" ← {}", from.join(", "))
-            }
+            if stage.gpus > 0 { format!(", gpus={}", stage.gpus) } else { String::new() },
+            if from.is_empty() { String::new() } else { format!(" ← {}", from.join(", ")) }
         );
         for &i in plan.order.iter().filter(|&&i| plan.nodes[i].stage == si) {
             let st = &a.nodes[i];
@@ -488,19 +412,11 @@ pub fn render_text(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
                 State::Failed => "✗",
             };
             let detail = if st.state == State::Cached {
-                st.key
-                    .as_deref()
-                    .map(|k| k[..12].to_string())
-                    .unwrap_or_default()
+                st.key.as_deref().map(|k| k[..12].to_string()).unwrap_or_default()
             } else {
                 short_reason(exp, plan, a, i)
             };
-            let _ = writeln!(
-                out,
-                "  {mark} {:<44} {:<9} {detail}",
-                plan.nodes[i].id,
-                st.state.as_str()
-            );
+            let _ = writeln!(out, "  {mark} {:<44} {:<9} {detail}", plan.nodes[i].id, st.state.as_str());
         }
     }
     out
@@ -516,7 +432,10 @@ fn color(s: State) -> &'static str {
 }
 
 pub fn render_dot(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
-    let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, style=filled, fontname=\"monospace\"];\n", exp.name);
+    let mut out = format!(
+        "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, style=filled, fontname=\"monospace\"];\n",
+        exp.name
+    );
     for &i in &plan.order {
         let n = &plan.nodes[i];
         let _ = writeln!(
@@ -529,11 +448,7 @@ pub fn render_dot(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
     }
     for &i in &plan.order {
         for &j in &plan.nodes[i].inputs {
-            let _ = writeln!(
-                out,
-                "  \"{}\" -> \"{}\";",
-                plan.nodes[j].id, plan.nodes[i].id
-            );
+            let _ = writeln!(out, "  \"{}\" -> \"{}\";", plan.nodes[j].id, plan.nodes[i].id);
         }
     }
     out.push_str("}\n");
@@ -543,21 +458,12 @@ pub fn render_dot(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
 pub fn render_mermaid(_exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
     let mut out = String::from("flowchart LR\n");
     for s in [State::Cached, State::WillRun, State::Blocked, State::Failed] {
-        let _ = writeln!(
-            out,
-            "  classDef {} fill:{};",
-            s.as_str().replace('-', "_"),
-            color(s)
-        );
+        let _ = writeln!(out, "  classDef {} fill:{};", s.as_str().replace('-', "_"), color(s));
     }
     for &i in &plan.order {
         let n = &plan.nodes[i];
-        let _ = writeln!(
-            out,
-            "  n{i}[\"{}\"]:::{}",
-            n.id.replace('"', "'"),
-            a.nodes[i].state.as_str().replace('-', "_")
-        );
+        let _ =
+            writeln!(out, "  n{i}[\"{}\"]:::{}", n.id.replace('"', "'"), a.nodes[i].state.as_str().replace('-', "_"));
     }
     for &i in &plan.order {
         for &j in &plan.nodes[i].inputs {

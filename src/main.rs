@@ -17,6 +17,7 @@ use mpcs::exec::progress::{Console, Reporter, Silent};
 #[command(
     name = "mpcs",
     version,
+    args_override_self = true,
     about = "Reproduce and extend MPCS (WACV 2023) as a cached experiment DAG",
     long_about = "mpcs runs experiments declared as TOML DAGs (download → stain-normalise → patchify → split → \
                   pretrain → fine-tune → evaluate → table), caching every node's output by content so that only \
@@ -143,32 +144,14 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
     let cache_dir = cli.cache.unwrap_or_else(|| PathBuf::from("cache"));
     let cache = || Cache::open(&cache_dir);
     match cli.command {
-        Command::Run {
-            experiment,
-            sets,
-            jobs,
-            devices,
-            keep_going,
-            dry_run,
-            json,
-            plain,
-            quiet,
-        } => {
+        Command::Run { experiment, sets, jobs, devices, keep_going, dry_run, json, plain, quiet } => {
             let cancel = Arc::new(AtomicBool::new(false));
             // First Ctrl-C: stop cleanly. Second: exit at once (nothing half-done is visible either way).
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                let _ = signal_hook::flag::register_conditional_shutdown(
-                    sig,
-                    exit::INTERRUPTED,
-                    Arc::clone(&cancel),
-                );
+                let _ = signal_hook::flag::register_conditional_shutdown(sig, exit::INTERRUPTED, Arc::clone(&cancel));
                 let _ = signal_hook::flag::register(sig, Arc::clone(&cancel));
             }
-            let jobs = jobs.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
+            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             let console;
             let reporter: &dyn Reporter = if quiet {
                 &Silent
@@ -176,34 +159,16 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
                 console = Console::new(plain);
                 &console
             };
-            let args = RunArgs {
-                experiment: &experiment,
-                sets: &sets,
-                jobs,
-                devices,
-                keep_going,
-                dry_run,
-                json,
-            };
-            commands::run(&args, &cache()?, reporter, &cancel)
+            let args = RunArgs { experiment: &experiment, sets: &sets, jobs, devices, keep_going, dry_run, json };
+            commands::run(&args, &cache_dir, reporter, &cancel)
         }
-        Command::Graph {
-            experiment,
-            format,
-            why,
-            sets,
-        } => commands::graph(&experiment, &sets, format, why.as_deref(), &cache()?),
-        Command::Show {
-            target,
-            experiment,
-            sets,
-            json,
-        } => commands::show(&target, experiment.as_deref(), &sets, json, &cache()?),
-        Command::Gc {
-            experiments,
-            sets,
-            dry_run,
-        } => commands::gc(&experiments, &sets, dry_run, &cache()?),
+        Command::Graph { experiment, format, why, sets } => {
+            commands::graph(&experiment, &sets, format, why.as_deref(), &cache_dir)
+        }
+        Command::Show { target, experiment, sets, json } => {
+            commands::show(&target, experiment.as_deref(), &sets, json, &cache()?)
+        }
+        Command::Gc { experiments, sets, dry_run } => commands::gc(&experiments, &sets, dry_run, &cache()?),
         Command::Verify { remove } => commands::verify(remove, &cache()?),
     }
 }

@@ -23,11 +23,7 @@ fn two_hundred_nodes_rerun_exactly_what_changed() {
     assert!(exec_counts(&p).values().all(|&c| c == 1));
 
     let second = p.run_ok("paper.toml", &[]);
-    assert!(
-        second.executed.is_empty(),
-        "unchanged rerun executes nothing: {:?}",
-        second.executed
-    );
+    assert!(second.executed.is_empty(), "unchanged rerun executes nothing: {:?}", second.executed);
     assert_eq!(second.cached.len(), 200);
 
     // One fine-tune node's learning rate changes: that node, its evaluation and the table rerun.
@@ -36,41 +32,19 @@ fn two_hundred_nodes_rerun_exactly_what_changed() {
     let third = p.run_ok("paper.toml", &[]);
     assert_eq!(
         third.executed,
-        set(&[
-            "finetune[fold=0,magnification=40X,init=FP]",
-            "evaluate[fold=0,magnification=40X,init=FP]",
-            "table"
-        ])
+        set(&["finetune[fold=0,magnification=40X,init=FP]", "evaluate[fold=0,magnification=40X,init=FP]", "table"])
     );
     assert_eq!(third.cached.len(), 197);
 
     // Back to the earlier value: every entry is still in the cache, nothing executes.
     p.write("paper.toml", &paper_dag("a", "", ""));
     let fourth = p.run_ok("paper.toml", &[]);
-    assert!(
-        fourth.executed.is_empty(),
-        "going back executes nothing: {:?}",
-        fourth.executed
-    );
+    assert!(fourth.executed.is_empty(), "going back executes nothing: {:?}", fourth.executed);
 
     // The same change on the command line instead of in the file.
     let fifth = p.run_ok("paper.toml", &["--set", "stage.finetune.params.lr=0.0025"]);
-    assert_eq!(
-        fifth
-            .executed
-            .iter()
-            .filter(|n| n.starts_with("finetune["))
-            .count(),
-        80
-    );
-    assert_eq!(
-        fifth
-            .executed
-            .iter()
-            .filter(|n| n.starts_with("evaluate["))
-            .count(),
-        80
-    );
+    assert_eq!(fifth.executed.iter().filter(|n| n.starts_with("finetune[")).count(), 80);
+    assert_eq!(fifth.executed.iter().filter(|n| n.starts_with("evaluate[")).count(), 80);
     assert!(fifth.executed.contains("table") && !fifth.executed.contains("linear_table"));
 
     // An upstream change that reproduces identical bytes: `prepare` reruns, nothing downstream does.
@@ -83,11 +57,7 @@ fn two_hundred_nodes_rerun_exactly_what_changed() {
     f.set_modified(std::time::SystemTime::now()).unwrap();
     drop(f);
     let seventh = p.run_ok("paper.toml", &[]);
-    assert!(
-        seventh.executed.is_empty(),
-        "touch executes nothing: {:?}",
-        seventh.executed
-    );
+    assert!(seventh.executed.is_empty(), "touch executes nothing: {:?}", seventh.executed);
 
     // Changing the source's bytes reruns everything downstream of it.
     p.write("data/raw/a.txt", "beta\n");
@@ -105,37 +75,20 @@ fn graph_states_and_why_explain_a_rerun() {
 
     let states = p.states("paper.toml");
     assert_eq!(states.len(), 200);
-    assert_eq!(
-        states["finetune[fold=1,magnification=200X,init=OP]"],
-        "will-run"
-    );
-    assert_eq!(
-        states["evaluate[fold=1,magnification=200X,init=OP]"],
-        "blocked"
-    );
+    assert_eq!(states["finetune[fold=1,magnification=200X,init=OP]"], "will-run");
+    assert_eq!(states["evaluate[fold=1,magnification=200X,init=OP]"], "blocked");
     assert_eq!(states["table"], "blocked");
     assert_eq!(states.values().filter(|s| *s == "cached").count(), 197);
 
-    let out = p.mpcs(&[
-        "graph",
-        "paper.toml",
-        "--why",
-        "finetune[fold=1, magnification=200X, init=OP]",
-    ]);
+    let out = p.mpcs(&["graph", "paper.toml", "--why", "finetune[fold=1, magnification=200X, init=OP]"]);
     let why = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(why.contains("params.lr: 0.001 → 0.05"), "{why}");
 
     let out = p.mpcs(&["graph", "paper.toml", "--why", "table"]);
     let why = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        why.contains("evaluate[fold=1,magnification=200X,init=OP]"),
-        "{why}"
-    );
-    assert!(
-        why.contains("params.lr: 0.001 → 0.05"),
-        "root cause is named: {why}"
-    );
+    assert!(why.contains("evaluate[fold=1,magnification=200X,init=OP]"), "{why}");
+    assert!(why.contains("params.lr: 0.001 → 0.05"), "root cause is named: {why}");
 
     // A stage-version-free change of the source is explained too.
     p.write("data/raw/a.txt", "gamma\n");
@@ -147,16 +100,9 @@ fn graph_states_and_why_explain_a_rerun() {
     );
 
     // Other renderings.
-    for (fmt, needle) in [
-        ("dot", "digraph"),
-        ("mermaid", "flowchart"),
-        ("text", "will-run"),
-    ] {
+    for (fmt, needle) in [("dot", "digraph"), ("mermaid", "flowchart"), ("text", "will-run")] {
         let out = p.mpcs(&["graph", "paper.toml", "--format", fmt]);
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains(needle),
-            "{fmt}"
-        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(needle), "{fmt}");
     }
 
     // Dry run says what would run, where, and does not run it.
@@ -176,23 +122,11 @@ fn graph_json_lists_nodes_with_dependencies() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let nodes = v["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 200);
-    let find = |id: &str| {
-        nodes
-            .iter()
-            .find(|n| n["id"] == id)
-            .unwrap_or_else(|| panic!("{id}"))
-    };
+    let find = |id: &str| nodes.iter().find(|n| n["id"] == id).unwrap_or_else(|| panic!("{id}"));
     let ft = find("finetune[fold=2,magnification=100X,init=RP]");
-    assert_eq!(
-        ft["deps"],
-        serde_json::json!(["folds[fold=2]", "pretrain[fold=2,pair=RP]"])
-    );
+    assert_eq!(ft["deps"], serde_json::json!(["folds[fold=2]", "pretrain[fold=2,pair=RP]"]));
     let ft_in = find("finetune[fold=2,magnification=100X,init=imagenet]");
-    assert_eq!(
-        ft_in["deps"],
-        serde_json::json!(["folds[fold=2]"]),
-        "optional reference matches nothing"
-    );
+    assert_eq!(ft_in["deps"], serde_json::json!(["folds[fold=2]"]), "optional reference matches nothing");
     assert_eq!(find("table")["deps"].as_array().unwrap().len(), 80);
     assert_eq!(find("raw")["state"], "will-run");
     assert_eq!(find("stain")["state"], "blocked");
@@ -206,34 +140,13 @@ fn show_gc_and_verify() {
     p.run_ok("paper.toml", &[]);
     let out = p.mpcs(&["show", "table"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("node       table (experiment paper)"),
-        "{text}"
-    );
-    let out_dir = text
-        .lines()
-        .find(|l| l.starts_with("files"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("node       table (experiment paper)"), "{text}");
+    let out_dir = text.lines().find(|l| l.starts_with("files")).unwrap().split_whitespace().nth(1).unwrap().to_string();
     assert!(std::path::Path::new(&out_dir).join("table.md").exists());
 
     // Key prefix lookup.
-    let key = text
-        .lines()
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    let key = text.lines().next().unwrap().split_whitespace().nth(1).unwrap().to_string();
     let out = p.mpcs(&["show", &key[..8], "--json"]);
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(m["node"], "table");
@@ -246,8 +159,7 @@ fn show_gc_and_verify() {
     std::fs::write(std::path::Path::new(&out_dir).join("table.md"), "tampered").unwrap();
     let verify = p.mpcs(&["verify"]);
     assert_eq!(verify.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&verify.stdout)
-        .contains(&format!("CORRUPT {key}: file table.md changed")));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains(&format!("CORRUPT {key}: file table.md changed")));
     assert!(p.mpcs(&["verify", "--remove"]).status.code() == Some(3));
     assert!(p.mpcs(&["verify"]).status.success());
     assert_eq!(p.run_ok("paper.toml", &[]).executed, set(&["table"]));
@@ -266,8 +178,5 @@ fn show_gc_and_verify() {
     let gc = p.mpcs(&["gc", "paper.toml"]);
     assert!(gc.status.success());
     assert_eq!(p.entries().len(), 199);
-    assert!(
-        p.run_ok("paper.toml", &[]).executed.is_empty(),
-        "gc kept every reachable entry"
-    );
+    assert!(p.run_ok("paper.toml", &[]).executed.is_empty(), "gc kept every reachable entry");
 }

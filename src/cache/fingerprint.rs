@@ -46,15 +46,12 @@ pub fn hash_file(path: &Path) -> Result<String> {
     let meta = fs::metadata(path).map_err(|e| Error::io("cannot read", path, e))?;
     if meta.len() > 16 << 20 {
         // Large files: memory-map and hash with all cores.
-        h.update_mmap_rayon(path)
-            .map_err(|e| Error::io("cannot read", path, e))?;
+        h.update_mmap_rayon(path).map_err(|e| Error::io("cannot read", path, e))?;
     } else {
         let mut f = fs::File::open(path).map_err(|e| Error::io("cannot read", path, e))?;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| Error::io("cannot read", path, e))?;
+            let n = f.read(&mut buf).map_err(|e| Error::io("cannot read", path, e))?;
             if n == 0 {
                 break;
             }
@@ -79,31 +76,21 @@ fn walk(root: &Path) -> Result<Vec<Walked>> {
     let meta = fs::metadata(root).map_err(|e| Error::io("cannot read", root, e))?;
     let mut out = Vec::new();
     if meta.is_file() {
-        let rel = root
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let rel = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         out.push(walked(rel, root.to_path_buf(), &meta));
         return Ok(out);
     }
     let mut stack = vec![(root.to_path_buf(), String::new(), 0usize)];
     while let Some((dir, prefix, depth)) = stack.pop() {
         if depth > 64 {
-            return Err(Error::env(format!(
-                "{} is nested more than 64 levels deep (a symlink loop?)",
-                dir.display()
-            )));
+            return Err(Error::env(format!("{} is nested more than 64 levels deep (a symlink loop?)", dir.display())));
         }
         let rd = fs::read_dir(&dir).map_err(|e| Error::io("cannot list", &dir, e))?;
         for entry in rd {
             let entry = entry.map_err(|e| Error::io("cannot list", &dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let abs = entry.path();
-            let rel = if prefix.is_empty() {
-                name
-            } else {
-                format!("{prefix}/{name}")
-            };
+            let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
             let meta = fs::metadata(&abs).map_err(|e| Error::io("cannot read", &abs, e))?;
             if meta.is_dir() {
                 stack.push((abs, rel, depth + 1));
@@ -129,16 +116,7 @@ fn walked(rel: String, abs: PathBuf, meta: &fs::Metadata) -> Walked {
 /// Hashes every file of a tree (in parallel) — used for node outputs, which are new bytes every time.
 pub fn hash_tree(root: &Path) -> Result<Vec<FileDigest>> {
     let files = walk(root)?;
-    files
-        .par_iter()
-        .map(|w| {
-            Ok(FileDigest {
-                path: w.rel.clone(),
-                size: w.size,
-                blake3: hash_file(&w.abs)?,
-            })
-        })
-        .collect()
+    files.par_iter().map(|w| Ok(FileDigest { path: w.rel.clone(), size: w.size, blake3: hash_file(&w.abs)? })).collect()
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -163,42 +141,23 @@ const RACY_NS: i128 = 2_000_000_000;
 /// Fingerprints an external source, re-hashing only files whose stat changed since the last time.
 /// `stat_dir` holds one stat-cache file per source path.
 pub fn fingerprint_source(path: &Path, stat_dir: &Path) -> Result<SourceFingerprint> {
-    let abs = path
-        .canonicalize()
-        .map_err(|e| Error::io("cannot resolve", path, e))?;
-    let cache_file = stat_dir.join(format!(
-        "{}.json",
-        &blake3::hash(abs.as_os_str().as_encoded_bytes()).to_hex()[..32]
-    ));
-    let old: StatCache = fs::read(&cache_file)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
+    let abs = path.canonicalize().map_err(|e| Error::io("cannot resolve", path, e))?;
+    let cache_file =
+        stat_dir.join(format!("{}.json", &blake3::hash(abs.as_os_str().as_encoded_bytes()).to_hex()[..32]));
+    let old: StatCache = fs::read(&cache_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     let started_ns = now_ns();
     let files = walk(&abs)?;
     let results: Vec<(FileDigest, bool, i128, u64)> = files
         .par_iter()
         .map(|w| {
             let cached = old.files.get(&w.rel).filter(|(size, mtime, ino, _)| {
-                *size == w.size
-                    && *mtime == w.mtime_ns
-                    && *ino == w.ino
-                    && w.mtime_ns < old.written_ns - RACY_NS
+                *size == w.size && *mtime == w.mtime_ns && *ino == w.ino && w.mtime_ns < old.written_ns - RACY_NS
             });
             let (digest, hashed) = match cached {
                 Some((_, _, _, d)) => (d.clone(), false),
                 None => (hash_file(&w.abs)?, true),
             };
-            Ok((
-                FileDigest {
-                    path: w.rel.clone(),
-                    size: w.size,
-                    blake3: digest,
-                },
-                hashed,
-                w.mtime_ns,
-                w.ino,
-            ))
+            Ok((FileDigest { path: w.rel.clone(), size: w.size, blake3: digest }, hashed, w.mtime_ns, w.ino))
         })
         .collect::<Result<_>>()?;
 
@@ -209,10 +168,7 @@ pub fn fingerprint_source(path: &Path, stat_dir: &Path) -> Result<SourceFingerpr
     if changed {
         let new = StatCache {
             written_ns: started_ns,
-            files: results
-                .into_iter()
-                .map(|(f, _, m, i)| (f.path, (f.size, m, i, f.blake3)))
-                .collect(),
+            files: results.into_iter().map(|(f, _, m, i)| (f.path, (f.size, m, i, f.blake3))).collect(),
         };
         // Best effort: a failed write only costs a re-hash next time.
         let _ = fs::create_dir_all(stat_dir);
@@ -220,19 +176,11 @@ pub fn fingerprint_source(path: &Path, stat_dir: &Path) -> Result<SourceFingerpr
             let _ = crate::cache::write_atomic(&cache_file, &bytes);
         }
     }
-    Ok(SourceFingerprint {
-        digest,
-        files: listing.len(),
-        bytes: listing.iter().map(|f| f.size).sum(),
-        hashed_bytes,
-    })
+    Ok(SourceFingerprint { digest, files: listing.len(), bytes: listing.iter().map(|f| f.size).sum(), hashed_bytes })
 }
 
 fn now_ns() -> i128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -247,14 +195,8 @@ mod tests {
         fs::write(a.join("x.txt"), "hello").unwrap();
         fs::write(a.join("sub/y.txt"), "world").unwrap();
         let listing = hash_tree(&a).unwrap();
-        assert_eq!(
-            listing.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
-            vec!["sub/y.txt", "x.txt"]
-        );
-        assert_eq!(
-            listing[1].blake3,
-            blake3::hash(b"hello").to_hex().to_string()
-        );
+        assert_eq!(listing.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), vec!["sub/y.txt", "x.txt"]);
+        assert_eq!(listing[1].blake3, blake3::hash(b"hello").to_hex().to_string());
         let d1 = tree_digest(&listing);
         fs::write(a.join("x.txt"), "hellO").unwrap();
         assert_ne!(d1, tree_digest(&hash_tree(&a).unwrap()));
@@ -272,12 +214,7 @@ mod tests {
         fs::write(src.join("big.bin"), vec![7u8; 100_000]).unwrap();
         // Make the file old so it is not "racy".
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
-        fs::File::options()
-            .write(true)
-            .open(src.join("big.bin"))
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        fs::File::options().write(true).open(src.join("big.bin")).unwrap().set_modified(old).unwrap();
         let stat = d.path().join("stat");
         let first = fingerprint_source(&src, &stat).unwrap();
         assert_eq!(first.hashed_bytes, 100_000);

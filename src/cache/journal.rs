@@ -48,19 +48,10 @@ impl Journal {
     pub fn open(cache: &Cache, experiment: &str) -> Journal {
         let safe: String = experiment
             .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
             .collect();
         let dir = cache.journal_dir();
-        Journal {
-            path: dir.join(format!("{safe}.jsonl")),
-            lock_path: dir.join(format!("{safe}.lock")),
-        }
+        Journal { path: dir.join(format!("{safe}.jsonl")), lock_path: dir.join(format!("{safe}.lock")) }
     }
 
     /// The latest record of every node.
@@ -98,8 +89,7 @@ impl Journal {
         for r in records {
             let mut line = serde_json::to_vec(r).map_err(|e| Error::internal(e.to_string()))?;
             line.push(b'\n');
-            f.write_all(&line)
-                .map_err(|e| Error::io("cannot append to journal", &self.path, e))?;
+            f.write_all(&line).map_err(|e| Error::io("cannot append to journal", &self.path, e))?;
         }
         Ok(())
     }
@@ -132,8 +122,5 @@ impl Journal {
 }
 
 pub fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }

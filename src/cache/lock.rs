@@ -14,8 +14,7 @@ pub struct FileLock {
 
 fn open(path: &Path) -> Result<File> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io("cannot create lock directory", parent, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("cannot create lock directory", parent, e))?;
     }
     // Rust opens files close-on-exec, so child processes never inherit (and so never keep) the lock.
     OpenOptions::new()

@@ -40,11 +40,7 @@ pub fn gc(cache: &Cache, keep: &HashSet<String>, dry_run: bool) -> Result<GcRepo
             report.busy += 1;
             continue;
         };
-        let trash = cache
-            .root()
-            .join("v1")
-            .join("tmp")
-            .join(format!("{key}.gc.{}", std::process::id()));
+        let trash = cache.root().join("v1").join("tmp").join(format!("{key}.gc.{}", std::process::id()));
         if fs::rename(&dir, &trash).is_ok() {
             let _ = fs::remove_dir_all(&trash);
             report.removed.push(key);
@@ -94,23 +90,15 @@ pub struct VerifyReport {
 /// so the next run recomputes them.
 pub fn verify(cache: &Cache, remove: bool) -> Result<VerifyReport> {
     let keys = cache.all_keys()?;
-    let problems: Vec<(String, Option<String>)> = keys
-        .par_iter()
-        .map(|key| (key.clone(), check_entry(cache, key)))
-        .collect();
-    let mut report = VerifyReport {
-        checked: keys.len(),
-        ..Default::default()
-    };
+    let problems: Vec<(String, Option<String>)> =
+        keys.par_iter().map(|key| (key.clone(), check_entry(cache, key))).collect();
+    let mut report = VerifyReport { checked: keys.len(), ..Default::default() };
     for (key, problem) in problems {
         if let Some(p) = problem {
             if remove {
                 if let Ok(Some(_lock)) = cache.try_lock(&key) {
-                    let trash = cache
-                        .root()
-                        .join("v1")
-                        .join("tmp")
-                        .join(format!("{key}.corrupt.{}", std::process::id()));
+                    let trash =
+                        cache.root().join("v1").join("tmp").join(format!("{key}.corrupt.{}", std::process::id()));
                     if fs::rename(cache.entry_dir(&key), &trash).is_ok() {
                         let _ = fs::remove_dir_all(&trash);
                         report.removed += 1;
@@ -148,10 +136,7 @@ fn check_entry(cache: &Cache, key: &str) -> Option<String> {
         for f in &files {
             if let Some(r) = m.files.iter().find(|r| r.path == f.path) {
                 if r != f {
-                    return Some(format!(
-                        "file {} changed (size {} → {}, content differs)",
-                        f.path, r.size, f.size
-                    ));
+                    return Some(format!("file {} changed (size {} → {}, content differs)", f.path, r.size, f.size));
                 }
             }
         }

@@ -77,9 +77,7 @@ impl Cache {
     /// Opens (creating if needed) the cache at `root`.
     pub fn open(root: &Path) -> Result<Cache> {
         let base = root.join(FORMAT_DIR);
-        for sub in [
-            "entries", "tmp", "locks", "scratch", "failed", "stat", "journal",
-        ] {
+        for sub in ["entries", "tmp", "locks", "scratch", "failed", "stat", "journal"] {
             let d = base.join(sub);
             fs::create_dir_all(&d).map_err(|e| {
                 Error::env(format!(
@@ -167,10 +165,7 @@ impl Cache {
         let tmp = self.base.join("tmp");
         if let Ok(rd) = fs::read_dir(&tmp) {
             for e in rd.flatten() {
-                if e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("{key}."))
-                {
+                if e.file_name().to_string_lossy().starts_with(&format!("{key}.")) {
                     let _ = fs::remove_dir_all(e.path());
                 }
             }
@@ -179,27 +174,17 @@ impl Cache {
         let dir = tmp.join(format!("{key}.{}.{n}", std::process::id()));
         let out = dir.join("out");
         fs::create_dir_all(&out).map_err(|e| Error::io("cannot create", &out, e))?;
-        Ok(Staging {
-            log: dir.join("log.txt"),
-            dir,
-            out,
-        })
+        Ok(Staging { log: dir.join("log.txt"), dir, out })
     }
 
     /// Hashes the staged outputs, writes the manifest and publishes the entry with one rename.
     /// Returns the manifest as published.
-    pub fn publish(
-        &self,
-        staging: Staging,
-        mut manifest: Manifest,
-        _lock: &FileLock,
-    ) -> Result<Manifest> {
+    pub fn publish(&self, staging: Staging, mut manifest: Manifest, _lock: &FileLock) -> Result<Manifest> {
         let files = fingerprint::hash_tree(&staging.out)?;
         manifest.output_digest = fingerprint::tree_digest(&files);
         manifest.files = files;
         manifest.format = MANIFEST_FORMAT;
-        let bytes =
-            serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;
         let mpath = staging.dir.join("manifest.json");
         fs::write(&mpath, bytes).map_err(|e| Error::io("cannot write", &mpath, e))?;
         let dest = self.entry_dir(&manifest.key);

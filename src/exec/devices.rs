@@ -48,11 +48,7 @@ pub fn discover(spec: &DeviceSpec) -> Result<Vec<String>> {
                 if v.is_empty() || v == "-1" {
                     return Ok(Vec::new());
                 }
-                return Ok(v
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect());
+                return Ok(v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
             }
             Ok(nvidia_smi_ids())
         }
@@ -103,10 +99,7 @@ impl Pool {
         if self.free_count() < n {
             return None;
         }
-        let picked: Vec<usize> = (0..self.ids.len())
-            .filter(|&i| self.free[i])
-            .take(n)
-            .collect();
+        let picked: Vec<usize> = (0..self.ids.len()).filter(|&i| self.free[i]).take(n).collect();
         for &i in &picked {
             self.free[i] = false;
         }
@@ -142,10 +135,7 @@ mod tests {
     fn parses_device_specs() {
         assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
-        assert_eq!(
-            "cuda:0, cuda:1".parse::<DeviceSpec>().unwrap(),
-            DeviceSpec::List(vec!["0".into(), "1".into()])
-        );
+        assert_eq!("cuda:0, cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::List(vec!["0".into(), "1".into()]));
         assert!("cuda:".parse::<DeviceSpec>().is_err());
     }
 

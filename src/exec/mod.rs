@@ -143,10 +143,7 @@ pub fn run(
     let journal = Journal::open(cache, &exp.name);
     let last = journal.load()?;
     let mut records: Vec<Record> = Vec::new();
-    let mut summary = RunSummary {
-        outputs: vec![None; n],
-        ..Default::default()
-    };
+    let mut summary = RunSummary { outputs: vec![None; n], ..Default::default() };
     let mut digest: Vec<Option<String>> = vec![None; n];
     let mut keys: Vec<Option<(String, Action)>> = vec![None; n];
     let mut state = vec![St::Waiting; n];
@@ -159,8 +156,7 @@ pub fn run(
         if let Some(src) = decl.spec.as_source() {
             let path = src.resolve(exp, decl)?;
             let fp = fingerprint_source(&path, &cache.stat_dir())?;
-            let changed =
-                last.get(&node.id).and_then(|r| r.digest.as_deref()) != Some(fp.digest.as_str());
+            let changed = last.get(&node.id).and_then(|r| r.digest.as_deref()) != Some(fp.digest.as_str());
             if changed {
                 let action = Action {
                     kind: "source".into(),
@@ -187,10 +183,7 @@ pub fn run(
             state[i] = St::Done;
         }
     }
-    reporter.event(Event::Planned {
-        total: n,
-        cached: 0,
-    });
+    reporter.event(Event::Planned { total: n, cached: 0 });
 
     let processes = ProcessRegistry::default();
     let mut ready: Vec<usize> = Vec::new();
@@ -222,10 +215,7 @@ pub fn run(
             // Resolve nodes whose inputs are all known: a cache hit completes at once and may make more ready.
             while let Some(i) = newly.pop() {
                 let action = action_for(exp, plan, i, &digest).ok_or_else(|| {
-                    Error::internal(format!(
-                        "node {} became ready with an unknown input",
-                        plan.nodes[i].id
-                    ))
+                    Error::internal(format!("node {} became ready with an unknown input", plan.nodes[i].id))
                 })?;
                 let key = action.key();
                 if let Some(m) = cache.lookup(&key)? {
@@ -244,11 +234,7 @@ pub fn run(
                     summary.outputs[i] = Some(cache.entry_out(&key));
                     state[i] = St::Done;
                     summary.cached.push(plan.nodes[i].id.clone());
-                    reporter.event(Event::Finished {
-                        node: &plan.nodes[i].id,
-                        outcome: Outcome::Cached,
-                        seconds: 0.0,
-                    });
+                    reporter.event(Event::Finished { node: &plan.nodes[i].id, outcome: Outcome::Cached, seconds: 0.0 });
                     for &c in &plan.children[i] {
                         waiting_on[c] -= 1;
                         if waiting_on[c] == 0 && state[c] == St::Waiting {
@@ -266,9 +252,7 @@ pub fn run(
                 cancel_seen = Some(Instant::now());
                 stop = true;
                 summary.interrupted = true;
-                reporter.event(Event::Notice(
-                    "interrupted: stopping running nodes; nothing half-done is published",
-                ));
+                reporter.event(Event::Notice("interrupted: stopping running nodes; nothing half-done is published"));
                 processes.signal_all(libc::SIGTERM);
             }
             if let Some(t) = cancel_seen {
@@ -285,27 +269,18 @@ pub fn run(
                 while k < ready.len() && running < opts.jobs.max(1) {
                     let i = ready[k];
                     let want = exp.stages[plan.nodes[i].stage].gpus as usize;
-                    let slots = if want == 0 || pool.is_empty() {
-                        Some(Vec::new())
-                    } else {
-                        pool.take(want)
-                    };
+                    let slots = if want == 0 || pool.is_empty() { Some(Vec::new()) } else { pool.take(want) };
                     let Some(slots) = slots else {
                         k += 1;
                         continue;
                     };
                     ready.remove(k);
-                    let device = DeviceAssignment {
-                        gpus: pool.ids_of(&slots),
-                        gpus_managed,
-                    };
+                    let device = DeviceAssignment { gpus: pool.ids_of(&slots), gpus_managed };
                     held_slots.insert(i, slots);
                     state[i] = St::Running;
                     running += 1;
                     started_at.insert(i, Instant::now());
-                    let (key, action) = keys[i]
-                        .clone()
-                        .ok_or_else(|| Error::internal("ready node without key"))?;
+                    let (key, action) = keys[i].clone().ok_or_else(|| Error::internal("ready node without key"))?;
                     let inputs: Vec<InputDir> = plan.nodes[i]
                         .inputs
                         .iter()
@@ -318,10 +293,8 @@ pub fn run(
                     let tx = tx.clone();
                     let processes = &processes;
                     scope.spawn(move || {
-                        let r = execute_node(
-                            exp, plan, cache, i, key, action, inputs, device, cancel, processes,
-                            reporter,
-                        );
+                        let r =
+                            execute_node(exp, plan, cache, i, key, action, inputs, device, cancel, processes, reporter);
                         let _ = tx.send((i, r));
                     });
                 }
@@ -339,14 +312,9 @@ pub fn run(
             if let Some(slots) = held_slots.remove(&i) {
                 pool.give_back(&slots);
             }
-            let seconds = started_at
-                .remove(&i)
-                .map(|t| t.elapsed().as_secs_f64())
-                .unwrap_or(0.0);
+            let seconds = started_at.remove(&i).map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
             let id = plan.nodes[i].id.clone();
-            let (key, action) = keys[i]
-                .clone()
-                .ok_or_else(|| Error::internal("finished node without key"))?;
+            let (key, action) = keys[i].clone().ok_or_else(|| Error::internal("finished node without key"))?;
             match result? {
                 NodeResult::Executed(m) => {
                     finish_ok(&mut records, &last, &id, &key, &action, &m);
@@ -354,11 +322,7 @@ pub fn run(
                     summary.outputs[i] = Some(cache.entry_out(&key));
                     state[i] = St::Done;
                     summary.executed.push(id.clone());
-                    reporter.event(Event::Finished {
-                        node: &id,
-                        outcome: Outcome::Executed,
-                        seconds,
-                    });
+                    reporter.event(Event::Finished { node: &id, outcome: Outcome::Executed, seconds });
                 }
                 NodeResult::Reused(m) => {
                     finish_ok(&mut records, &last, &id, &key, &action, &m);
@@ -366,11 +330,7 @@ pub fn run(
                     summary.outputs[i] = Some(cache.entry_out(&key));
                     state[i] = St::Done;
                     summary.cached.push(id.clone());
-                    reporter.event(Event::Finished {
-                        node: &id,
-                        outcome: Outcome::Cached,
-                        seconds,
-                    });
+                    reporter.event(Event::Finished { node: &id, outcome: Outcome::Cached, seconds });
                 }
                 NodeResult::Failed { message, log } => {
                     note_record(
@@ -385,16 +345,8 @@ pub fn run(
                         Some(&message),
                     );
                     state[i] = St::Failed;
-                    summary.failed.push(Failure {
-                        node: id.clone(),
-                        message,
-                        log,
-                    });
-                    reporter.event(Event::Finished {
-                        node: &id,
-                        outcome: Outcome::Failed,
-                        seconds,
-                    });
+                    summary.failed.push(Failure { node: id.clone(), message, log });
+                    reporter.event(Event::Finished { node: &id, outcome: Outcome::Failed, seconds });
                     if !opts.keep_going {
                         stop = true;
                     }
@@ -403,11 +355,7 @@ pub fn run(
                 NodeResult::Cancelled => {
                     state[i] = St::Skipped;
                     summary.skipped.push(id.clone());
-                    reporter.event(Event::Finished {
-                        node: &id,
-                        outcome: Outcome::Skipped,
-                        seconds,
-                    });
+                    reporter.event(Event::Finished { node: &id, outcome: Outcome::Skipped, seconds });
                 }
             }
             if state[i] == St::Done {
@@ -434,23 +382,13 @@ pub fn run(
     Ok(summary)
 }
 
-fn skip_descendants(
-    plan: &Plan,
-    i: usize,
-    state: &mut [St],
-    summary: &mut RunSummary,
-    reporter: &dyn Reporter,
-) {
+fn skip_descendants(plan: &Plan, i: usize, state: &mut [St], summary: &mut RunSummary, reporter: &dyn Reporter) {
     let mut stack = plan.children[i].clone();
     while let Some(c) = stack.pop() {
         if matches!(state[c], St::Waiting | St::Ready) {
             state[c] = St::Skipped;
             summary.skipped.push(plan.nodes[c].id.clone());
-            reporter.event(Event::Finished {
-                node: &plan.nodes[c].id,
-                outcome: Outcome::Skipped,
-                seconds: 0.0,
-            });
+            reporter.event(Event::Finished { node: &plan.nodes[c].id, outcome: Outcome::Skipped, seconds: 0.0 });
             stack.extend(plan.children[c].iter().copied());
         }
     }
@@ -464,17 +402,7 @@ fn finish_ok(
     action: &Action,
     m: &Manifest,
 ) {
-    note_record(
-        records,
-        last,
-        id,
-        key,
-        action,
-        Status::Ok,
-        Some(&m.output_digest),
-        None,
-        None,
-    );
+    note_record(records, last, id, key, action, Status::Ok, Some(&m.output_digest), None, None);
 }
 
 /// Adds a journal record when the node's recorded state changes (new key or new status).
@@ -490,11 +418,7 @@ fn note_record(
     log: Option<&PathBuf>,
     error: Option<&String>,
 ) {
-    if status == Status::Ok
-        && last
-            .get(id)
-            .is_some_and(|r| r.key == key && r.status == Status::Ok)
-    {
+    if status == Status::Ok && last.get(id).is_some_and(|r| r.key == key && r.status == Status::Ok) {
         return;
     }
     records.push(Record {
@@ -543,19 +467,11 @@ fn execute_node(
     }
     let staging = cache.begin(&key, &lock)?;
     let label = device.label();
-    reporter.event(Event::Started {
-        node: &node.id,
-        device: &label,
-    });
+    reporter.event(Event::Started { node: &node.id, device: &label });
     let started_unix = now_unix();
     let t0 = Instant::now();
     let progress = |done: u64, total: Option<u64>, message: &str| {
-        reporter.event(Event::Progress {
-            node: &node.id,
-            done,
-            total,
-            message,
-        });
+        reporter.event(Event::Progress { node: &node.id, done, total, message });
     };
     let ctx = ExecContext {
         exp,
@@ -602,10 +518,7 @@ fn execute_node(
             if cancel.load(Ordering::Relaxed) {
                 return Ok(NodeResult::Cancelled);
             }
-            Ok(NodeResult::Failed {
-                message,
-                log: Some(log),
-            })
+            Ok(NodeResult::Failed { message, log: Some(log) })
         }
     }
 }

@@ -71,20 +71,12 @@ impl Console {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let overall = multi.add(ProgressBar::new(0));
         overall.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>8.bold} [{bar:30}] {pos}/{len} nodes {elapsed_precise} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix:>8.bold} [{bar:30}] {pos}/{len} nodes {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         overall.set_prefix("mpcs");
-        Console {
-            bars: Some(Bars {
-                multi,
-                overall,
-                running: Mutex::new(HashMap::new()),
-            }),
-        }
+        Console { bars: Some(Bars { multi, overall, running: Mutex::new(HashMap::new()) }) }
     }
 }
 
@@ -95,11 +87,7 @@ impl Reporter for Console {
                 Event::Planned { total, .. } => tracing::info!("{total} nodes"),
                 Event::Started { node, device } => tracing::info!("start  {node} on {device}"),
                 Event::Progress { .. } => {}
-                Event::Finished {
-                    node,
-                    outcome,
-                    seconds,
-                } => match outcome {
+                Event::Finished { node, outcome, seconds } => match outcome {
                     Outcome::Executed => tracing::info!("done   {node} ({seconds:.2} s)"),
                     Outcome::Cached => tracing::debug!("cached {node}"),
                     Outcome::Failed => tracing::error!("FAILED {node} ({seconds:.2} s)"),
@@ -126,12 +114,7 @@ impl Reporter for Console {
                     r.insert(node.to_string(), bar);
                 }
             }
-            Event::Progress {
-                node,
-                done,
-                total,
-                message,
-            } => {
+            Event::Progress { node, done, total, message } => {
                 if let Ok(r) = b.running.lock() {
                     if let Some(bar) = r.get(node) {
                         let pos = match total {
@@ -142,11 +125,7 @@ impl Reporter for Console {
                     }
                 }
             }
-            Event::Finished {
-                node,
-                outcome,
-                seconds,
-            } => {
+            Event::Finished { node, outcome, seconds } => {
                 if let Ok(mut r) = b.running.lock() {
                     if let Some(bar) = r.remove(node) {
                         bar.finish_and_clear();

@@ -127,9 +127,7 @@ impl Experiment {
 
     fn parse(source: SourceText, overrides: Vec<Override>) -> Result<Experiment> {
         let text: &str = &source.text;
-        let mut root = DeTable::parse(text)
-            .map_err(|e| source.toml_error(&e, "(not valid TOML)", &[]))?
-            .into_inner();
+        let mut root = DeTable::parse(text).map_err(|e| source.toml_error(&e, "(not valid TOML)", &[]))?.into_inner();
         apply_overrides(&source, &mut root, &overrides)?;
 
         for (key, _) in root.iter() {
@@ -145,12 +143,7 @@ impl Experiment {
         let header = match root.remove("experiment") {
             Some(v) => Header::deserialize(toml::de::ValueDeserializer::from(v))
                 .map_err(|e| source.toml_error(&e, "in [experiment]", &[]))?,
-            None => Header {
-                name: None,
-                title: None,
-                seed: None,
-                description: None,
-            },
+            None => Header { name: None, title: None, seed: None, description: None },
         };
         let _ = header.description;
 
@@ -159,13 +152,7 @@ impl Experiment {
                 let span = v.span();
                 match v.into_inner() {
                     DeValue::Table(t) => t,
-                    _ => {
-                        return Err(source.error(
-                            span,
-                            "`stage` must be a table of stages: [stage.NAME]",
-                            None,
-                        ))
-                    }
+                    _ => return Err(source.error(span, "`stage` must be a table of stages: [stage.NAME]", None)),
                 }
             }
             None => DeTable::new(),
@@ -188,25 +175,11 @@ impl Experiment {
         }
         check_cycles(&source, &stages)?;
 
-        let dir = source
-            .path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let dir = if dir.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            dir
-        };
-        let dir = dir
-            .canonicalize()
-            .map_err(|e| Error::io("cannot resolve the directory of", &source.path, e))?;
+        let dir = source.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let dir = dir.canonicalize().map_err(|e| Error::io("cannot resolve the directory of", &source.path, e))?;
         let name = header.name.unwrap_or_else(|| {
-            source
-                .path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "experiment".into())
+            source.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "experiment".into())
         });
         Ok(Experiment {
             path: source.path.clone(),
@@ -234,26 +207,19 @@ impl Experiment {
     }
 }
 
-fn apply_overrides(
-    source: &SourceText,
-    root: &mut DeTable<'_>,
-    overrides: &[Override],
-) -> Result<()> {
+fn apply_overrides(source: &SourceText, root: &mut DeTable<'_>, overrides: &[Override]) -> Result<()> {
     if overrides.is_empty() {
         return Ok(());
     }
     let Some(table) = root.remove(OVERRIDE_TABLE) else {
-        return Err(Error::internal(
-            "the --set table went missing while parsing",
-        ));
+        return Err(Error::internal("the --set table went missing while parsing"));
     };
     let DeValue::Table(mut values) = table.into_inner() else {
         return Err(Error::internal("the --set table is not a table"));
     };
     for (i, ov) in overrides.iter().enumerate() {
-        let value = values
-            .remove(format!("v{i}").as_str())
-            .ok_or_else(|| Error::internal("a --set value went missing"))?;
+        let value =
+            values.remove(format!("v{i}").as_str()).ok_or_else(|| Error::internal("a --set value went missing"))?;
         let mut table: &mut DeTable<'_> = root;
         for (depth, part) in ov.path.iter().enumerate() {
             if depth + 1 == ov.path.len() {
@@ -288,11 +254,7 @@ fn parse_stage(
     let name_span = name.span();
     let name = name.into_inner().into_owned();
     if !is_identifier(&name) {
-        return Err(source.error(
-            name_span,
-            format!("stage name `{name}` must be letters, digits, `_` or `-`"),
-            None,
-        ));
+        return Err(source.error(name_span, format!("stage name `{name}` must be letters, digits, `_` or `-`"), None));
     }
     let table_span = value.span();
     let mut table = match value.into_inner() {
@@ -305,23 +267,14 @@ fn parse_stage(
             let span = v.span();
             match v.into_inner() {
                 DeValue::String(s) => Spanned::new(span, s.into_owned()),
-                _ => {
-                    return Err(source.error(
-                        span,
-                        format!("`kind` of stage `{name}` must be a string"),
-                        None,
-                    ))
-                }
+                _ => return Err(source.error(span, format!("`kind` of stage `{name}` must be a string"), None)),
             }
         }
         None => {
             return Err(source.error(
                 name_span,
                 format!("stage `{name}` has no `kind`"),
-                Some(format!(
-                    "add kind = \"...\"; known kinds: {}",
-                    StageSpec::KINDS.join(", ")
-                )),
+                Some(format!("add kind = \"...\"; known kinds: {}", StageSpec::KINDS.join(", "))),
             ))
         }
     };
@@ -331,11 +284,7 @@ fn parse_stage(
             hint.push_str(&format!("did you mean `{s}`? "));
         }
         hint.push_str(&format!("known kinds: {}", StageSpec::KINDS.join(", ")));
-        return Err(source.error(
-            kind.span(),
-            format!("unknown stage kind `{}`", kind.get_ref()),
-            Some(hint),
-        ));
+        return Err(source.error(kind.span(), format!("unknown stage kind `{}`", kind.get_ref()), Some(hint)));
     }
 
     let refs = match table.remove("from") {
@@ -351,62 +300,38 @@ fn parse_stage(
         Some(v) => {
             let span = v.span();
             u32::deserialize(toml::de::ValueDeserializer::from(v)).map_err(|_| {
-                source.error(
-                    span,
-                    format!("`gpus` of stage `{name}` must be a non-negative integer"),
-                    None,
-                )
+                source.error(span, format!("`gpus` of stage `{name}` must be a non-negative integer"), None)
             })?
         }
     };
     let description = match table.remove("description") {
         None => None,
         Some(v) => Some(
-            String::deserialize(toml::de::ValueDeserializer::from(v)).map_err(|e| {
-                source.toml_error(&e, &format!("in `description` of stage `{name}`"), &[])
-            })?,
+            String::deserialize(toml::de::ValueDeserializer::from(v))
+                .map_err(|e| source.toml_error(&e, &format!("in `description` of stage `{name}`"), &[]))?,
         ),
     };
 
     let context = format!("in stage `{name}` (kind `{}`)", kind.get_ref());
-    let spec = StageSpec::parse(
-        kind.get_ref(),
-        Spanned::new(table_span, DeValue::Table(table)),
-    )
-    .map_err(|e| source.toml_error(&e, &context, COMMON_KEYS))?;
-    Ok(StageDecl {
-        name,
-        spec,
-        refs,
-        matrix,
-        gpus,
-        description,
-        span: name_span,
-    })
+    let spec = StageSpec::parse(kind.get_ref(), Spanned::new(table_span, DeValue::Table(table)))
+        .map_err(|e| source.toml_error(&e, &context, COMMON_KEYS))?;
+    Ok(StageDecl { name, spec, refs, matrix, gpus, description, span: name_span })
 }
 
 fn parse_refs(source: &SourceText, stage: &str, v: Spanned<DeValue<'_>>) -> Result<Vec<Reference>> {
     let span = v.span();
-    let items: Vec<Spanned<String>> = match <Spanned<String>>::deserialize(
-        toml::de::ValueDeserializer::from(v.clone()),
-    ) {
+    let items: Vec<Spanned<String>> = match <Spanned<String>>::deserialize(toml::de::ValueDeserializer::from(v.clone()))
+    {
         Ok(s) => vec![s],
-        Err(_) => Vec::<Spanned<String>>::deserialize(toml::de::ValueDeserializer::from(v))
-            .map_err(|_| {
-                source.error(
-                    span.clone(),
-                    format!("`from` of stage `{stage}` must be a stage name or a list of them"),
-                    Some(
-                        "e.g. from = \"folds\" or from = [\"folds\", \"pretrain[fold={fold}]\"]"
-                            .into(),
-                    ),
-                )
-            })?,
+        Err(_) => Vec::<Spanned<String>>::deserialize(toml::de::ValueDeserializer::from(v)).map_err(|_| {
+            source.error(
+                span.clone(),
+                format!("`from` of stage `{stage}` must be a stage name or a list of them"),
+                Some("e.g. from = \"folds\" or from = [\"folds\", \"pretrain[fold={fold}]\"]".into()),
+            )
+        })?,
     };
-    items
-        .into_iter()
-        .map(|s| parse_reference(source, s))
-        .collect()
+    items.into_iter().map(|s| parse_reference(source, s)).collect()
 }
 
 /// Parses `name` or `name[key=value, key={own}]`.
@@ -445,20 +370,10 @@ fn parse_reference(source: &SourceText, s: Spanned<String>) -> Result<Reference>
     if !is_identifier(&stage) {
         return Err(bad("the stage name must be letters, digits, `_` or `-`"));
     }
-    Ok(Reference {
-        stage,
-        optional,
-        select,
-        text,
-        span,
-    })
+    Ok(Reference { stage, optional, select, text, span })
 }
 
-fn parse_matrix(
-    source: &SourceText,
-    stage: &str,
-    v: Spanned<DeValue<'_>>,
-) -> Result<Vec<(String, Vec<MatrixValue>)>> {
+fn parse_matrix(source: &SourceText, stage: &str, v: Spanned<DeValue<'_>>) -> Result<Vec<(String, Vec<MatrixValue>)>> {
     let span = v.span();
     let DeValue::Table(t) = v.into_inner() else {
         return Err(source.error(
@@ -475,27 +390,15 @@ fn parse_matrix(
             return Err(source.error(
                 kspan,
                 format!("matrix key `{key}` of stage `{stage}` is not allowed"),
-                Some(
-                    "use letters, digits and `_`; `out`, `in`, `seed` and `device` are reserved"
-                        .into(),
-                ),
+                Some("use letters, digits and `_`; `out`, `in`, `seed` and `device` are reserved".into()),
             ));
         }
         let vspan = values.span();
-        let list = Vec::<toml::Value>::deserialize(toml::de::ValueDeserializer::from(values))
-            .map_err(|_| {
-                source.error(
-                    vspan.clone(),
-                    format!("matrix axis `{key}` of stage `{stage}` must be a list"),
-                    None,
-                )
-            })?;
+        let list = Vec::<toml::Value>::deserialize(toml::de::ValueDeserializer::from(values)).map_err(|_| {
+            source.error(vspan.clone(), format!("matrix axis `{key}` of stage `{stage}` must be a list"), None)
+        })?;
         if list.is_empty() {
-            return Err(source.error(
-                vspan,
-                format!("matrix axis `{key}` of stage `{stage}` is empty"),
-                None,
-            ));
+            return Err(source.error(vspan, format!("matrix axis `{key}` of stage `{stage}` is empty"), None));
         }
         let mut seen = HashSet::new();
         let mut axis = Vec::new();
@@ -541,10 +444,7 @@ fn validate_references(source: &SourceText, stages: &[StageDecl]) -> Result<()> 
                 };
                 return Err(source.error(
                     r.span.clone(),
-                    format!(
-                        "stage `{}` refers to `{}`, which is not a stage of this experiment",
-                        stage.name, r.stage
-                    ),
+                    format!("stage `{}` refers to `{}`, which is not a stage of this experiment", stage.name, r.stage),
                     Some(hint),
                 ));
             };
@@ -559,10 +459,7 @@ fn validate_references(source: &SourceText, stages: &[StageDecl]) -> Result<()> 
                 if !target.has_matrix_key(key) {
                     let keys: Vec<&str> = target.matrix_keys().collect();
                     let hint = if keys.is_empty() {
-                        format!(
-                            "`{}` has no matrix; refer to it as `{}`",
-                            target.name, target.name
-                        )
+                        format!("`{}` has no matrix; refer to it as `{}`", target.name, target.name)
                     } else {
                         let mut h = String::new();
                         if let Some(s) = did_you_mean(key, keys.iter().copied()) {
@@ -607,11 +504,7 @@ fn check_cycles(source: &SourceText, stages: &[StageDecl]) -> Result<()> {
     use petgraph::graph::DiGraph;
     let mut g = DiGraph::<usize, ()>::new();
     let idx: Vec<_> = (0..stages.len()).map(|i| g.add_node(i)).collect();
-    let by_name: BTreeMap<&str, usize> = stages
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name.as_str(), i))
-        .collect();
+    let by_name: BTreeMap<&str, usize> = stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     for (i, s) in stages.iter().enumerate() {
         for r in &s.refs {
             g.add_edge(idx[by_name[r.stage.as_str()]], idx[i], ());
@@ -630,9 +523,7 @@ fn check_cycles(source: &SourceText, stages: &[StageDecl]) -> Result<()> {
                 let next = stages
                     .iter()
                     .enumerate()
-                    .find(|(j, t)| {
-                        members.contains(j) && t.refs.iter().any(|r| r.stage == stages[cur].name)
-                    })
+                    .find(|(j, t)| members.contains(j) && t.refs.iter().any(|r| r.stage == stages[cur].name))
                     .map(|(j, _)| j)
                     .unwrap_or(start);
                 path.push(stages[next].name.as_str());
@@ -652,7 +543,5 @@ fn check_cycles(source: &SourceText, stages: &[StageDecl]) -> Result<()> {
 }
 
 fn is_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }

@@ -42,11 +42,7 @@ impl SourceText {
         Self::from_parts(path, file_text, sets)
     }
 
-    pub fn from_parts(
-        path: &Path,
-        file_text: String,
-        sets: &[String],
-    ) -> Result<(SourceText, Vec<Override>), Error> {
+    pub fn from_parts(path: &Path, file_text: String, sets: &[String]) -> Result<(SourceText, Vec<Override>), Error> {
         let file_len = file_text.len();
         let mut text = file_text;
         let mut overrides = Vec::new();
@@ -60,50 +56,25 @@ impl SourceText {
                     "--set {arg}: expected KEY.PATH=VALUE, e.g. --set stage.finetune.params.lr=0.01"
                 )));
             };
-            let path: Vec<String> = key
-                .trim()
-                .split('.')
-                .map(|s| s.trim().to_string())
-                .collect();
+            let path: Vec<String> = key.trim().split('.').map(|s| s.trim().to_string()).collect();
             if path.iter().any(|p| p.is_empty()) {
-                return Err(Error::user(format!(
-                    "--set {arg}: the key path `{key}` has an empty part"
-                )));
+                return Err(Error::user(format!("--set {arg}: the key path `{key}` has an empty part")));
             }
             // A value that is not valid TOML on its own (a bare path, a word) is taken as a string.
             let value = value.trim();
-            let toml_value = if toml::de::DeValue::parse(value).is_ok() {
-                value.to_string()
-            } else {
-                toml_string_literal(value)
-            };
+            let toml_value =
+                if toml::de::DeValue::parse(value).is_ok() { value.to_string() } else { toml_string_literal(value) };
             text.push_str(&format!("v{i} = "));
             overrides.push((text.len(), arg.clone()));
             text.push_str(&toml_value);
             text.push('\n');
-            parsed.push(Override {
-                path,
-                arg: arg.clone(),
-            });
+            parsed.push(Override { path, arg: arg.clone() });
         }
-        Ok((
-            SourceText {
-                path: path.to_path_buf(),
-                text,
-                file_len,
-                overrides,
-            },
-            parsed,
-        ))
+        Ok((SourceText { path: path.to_path_buf(), text, file_len, overrides }, parsed))
     }
 
     /// An error located at `span`, with an optional hint line.
-    pub fn error(
-        &self,
-        span: Range<usize>,
-        message: impl Into<String>,
-        hint: Option<String>,
-    ) -> Error {
+    pub fn error(&self, span: Range<usize>, message: impl Into<String>, hint: Option<String>) -> Error {
         let message = message.into();
         let mut out = format!("error: {message}\n");
         if span.start >= self.file_len && !self.overrides.is_empty() {
@@ -118,20 +89,12 @@ impl SourceText {
         } else {
             let start = span.start.min(self.file_len);
             let (line_no, col, line) = line_col(&self.text[..self.file_len], start);
-            let width = span
-                .end
-                .saturating_sub(span.start)
-                .clamp(1, line.len().saturating_sub(col - 1).max(1));
+            let width = span.end.saturating_sub(span.start).clamp(1, line.len().saturating_sub(col - 1).max(1));
             let gutter = line_no.to_string().len();
             out.push_str(&format!("  --> {}:{line_no}:{col}\n", self.path.display()));
             out.push_str(&format!("{:gutter$} |\n", ""));
             out.push_str(&format!("{line_no} | {line}\n"));
-            out.push_str(&format!(
-                "{:gutter$} | {}{}\n",
-                "",
-                " ".repeat(col - 1),
-                "^".repeat(width)
-            ));
+            out.push_str(&format!("{:gutter$} | {}{}\n", "", " ".repeat(col - 1), "^".repeat(width)));
         }
         if let Some(h) = hint {
             out.push_str(&format!("  = help: {h}\n"));
@@ -150,11 +113,7 @@ impl SourceText {
 
 /// Turns serde's messages into ours: "unknown field `lrr`, expected one of `a`, `b`" becomes an unknown-key
 /// message with a "did you mean" and the valid keys.
-fn explain_serde_message(
-    msg: &str,
-    context: &str,
-    extra_keys: &[&str],
-) -> (String, Option<String>) {
+fn explain_serde_message(msg: &str, context: &str, extra_keys: &[&str]) -> (String, Option<String>) {
     let msg = msg.trim();
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some((field, expected)) = rest.split_once('`') {
@@ -168,10 +127,7 @@ fn explain_serde_message(
             if !choices.is_empty() {
                 hint.push_str(&format!("valid keys: {}", choices.join(", ")));
             }
-            return (
-                format!("unknown key `{field}` {context}"),
-                (!hint.is_empty()).then_some(hint),
-            );
+            return (format!("unknown key `{field}` {context}"), (!hint.is_empty()).then_some(hint));
         }
     }
     if let Some(rest) = msg.strip_prefix("missing field `") {
@@ -190,11 +146,7 @@ fn line_col(text: &str, pos: usize) -> (usize, usize, &str) {
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line_end = text[pos..].find('\n').map_or(text.len(), |i| pos + i);
     let col = text[line_start..pos].chars().count() + 1;
-    (
-        line_no,
-        col,
-        text[line_start..line_end].trim_end_matches('\r'),
-    )
+    (line_no, col, text[line_start..line_end].trim_end_matches('\r'))
 }
 
 /// A TOML basic string literal for `s`.
@@ -221,8 +173,7 @@ mod tests {
 
     #[test]
     fn locates_line_and_column() {
-        let (src, _) =
-            SourceText::from_parts(Path::new("x.toml"), "a = 1\nbb = 2\n".into(), &[]).unwrap();
+        let (src, _) = SourceText::from_parts(Path::new("x.toml"), "a = 1\nbb = 2\n".into(), &[]).unwrap();
         let e = src.error(6..8, "bad key", Some("try again".into()));
         assert!(e.message.contains("x.toml:2:1"), "{}", e.message);
         assert!(e.message.contains("2 | bb = 2"), "{}", e.message);
@@ -232,20 +183,12 @@ mod tests {
 
     #[test]
     fn override_positions_map_to_the_argument() {
-        let (src, ov) = SourceText::from_parts(
-            Path::new("x.toml"),
-            "a = 1\n".into(),
-            &["stage.s.path=data/raw".into()],
-        )
-        .unwrap();
+        let (src, ov) =
+            SourceText::from_parts(Path::new("x.toml"), "a = 1\n".into(), &["stage.s.path=data/raw".into()]).unwrap();
         assert_eq!(ov[0].path, vec!["stage", "s", "path"]);
         assert!(src.text.contains("v0 = \"data/raw\""), "{}", src.text);
         let pos = src.text.find("\"data").unwrap();
         let e = src.error(pos..pos + 3, "bad", None);
-        assert!(
-            e.message.contains("--set stage.s.path=data/raw"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("--set stage.s.path=data/raw"), "{}", e.message);
     }
 }

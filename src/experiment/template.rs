@@ -31,24 +31,9 @@ impl Template {
                     loop {
                         match chars.next() {
                             Some('}') => break,
-                            Some(c)
-                                if c.is_ascii_alphanumeric()
-                                    || c == '_'
-                                    || c == '-'
-                                    || c == '.' =>
-                            {
-                                name.push(c)
-                            }
-                            Some(c) => {
-                                return Err(format!(
-                                    "`{c}` is not allowed in a placeholder name in `{s}`"
-                                ))
-                            }
-                            None => {
-                                return Err(format!(
-                                    "unclosed `{{` in `{s}` (write `{{{{` for a literal brace)"
-                                ))
-                            }
+                            Some(c) if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' => name.push(c),
+                            Some(c) => return Err(format!("`{c}` is not allowed in a placeholder name in `{s}`")),
+                            None => return Err(format!("unclosed `{{` in `{s}` (write `{{{{` for a literal brace)")),
                         }
                     }
                     if name.is_empty() {
@@ -59,11 +44,7 @@ impl Template {
                     }
                     parts.push(Part::Var(name));
                 }
-                '}' => {
-                    return Err(format!(
-                        "unmatched `}}` in `{s}` (write `}}}}` for a literal brace)"
-                    ))
-                }
+                '}' => return Err(format!("unmatched `}}` in `{s}` (write `}}}}` for a literal brace)")),
                 c => lit.push(c),
             }
         }
@@ -82,10 +63,7 @@ impl Template {
 
     /// Renders into one or more argv words. A placeholder that stands alone and has several values (the input
     /// directories of a fan-in) becomes several words; inside a longer word the values are joined by spaces.
-    pub fn render(
-        &self,
-        lookup: &dyn Fn(&str) -> Option<Vec<String>>,
-    ) -> Result<Vec<String>, String> {
+    pub fn render(&self, lookup: &dyn Fn(&str) -> Option<Vec<String>>) -> Result<Vec<String>, String> {
         if let [Part::Var(name)] = self.parts.as_slice() {
             return lookup(name).ok_or_else(|| format!("unknown placeholder `{{{name}}}`"));
         }
@@ -94,8 +72,7 @@ impl Template {
             match p {
                 Part::Lit(l) => out.push_str(l),
                 Part::Var(name) => {
-                    let vals =
-                        lookup(name).ok_or_else(|| format!("unknown placeholder `{{{name}}}`"))?;
+                    let vals = lookup(name).ok_or_else(|| format!("unknown placeholder `{{{name}}}`"))?;
                     out.push_str(&vals.join(" "));
                 }
             }
@@ -104,10 +81,7 @@ impl Template {
     }
 
     /// Renders into one string (multi-valued placeholders joined by spaces).
-    pub fn render_string(
-        &self,
-        lookup: &dyn Fn(&str) -> Option<Vec<String>>,
-    ) -> Result<String, String> {
+    pub fn render_string(&self, lookup: &dyn Fn(&str) -> Option<Vec<String>>) -> Result<String, String> {
         Ok(self.render(lookup)?.join(" "))
     }
 }
@@ -133,14 +107,8 @@ mod tests {
 
     #[test]
     fn lone_multi_valued_placeholder_becomes_several_words() {
-        assert_eq!(
-            Template::parse("{in}").unwrap().render(&lookup).unwrap(),
-            vec!["/a", "/b"]
-        );
-        assert_eq!(
-            Template::parse("x={in}").unwrap().render(&lookup).unwrap(),
-            vec!["x=/a /b"]
-        );
+        assert_eq!(Template::parse("{in}").unwrap().render(&lookup).unwrap(), vec!["/a", "/b"]);
+        assert_eq!(Template::parse("x={in}").unwrap().render(&lookup).unwrap(), vec!["x=/a /b"]);
     }
 
     #[test]

@@ -105,17 +105,11 @@ pub fn toml_to_json(v: &toml::Value) -> Value {
     match v {
         toml::Value::String(s) => Value::String(s.clone()),
         toml::Value::Integer(i) => Value::from(*i),
-        toml::Value::Float(f) => serde_json::Number::from_f64(*f)
-            .map(Value::Number)
-            .unwrap_or(Value::Null),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f).map(Value::Number).unwrap_or(Value::Null),
         toml::Value::Boolean(b) => Value::Bool(*b),
         toml::Value::Datetime(d) => Value::String(d.to_string()),
         toml::Value::Array(a) => Value::Array(a.iter().map(toml_to_json).collect()),
-        toml::Value::Table(t) => Value::Object(
-            t.iter()
-                .map(|(k, v)| (k.clone(), toml_to_json(v)))
-                .collect(),
-        ),
+        toml::Value::Table(t) => Value::Object(t.iter().map(|(k, v)| (k.clone(), toml_to_json(v))).collect()),
     }
 }
 
@@ -125,18 +119,8 @@ mod tests {
     use serde_json::json;
 
     fn action(params: Value) -> Action {
-        let params = params
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        Action {
-            kind: "command".into(),
-            version: 1,
-            params,
-            inputs: vec![("raw".into(), "ab".repeat(16))],
-        }
+        let params = params.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        Action { kind: "command".into(), version: 1, params, inputs: vec![("raw".into(), "ab".repeat(16))] }
     }
 
     /// Pinned literal key: if this changes, the cache format changed; bump ENCODING deliberately.
@@ -158,18 +142,9 @@ mod tests {
 
     #[test]
     fn types_and_values_matter() {
-        assert_ne!(
-            action(json!({"x": 1})).key(),
-            action(json!({"x": 1.0})).key()
-        );
-        assert_ne!(
-            action(json!({"x": "1"})).key(),
-            action(json!({"x": 1})).key()
-        );
-        assert_eq!(
-            action(json!({"x": 0.0})).key(),
-            action(json!({"x": -0.0})).key()
-        );
+        assert_ne!(action(json!({"x": 1})).key(), action(json!({"x": 1.0})).key());
+        assert_ne!(action(json!({"x": "1"})).key(), action(json!({"x": 1})).key());
+        assert_eq!(action(json!({"x": 0.0})).key(), action(json!({"x": -0.0})).key());
         let mut a = action(json!({}));
         let k = a.key();
         a.inputs[0].1 = "cd".repeat(16);

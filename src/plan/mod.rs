@@ -53,23 +53,13 @@ impl Plan {
                 let id = node_id(&stage.name, &combo);
                 let seed = node_seed(exp.seed, &id);
                 ids.push(nodes.len());
-                nodes.push(Node {
-                    id,
-                    stage: si,
-                    matrix: combo,
-                    inputs: Vec::new(),
-                    seed,
-                });
+                nodes.push(Node { id, stage: si, matrix: combo, inputs: Vec::new(), seed });
             }
             stage_nodes.push(ids);
         }
 
-        let stage_index: HashMap<&str, usize> = exp
-            .stages
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i))
-            .collect();
+        let stage_index: HashMap<&str, usize> =
+            exp.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
         for ni in 0..nodes.len() {
             let stage = &exp.stages[nodes[ni].stage];
             let mut inputs = Vec::new();
@@ -79,13 +69,9 @@ impl Plan {
                 let lookup = |name: &str| nodes[ni].matrix_value(name).map(|v| vec![v.to_string()]);
                 let mut want: Vec<(String, String)> = Vec::new();
                 for (k, tpl) in &r.select {
-                    let v = tpl.render_string(&lookup).map_err(|e| {
-                        exp.source.error(
-                            r.span.clone(),
-                            format!("reference `{}`: {e}", r.text),
-                            None,
-                        )
-                    })?;
+                    let v = tpl
+                        .render_string(&lookup)
+                        .map_err(|e| exp.source.error(r.span.clone(), format!("reference `{}`: {e}", r.text), None))?;
                     want.push((k.clone(), v));
                 }
                 for (k, v) in &nodes[ni].matrix {
@@ -97,27 +83,16 @@ impl Plan {
                     .iter()
                     .copied()
                     .filter(|&t| {
-                        want.iter().all(|(k, v)| {
-                            nodes[t]
-                                .matrix_value(k)
-                                .is_some_and(|x| &x.to_string() == v)
-                        })
+                        want.iter().all(|(k, v)| nodes[t].matrix_value(k).is_some_and(|x| &x.to_string() == v))
                     })
                     .collect();
                 if matches.is_empty() && !r.optional {
-                    let wanted: Vec<String> =
-                        want.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let wanted: Vec<String> = want.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     let available: Vec<String> = target_decl
                         .matrix
                         .iter()
                         .map(|(k, vs)| {
-                            format!(
-                                "{k} ∈ {{{}}}",
-                                vs.iter()
-                                    .map(|v| v.to_string())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )
+                            format!("{k} ∈ {{{}}}", vs.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "))
                         })
                         .collect();
                     return Err(exp.source.error(
@@ -157,10 +132,8 @@ impl Plan {
         // Kahn's algorithm, smallest node index first: inputs before consumers, and otherwise the order of the
         // file (stage by stage, matrix order), so listings are stable. Stage cycles were rejected while parsing.
         let mut indegree: Vec<usize> = nodes.iter().map(|n| n.inputs.len()).collect();
-        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<usize>> = (0..nodes.len())
-            .filter(|&i| indegree[i] == 0)
-            .map(std::cmp::Reverse)
-            .collect();
+        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<usize>> =
+            (0..nodes.len()).filter(|&i| indegree[i] == 0).map(std::cmp::Reverse).collect();
         let mut order = Vec::with_capacity(nodes.len());
         while let Some(std::cmp::Reverse(i)) = heap.pop() {
             order.push(i);
@@ -172,27 +145,14 @@ impl Plan {
             }
         }
         if order.len() != nodes.len() {
-            return Err(Error::internal(
-                "the node graph has a cycle although the stage graph has none",
-            ));
+            return Err(Error::internal("the node graph has a cycle although the stage graph has none"));
         }
         let mut priority = vec![1u32; nodes.len()];
         for &n in order.iter().rev() {
             priority[n] = 1 + children[n].iter().map(|&c| priority[c]).max().unwrap_or(0);
         }
-        let by_id = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.id.clone(), i))
-            .collect();
-        Ok(Plan {
-            nodes,
-            graph,
-            order,
-            children,
-            priority,
-            by_id,
-        })
+        let by_id = nodes.iter().enumerate().map(|(i, n)| (n.id.clone(), i)).collect();
+        Ok(Plan { nodes, graph, order, children, priority, by_id })
     }
 
     /// Finds a node by id, tolerating spaces after commas and around `=`.
@@ -222,12 +182,7 @@ pub fn node_seed(experiment_seed: u64, id: &str) -> u64 {
     h.update(&experiment_seed.to_le_bytes());
     h.update(id.as_bytes());
     let b = h.finalize();
-    u64::from(u32::from_le_bytes([
-        b.as_bytes()[0],
-        b.as_bytes()[1],
-        b.as_bytes()[2],
-        b.as_bytes()[3],
-    ]))
+    u64::from(u32::from_le_bytes([b.as_bytes()[0], b.as_bytes()[1], b.as_bytes()[2], b.as_bytes()[3]]))
 }
 
 /// Every combination of the matrix axes, first axis outermost.
@@ -248,12 +203,7 @@ fn cartesian(matrix: &[(String, Vec<MatrixValue>)]) -> Vec<Vec<(String, MatrixVa
 }
 
 /// The action of node `i`, given the output digests of its inputs (all must be known).
-pub fn action_for(
-    exp: &Experiment,
-    plan: &Plan,
-    i: usize,
-    digests: &[Option<String>],
-) -> Option<key::Action> {
+pub fn action_for(exp: &Experiment, plan: &Plan, i: usize, digests: &[Option<String>]) -> Option<key::Action> {
     let node = &plan.nodes[i];
     let decl = &exp.stages[node.stage];
     let mut inputs = Vec::with_capacity(node.inputs.len());

@@ -68,28 +68,22 @@ impl CommandSpec {
                 if !decl.has_matrix_key(k) {
                     return Err(src.error(
                         v.when.span(),
-                        format!(
-                            "`vary.when` of stage `{}` names `{k}`, which is not a matrix key",
-                            decl.name
-                        ),
-                        Some(format!(
-                            "matrix keys: {}",
-                            decl.matrix_keys().collect::<Vec<_>>().join(", ")
-                        )),
+                        format!("`vary.when` of stage `{}` names `{k}`, which is not a matrix key", decl.name),
+                        Some(format!("matrix keys: {}", decl.matrix_keys().collect::<Vec<_>>().join(", "))),
                     ));
                 }
                 let shown = match val {
                     toml::Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
-                let exists = decl
-                    .matrix
-                    .iter()
-                    .any(|(mk, vs)| mk == k && vs.iter().any(|x| x.to_string() == shown));
+                let exists = decl.matrix.iter().any(|(mk, vs)| mk == k && vs.iter().any(|x| x.to_string() == shown));
                 if !exists {
                     return Err(src.error(
                         v.when.span(),
-                        format!("`vary.when` of stage `{}` selects {k} = {shown}, which is not in its matrix", decl.name),
+                        format!(
+                            "`vary.when` of stage `{}` selects {k} = {shown}, which is not in its matrix",
+                            decl.name
+                        ),
                         None,
                     ));
                 }
@@ -98,10 +92,7 @@ impl CommandSpec {
                 if !self.params.contains_key(k) {
                     return Err(src.error(
                         v.when.span(),
-                        format!(
-                            "`vary` of stage `{}` sets `{k}`, which is not in its `params`",
-                            decl.name
-                        ),
+                        format!("`vary` of stage `{}` sets `{k}`, which is not in its `params`", decl.name),
                         Some(format!("declare a default first: params = {{ {k} = ... }}")),
                     ));
                 }
@@ -111,11 +102,7 @@ impl CommandSpec {
         valid.extend(decl.refs.iter().map(|r| format!("in.{}", r.stage)));
         valid.extend(decl.matrix_keys().map(String::from));
         valid.extend(self.params.keys().cloned());
-        let templates = self
-            .run
-            .get_ref()
-            .iter()
-            .map(|w| (w.get_ref().as_str(), w.span()));
+        let templates = self.run.get_ref().iter().map(|w| (w.get_ref().as_str(), w.span()));
         let env_span = self.run.span();
         let env_templates = self.env.values().map(|v| (v.as_str(), env_span.clone()));
         for (text, span) in templates.chain(env_templates) {
@@ -128,11 +115,7 @@ impl CommandSpec {
                     }
                     hint.push_str(&format!(
                         "placeholders here: {}",
-                        valid
-                            .iter()
-                            .map(|v| format!("{{{v}}}"))
-                            .collect::<Vec<_>>()
-                            .join(" ")
+                        valid.iter().map(|v| format!("{{{v}}}")).collect::<Vec<_>>().join(" ")
                     ));
                     return Err(src.error(
                         span.clone(),
@@ -156,23 +139,14 @@ impl CommandSpec {
         let mut p = BTreeMap::new();
         p.insert(
             "run".into(),
-            Value::Array(
-                self.run
-                    .get_ref()
-                    .iter()
-                    .map(|w| Value::String(w.get_ref().clone()))
-                    .collect(),
-            ),
+            Value::Array(self.run.get_ref().iter().map(|w| Value::String(w.get_ref().clone())).collect()),
         );
         let params = self.params_for(node);
         if !params.is_empty() {
             p.insert("params".into(), toml_to_json(&toml::Value::Table(params)));
         }
         if !self.env.is_empty() {
-            p.insert(
-                "env".into(),
-                serde_json::to_value(&self.env).unwrap_or_default(),
-            );
+            p.insert("env".into(), serde_json::to_value(&self.env).unwrap_or_default());
         }
         // The seed changes the output only where the command can see it.
         let uses_seed = self
@@ -197,8 +171,7 @@ impl CommandSpec {
                     toml::Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
-                node.matrix_value(k)
-                    .is_some_and(|mv| mv.to_string() == want)
+                node.matrix_value(k).is_some_and(|mv| mv.to_string() == want)
             });
             if matches {
                 for (k, val) in &v.params {
@@ -219,13 +192,7 @@ impl CommandSpec {
             "node" => Some(vec![ctx.node.id.clone()]),
             _ => {
                 if let Some(stage) = name.strip_prefix("in.") {
-                    return Some(
-                        ctx.inputs
-                            .iter()
-                            .filter(|i| i.stage == stage)
-                            .map(|i| path(&i.path))
-                            .collect(),
-                    );
+                    return Some(ctx.inputs.iter().filter(|i| i.stage == stage).map(|i| path(&i.path)).collect());
                 }
                 if let Some(v) = ctx.node.matrix_value(name) {
                     return Some(vec![v.to_string()]);
@@ -242,11 +209,8 @@ impl CommandSpec {
             let tpl = Template::parse(w.get_ref()).map_err(StageFailure)?;
             argv.extend(tpl.render(&lookup).map_err(StageFailure)?);
         }
-        let log = std::fs::File::create(ctx.log)
-            .map_err(|e| StageFailure(format!("cannot create the log: {e}")))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| StageFailure(format!("cannot open the log: {e}")))?;
+        let log = std::fs::File::create(ctx.log).map_err(|e| StageFailure(format!("cannot create the log: {e}")))?;
+        let log2 = log.try_clone().map_err(|e| StageFailure(format!("cannot open the log: {e}")))?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .current_dir(&ctx.exp.dir)
@@ -277,17 +241,14 @@ impl CommandSpec {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| StageFailure(format!("cannot start `{}`: {e}", argv[0])))?;
+        let mut child = cmd.spawn().map_err(|e| StageFailure(format!("cannot start `{}`: {e}", argv[0])))?;
         let token = ctx.processes.register(child.id() as i32);
         if ctx.cancelled() {
             ctx.processes.signal_all(libc::SIGTERM);
         }
         let status = child.wait();
         ctx.processes.unregister(token);
-        let status =
-            status.map_err(|e| StageFailure(format!("cannot wait for `{}`: {e}", argv[0])))?;
+        let status = status.map_err(|e| StageFailure(format!("cannot wait for `{}`: {e}", argv[0])))?;
         if ctx.cancelled() {
             return Err(StageFailure("interrupted".into()));
         }
@@ -297,15 +258,9 @@ impl CommandSpec {
                 (None, Some(s)) => format!("was killed by signal {s}"),
                 _ => "failed".into(),
             };
-            return Err(StageFailure(format!(
-                "command `{}` {how}{}",
-                argv.join(" "),
-                log_tail(ctx.log)
-            )));
+            return Err(StageFailure(format!("command `{}` {how}{}", argv.join(" "), log_tail(ctx.log))));
         }
-        let empty = std::fs::read_dir(ctx.out)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(true);
+        let empty = std::fs::read_dir(ctx.out).map(|mut d| d.next().is_none()).unwrap_or(true);
         if empty {
             return Err(StageFailure(format!(
                 "command `{}` succeeded but wrote nothing in {{out}} ({}); a node must produce output{}",

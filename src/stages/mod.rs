@@ -46,11 +46,7 @@ impl DeviceAssignment {
         if self.gpus.is_empty() {
             "cpu".into()
         } else {
-            self.gpus
-                .iter()
-                .map(|g| format!("cuda:{g}"))
-                .collect::<Vec<_>>()
-                .join(",")
+            self.gpus.iter().map(|g| format!("cuda:{g}")).collect::<Vec<_>>().join(",")
         }
     }
 }
@@ -92,11 +88,7 @@ impl StageSpec {
         Ok(match kind {
             "source" => StageSpec::Source(source::SourceSpec::deserialize(de)?),
             "command" => StageSpec::Command(command::CommandSpec::deserialize(de)?),
-            other => {
-                return Err(serde::de::Error::custom(format!(
-                    "unknown stage kind `{other}`"
-                )))
-            }
+            other => return Err(serde::de::Error::custom(format!("unknown stage kind `{other}`"))),
         })
     }
 
@@ -138,11 +130,8 @@ impl StageSpec {
             StageSpec::Command(c) => c.key_params(node),
         };
         if !node.matrix.is_empty() {
-            let m = node
-                .matrix
-                .iter()
-                .map(|(k, v)| (k.clone(), crate::plan::key::toml_to_json(&v.to_toml())))
-                .collect();
+            let m =
+                node.matrix.iter().map(|(k, v)| (k.clone(), crate::plan::key::toml_to_json(&v.to_toml()))).collect();
             params.insert("matrix".into(), Value::Object(m));
         }
         let _ = decl;

@@ -24,10 +24,7 @@ impl SourceSpec {
         if let Some(r) = decl.refs.first() {
             return Err(src.error(
                 r.span.clone(),
-                format!(
-                    "source stage `{}` cannot have `from`: a source reads a path, not other stages",
-                    decl.name
-                ),
+                format!("source stage `{}` cannot have `from`: a source reads a path, not other stages", decl.name),
                 None,
             ));
         }
@@ -56,13 +53,9 @@ impl SourceSpec {
             return Err(exp.source.error(
                 self.path.span(),
                 format!("source `{}`: {} does not exist", decl.name, p.display()),
-                Some(format!(
-                    "create it, fix `path`, or point it elsewhere with --set stage.{}.path=DIR",
-                    decl.name
-                )),
+                Some(format!("create it, fix `path`, or point it elsewhere with --set stage.{}.path=DIR", decl.name)),
             ));
         }
-        p.canonicalize()
-            .map_err(|e| Error::io("cannot resolve", &p, e))
+        p.canonicalize().map_err(|e| Error::io("cannot resolve", &p, e))
     }
 }

@@ -24,9 +24,7 @@ pub fn bin() -> &'static str {
 
 impl Project {
     pub fn new() -> Project {
-        Project {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
+        Project { dir: tempfile::tempdir().expect("tempdir") }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -41,10 +39,7 @@ impl Project {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin());
-        c.current_dir(self.dir.path())
-            .args(args)
-            .env_remove("MPCS_CACHE")
-            .env_remove("CUDA_VISIBLE_DEVICES");
+        c.current_dir(self.dir.path()).args(args).env_remove("MPCS_CACHE").env_remove("CUDA_VISIBLE_DEVICES");
         c
     }
 
@@ -86,49 +81,25 @@ impl Project {
     /// `mpcs graph EXP --format json` as (id → state).
     pub fn states(&self, exp: &str) -> std::collections::BTreeMap<String, String> {
         let out = self.mpcs(&["graph", exp, "--format", "json"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["nodes"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|n| {
-                (
-                    n["id"].as_str().unwrap().to_string(),
-                    n["state"].as_str().unwrap().to_string(),
-                )
-            })
+            .map(|n| (n["id"].as_str().unwrap().to_string(), n["state"].as_str().unwrap().to_string()))
             .collect()
     }
 }
 
 pub fn parse_summary(out: &Output) -> Summary {
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_else(|| {
-        panic!(
-            "no stdout; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    let v: serde_json::Value = serde_json::from_str(last)
-        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"));
-    let set = |k: &str| {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap().to_string())
-            .collect()
-    };
-    Summary {
-        executed: set("executed"),
-        cached: set("cached"),
-        failed: set("failed"),
-        skipped: set("skipped"),
-    }
+    let last =
+        stdout.lines().last().unwrap_or_else(|| panic!("no stdout; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+    let v: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"));
+    let set = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+    Summary { executed: set("executed"), cached: set("cached"), failed: set("failed"), skipped: set("skipped") }
 }
 
 pub fn set(items: &[&str]) -> BTreeSet<String> {
@@ -211,10 +182,7 @@ run = ["sh", "-c", "echo {{node}} >> exec.log; for d in {{in}}; do cat $d/probe.
 /// Execution counts per node from `exec.log`.
 pub fn exec_counts(p: &Project) -> std::collections::BTreeMap<String, usize> {
     let mut m = std::collections::BTreeMap::new();
-    for l in fs::read_to_string(p.path("exec.log"))
-        .unwrap_or_default()
-        .lines()
-    {
+    for l in fs::read_to_string(p.path("exec.log")).unwrap_or_default().lines() {
         *m.entry(l.to_string()).or_insert(0) += 1;
     }
     m
@@ -222,10 +190,5 @@ pub fn exec_counts(p: &Project) -> std::collections::BTreeMap<String, usize> {
 
 pub fn make_old(path: &Path) {
     let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-    fs::File::options()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .set_modified(old)
-        .unwrap();
+    fs::File::options().write(true).open(path).unwrap().set_modified(old).unwrap();
 }

@@ -1,0 +1,164 @@
+//! Bad input: a clear message naming what is wrong (and where), a non-zero exit code, an untouched cache.
+
+mod common;
+use common::*;
+
+const GOOD_HEAD: &str = r#"[experiment]
+name = "bad"
+
+[stage.raw]
+kind = "source"
+path = "data"
+"#;
+
+/// Runs the experiment `text` and returns (exit code, stderr, project); asserts that nothing was published.
+fn run_bad_in(text: &str) -> (i32, String, Project) {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    p.write("bad.toml", text);
+    let out = p.run_raw("bad.toml", &[]);
+    assert!(p.entries().is_empty(), "a failed run published nothing");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned(), p)
+}
+
+fn run_bad(text: &str) -> (i32, String) {
+    let (code, err, _) = run_bad_in(text);
+    (code, err)
+}
+
+fn assert_user_error(text: &str, needles: &[&str]) {
+    let (code, err) = run_bad(text);
+    assert_eq!(code, 2, "user input errors exit with 2: {err}");
+    for n in needles {
+        assert!(err.contains(n), "expected `{n}` in:\n{err}");
+    }
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    p.write("bad.toml", text);
+    let _ = p.run_raw("bad.toml", &[]);
+    assert!(!p.path("cache").exists(), "an invalid experiment does not even create the cache");
+}
+
+#[test]
+fn malformed_toml() {
+    assert_user_error("[stage.a\nkind = \"source\"\n", &["not valid TOML", "bad.toml:1:"]);
+}
+
+#[test]
+fn unknown_stage_kind() {
+    let text = format!("{GOOD_HEAD}\n[stage.b]\nkind = \"comand\"\nfrom = \"raw\"\nrun = [\"true\"]\n");
+    assert_user_error(&text, &["unknown stage kind `comand`", "did you mean `command`?", "bad.toml:9:8"]);
+}
+
+#[test]
+fn unknown_key_with_suggestion() {
+    let text =
+        format!("{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"true\"]\nparms = {{ lr = 1 }}\n");
+    assert_user_error(
+        &text,
+        &[
+            "unknown key `parms` in stage `b` (kind `command`)",
+            "did you mean `params`?",
+            "bad.toml:12:1",
+            "valid keys:",
+        ],
+    );
+}
+
+#[test]
+fn wrong_types() {
+    let text = format!("{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nrun = \"echo hi\"\n");
+    assert_user_error(&text, &["wrong type in stage `b`", "bad.toml:11:7"]);
+    let text =
+        format!("{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\ngpus = \"two\"\nrun = [\"true\"]\n");
+    assert_user_error(&text, &["`gpus` of stage `b` must be a non-negative integer", "bad.toml:11:8"]);
+}
+
+#[test]
+fn dangling_reference() {
+    let text = format!("{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"rwa\"\nrun = [\"true\"]\n");
+    assert_user_error(
+        &text,
+        &["stage `b` refers to `rwa`, which is not a stage", "did you mean `raw`?", "bad.toml:10:8"],
+    );
+    let text = format!("{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nmatrix = {{ fold = [0, 1] }}\nrun = [\"true\"]\n\n[stage.c]\nkind = \"command\"\nfrom = \"b[flod=0]\"\nrun = [\"true\"]\n");
+    assert_user_error(&text, &["selects by `flod`, which is not a matrix key of `b`", "did you mean `fold`?"]);
+    let text = format!("{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nmatrix = {{ fold = [0, 1] }}\nrun = [\"true\"]\n\n[stage.c]\nkind = \"command\"\nfrom = \"b[fold=7]\"\nrun = [\"true\"]\n");
+    assert_user_error(&text, &["matches no node of stage `b` (wanted fold=7)", "fold ∈ {0, 1}"]);
+}
+
+#[test]
+fn cycle() {
+    let text = format!("{GOOD_HEAD}\n[stage.a]\nkind = \"command\"\nfrom = [\"raw\", \"b\"]\nrun = [\"true\"]\n\n[stage.b]\nkind = \"command\"\nfrom = \"a\"\nrun = [\"true\"]\n");
+    assert_user_error(&text, &["the stages form a cycle: a → b → a"]);
+}
+
+#[test]
+fn unknown_placeholder() {
+    let text = format!("{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nparams = {{ lr = 1 }}\nrun = [\"echo\", \"{{lrr}}\", \"{{out}}\"]\n");
+    assert_user_error(&text, &["unknown placeholder `{lrr}`", "did you mean `{lr}`?"]);
+}
+
+#[test]
+fn missing_source_path() {
+    let text = "[stage.raw]\nkind = \"source\"\npath = \"no/such/dir\"\n\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"true\"]\n";
+    let (code, err) = run_bad(text);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no/such/dir does not exist")
+            && err.contains("bad.toml:3:8")
+            && err.contains("--set stage.raw.path=DIR"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_set_override() {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    p.write("bad.toml", &format!("{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"true\"]\n"));
+    let out = p.run_raw("bad.toml", &["--set", "stage.b.gpus=lots"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--> command line: --set stage.b.gpus=lots"), "{err}");
+    let out = p.run_raw("bad.toml", &["--set", "nonsense"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected KEY.PATH=VALUE"));
+}
+
+#[test]
+fn command_exits_non_zero() {
+    let text = format!("{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"sh\", \"-c\", \"echo doing {{node}}; echo oops >&2; exit 3\"]\n\n[stage.c]\nkind = \"command\"\nfrom = \"b\"\nrun = [\"sh\", \"-c\", \"echo > {{out}}/x\"]\n");
+    let (code, err, _project) = run_bad_in(&text);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("FAILED b: command `sh -c echo doing b; echo oops >&2; exit 3` exited with status 3"),
+        "{err}"
+    );
+    assert!(err.contains("    oops"), "the log tail is shown: {err}");
+    let log = err.lines().find(|l| l.trim_start().starts_with("log: ")).unwrap().trim_start()[5..].to_string();
+    assert!(std::fs::read_to_string(&log).unwrap().contains("doing b\n"), "the captured log is kept");
+    assert!(err.contains("1 failed, 1 skipped"), "{err}");
+}
+
+#[test]
+fn command_produces_no_output() {
+    let text = format!("{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"true\"]\n");
+    let (code, err) = run_bad(&text);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("succeeded but wrote nothing in {out}"), "{err}");
+}
+
+#[test]
+fn keep_going_finishes_independent_branches() {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    p.write("kg.toml", &format!("{GOOD_HEAD}\n[stage.bad]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"false\"]\n\n[stage.after]\nkind = \"command\"\nfrom = \"bad\"\nrun = [\"sh\", \"-c\", \"echo > {{out}}/x\"]\n\n[stage.good]\nkind = \"command\"\nfrom = \"raw\"\nmatrix = {{ i = [1, 2, 3] }}\nrun = [\"sh\", \"-c\", \"sleep 0.1; echo {{i}} > {{out}}/x\"]\n"));
+    let out = p.run_raw("kg.toml", &["--keep-going"]);
+    assert_eq!(out.status.code(), Some(1));
+    let s = parse_summary(&out);
+    assert_eq!(s.failed, set(&["bad"]));
+    assert_eq!(s.skipped, set(&["after"]));
+    assert_eq!(s.executed, set(&["raw", "good[i=1]", "good[i=2]", "good[i=3]"]));
+    // A failure is never cached: the next run tries again, and graph says it failed last time.
+    assert_eq!(p.states("kg.toml")["bad"], "failed");
+}

@@ -135,8 +135,7 @@ pub fn run(
     }
     if gpu_nodes > 0 && pool.is_empty() {
         reporter.event(Event::Notice(&format!(
-            "no GPU found (--devices {}): the {gpu_nodes} GPU node(s) will run on the CPU",
-            if opts.gpus.is_empty() { "auto/cpu" } else { "" }
+            "no GPU found: the {gpu_nodes} GPU node(s) will run on the CPU (--devices LIST hands out GPUs)"
         )));
     }
 

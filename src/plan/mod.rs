@@ -58,8 +58,12 @@ impl Plan {
             stage_nodes.push(ids);
         }
 
+        // Matrix values as text, once: references compare them for every pair of nodes (O(n²) at 2,000 nodes).
+        let texts: Vec<Vec<(String, String)>> =
+            nodes.iter().map(|n| n.matrix.iter().map(|(k, v)| (k.clone(), v.to_string())).collect()).collect();
         let stage_index: HashMap<&str, usize> =
             exp.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+        #[allow(clippy::needless_range_loop)] // `nodes` is read for other nodes inside the loop
         for ni in 0..nodes.len() {
             let stage = &exp.stages[nodes[ni].stage];
             let mut inputs = Vec::new();
@@ -82,9 +86,7 @@ impl Plan {
                 let matches: Vec<usize> = stage_nodes[target]
                     .iter()
                     .copied()
-                    .filter(|&t| {
-                        want.iter().all(|(k, v)| nodes[t].matrix_value(k).is_some_and(|x| &x.to_string() == v))
-                    })
+                    .filter(|&t| want.iter().all(|(k, v)| texts[t].iter().any(|(tk, tv)| tk == k && tv == v)))
                     .collect();
                 if matches.is_empty() && !r.optional {
                     let wanted: Vec<String> = want.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -117,6 +117,7 @@ impl CommandSpec {
                         "placeholders here: {}",
                         valid.iter().map(|v| format!("{{{v}}}")).collect::<Vec<_>>().join(" ")
                     ));
+                    hint.push_str(&format!("; for literal braces (shell ${{var}}, awk) write {{{{{name}}}}}"));
                     return Err(src.error(
                         span.clone(),
                         format!("unknown placeholder `{{{name}}}` in stage `{}`", decl.name),

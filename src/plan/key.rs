@@ -127,7 +127,7 @@ mod tests {
     #[test]
     fn golden_key() {
         let a = action(json!({"lr": 0.001, "run": ["sh", "-c", "x"], "fold": 2}));
-        assert_eq!(a.key(), "14cb4e2e5a404bd90fc6b2fa8a73eb84");
+        assert_eq!(a.key(), "a4074e79f4bcf3941edf8dde4109ca27");
     }
 
     #[test]

@@ -24,6 +24,8 @@ struct Cfg {
     body: Vec<u8>,
     etag: Option<String>,
     honor_range: bool,
+    /// Answer Range requests with 206 even when If-Range no longer matches (a broken server).
+    ignore_if_range: bool,
     /// The next this-many body responses are cut after half of their body.
     cut_next: usize,
 }
@@ -69,6 +71,7 @@ impl Server {
                 body,
                 etag: Some("\"v1\"".into()),
                 honor_range: true,
+                ignore_if_range: false,
                 cut_next: 0,
             })),
             log: Arc::default(),
@@ -165,6 +168,7 @@ fn handle(
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|n| n.parse::<usize>().ok());
     let if_range_ok = match (req.header("If-Range"), &cfg.etag) {
+        _ if cfg.ignore_if_range => true,
         (None, _) => true,
         (Some(v), Some(e)) => v == e,
         (Some(_), None) => false,
@@ -224,6 +228,20 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// Compare a file with the expected bytes without dumping megabytes on failure.
+fn assert_same(path: &Path, expected: &[u8]) {
+    let got = fs::read(path).unwrap();
+    assert!(
+        got == expected,
+        "{}: {} bytes (sha256 {}) but expected {} bytes (sha256 {})",
+        path.display(),
+        got.len(),
+        sha256_hex(&got),
+        expected.len(),
+        sha256_hex(expected)
+    );
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -301,7 +319,7 @@ fn full_transfer_with_pinned_digest_and_progress() {
     let got = fetch(&opts, &d.out, &d.scratch, &progress).unwrap();
 
     assert_eq!(got.files, vec![PathBuf::from("blob.bin")]);
-    assert_eq!(fs::read(d.out.join("blob.bin")).unwrap(), body);
+    assert_same(&d.out.join("blob.bin"), &body);
     assert_eq!(got.bytes, body.len() as u64);
     assert_eq!(got.digest.hex, sha256_hex(&body));
     assert!(got.pinned && got.pin_hint().is_none());
@@ -374,7 +392,7 @@ fn cut_transfer_resumes_with_range_request() {
     assert_eq!(reqs[1].header("If-Range"), Some("\"v1\""));
     assert_eq!(got.resumed_from, half);
     assert_eq!(got.bytes, body.len() as u64);
-    assert_eq!(fs::read(d.out.join("blob.bin")).unwrap(), body);
+    assert_same(&d.out.join("blob.bin"), &body);
     assert!(!d.part().exists() && !d.sidecar().exists());
 }
 
@@ -387,7 +405,7 @@ fn cut_transfer_is_retried_within_one_call() {
     let mut opts = quick(server.url("/blob.bin"));
     opts.retries = 3;
     let got = fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap();
-    assert_eq!(fs::read(d.out.join("blob.bin")).unwrap(), body);
+    assert_same(&d.out.join("blob.bin"), &body);
     assert_eq!(got.digest.hex, sha256_hex(&body));
     let reqs = server.requests();
     assert_eq!(reqs.len(), 3);
@@ -437,7 +455,7 @@ fn server_ignoring_range_restarts_from_zero() {
         "the client should have asked to resume"
     );
     assert_eq!(got.resumed_from, 0, "a 200 answer must restart, not append");
-    assert_eq!(fs::read(d.out.join("blob.bin")).unwrap(), body);
+    assert_same(&d.out.join("blob.bin"), &body);
 }
 
 #[test]
@@ -457,7 +475,32 @@ fn changed_remote_file_is_not_spliced() {
     let got = fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap();
     assert_eq!(server.requests()[1].header("If-Range"), Some("\"v1\""));
     assert_eq!(got.resumed_from, 0);
-    assert_eq!(fs::read(d.out.join("blob.bin")).unwrap(), new);
+    assert_same(&d.out.join("blob.bin"), &new);
+}
+
+#[test]
+fn changed_remote_file_is_not_spliced_even_if_server_ignores_if_range() {
+    let old = noise(300_000, 15);
+    let new = noise(300_000, 16);
+    let server = Server::start(old);
+    server.set(|c| c.cut_next = 1);
+    let d = Dirs::new();
+    let opts = quick(server.url("/blob.bin"));
+    fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap_err();
+
+    server.set(|c| {
+        c.body = new.clone();
+        c.etag = Some("\"v2\"".into());
+        c.ignore_if_range = true;
+    });
+    // The 206 carries ETag v2: the client drops its v1 bytes and restarts from zero (third request, no Range).
+    let got = fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap();
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 3);
+    assert!(reqs[1].header("Range").is_some());
+    assert!(reqs[2].header("Range").is_none());
+    assert_eq!(got.resumed_from, 0);
+    assert_same(&d.out.join("blob.bin"), &new);
 }
 
 #[test]
@@ -476,7 +519,7 @@ fn complete_partial_answered_416_is_finished_without_refetch() {
     let got = fetch(&quick(url), &d.out, &d.scratch, &no_progress).unwrap();
     assert_eq!(server.requests().len(), 1);
     assert_eq!(got.digest.hex, sha256_hex(&body));
-    assert_eq!(fs::read(d.out.join("blob.bin")).unwrap(), body);
+    assert_same(&d.out.join("blob.bin"), &body);
 }
 
 #[test]
@@ -583,7 +626,7 @@ fn redirects_are_followed() {
     opts.filename = Some("named.bin".into());
     let got = fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap();
     assert_eq!(got.files, vec![PathBuf::from("named.bin")]);
-    assert_eq!(fs::read(d.out.join("named.bin")).unwrap(), body);
+    assert_same(&d.out.join("named.bin"), &body);
     let reqs = server.requests();
     assert_eq!(reqs[1].path, "/real.bin");
 }
@@ -635,7 +678,7 @@ fn file_url_plain_file() {
     let url = format!("file://{}/slide%201.svs", dir.display()).replace(' ', "%20");
     let got = fetch(&quick(url), &d.out, &d.scratch, &no_progress).unwrap();
     assert_eq!(got.files, vec![PathBuf::from("slide 1.svs")]);
-    assert_eq!(fs::read(d.out.join("slide 1.svs")).unwrap(), body);
+    assert_same(&d.out.join("slide 1.svs"), &body);
     assert_eq!(got.digest.hex, sha256_hex(&body));
 
     let d2 = Dirs::new();
@@ -921,7 +964,7 @@ fn good_tar_and_zip_by_file_url() {
     opts.unpack = Some(false);
     let got = fetch(&opts, &out, &d.scratch, &no_progress).unwrap();
     assert_eq!(got.files, vec![PathBuf::from("tree.zip")]);
-    assert_eq!(fs::read(out.join("tree.zip")).unwrap(), zip_bytes);
+    assert_same(&out.join("tree.zip"), &zip_bytes);
 
     // unpack = true on a name without an archive extension: recognised by its magic bytes.
     let src = d.root.join("download");

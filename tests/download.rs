@@ -421,6 +421,36 @@ fn cut_transfer_is_retried_within_one_call() {
 }
 
 #[test]
+fn cancel_keeps_partial_and_rerun_resumes() {
+    let body = noise(2_000_000, 17);
+    let server = Server::start(body.clone());
+    let d = Dirs::new();
+    let mut opts = quick(server.url("/blob.bin"));
+    let flag = Arc::new(AtomicBool::new(false));
+    opts.cancel = Some(flag.clone());
+    // Cancel from the progress callback once some bytes are in, as a SIGINT handler would.
+    let cancel_early = |done: u64, _: Option<u64>| {
+        if done > 0 {
+            flag.store(true, Ordering::SeqCst);
+        }
+    };
+    let err = fetch(&opts, &d.out, &d.scratch, &cancel_early).unwrap_err();
+    assert!(matches!(err, DownloadError::Cancelled { .. }), "{err}");
+    let kept = fs::metadata(d.part()).unwrap().len();
+    assert!(kept > 0 && kept < body.len() as u64, "kept {kept}");
+    assert!(!d.out.exists());
+
+    flag.store(false, Ordering::SeqCst);
+    let got = fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap();
+    assert_eq!(got.resumed_from, kept);
+    assert_eq!(
+        server.requests()[1].header("Range"),
+        Some(format!("bytes={kept}-").as_str())
+    );
+    assert_same(&d.out.join("blob.bin"), &body);
+}
+
+#[test]
 fn retries_are_bounded() {
     let server = Server::start(noise(100_000, 5));
     server.set(|c| c.cut_next = 100);

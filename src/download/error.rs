@@ -73,6 +73,9 @@ pub enum DownloadError {
     #[error("{archive}: cannot unpack: {reason}; nothing was unpacked. Re-download it, or set `unpack = false`")]
     BadArchive { archive: String, reason: String },
 
+    #[error("download of {url} cancelled; rerun to continue (an HTTP download resumes where it stopped)")]
+    Cancelled { url: String },
+
     #[error("{path}: output directory exists and is not empty; remove it first")]
     OutputNotEmpty { path: PathBuf },
 }

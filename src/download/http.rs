@@ -44,6 +44,11 @@ pub(crate) fn download(
     let mut restarts = 0u32;
     let mut first_offset = None;
     loop {
+        if opts.cancelled() {
+            return Err(DownloadError::Cancelled {
+                url: opts.url.clone(),
+            });
+        }
         match attempt_once(&agent, opts, scratch, algo, progress, &mut first_offset) {
             Ok(mut t) => {
                 t.resumed_from = first_offset.unwrap_or(0);
@@ -219,8 +224,8 @@ fn attempt_once(
         response.into_reader(),
         file,
         hasher,
-        start,
-        total,
+        (start, total),
+        opts,
         scratch,
         progress,
     )
@@ -231,8 +236,8 @@ fn stream_body(
     mut body: impl Read,
     file: File,
     mut hasher: Hasher,
-    start: u64,
-    total: Option<u64>,
+    (start, total): (u64, Option<u64>),
+    opts: &FetchOptions,
     scratch: &Scratch,
     progress: Progress<'_>,
 ) -> Result<Transfer, Step> {
@@ -240,7 +245,12 @@ fn stream_body(
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut buf = vec![0u8; 256 * 1024];
     let mut done = start;
+    let mut cancelled = false;
     let lost = loop {
+        if opts.cancelled() {
+            cancelled = true;
+            break None;
+        }
         let n = match body.read(&mut buf) {
             Ok(0) => break None,
             Ok(n) => n,
@@ -256,6 +266,11 @@ fn stream_body(
     let file = out
         .into_inner()
         .map_err(|e| DownloadError::io("cannot write", part, e.into_error()))?;
+    if cancelled {
+        return Err(Step::Fatal(DownloadError::Cancelled {
+            url: opts.url.clone(),
+        }));
+    }
     if let Some(e) = lost {
         return Err(Step::Retry(format!(
             "connection lost after {done} bytes: {e}"

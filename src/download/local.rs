@@ -3,19 +3,19 @@
 
 use super::digest::{DigestAlgo, Hasher};
 use super::partial::Scratch;
-use super::{DownloadError, Progress, Transfer};
+use super::{DownloadError, FetchOptions, Progress, Transfer};
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 
 pub(crate) fn copy(
     url: &url::Url,
-    raw_url: &str,
+    opts: &FetchOptions,
     scratch: &Scratch,
     algo: DigestAlgo,
     progress: Progress<'_>,
 ) -> Result<Transfer, DownloadError> {
     let path = url.to_file_path().map_err(|()| DownloadError::BadUrl {
-        url: raw_url.to_string(),
+        url: opts.url.clone(),
         reason: "a file:// URL needs an absolute local path (file:///abs/path)".into(),
     })?;
     let mut src = File::open(&path).map_err(|e| DownloadError::io("cannot open", &path, e))?;
@@ -29,6 +29,14 @@ pub(crate) fn copy(
     let mut done = 0u64;
     progress(0, total);
     loop {
+        if opts.cancelled() {
+            // Nothing to resume for a local copy: drop the partial.
+            drop(out);
+            scratch.clear()?;
+            return Err(DownloadError::Cancelled {
+                url: opts.url.clone(),
+            });
+        }
         let n = src
             .read(&mut buf)
             .map_err(|e| DownloadError::io("cannot read", &path, e))?;

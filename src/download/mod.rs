@@ -20,6 +20,8 @@ pub use unpack::ArchiveKind;
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Progress callback: (bytes so far, total bytes when the server said). Called often; the caller throttles drawing.
@@ -45,6 +47,9 @@ pub struct FetchOptions {
     /// Longest wait for any single read from the server (not for the whole transfer).
     pub read_timeout: Duration,
     pub user_agent: String,
+    /// Set to true (e.g. from a SIGINT handler) to stop the transfer at the next chunk with
+    /// [`DownloadError::Cancelled`]; the partial download is kept for the next run.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl FetchOptions {
@@ -59,7 +64,14 @@ impl FetchOptions {
             connect_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(60),
             user_agent: format!("mpcs/{} (+download stage)", env!("CARGO_PKG_VERSION")),
+            cancel: None,
         }
+    }
+
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
     }
 }
 
@@ -131,7 +143,7 @@ pub fn fetch(
     let scratch = partial::Scratch::new(scratch_dir)?;
     let algo = opts.digest.as_ref().map_or(DigestAlgo::Sha256, |d| d.algo);
     let transfer = if url.scheme() == "file" {
-        local::copy(&url, &opts.url, &scratch, algo, progress)?
+        local::copy(&url, opts, &scratch, algo, progress)?
     } else {
         http::download(opts, &scratch, algo, progress)?
     };

@@ -30,7 +30,7 @@ pub enum DownloadError {
     },
 
     #[error(
-        "GET {url}: {detail} (gave up after {attempts} attempt(s)); the partial download is kept, rerun to resume"
+        "GET {url}: {detail} (gave up after {attempts} attempt(s)); check the network and rerun: bytes already received are kept and resumed"
     )]
     Network {
         url: String,

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cache::journal::{Journal, Record};
@@ -34,7 +35,7 @@ pub struct RunArgs<'a> {
 }
 
 /// `cache_dir` is opened only once the experiment is valid, so a bad file leaves no trace.
-pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel: &AtomicBool) -> Result<i32> {
+pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel: &Arc<AtomicBool>) -> Result<i32> {
     let t0 = Instant::now();
     let (exp, plan) = load(args.experiment, args.sets)?;
     let gpus = devices::discover(&args.devices)?;

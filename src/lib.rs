@@ -8,9 +8,11 @@
 
 pub mod cache;
 pub mod commands;
+pub mod download;
 pub mod error;
 pub mod exec;
 pub mod experiment;
 pub mod lineage;
+pub mod patchify;
 pub mod plan;
 pub mod stages;

@@ -14,7 +14,7 @@ pub mod progress;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -120,7 +120,7 @@ pub fn run(
     cache: &Cache,
     opts: &RunOptions,
     reporter: &dyn Reporter,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
 ) -> Result<RunSummary> {
     let n = plan.nodes.len();
     let mut pool = devices::Pool::new(opts.gpus.clone());
@@ -442,7 +442,7 @@ fn execute_node(
     action: Action,
     inputs: Vec<InputDir>,
     device: DeviceAssignment,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
     processes: &ProcessRegistry,
     reporter: &dyn Reporter,
 ) -> Result<NodeResult> {
@@ -484,6 +484,7 @@ fn execute_node(
         cancel,
         processes,
         progress: &progress,
+        notice: &|msg: &str| reporter.event(Event::Notice(msg)),
     };
     match decl.spec.execute(&ctx) {
         Ok(metrics) => {

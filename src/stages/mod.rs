@@ -2,11 +2,14 @@
 //! key and how it executes. Adding a kind: a file here, a variant in [`StageSpec`], its name in `KINDS`.
 
 pub mod command;
+pub mod download;
+pub mod patchify;
 pub mod source;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -21,6 +24,8 @@ use crate::plan::Node;
 pub enum StageSpec {
     Source(source::SourceSpec),
     Command(command::CommandSpec),
+    Download(download::DownloadSpec),
+    Patchify(patchify::PatchifySpec),
 }
 
 /// One input of a node as its stage sees it.
@@ -64,9 +69,12 @@ pub struct ExecContext<'a> {
     pub scratch: PathBuf,
     pub inputs: Vec<InputDir>,
     pub device: DeviceAssignment,
-    pub cancel: &'a AtomicBool,
+    pub cancel: &'a Arc<AtomicBool>,
     pub processes: &'a ProcessRegistry,
+    /// Reports progress of the node (done, total, message) to the live display.
     pub progress: &'a (dyn Fn(u64, Option<u64>, &str) + Sync),
+    /// Tells the user something once (e.g. how to pin a download's digest).
+    pub notice: &'a (dyn Fn(&str) + Sync),
 }
 
 impl ExecContext<'_> {
@@ -79,15 +87,43 @@ impl ExecContext<'_> {
 #[derive(Debug)]
 pub struct StageFailure(pub String);
 
+impl StageFailure {
+    pub fn new(msg: impl Into<String>) -> Self {
+        StageFailure(msg.into())
+    }
+}
+
+/// The single input directory of a node, or a failure naming the stage kind that needs exactly one.
+pub fn single_input<'a>(ctx: &'a ExecContext<'_>, kind: &str) -> Result<&'a Path, StageFailure> {
+    match ctx.inputs.as_slice() {
+        [one] => Ok(&one.path),
+        other => Err(StageFailure(format!(
+            "a `{kind}` node takes exactly one input, but `{}` has {}; narrow `from` with a selector",
+            ctx.node.id,
+            other.len()
+        ))),
+    }
+}
+
+/// Appends a line to the node's log (built-in stages log what they did, like commands do).
+pub fn log_line(ctx: &ExecContext<'_>, line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(ctx.log) {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
 impl StageSpec {
     /// Every stage kind, for validation and "did you mean".
-    pub const KINDS: &'static [&'static str] = &["source", "command"];
+    pub const KINDS: &'static [&'static str] = &["source", "command", "download", "patchify"];
 
     pub fn parse(kind: &str, table: Spanned<DeValue<'_>>) -> Result<StageSpec, toml::de::Error> {
         let de = toml::de::ValueDeserializer::from(table);
         Ok(match kind {
             "source" => StageSpec::Source(source::SourceSpec::deserialize(de)?),
             "command" => StageSpec::Command(command::CommandSpec::deserialize(de)?),
+            "download" => StageSpec::Download(download::DownloadSpec::deserialize(de)?),
+            "patchify" => StageSpec::Patchify(patchify::PatchifySpec::deserialize(de)?),
             other => return Err(serde::de::Error::custom(format!("unknown stage kind `{other}`"))),
         })
     }
@@ -96,6 +132,8 @@ impl StageSpec {
         match self {
             StageSpec::Source(_) => "source",
             StageSpec::Command(_) => "command",
+            StageSpec::Download(_) => "download",
+            StageSpec::Patchify(_) => "patchify",
         }
     }
 
@@ -104,6 +142,8 @@ impl StageSpec {
         match self {
             StageSpec::Source(_) => source::VERSION,
             StageSpec::Command(_) => command::VERSION,
+            StageSpec::Download(_) => download::VERSION,
+            StageSpec::Patchify(_) => patchify::VERSION,
         }
     }
 
@@ -120,6 +160,8 @@ impl StageSpec {
         match self {
             StageSpec::Source(s) => s.validate(decl, src),
             StageSpec::Command(c) => c.validate(decl, all, src),
+            StageSpec::Download(d) => d.validate(decl, src),
+            StageSpec::Patchify(p) => p.validate(decl, src),
         }
     }
 
@@ -128,6 +170,8 @@ impl StageSpec {
         let mut params = match self {
             StageSpec::Source(s) => s.key_params(),
             StageSpec::Command(c) => c.key_params(node),
+            StageSpec::Download(d) => d.key_params(),
+            StageSpec::Patchify(p) => p.key_params(),
         };
         if !node.matrix.is_empty() {
             let m =
@@ -143,6 +187,8 @@ impl StageSpec {
         match self {
             StageSpec::Source(_) => Err(StageFailure("a source is not executed".into())),
             StageSpec::Command(c) => c.execute(ctx),
+            StageSpec::Download(d) => d.execute(ctx),
+            StageSpec::Patchify(p) => p.execute(ctx),
         }
     }
 }

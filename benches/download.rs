@@ -100,38 +100,25 @@ fn timed(label: &str, mb: f64, f: impl FnOnce()) {
 }
 
 fn main() {
-    let mb: u64 = std::env::var("MPCS_BENCH_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+    let mb: u64 = std::env::var("MPCS_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let src = root.join("blob.bin");
     noise_file(&src, mb << 20, 1);
     let quiet = |_: u64, _: Option<u64>| {};
-    println!(
-        "download bench: {mb} MiB body; peak RSS after setup {:.1} MB",
-        peak_rss_mb().unwrap_or(f64::NAN)
-    );
+    println!("download bench: {mb} MiB body; peak RSS after setup {:.1} MB", peak_rss_mb().unwrap_or(f64::NAN));
 
     for algo in [DigestAlgo::Sha256, DigestAlgo::Blake3] {
         let url = serve(src.clone(), 1);
         let mut opts = FetchOptions::new(url);
         opts.digest = Some(Digest::parse(algo, &hash_file(&src, algo)).unwrap());
         let out = root.join(format!("out-http-{}", algo.name()));
-        timed(
-            &format!("http loopback, pinned {}", algo.name()),
-            mb as f64,
-            || {
-                fetch(&opts, &out, &root.join("scratch"), &quiet).unwrap();
-            },
-        );
+        timed(&format!("http loopback, pinned {}", algo.name()), mb as f64, || {
+            fetch(&opts, &out, &root.join("scratch"), &quiet).unwrap();
+        });
         fs::remove_dir_all(&out).unwrap();
     }
-    println!(
-        "peak RSS after HTTP downloads: {:.1} MB",
-        peak_rss_mb().unwrap_or(f64::NAN)
-    );
+    println!("peak RSS after HTTP downloads: {:.1} MB", peak_rss_mb().unwrap_or(f64::NAN));
 
     let opts = FetchOptions::new(format!("file://{}", src.display()));
     let out = root.join("out-file");
@@ -145,31 +132,22 @@ fn main() {
     let files = ((mb << 20) / (200 << 10)).max(1);
     let tgz = root.join("BreaKHis_v1.tar.gz");
     {
-        let enc =
-            flate2::write::GzEncoder::new(File::create(&tgz).unwrap(), flate2::Compression::fast());
+        let enc = flate2::write::GzEncoder::new(File::create(&tgz).unwrap(), flate2::Compression::fast());
         let mut tar = tar::Builder::new(enc);
         let one = root.join("one.png");
         for i in 0..files {
             noise_file(&one, 200 << 10, i + 7);
             let mag = ["40X", "100X", "200X", "400X"][(i % 4) as usize];
-            tar.append_path_with_name(&one, format!("BreaKHis_v1/benign/{mag}/img{i:05}.png"))
-                .unwrap();
+            tar.append_path_with_name(&one, format!("BreaKHis_v1/benign/{mag}/img{i:05}.png")).unwrap();
         }
         tar.into_inner().unwrap().finish().unwrap();
     }
     let opts = FetchOptions::new(format!("file://{}", tgz.display()));
     let out = root.join("out-tgz");
     let tgz_mb = fs::metadata(&tgz).unwrap().len() as f64 / (1 << 20) as f64;
-    timed(
-        &format!("file:// .tar.gz fetch+unpack, {files} files"),
-        tgz_mb,
-        || {
-            let got = fetch(&opts, &out, &root.join("scratch"), &quiet).unwrap();
-            assert_eq!(got.files.len() as u64, files);
-        },
-    );
-    println!(
-        "peak RSS at end: {:.1} MB",
-        peak_rss_mb().unwrap_or(f64::NAN)
-    );
+    timed(&format!("file:// .tar.gz fetch+unpack, {files} files"), tgz_mb, || {
+        let got = fetch(&opts, &out, &root.join("scratch"), &quiet).unwrap();
+        assert_eq!(got.files.len() as u64, files);
+    });
+    println!("peak RSS at end: {:.1} MB", peak_rss_mb().unwrap_or(f64::NAN));
 }

@@ -165,9 +165,7 @@ pub fn patchify_dir(input: &Path, output: &Path, opts: &PatchOptions) -> Result<
                     let name =
                         if aug == "none" { format!("{stem}_{idx}.png") } else { format!("{stem}_{idx}_{aug}.png") };
                     let path = dir.join(&name);
-                    augmented(&patch, aug)
-                        .save(&path)
-                        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                    augmented(&patch, aug).save(&path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
                     let rel_out = rel.parent().map(|p| p.join(&name)).unwrap_or_else(|| PathBuf::from(&name));
                     recs.push(PatchRecord {
                         file: rel_out.to_string_lossy().replace('\\', "/"),
@@ -240,7 +238,12 @@ mod tests {
 
     #[test]
     fn tissue_fraction_counts_non_white_pixels() {
-        let img = RgbImage::from_fn(4, 1, |x, _| if x == 0 { image::Rgb([200, 100, 180]) } else { image::Rgb([245, 245, 245]) });
+        let img =
+            RgbImage::from_fn(
+                4,
+                1,
+                |x, _| if x == 0 { image::Rgb([200, 100, 180]) } else { image::Rgb([245, 245, 245]) },
+            );
         assert!((tissue_fraction(&img) - 0.25).abs() < 1e-12);
     }
 }

@@ -1,9 +1,7 @@
 //! Download stage tests against a real HTTP/1.1 server on 127.0.0.1 (std::net, started per test, stops by itself),
 //! plus file:// URLs and hand-built hostile archives.
 
-use mpcs::download::{
-    fetch, ArchiveKind, Digest, DownloadError, FetchOptions, PART_NAME, SIDECAR_NAME,
-};
+use mpcs::download::{fetch, ArchiveKind, Digest, DownloadError, FetchOptions, PART_NAME, SIDECAR_NAME};
 use sha2::Digest as _;
 use std::cell::RefCell;
 use std::fs;
@@ -38,10 +36,7 @@ struct Req {
 
 impl Req {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -78,12 +73,8 @@ impl Server {
             cut_sent: Arc::default(),
             stop: Arc::default(),
         };
-        let (cfg, log, cut_sent, stop) = (
-            server.cfg.clone(),
-            server.log.clone(),
-            server.cut_sent.clone(),
-            server.stop.clone(),
-        );
+        let (cfg, log, cut_sent, stop) =
+            (server.cfg.clone(), server.log.clone(), server.cut_sent.clone(), server.stop.clone());
         thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(30);
             let mut served = 0;
@@ -142,20 +133,16 @@ fn handle(
 
     if req.path.starts_with("/redirect") {
         let target = req.path.replacen("/redirect", "", 1);
-        let head = format!(
-            "HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
+        let head =
+            format!("HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         return out.write_all(head.as_bytes());
     }
 
     let mut cfg = cfg.lock().unwrap();
     if cfg.status != 200 {
         let body = b"nope";
-        let head = format!(
-            "HTTP/1.1 {} Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            cfg.status,
-            body.len()
-        );
+        let head =
+            format!("HTTP/1.1 {} Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", cfg.status, body.len());
         out.write_all(head.as_bytes())?;
         return out.write_all(body);
     }
@@ -198,10 +185,7 @@ fn handle(
         cfg.cut_next -= 1;
     }
     let slice = &cfg.body[start..];
-    head.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        slice.len()
-    ));
+    head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", slice.len()));
     out.write_all(head.as_bytes())?;
     if cut {
         let half = slice.len() / 2;
@@ -260,12 +244,7 @@ impl Dirs {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         fs::create_dir_all(root.join("cache")).unwrap();
-        Dirs {
-            out: root.join("cache/out"),
-            scratch: root.join("scratch"),
-            root,
-            _tmp: tmp,
-        }
+        Dirs { out: root.join("cache/out"), scratch: root.join("scratch"), root, _tmp: tmp }
     }
 
     fn part(&self) -> PathBuf {
@@ -280,10 +259,7 @@ impl Dirs {
     fn assert_nothing_kept(&self) {
         assert!(!self.out.exists(), "output directory was left behind");
         let left: Vec<_> = fs::read_dir(self.root.join("cache")).unwrap().collect();
-        assert!(
-            left.is_empty(),
-            "staging left in the output parent: {left:?}"
-        );
+        assert!(left.is_empty(), "staging left in the output parent: {left:?}");
         assert!(!self.part().exists(), "partial download kept");
         assert!(!self.sidecar().exists(), "sidecar kept");
     }
@@ -328,14 +304,8 @@ fn full_transfer_with_pinned_digest_and_progress() {
     assert!(!d.part().exists() && !d.sidecar().exists());
 
     let seen = seen.into_inner();
-    assert_eq!(
-        seen.last(),
-        Some(&(body.len() as u64, Some(body.len() as u64)))
-    );
-    assert!(
-        seen.windows(2).all(|w| w[0].0 <= w[1].0),
-        "progress went backwards"
-    );
+    assert_eq!(seen.last(), Some(&(body.len() as u64, Some(body.len() as u64))));
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "progress went backwards");
 
     let reqs = server.requests();
     assert_eq!(reqs.len(), 1);
@@ -348,18 +318,9 @@ fn unpinned_download_reports_sha256_to_pin() {
     let body = noise(10_000, 2);
     let server = Server::start(body.clone());
     let d = Dirs::new();
-    let got = fetch(
-        &quick(server.url("/x.bin")),
-        &d.out,
-        &d.scratch,
-        &no_progress,
-    )
-    .unwrap();
+    let got = fetch(&quick(server.url("/x.bin")), &d.out, &d.scratch, &no_progress).unwrap();
     assert!(!got.pinned);
-    assert_eq!(
-        got.pin_hint().unwrap(),
-        format!("add sha256 = \"{}\" to pin it", sha256_hex(&body))
-    );
+    assert_eq!(got.pin_hint().unwrap(), format!("add sha256 = \"{}\" to pin it", sha256_hex(&body)));
 }
 
 #[test]
@@ -385,10 +346,7 @@ fn cut_transfer_resumes_with_range_request() {
     let got = fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap();
     let reqs = server.requests();
     assert_eq!(reqs.len(), 2);
-    assert_eq!(
-        reqs[1].header("Range"),
-        Some(format!("bytes={half}-").as_str())
-    );
+    assert_eq!(reqs[1].header("Range"), Some(format!("bytes={half}-").as_str()));
     assert_eq!(reqs[1].header("If-Range"), Some("\"v1\""));
     assert_eq!(got.resumed_from, half);
     assert_eq!(got.bytes, body.len() as u64);
@@ -410,14 +368,8 @@ fn cut_transfer_is_retried_within_one_call() {
     let reqs = server.requests();
     assert_eq!(reqs.len(), 3);
     let cuts = server.cut_sent.lock().unwrap().clone();
-    assert_eq!(
-        reqs[1].header("Range"),
-        Some(format!("bytes={}-", cuts[0]).as_str())
-    );
-    assert_eq!(
-        reqs[2].header("Range"),
-        Some(format!("bytes={}-", cuts[0] + cuts[1]).as_str())
-    );
+    assert_eq!(reqs[1].header("Range"), Some(format!("bytes={}-", cuts[0]).as_str()));
+    assert_eq!(reqs[2].header("Range"), Some(format!("bytes={}-", cuts[0] + cuts[1]).as_str()));
 }
 
 #[test]
@@ -443,10 +395,7 @@ fn cancel_keeps_partial_and_rerun_resumes() {
     flag.store(false, Ordering::SeqCst);
     let got = fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap();
     assert_eq!(got.resumed_from, kept);
-    assert_eq!(
-        server.requests()[1].header("Range"),
-        Some(format!("bytes={kept}-").as_str())
-    );
+    assert_eq!(server.requests()[1].header("Range"), Some(format!("bytes={kept}-").as_str()));
     assert_same(&d.out.join("blob.bin"), &body);
 }
 
@@ -480,10 +429,7 @@ fn server_ignoring_range_restarts_from_zero() {
 
     let got = fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap();
     let reqs = server.requests();
-    assert!(
-        reqs[1].header("Range").is_some(),
-        "the client should have asked to resume"
-    );
+    assert!(reqs[1].header("Range").is_some(), "the client should have asked to resume");
     assert_eq!(got.resumed_from, 0, "a 200 answer must restart, not append");
     assert_same(&d.out.join("blob.bin"), &body);
 }
@@ -563,10 +509,7 @@ fn wrong_digest_is_an_error_that_keeps_nothing() {
     let err = fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, DownloadError::DigestMismatch { .. }), "{msg}");
-    assert!(
-        msg.contains(&wrong) && msg.contains(&sha256_hex(&body)),
-        "{msg}"
-    );
+    assert!(msg.contains(&wrong) && msg.contains(&sha256_hex(&body)), "{msg}");
     d.assert_nothing_kept();
 }
 
@@ -594,14 +537,10 @@ fn known_answer_digests() {
     let src = d.root.join("abc.txt");
     fs::write(&src, b"abc").unwrap();
     let mut opts = quick(file_url(&src));
-    opts.digest = Some(
-        Digest::sha256("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad").unwrap(),
-    );
+    opts.digest = Some(Digest::sha256("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad").unwrap());
     fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap();
     let out2 = d.root.join("cache/out2");
-    opts.digest = Some(
-        Digest::blake3("6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85").unwrap(),
-    );
+    opts.digest = Some(Digest::blake3("6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85").unwrap());
     fetch(&opts, &out2, &d.scratch, &no_progress).unwrap();
 }
 
@@ -615,13 +554,7 @@ fn bad_pinned_digest_text_is_rejected() {
 fn zero_byte_download_is_an_error() {
     let server = Server::start(Vec::new());
     let d = Dirs::new();
-    let err = fetch(
-        &quick(server.url("/empty.bin")),
-        &d.out,
-        &d.scratch,
-        &no_progress,
-    )
-    .unwrap_err();
+    let err = fetch(&quick(server.url("/empty.bin")), &d.out, &d.scratch, &no_progress).unwrap_err();
     assert!(matches!(err, DownloadError::Empty { .. }), "{err}");
     d.assert_nothing_kept();
 }
@@ -635,14 +568,8 @@ fn not_found_names_status_and_url_without_retrying() {
     opts.retries = 3;
     let err = fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        matches!(err, DownloadError::Http { status: 404, .. }),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("404") && msg.contains("/missing.tar.gz"),
-        "{msg}"
-    );
+    assert!(matches!(err, DownloadError::Http { status: 404, .. }), "{msg}");
+    assert!(msg.contains("404") && msg.contains("/missing.tar.gz"), "{msg}");
     assert_eq!(server.requests().len(), 1);
     assert!(!d.out.exists());
 }
@@ -671,22 +598,13 @@ fn connection_refused_is_a_network_error() {
     let mut opts = quick(format!("http://127.0.0.1:{port}/x.bin"));
     opts.retries = 1;
     let err = fetch(&opts, &d.out, &d.scratch, &no_progress).unwrap_err();
-    assert!(
-        matches!(err, DownloadError::Network { attempts: 2, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, DownloadError::Network { attempts: 2, .. }), "{err}");
 }
 
 #[test]
 fn unsupported_scheme_and_nonempty_output_are_refused() {
     let d = Dirs::new();
-    let err = fetch(
-        &quick("ftp://example.org/x".into()),
-        &d.out,
-        &d.scratch,
-        &no_progress,
-    )
-    .unwrap_err();
+    let err = fetch(&quick("ftp://example.org/x".into()), &d.out, &d.scratch, &no_progress).unwrap_err();
     assert!(matches!(err, DownloadError::BadUrl { .. }), "{err}");
 
     fs::create_dir_all(&d.out).unwrap();
@@ -712,13 +630,7 @@ fn file_url_plain_file() {
     assert_eq!(got.digest.hex, sha256_hex(&body));
 
     let d2 = Dirs::new();
-    let err = fetch(
-        &quick(file_url(&d2.root.join("nope"))),
-        &d2.out,
-        &d2.scratch,
-        &no_progress,
-    )
-    .unwrap_err();
+    let err = fetch(&quick(file_url(&d2.root.join("nope"))), &d2.out, &d2.scratch, &no_progress).unwrap_err();
     assert!(err.to_string().contains("nope"), "{err}");
 }
 
@@ -748,21 +660,12 @@ fn tar_bytes(entries: &[E]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for e in entries {
         match e {
-            E::File(n, data) => b
-                .append(
-                    &raw_header(n, tar::EntryType::Regular, data.len() as u64, b""),
-                    *data,
-                )
-                .unwrap(),
-            E::Dir(n) => b
-                .append(&raw_header(n, tar::EntryType::Directory, 0, b""), &[][..])
-                .unwrap(),
-            E::Sym(n, t) => b
-                .append(&raw_header(n, tar::EntryType::Symlink, 0, t), &[][..])
-                .unwrap(),
-            E::Hard(n, t) => b
-                .append(&raw_header(n, tar::EntryType::Link, 0, t), &[][..])
-                .unwrap(),
+            E::File(n, data) => {
+                b.append(&raw_header(n, tar::EntryType::Regular, data.len() as u64, b""), *data).unwrap()
+            }
+            E::Dir(n) => b.append(&raw_header(n, tar::EntryType::Directory, 0, b""), &[][..]).unwrap(),
+            E::Sym(n, t) => b.append(&raw_header(n, tar::EntryType::Symlink, 0, t), &[][..]).unwrap(),
+            E::Hard(n, t) => b.append(&raw_header(n, tar::EntryType::Link, 0, t), &[][..]).unwrap(),
         }
     }
     b.into_inner().unwrap()
@@ -784,10 +687,7 @@ fn assert_refused(name: &str, archive: &[u8], needle: &str) {
     let before = list_tree(&d.root);
     let err = fetch(&quick(file_url(&src)), &d.out, &d.scratch, &no_progress).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        matches!(err, DownloadError::UnsafeEntry { .. }),
-        "{name}: {msg}"
-    );
+    assert!(matches!(err, DownloadError::UnsafeEntry { .. }), "{name}: {msg}");
     assert!(msg.contains(needle), "{name}: `{needle}` not in: {msg}");
     d.assert_nothing_kept();
     let mut after = list_tree(&d.root);
@@ -838,18 +738,10 @@ fn tar_with_symlinks_leaving_the_tree_is_refused() {
     let t = tar_bytes(&[E::Dir(b"a/"), E::Sym(b"a/up", b"../../outside")]);
     assert_refused("sym_rel.tar", &t, "points outside");
     // Each link looks inside on its own; the chain leaves the tree. Only the final real resolution catches it.
-    let t = tar_bytes(&[
-        E::Dir(b"x/"),
-        E::Sym(b"x/d", b".."),
-        E::Sym(b"e", b"x/d/../.."),
-    ]);
+    let t = tar_bytes(&[E::Dir(b"x/"), E::Sym(b"x/d", b".."), E::Sym(b"e", b"x/d/../..")]);
     assert_refused("sym_chain.tar", &t, "outside");
     // A file written through an in-tree symlink that points up.
-    let t = tar_bytes(&[
-        E::Dir(b"x/"),
-        E::Sym(b"x/d", b".."),
-        E::Sym(b"x/d/l", b"../y"),
-    ]);
+    let t = tar_bytes(&[E::Dir(b"x/"), E::Sym(b"x/d", b".."), E::Sym(b"x/d/l", b"../y")]);
     assert_refused("sym_through.tar", &t, "through a symlink");
     let t = tar_bytes(&[E::Hard(b"pw", b"../../../../etc/passwd")]);
     assert_refused("hard.tar", &t, "outside");
@@ -862,8 +754,7 @@ fn zip_with_parent_dir_or_absolute_entry_is_refused() {
     use zip::write::SimpleFileOptions;
     let build = |name: &str| {
         let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        z.start_file("ok.txt", SimpleFileOptions::default())
-            .unwrap();
+        z.start_file("ok.txt", SimpleFileOptions::default()).unwrap();
         z.write_all(b"fine").unwrap();
         z.start_file(name, SimpleFileOptions::default()).unwrap();
         z.write_all(b"gotcha").unwrap();
@@ -875,8 +766,7 @@ fn zip_with_parent_dir_or_absolute_entry_is_refused() {
     assert_refused("abs.zip", &build("/tmp/mpcs_zip_abs_evil"), "absolute");
 
     let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    z.add_symlink("etc", "/etc", SimpleFileOptions::default())
-        .unwrap();
+    z.add_symlink("etc", "/etc", SimpleFileOptions::default()).unwrap();
     let bytes = z.finish().unwrap().into_inner();
     assert_refused("sym.zip", &bytes, "absolute path /etc");
 }
@@ -917,23 +807,11 @@ fn assert_good_tree(out: &Path, files: &[PathBuf]) {
     .map(PathBuf::from)
     .collect();
     assert_eq!(files, expect);
-    assert_eq!(
-        fs::read(out.join("BreaKHis_v1/benign/40X/a.png")).unwrap(),
-        b"png-a"
-    );
-    assert_eq!(
-        fs::read(out.join("BreaKHis_v1/malignant/100X/b.png")).unwrap(),
-        b"png-b"
-    );
-    assert_eq!(
-        fs::read(out.join("BreaKHis_v1/copy.png")).unwrap(),
-        b"png-b"
-    );
+    assert_eq!(fs::read(out.join("BreaKHis_v1/benign/40X/a.png")).unwrap(), b"png-a");
+    assert_eq!(fs::read(out.join("BreaKHis_v1/malignant/100X/b.png")).unwrap(), b"png-b");
+    assert_eq!(fs::read(out.join("BreaKHis_v1/copy.png")).unwrap(), b"png-b");
     assert_eq!(fs::read(out.join("README")).unwrap(), b"readme");
-    assert_eq!(
-        fs::read_link(out.join("BreaKHis_v1/latest")).unwrap(),
-        PathBuf::from("benign/40X/a.png")
-    );
+    assert_eq!(fs::read_link(out.join("BreaKHis_v1/latest")).unwrap(), PathBuf::from("benign/40X/a.png"));
     assert_eq!(fs::read(out.join("BreaKHis_v1/latest")).unwrap(), b"png-a");
 }
 
@@ -963,23 +841,19 @@ fn good_tar_and_zip_by_file_url() {
     assert_good_tree(&d.out, &got.files);
 
     use zip::write::SimpleFileOptions;
-    let deflated =
-        SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    let deflated = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
     let stored = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     z.add_directory("BreaKHis_v1/", stored).unwrap();
-    z.start_file("BreaKHis_v1/benign/40X/a.png", deflated)
-        .unwrap();
+    z.start_file("BreaKHis_v1/benign/40X/a.png", deflated).unwrap();
     z.write_all(b"png-a").unwrap();
-    z.start_file("BreaKHis_v1/malignant/100X/b.png", stored)
-        .unwrap();
+    z.start_file("BreaKHis_v1/malignant/100X/b.png", stored).unwrap();
     z.write_all(b"png-b").unwrap();
     z.start_file("BreaKHis_v1/copy.png", deflated).unwrap();
     z.write_all(b"png-b").unwrap();
     z.start_file("README", deflated).unwrap();
     z.write_all(b"readme").unwrap();
-    z.add_symlink("BreaKHis_v1/latest", "benign/40X/a.png", stored)
-        .unwrap();
+    z.add_symlink("BreaKHis_v1/latest", "benign/40X/a.png", stored).unwrap();
     let zip_bytes = z.finish().unwrap().into_inner();
     let src = d.root.join("tree.zip");
     fs::write(&src, &zip_bytes).unwrap();

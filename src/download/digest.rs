@@ -30,11 +30,7 @@ impl Digest {
     /// Parse a pinned digest; accepts upper or lower case hex, stores lower case.
     pub fn parse(algo: DigestAlgo, value: &str) -> Result<Digest, DownloadError> {
         let hex = value.trim().to_ascii_lowercase();
-        let bad = |reason: String| DownloadError::BadDigest {
-            algo: algo.name(),
-            value: value.to_string(),
-            reason,
-        };
+        let bad = |reason: String| DownloadError::BadDigest { algo: algo.name(), value: value.to_string(), reason };
         if hex.len() != 64 {
             return Err(bad(format!("it has {} characters", hex.len())));
         }

@@ -8,11 +8,7 @@ pub enum DownloadError {
     BadUrl { url: String, reason: String },
 
     #[error("bad pinned {algo} digest `{value}`: {reason}; it must be 64 hex characters")]
-    BadDigest {
-        algo: &'static str,
-        value: String,
-        reason: String,
-    },
+    BadDigest { algo: &'static str, value: String, reason: String },
 
     #[error(
         "cannot tell which file name to store `{url}` under (the URL path has no last segment); set `filename = \"...\"`"
@@ -23,20 +19,12 @@ pub enum DownloadError {
     BadFileName { name: String, reason: String },
 
     #[error("GET {url}: HTTP {status} {reason}; check the URL (and that the file is still published there)")]
-    Http {
-        url: String,
-        status: u16,
-        reason: String,
-    },
+    Http { url: String, status: u16, reason: String },
 
     #[error(
         "GET {url}: {detail} (gave up after {attempts} attempt(s)); check the network and rerun: bytes already received are kept and resumed"
     )]
-    Network {
-        url: String,
-        attempts: u32,
-        detail: String,
-    },
+    Network { url: String, attempts: u32, detail: String },
 
     #[error("{what} {path}: {source}")]
     Io {
@@ -50,13 +38,7 @@ pub enum DownloadError {
         "{url}: {algo} mismatch: expected {expected}, got {got} ({bytes} bytes); nothing was kept. \
          The remote file changed or the pinned digest is wrong: check the source, then update or remove `{algo} = ...`"
     )]
-    DigestMismatch {
-        url: String,
-        algo: &'static str,
-        expected: String,
-        got: String,
-        bytes: u64,
-    },
+    DigestMismatch { url: String, algo: &'static str, expected: String, got: String, bytes: u64 },
 
     #[error("{url}: the download is empty (0 bytes); nothing was kept. Check the URL")]
     Empty { url: String },
@@ -64,11 +46,7 @@ pub enum DownloadError {
     #[error(
         "{archive}: refusing entry `{entry}`: {reason}; nothing was unpacked. The archive is unsafe: get it from a trusted source"
     )]
-    UnsafeEntry {
-        archive: String,
-        entry: String,
-        reason: String,
-    },
+    UnsafeEntry { archive: String, entry: String, reason: String },
 
     #[error("{archive}: cannot unpack: {reason}; nothing was unpacked. Re-download it, or set `unpack = false`")]
     BadArchive { archive: String, reason: String },
@@ -82,10 +60,6 @@ pub enum DownloadError {
 
 impl DownloadError {
     pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DownloadError::Io {
-            what,
-            path: path.into(),
-            source,
-        }
+        DownloadError::Io { what, path: path.into(), source }
     }
 }

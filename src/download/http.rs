@@ -45,9 +45,7 @@ pub(crate) fn download(
     let mut first_offset = None;
     loop {
         if opts.cancelled() {
-            return Err(DownloadError::Cancelled {
-                url: opts.url.clone(),
-            });
+            return Err(DownloadError::Cancelled { url: opts.url.clone() });
         }
         match attempt_once(&agent, opts, scratch, algo, progress, &mut first_offset) {
             Ok(mut t) => {
@@ -69,16 +67,9 @@ pub(crate) fn download(
             }
             Err(Step::Retry(detail)) => {
                 if attempt > opts.retries {
-                    return Err(DownloadError::Network {
-                        url: opts.url.clone(),
-                        attempts: attempt,
-                        detail,
-                    });
+                    return Err(DownloadError::Network { url: opts.url.clone(), attempts: attempt, detail });
                 }
-                let delay = opts
-                    .retry_delay
-                    .saturating_mul(1u32 << (attempt - 1).min(16))
-                    .min(MAX_BACKOFF);
+                let delay = opts.retry_delay.saturating_mul(1u32 << (attempt - 1).min(16)).min(MAX_BACKOFF);
                 tracing::warn!(url = %opts.url, attempt, ?delay, "download interrupted, will resume: {detail}");
                 std::thread::sleep(delay);
                 attempt += 1;
@@ -97,9 +88,7 @@ fn attempt_once(
 ) -> Result<Transfer, Step> {
     let url = &opts.url;
     // Resume only a partial of this very URL whose remote version we can check with If-Range.
-    let previous = scratch
-        .load()
-        .filter(|s| s.url == *url && s.validator().is_some());
+    let previous = scratch.load().filter(|s| s.url == *url && s.validator().is_some());
     let have = match &previous {
         Some(_) => scratch.part_len(),
         None => 0,
@@ -111,9 +100,7 @@ fn attempt_once(
     let mut request = agent.get(url);
     if let (Some(prev), true) = (&previous, have > 0) {
         let validator = prev.validator().unwrap_or_default();
-        request = request
-            .set("Range", &format!("bytes={have}-"))
-            .set("If-Range", validator);
+        request = request.set("Range", &format!("bytes={have}-")).set("If-Range", validator);
     }
     let response = match request.call() {
         Ok(r) => r,
@@ -125,35 +112,24 @@ fn attempt_once(
                 *first_offset = first_offset.or(Some(have));
                 return finish_existing(scratch, algo, have, progress);
             }
-            return Err(Step::Restart(format!(
-                "server answered 416 to bytes={have}- (remote size {total:?})"
-            )));
+            return Err(Step::Restart(format!("server answered 416 to bytes={have}- (remote size {total:?})")));
         }
         Err(ureq::Error::Status(code, r)) => {
             let reason = r.status_text().to_string();
             if matches!(code, 408 | 429 | 500 | 502 | 503 | 504) {
                 return Err(Step::Retry(format!("HTTP {code} {reason}")));
             }
-            return Err(Step::Fatal(DownloadError::Http {
-                url: url.clone(),
-                status: code,
-                reason,
-            }));
+            return Err(Step::Fatal(DownloadError::Http { url: url.clone(), status: code, reason }));
         }
         Err(ureq::Error::Transport(t)) => {
             use ureq::ErrorKind::*;
             return Err(match t.kind() {
                 InvalidUrl | UnknownScheme | InsecureRequestHttpsOnly | InvalidProxyUrl => {
-                    Step::Fatal(DownloadError::BadUrl {
-                        url: url.clone(),
-                        reason: t.to_string(),
-                    })
+                    Step::Fatal(DownloadError::BadUrl { url: url.clone(), reason: t.to_string() })
                 }
-                TooManyRedirects | ProxyUnauthorized => Step::Fatal(DownloadError::Network {
-                    url: url.clone(),
-                    attempts: 1,
-                    detail: t.to_string(),
-                }),
+                TooManyRedirects | ProxyUnauthorized => {
+                    Step::Fatal(DownloadError::Network { url: url.clone(), attempts: 1, detail: t.to_string() })
+                }
                 _ => Step::Retry(t.to_string()),
             });
         }
@@ -164,25 +140,19 @@ fn attempt_once(
     let status = response.status();
     let (file, hasher, start, total) = match status {
         206 if have > 0 => {
-            let range = response
-                .header("Content-Range")
-                .and_then(parse_content_range);
+            let range = response.header("Content-Range").and_then(parse_content_range);
             let Some((start, total)) = range else {
                 return Err(Step::Restart("206 without a usable Content-Range".into()));
             };
             if start != have {
-                return Err(Step::Restart(format!(
-                    "asked for bytes={have}- but got a range starting at {start}"
-                )));
+                return Err(Step::Restart(format!("asked for bytes={have}- but got a range starting at {start}")));
             }
             // If-Range already made the server compare; checking the ETag again costs nothing and also catches a
             // server that ignores If-Range.
             let old_etag = previous.as_ref().and_then(|p| p.etag.as_deref());
             if let (Some(old), Some(new)) = (old_etag, etag.as_deref()) {
                 if old != new {
-                    return Err(Step::Restart(format!(
-                        "remote file changed (ETag {old} -> {new})"
-                    )));
+                    return Err(Step::Restart(format!("remote file changed (ETag {old} -> {new})")));
                 }
             }
             let hasher = hash_prefix(scratch, algo)?;
@@ -196,11 +166,8 @@ fn attempt_once(
             // Fresh start, or the server ignored our Range / the If-Range validator failed: the body is the whole
             // file, so the old bytes must go. Sidecar first, so a crash never pairs old validators with new bytes.
             scratch.clear()?;
-            let file = File::create(&scratch.part)
-                .map_err(|e| DownloadError::io("cannot create", &scratch.part, e))?;
-            let total = response
-                .header("Content-Length")
-                .and_then(|v| v.trim().parse().ok());
+            let file = File::create(&scratch.part).map_err(|e| DownloadError::io("cannot create", &scratch.part, e))?;
+            let total = response.header("Content-Length").and_then(|v| v.trim().parse().ok());
             (file, Hasher::new(algo), 0, total)
         }
         _ => {
@@ -212,23 +179,9 @@ fn attempt_once(
         }
     };
     *first_offset = first_offset.or(Some(start));
-    scratch.save(&Sidecar {
-        url: url.clone(),
-        etag,
-        last_modified,
-        total,
-        bytes: start,
-    })?;
+    scratch.save(&Sidecar { url: url.clone(), etag, last_modified, total, bytes: start })?;
     progress(start, total);
-    stream_body(
-        response.into_reader(),
-        file,
-        hasher,
-        (start, total),
-        opts,
-        scratch,
-        progress,
-    )
+    stream_body(response.into_reader(), file, hasher, (start, total), opts, scratch, progress)
 }
 
 /// Append the body to the part file while hashing it. A read error keeps what arrived (flushed) and asks for a retry.
@@ -257,61 +210,38 @@ fn stream_body(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => break Some(e.to_string()),
         };
-        out.write_all(&buf[..n])
-            .map_err(|e| DownloadError::io("cannot write", part, e))?;
+        out.write_all(&buf[..n]).map_err(|e| DownloadError::io("cannot write", part, e))?;
         hasher.update(&buf[..n]);
         done += n as u64;
         progress(done, total);
     };
-    let file = out
-        .into_inner()
-        .map_err(|e| DownloadError::io("cannot write", part, e.into_error()))?;
+    let file = out.into_inner().map_err(|e| DownloadError::io("cannot write", part, e.into_error()))?;
     if cancelled {
-        return Err(Step::Fatal(DownloadError::Cancelled {
-            url: opts.url.clone(),
-        }));
+        return Err(Step::Fatal(DownloadError::Cancelled { url: opts.url.clone() }));
     }
     if let Some(e) = lost {
-        return Err(Step::Retry(format!(
-            "connection lost after {done} bytes: {e}"
-        )));
+        return Err(Step::Retry(format!("connection lost after {done} bytes: {e}")));
     }
     match total {
-        Some(t) if done < t => {
-            return Err(Step::Retry(format!(
-                "connection closed after {done} of {t} bytes"
-            )))
-        }
-        Some(t) if done > t => {
-            return Err(Step::Restart(format!(
-                "server sent {done} bytes but announced {t}"
-            )))
-        }
+        Some(t) if done < t => return Err(Step::Retry(format!("connection closed after {done} of {t} bytes"))),
+        Some(t) if done > t => return Err(Step::Restart(format!("server sent {done} bytes but announced {t}"))),
         _ => {}
     }
-    file.sync_all()
-        .map_err(|e| DownloadError::io("cannot sync", part, e))?;
+    file.sync_all().map_err(|e| DownloadError::io("cannot sync", part, e))?;
     if let Some(mut s) = scratch.load() {
         s.bytes = done;
         scratch.save(&s)?;
     }
-    Ok(Transfer {
-        bytes: done,
-        hex: hasher.finish(),
-        resumed_from: 0,
-    })
+    Ok(Transfer { bytes: done, hex: hasher.finish(), resumed_from: 0 })
 }
 
 /// Hash the bytes already in the part file, so the digest covers the whole file without a second pass at the end.
 fn hash_prefix(scratch: &Scratch, algo: DigestAlgo) -> Result<Hasher, DownloadError> {
     let mut hasher = Hasher::new(algo);
-    let mut file = File::open(&scratch.part)
-        .map_err(|e| DownloadError::io("cannot open", &scratch.part, e))?;
+    let mut file = File::open(&scratch.part).map_err(|e| DownloadError::io("cannot open", &scratch.part, e))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| DownloadError::io("cannot read", &scratch.part, e))?;
+        let n = file.read(&mut buf).map_err(|e| DownloadError::io("cannot read", &scratch.part, e))?;
         if n == 0 {
             return Ok(hasher);
         }
@@ -319,19 +249,10 @@ fn hash_prefix(scratch: &Scratch, algo: DigestAlgo) -> Result<Hasher, DownloadEr
     }
 }
 
-fn finish_existing(
-    scratch: &Scratch,
-    algo: DigestAlgo,
-    have: u64,
-    progress: Progress<'_>,
-) -> Result<Transfer, Step> {
+fn finish_existing(scratch: &Scratch, algo: DigestAlgo, have: u64, progress: Progress<'_>) -> Result<Transfer, Step> {
     let hasher = hash_prefix(scratch, algo)?;
     progress(have, Some(have));
-    Ok(Transfer {
-        bytes: have,
-        hex: hasher.finish(),
-        resumed_from: 0,
-    })
+    Ok(Transfer { bytes: have, hex: hasher.finish(), resumed_from: 0 })
 }
 
 /// `bytes START-END/TOTAL` or `bytes START-END/*` -> (START, TOTAL if known).
@@ -362,10 +283,7 @@ mod tests {
 
     #[test]
     fn content_range_forms() {
-        assert_eq!(
-            parse_content_range("bytes 100-199/200"),
-            Some((100, Some(200)))
-        );
+        assert_eq!(parse_content_range("bytes 100-199/200"), Some((100, Some(200))));
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
         assert_eq!(parse_content_range("bytes 9-5/10"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);

@@ -21,8 +21,7 @@ pub(crate) fn copy(
     let mut src = File::open(&path).map_err(|e| DownloadError::io("cannot open", &path, e))?;
     let total = src.metadata().ok().map(|m| m.len());
     scratch.clear()?;
-    let file = File::create(&scratch.part)
-        .map_err(|e| DownloadError::io("cannot create", &scratch.part, e))?;
+    let file = File::create(&scratch.part).map_err(|e| DownloadError::io("cannot create", &scratch.part, e))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut hasher = Hasher::new(algo);
     let mut buf = vec![0u8; 1 << 20];
@@ -33,27 +32,17 @@ pub(crate) fn copy(
             // Nothing to resume for a local copy: drop the partial.
             drop(out);
             scratch.clear()?;
-            return Err(DownloadError::Cancelled {
-                url: opts.url.clone(),
-            });
+            return Err(DownloadError::Cancelled { url: opts.url.clone() });
         }
-        let n = src
-            .read(&mut buf)
-            .map_err(|e| DownloadError::io("cannot read", &path, e))?;
+        let n = src.read(&mut buf).map_err(|e| DownloadError::io("cannot read", &path, e))?;
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n])
-            .map_err(|e| DownloadError::io("cannot write", &scratch.part, e))?;
+        out.write_all(&buf[..n]).map_err(|e| DownloadError::io("cannot write", &scratch.part, e))?;
         hasher.update(&buf[..n]);
         done += n as u64;
         progress(done, total);
     }
-    out.flush()
-        .map_err(|e| DownloadError::io("cannot write", &scratch.part, e))?;
-    Ok(Transfer {
-        bytes: done,
-        hex: hasher.finish(),
-        resumed_from: 0,
-    })
+    out.flush().map_err(|e| DownloadError::io("cannot write", &scratch.part, e))?;
+    Ok(Transfer { bytes: done, hex: hasher.finish(), resumed_from: 0 })
 }

@@ -69,9 +69,7 @@ impl FetchOptions {
     }
 
     pub(crate) fn cancelled(&self) -> bool {
-        self.cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::Relaxed))
+        self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
     }
 }
 
@@ -95,13 +93,7 @@ pub struct Fetched {
 impl Fetched {
     /// For an unpinned download, the line to show the user: `add sha256 = "<hex>" to pin it`.
     pub fn pin_hint(&self) -> Option<String> {
-        (!self.pinned).then(|| {
-            format!(
-                "add {} = \"{}\" to pin it",
-                self.digest.algo.name(),
-                self.digest.hex
-            )
-        })
+        (!self.pinned).then(|| format!("add {} = \"{}\" to pin it", self.digest.algo.name(), self.digest.hex))
     }
 }
 
@@ -121,10 +113,8 @@ pub fn fetch(
     scratch_dir: &Path,
     progress: Progress<'_>,
 ) -> Result<Fetched, DownloadError> {
-    let url = url::Url::parse(&opts.url).map_err(|e| DownloadError::BadUrl {
-        url: opts.url.clone(),
-        reason: e.to_string(),
-    })?;
+    let url = url::Url::parse(&opts.url)
+        .map_err(|e| DownloadError::BadUrl { url: opts.url.clone(), reason: e.to_string() })?;
     if !matches!(url.scheme(), "http" | "https" | "file") {
         return Err(DownloadError::BadUrl {
             url: opts.url.clone(),
@@ -133,9 +123,7 @@ pub fn fetch(
     }
     let name = match &opts.filename {
         Some(n) => n.clone(),
-        None => file_name_from_url(&url).ok_or_else(|| DownloadError::NoFileName {
-            url: opts.url.clone(),
-        })?,
+        None => file_name_from_url(&url).ok_or_else(|| DownloadError::NoFileName { url: opts.url.clone() })?,
     };
     check_file_name(&name)?;
     check_output_free(out_dir)?;
@@ -150,9 +138,7 @@ pub fn fetch(
 
     if transfer.bytes == 0 {
         scratch.clear()?;
-        return Err(DownloadError::Empty {
-            url: opts.url.clone(),
-        });
+        return Err(DownloadError::Empty { url: opts.url.clone() });
     }
     if let Some(expected) = &opts.digest {
         if expected.hex != transfer.hex {
@@ -170,15 +156,14 @@ pub fn fetch(
     let kind = match opts.unpack {
         Some(false) => None,
         None => ArchiveKind::from_name(&name),
-        Some(true) => Some(
-            ArchiveKind::from_name(&name)
-                .or_else(|| ArchiveKind::sniff(&scratch.part))
-                .ok_or_else(|| DownloadError::BadArchive {
+        Some(true) => {
+            Some(ArchiveKind::from_name(&name).or_else(|| ArchiveKind::sniff(&scratch.part)).ok_or_else(|| {
+                DownloadError::BadArchive {
                     archive: name.clone(),
-                    reason: "unpack = true but it is not a .tar.gz, .tgz, .tar or .zip archive"
-                        .into(),
-                })?,
-        ),
+                    reason: "unpack = true but it is not a .tar.gz, .tgz, .tar or .zip archive".into(),
+                }
+            })?)
+        }
     };
 
     let staging = staging_dir(out_dir)?;
@@ -189,10 +174,7 @@ pub fn fetch(
     if let Err(e) = placed {
         let _ = fs::remove_dir_all(&staging);
         // A refused or corrupt archive is of no further use; a disk error is worth resuming from after cleanup.
-        if matches!(
-            e,
-            DownloadError::UnsafeEntry { .. } | DownloadError::BadArchive { .. }
-        ) {
+        if matches!(e, DownloadError::UnsafeEntry { .. } | DownloadError::BadArchive { .. }) {
             scratch.clear()?;
         }
         return Err(e);
@@ -208,10 +190,7 @@ pub fn fetch(
     files.sort();
     Ok(Fetched {
         files,
-        digest: Digest {
-            algo,
-            hex: transfer.hex,
-        },
+        digest: Digest { algo, hex: transfer.hex },
         pinned: opts.digest.is_some(),
         bytes: transfer.bytes,
         resumed_from: transfer.resumed_from,
@@ -245,10 +224,7 @@ pub(crate) fn percent_decode(s: &str) -> String {
 }
 
 fn check_file_name(name: &str) -> Result<(), DownloadError> {
-    let bad = |reason: &str| DownloadError::BadFileName {
-        name: name.to_string(),
-        reason: reason.to_string(),
-    };
+    let bad = |reason: &str| DownloadError::BadFileName { name: name.to_string(), reason: reason.to_string() };
     if name.is_empty() || name == "." || name == ".." {
         return Err(bad("it is empty or a directory name"));
     }
@@ -262,16 +238,10 @@ fn check_output_free(out_dir: &Path) -> Result<(), DownloadError> {
     match fs::read_dir(out_dir) {
         Ok(mut entries) => match entries.next() {
             None => Ok(()),
-            Some(_) => Err(DownloadError::OutputNotEmpty {
-                path: out_dir.to_path_buf(),
-            }),
+            Some(_) => Err(DownloadError::OutputNotEmpty { path: out_dir.to_path_buf() }),
         },
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DownloadError::io(
-            "cannot read output directory",
-            out_dir,
-            e,
-        )),
+        Err(e) => Err(DownloadError::io("cannot read output directory", out_dir, e)),
     }
 }
 
@@ -281,20 +251,14 @@ fn staging_dir(out_dir: &Path) -> Result<PathBuf, DownloadError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    fs::create_dir_all(&parent)
-        .map_err(|e| DownloadError::io("cannot create directory", &parent, e))?;
-    let base = out_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
+    fs::create_dir_all(&parent).map_err(|e| DownloadError::io("cannot create directory", &parent, e))?;
+    let base = out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     let staging = parent.join(format!(".{base}.unpacking-{}", std::process::id()));
     // Left by an earlier crash of a process with the same id: it is ours to reuse.
     if staging.exists() {
-        fs::remove_dir_all(&staging)
-            .map_err(|e| DownloadError::io("cannot remove", &staging, e))?;
+        fs::remove_dir_all(&staging).map_err(|e| DownloadError::io("cannot remove", &staging, e))?;
     }
-    fs::create_dir(&staging)
-        .map_err(|e| DownloadError::io("cannot create directory", &staging, e))?;
+    fs::create_dir(&staging).map_err(|e| DownloadError::io("cannot create directory", &staging, e))?;
     Ok(staging)
 }
 
@@ -315,16 +279,9 @@ fn commit(staging: &Path, out_dir: &Path) -> Result<(), DownloadError> {
     match fs::remove_dir(out_dir) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(DownloadError::io(
-                "cannot replace output directory",
-                out_dir,
-                e,
-            ))
-        }
+        Err(e) => return Err(DownloadError::io("cannot replace output directory", out_dir, e)),
     }
-    fs::rename(staging, out_dir)
-        .map_err(|e| DownloadError::io("cannot rename into place", out_dir, e))
+    fs::rename(staging, out_dir).map_err(|e| DownloadError::io("cannot rename into place", out_dir, e))
 }
 
 fn list_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), DownloadError> {
@@ -332,9 +289,7 @@ fn list_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), Dow
     let entries = fs::read_dir(&dir).map_err(|e| DownloadError::io("cannot list", &dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| DownloadError::io("cannot list", &dir, e))?;
-        let kind = entry
-            .file_type()
-            .map_err(|e| DownloadError::io("cannot stat", entry.path(), e))?;
+        let kind = entry.file_type().map_err(|e| DownloadError::io("cannot stat", entry.path(), e))?;
         let child = rel.join(entry.file_name());
         if kind.is_dir() {
             list_files(root, &child, out)?;
@@ -352,10 +307,7 @@ mod tests {
     #[test]
     fn names_from_urls() {
         let u = url::Url::parse("https://example.org/data/BreaKHis%20v1.tar.gz?x=1#f").unwrap();
-        assert_eq!(
-            file_name_from_url(&u).as_deref(),
-            Some("BreaKHis v1.tar.gz")
-        );
+        assert_eq!(file_name_from_url(&u).as_deref(), Some("BreaKHis v1.tar.gz"));
         let u = url::Url::parse("https://example.org/").unwrap();
         assert_eq!(file_name_from_url(&u), None);
         assert_eq!(percent_decode("a%2"), "a%2");

@@ -40,12 +40,8 @@ pub(crate) struct Scratch {
 
 impl Scratch {
     pub(crate) fn new(dir: &Path) -> Result<Scratch, DownloadError> {
-        fs::create_dir_all(dir)
-            .map_err(|e| DownloadError::io("cannot create scratch directory", dir, e))?;
-        Ok(Scratch {
-            part: dir.join(PART_NAME),
-            sidecar: dir.join(SIDECAR_NAME),
-        })
+        fs::create_dir_all(dir).map_err(|e| DownloadError::io("cannot create scratch directory", dir, e))?;
+        Ok(Scratch { part: dir.join(PART_NAME), sidecar: dir.join(SIDECAR_NAME) })
     }
 
     /// The sidecar, or None when missing or unreadable (an unreadable one just means "start from zero").
@@ -59,8 +55,7 @@ impl Scratch {
         let tmp = self.sidecar.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(sidecar).expect("sidecar serialises");
         fs::write(&tmp, text).map_err(|e| DownloadError::io("cannot write", &tmp, e))?;
-        fs::rename(&tmp, &self.sidecar)
-            .map_err(|e| DownloadError::io("cannot rename into place", &self.sidecar, e))
+        fs::rename(&tmp, &self.sidecar).map_err(|e| DownloadError::io("cannot rename into place", &self.sidecar, e))
     }
 
     pub(crate) fn part_len(&self) -> u64 {

@@ -61,15 +61,9 @@ impl ArchiveKind {
 /// unpacks into a temporary directory and deletes it on failure.
 pub(crate) fn unpack(kind: ArchiveKind, archive: &Path, dest: &Path) -> Result<(), DownloadError> {
     let file = File::open(archive).map_err(|e| DownloadError::io("cannot open", archive, e))?;
-    let mut ctx = Unpacker {
-        archive: archive.display().to_string(),
-        dest: dest.to_path_buf(),
-        symlinks: Vec::new(),
-    };
+    let mut ctx = Unpacker { archive: archive.display().to_string(), dest: dest.to_path_buf(), symlinks: Vec::new() };
     match kind {
-        ArchiveKind::TarGz => ctx.tar(tar::Archive::new(flate2::read::GzDecoder::new(
-            io::BufReader::new(file),
-        )))?,
+        ArchiveKind::TarGz => ctx.tar(tar::Archive::new(flate2::read::GzDecoder::new(io::BufReader::new(file))))?,
         ArchiveKind::Tar => ctx.tar(tar::Archive::new(io::BufReader::new(file)))?,
         ArchiveKind::Zip => ctx.zip(file)?,
     }
@@ -93,10 +87,7 @@ impl Unpacker {
     }
 
     fn bad(&self, reason: impl std::fmt::Display) -> DownloadError {
-        DownloadError::BadArchive {
-            archive: self.archive.clone(),
-            reason: reason.to_string(),
-        }
+        DownloadError::BadArchive { archive: self.archive.clone(), reason: reason.to_string() }
     }
 
     /// The entry's path relative to dest, or the reason it is refused. `None` means the archive root itself (`./`).
@@ -106,12 +97,8 @@ impl Unpacker {
             match c {
                 Component::Normal(p) => rel.push(p),
                 Component::CurDir => {}
-                Component::ParentDir => {
-                    return Err(self.unsafe_entry(raw, "its path contains `..`"))
-                }
-                Component::RootDir | Component::Prefix(_) => {
-                    return Err(self.unsafe_entry(raw, "its path is absolute"))
-                }
+                Component::ParentDir => return Err(self.unsafe_entry(raw, "its path contains `..`")),
+                Component::RootDir | Component::Prefix(_) => return Err(self.unsafe_entry(raw, "its path is absolute")),
             }
         }
         Ok((!rel.as_os_str().is_empty()).then_some(rel))
@@ -125,8 +112,7 @@ impl Unpacker {
     fn file(&self, rel: &Path, data: &mut dyn Read) -> Result<(), DownloadError> {
         let path = self.dest.join(rel);
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)
-                .map_err(|e| DownloadError::io("cannot create directory", parent, e))?;
+            fs::create_dir_all(parent).map_err(|e| DownloadError::io("cannot create directory", parent, e))?;
         }
         // A repeated name replaces the earlier entry (tar semantics); removing first also unshares a hard link.
         if let Ok(meta) = fs::symlink_metadata(&path) {
@@ -135,13 +121,12 @@ impl Unpacker {
             }
             let _ = fs::remove_file(&path);
         }
-        let mut out =
-            File::create(&path).map_err(|e| DownloadError::io("cannot create", &path, e))?;
+        let mut out = File::create(&path).map_err(|e| DownloadError::io("cannot create", &path, e))?;
         io::copy(data, &mut out).map_err(|e| match e.kind() {
             // Reading the entry failed: a corrupt or truncated archive rather than a disk problem.
-            io::ErrorKind::InvalidData
-            | io::ErrorKind::UnexpectedEof
-            | io::ErrorKind::InvalidInput => self.bad(format!("{}: {e}", rel.display())),
+            io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidInput => {
+                self.bad(format!("{}: {e}", rel.display()))
+            }
             _ => DownloadError::io("cannot write", &path, e),
         })?;
         Ok(())
@@ -150,10 +135,7 @@ impl Unpacker {
     /// Queue a symlink after checking that its target, taken relative to the link's directory, stays in the tree.
     fn queue_symlink(&mut self, rel: PathBuf, target: PathBuf) -> Result<(), DownloadError> {
         if target.is_absolute() {
-            return Err(self.unsafe_entry(
-                &rel,
-                format!("symlink to the absolute path {}", target.display()),
-            ));
+            return Err(self.unsafe_entry(&rel, format!("symlink to the absolute path {}", target.display())));
         }
         let mut depth = rel.parent().map_or(0, |p| p.components().count());
         for c in target.components() {
@@ -162,10 +144,9 @@ impl Unpacker {
                 Component::CurDir => {}
                 Component::ParentDir if depth > 0 => depth -= 1,
                 _ => {
-                    return Err(self.unsafe_entry(
-                        &rel,
-                        format!("symlink to {} points outside the archive", target.display()),
-                    ))
+                    return Err(
+                        self.unsafe_entry(&rel, format!("symlink to {} points outside the archive", target.display()))
+                    )
                 }
             }
         }
@@ -176,13 +157,7 @@ impl Unpacker {
     /// A hard link to an entry already unpacked; its target is a path from the archive root.
     fn hardlink(&self, rel: &Path, target: &Path) -> Result<(), DownloadError> {
         let Some(target_rel) = self.relative(target).map_err(|_| {
-            self.unsafe_entry(
-                rel,
-                format!(
-                    "hard link to {} points outside the archive",
-                    target.display()
-                ),
-            )
+            self.unsafe_entry(rel, format!("hard link to {} points outside the archive", target.display()))
         })?
         else {
             return Err(self.unsafe_entry(rel, "hard link to the archive root"));
@@ -200,8 +175,7 @@ impl Unpacker {
         }
         let path = self.dest.join(rel);
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)
-                .map_err(|e| DownloadError::io("cannot create directory", parent, e))?;
+            fs::create_dir_all(parent).map_err(|e| DownloadError::io("cannot create directory", parent, e))?;
         }
         let _ = fs::remove_file(&path);
         fs::hard_link(&source, &path).map_err(|e| DownloadError::io("cannot hard-link", path, e))
@@ -215,41 +189,27 @@ impl Unpacker {
             let raw = entry.path().map_err(|e| self.bad(e))?.into_owned();
             let kind = entry.header().entry_type();
             // Metadata records (pax, GNU long names) are folded into the next entry by the tar crate; skip leftovers.
-            if matches!(
-                kind,
-                T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink
-            ) {
+            if matches!(kind, T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink) {
                 continue;
             }
             let rel = self.relative(&raw)?;
             match (kind, rel) {
                 (T::Directory, None) => {}
                 (T::Directory, Some(rel)) => self.dir(&rel)?,
-                (_, None) => {
-                    return Err(
-                        self.unsafe_entry(&raw, "a non-directory entry names the archive root")
-                    )
-                }
-                (T::Regular | T::Continuous | T::GNUSparse, Some(rel)) => {
-                    self.file(&rel, &mut entry)?
-                }
+                (_, None) => return Err(self.unsafe_entry(&raw, "a non-directory entry names the archive root")),
+                (T::Regular | T::Continuous | T::GNUSparse, Some(rel)) => self.file(&rel, &mut entry)?,
                 (T::Symlink, Some(rel)) => {
                     let target = entry.link_name().map_err(|e| self.bad(e))?;
-                    let target = target.ok_or_else(|| {
-                        self.bad(format!("symlink {} has no target", raw.display()))
-                    })?;
+                    let target = target.ok_or_else(|| self.bad(format!("symlink {} has no target", raw.display())))?;
                     self.queue_symlink(rel, target.into_owned())?
                 }
                 (T::Link, Some(rel)) => {
                     let target = entry.link_name().map_err(|e| self.bad(e))?;
-                    let target = target.ok_or_else(|| {
-                        self.bad(format!("hard link {} has no target", raw.display()))
-                    })?;
+                    let target =
+                        target.ok_or_else(|| self.bad(format!("hard link {} has no target", raw.display())))?;
                     self.hardlink(&rel, &target)?
                 }
-                (other, Some(_)) => {
-                    return Err(self.unsafe_entry(&raw, format!("special file of type {other:?}")))
-                }
+                (other, Some(_)) => return Err(self.unsafe_entry(&raw, format!("special file of type {other:?}"))),
             }
         }
         Ok(())
@@ -274,9 +234,7 @@ impl Unpacker {
             };
             if entry.is_symlink() {
                 let mut target = String::new();
-                entry
-                    .read_to_string(&mut target)
-                    .map_err(|e| self.bad(format!("symlink {name}: {e}")))?;
+                entry.read_to_string(&mut target).map_err(|e| self.bad(format!("symlink {name}: {e}")))?;
                 self.queue_symlink(rel, PathBuf::from(target))?;
             } else {
                 self.file(&rel, &mut entry)?;
@@ -297,40 +255,28 @@ impl Unpacker {
             }
             let path = self.dest.join(rel);
             if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)
-                    .map_err(|e| DownloadError::io("cannot create directory", parent, e))?;
+                fs::create_dir_all(parent).map_err(|e| DownloadError::io("cannot create directory", parent, e))?;
             }
             if fs::symlink_metadata(&path).is_ok() {
-                return Err(self.bad(format!(
-                    "symlink {} collides with another entry",
-                    rel.display()
-                )));
+                return Err(self.bad(format!("symlink {} collides with another entry", rel.display())));
             }
             symlink(target, &path)?;
         }
         // Resolve each link for real now that all exist; a dangling one cannot be proven to stay inside.
-        let root = fs::canonicalize(&self.dest)
-            .map_err(|e| DownloadError::io("cannot resolve", &self.dest, e))?;
+        let root = fs::canonicalize(&self.dest).map_err(|e| DownloadError::io("cannot resolve", &self.dest, e))?;
         for (rel, target) in &self.symlinks {
             match fs::canonicalize(self.dest.join(rel)) {
                 Ok(real) if real.starts_with(&root) => {}
                 Ok(real) => {
                     return Err(self.unsafe_entry(
                         rel,
-                        format!(
-                            "symlink to {} resolves outside the archive ({})",
-                            target.display(),
-                            real.display()
-                        ),
+                        format!("symlink to {} resolves outside the archive ({})", target.display(), real.display()),
                     ))
                 }
                 Err(_) => {
                     return Err(self.unsafe_entry(
                         rel,
-                        format!(
-                            "symlink to {} does not resolve to an unpacked entry",
-                            target.display()
-                        ),
+                        format!("symlink to {} does not resolve to an unpacked entry", target.display()),
                     ))
                 }
             }
@@ -341,8 +287,7 @@ impl Unpacker {
 
 #[cfg(unix)]
 fn symlink(target: &Path, path: &Path) -> Result<(), DownloadError> {
-    std::os::unix::fs::symlink(target, path)
-        .map_err(|e| DownloadError::io("cannot create symlink", path, e))
+    std::os::unix::fs::symlink(target, path).map_err(|e| DownloadError::io("cannot create symlink", path, e))
 }
 
 #[cfg(not(unix))]
@@ -351,9 +296,6 @@ fn symlink(target: &Path, path: &Path) -> Result<(), DownloadError> {
     Err(DownloadError::io(
         "cannot create symlink",
         path,
-        io::Error::new(
-            io::ErrorKind::Unsupported,
-            "symlinks in archives are only supported on unix",
-        ),
+        io::Error::new(io::ErrorKind::Unsupported, "symlinks in archives are only supported on unix"),
     ))
 }

@@ -86,7 +86,10 @@ impl DownloadSpec {
         std::fs::create_dir_all(&ctx.scratch).map_err(|e| StageFailure(format!("cannot create scratch: {e}")))?;
         // `fetch` wants an absent or empty output directory and builds beside it.
         let fetched = fetch(&opts, ctx.out, &ctx.scratch, &progress).map_err(|e| StageFailure(e.to_string()))?;
-        log_line(ctx, &format!("downloaded {} ({} bytes, {} resumed)", self.url.get_ref(), fetched.bytes, fetched.resumed_from));
+        log_line(
+            ctx,
+            &format!("downloaded {} ({} bytes, {} resumed)", self.url.get_ref(), fetched.bytes, fetched.resumed_from),
+        );
         if let Some(hint) = fetched.pin_hint() {
             (ctx.notice)(&format!("stage `{}`: {hint}", ctx.decl.name));
             log_line(ctx, &hint);

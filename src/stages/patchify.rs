@@ -35,7 +35,8 @@ pub struct PatchifySpec {
 
 impl PatchifySpec {
     fn options(&self) -> PatchOptions {
-        let stride = self.stride.unwrap_or_else(|| PatchOptions::stride_from_overlap(self.size, self.overlap.unwrap_or(0.0)));
+        let stride =
+            self.stride.unwrap_or_else(|| PatchOptions::stride_from_overlap(self.size, self.overlap.unwrap_or(0.0)));
         PatchOptions { size: self.size, stride, edge: self.edge, min_tissue: self.min_tissue, augment: self.augment }
     }
 
@@ -70,7 +71,10 @@ impl PatchifySpec {
         p.insert("size".into(), Value::from(o.size));
         p.insert("stride".into(), Value::from(o.stride));
         p.insert("edge".into(), serde_json::to_value(o.edge).unwrap_or_default());
-        p.insert("min_tissue".into(), serde_json::Number::from_f64(o.min_tissue).map(Value::Number).unwrap_or_default());
+        p.insert(
+            "min_tissue".into(),
+            serde_json::Number::from_f64(o.min_tissue).map(Value::Number).unwrap_or_default(),
+        );
         p.insert("augment".into(), Value::Bool(o.augment));
         p
     }
@@ -92,9 +96,17 @@ impl PatchifySpec {
                 r.file, r.source, r.index, r.x, r.y, r.width, r.height, r.augmentation, r.tissue_fraction
             ));
         }
-        std::fs::write(ctx.out.join("patches.csv"), csv).map_err(|e| StageFailure(format!("cannot write patches.csv: {e}")))?;
+        std::fs::write(ctx.out.join("patches.csv"), csv)
+            .map_err(|e| StageFailure(format!("cannot write patches.csv: {e}")))?;
         let sources: std::collections::BTreeSet<&str> = records.iter().map(|r| r.source.as_str()).collect();
-        log_line(ctx, &format!("{} patches from {} images ({dropped} dropped for too little tissue)", records.len(), sources.len()));
+        log_line(
+            ctx,
+            &format!(
+                "{} patches from {} images ({dropped} dropped for too little tissue)",
+                records.len(),
+                sources.len()
+            ),
+        );
         Ok(serde_json::json!({"patches": records.len(), "images": sources.len(), "dropped": dropped}))
     }
 }

@@ -31,14 +31,54 @@ pub struct Subtype {
 
 /// All subtypes, in 8-class label order.
 pub const SUBTYPES: [Subtype; 8] = [
-    Subtype { code: "A", folder: "adenosis", label: 0, subtype_label: 0 },
-    Subtype { code: "F", folder: "fibroadenoma", label: 0, subtype_label: 1 },
-    Subtype { code: "PT", folder: "phyllodes_tumor", label: 0, subtype_label: 2 },
-    Subtype { code: "TA", folder: "tubular_adenoma", label: 0, subtype_label: 3 },
-    Subtype { code: "DC", folder: "ductal_carcinoma", label: 1, subtype_label: 4 },
-    Subtype { code: "MC", folder: "mucinous_carcinoma", label: 1, subtype_label: 5 },
-    Subtype { code: "LC", folder: "lobular_carcinoma", label: 1, subtype_label: 6 },
-    Subtype { code: "PC", folder: "papillary_carcinoma", label: 1, subtype_label: 7 },
+    Subtype {
+        code: "A",
+        folder: "adenosis",
+        label: 0,
+        subtype_label: 0,
+    },
+    Subtype {
+        code: "F",
+        folder: "fibroadenoma",
+        label: 0,
+        subtype_label: 1,
+    },
+    Subtype {
+        code: "PT",
+        folder: "phyllodes_tumor",
+        label: 0,
+        subtype_label: 2,
+    },
+    Subtype {
+        code: "TA",
+        folder: "tubular_adenoma",
+        label: 0,
+        subtype_label: 3,
+    },
+    Subtype {
+        code: "DC",
+        folder: "ductal_carcinoma",
+        label: 1,
+        subtype_label: 4,
+    },
+    Subtype {
+        code: "MC",
+        folder: "mucinous_carcinoma",
+        label: 1,
+        subtype_label: 5,
+    },
+    Subtype {
+        code: "LC",
+        folder: "lobular_carcinoma",
+        label: 1,
+        subtype_label: 6,
+    },
+    Subtype {
+        code: "PC",
+        folder: "papillary_carcinoma",
+        label: 1,
+        subtype_label: 7,
+    },
 ];
 
 pub const CLASS_FOLDERS: [&str; 2] = ["benign", "malignant"];
@@ -415,7 +455,10 @@ impl Walker<'_> {
                 self.problem(
                     &e.path,
                     ProblemKind::Misnamed,
-                    format!("file name disagrees with its folders: {}", clashes.join(", ")),
+                    format!(
+                        "file name disagrees with its folders: {}",
+                        clashes.join(", ")
+                    ),
                 );
                 continue;
             }

@@ -110,8 +110,9 @@ pub(crate) fn walk(root: &Path) -> Result<(Vec<ImageRecord>, Vec<Problem>), Data
             problems.push(Problem {
                 path: e.path.clone(),
                 kind: ProblemKind::Misnamed,
-                detail: "image name does not read as ytma<batch>_<date>_<benign|malignant><n>_ccd.tif"
-                    .to_string(),
+                detail:
+                    "image name does not read as ytma<batch>_<date>_<benign|malignant><n>_ccd.tif"
+                        .to_string(),
             });
             continue;
         };

@@ -74,7 +74,11 @@ impl fmt::Display for ProblemList<'_> {
             write!(f, "\n  - {p}")?;
         }
         if self.0.len() > MAX_PRINTED_PROBLEMS {
-            write!(f, "\n  ... and {} more", self.0.len() - MAX_PRINTED_PROBLEMS)?;
+            write!(
+                f,
+                "\n  ... and {} more",
+                self.0.len() - MAX_PRINTED_PROBLEMS
+            )?;
         }
         Ok(())
     }

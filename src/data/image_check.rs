@@ -44,9 +44,16 @@ fn is_truncation(err: &ImageError) -> bool {
         }
     }
     let msg = err.to_string().to_ascii_lowercase();
-    ["eof", "end of file", "truncat", "unexpected end", "no more data", "not enough data"]
-        .iter()
-        .any(|k| msg.contains(k))
+    [
+        "eof",
+        "end of file",
+        "truncat",
+        "unexpected end",
+        "no more data",
+        "not enough data",
+    ]
+    .iter()
+    .any(|k| msg.contains(k))
 }
 
 /// Reads and fully decodes one image; `Ok((width, height))` or the problem found.

@@ -102,10 +102,12 @@ pub struct Summary {
 
 /// Parses `700x460` (also `700X460`, `700×460`).
 pub fn parse_size(s: &str) -> Result<(u32, u32), DataError> {
-    let bad = || DataError::Usage(format!("bad size `{s}`; expected WIDTHxHEIGHT, e.g. 700x460"));
-    let (w, h) = s
-        .split_once(['x', 'X', '×'])
-        .ok_or_else(bad)?;
+    let bad = || {
+        DataError::Usage(format!(
+            "bad size `{s}`; expected WIDTHxHEIGHT, e.g. 700x460"
+        ))
+    };
+    let (w, h) = s.split_once(['x', 'X', '×']).ok_or_else(bad)?;
     let w: u32 = w.trim().parse().map_err(|_| bad())?;
     let h: u32 = h.trim().parse().map_err(|_| bad())?;
     if w < 16 || h < 16 || w > 8192 || h > 8192 {
@@ -213,12 +215,10 @@ fn write_image(path: &Path, img: &RgbImage, format: image::ImageFormat) -> Resul
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     let mut bytes = Vec::with_capacity(img.len() / 2);
     let encoded = match format {
-        image::ImageFormat::Png => PngEncoder::new_with_quality(
-            &mut bytes,
-            CompressionType::Fast,
-            FilterType::Sub,
-        )
-        .write_image(img, img.width(), img.height(), ExtendedColorType::Rgb8),
+        image::ImageFormat::Png => {
+            PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, FilterType::Sub)
+                .write_image(img, img.width(), img.height(), ExtendedColorType::Rgb8)
+        }
         _ => TiffEncoder::new(std::io::Cursor::new(&mut bytes)).write_image(
             img,
             img.width(),
@@ -361,7 +361,11 @@ fn plan_flat(
                     tissue::Stain::random(&mut rng),
                     PathBuf::from("ICIAR2018_BACH_Challenge/Photos")
                         .join(bach::CLASS_FOLDERS[label as usize])
-                        .join(format!("{}{:03}.tif", bach::FILE_PREFIXES[label as usize], i + 1)),
+                        .join(format!(
+                            "{}{:03}.tif",
+                            bach::FILE_PREFIXES[label as usize],
+                            i + 1
+                        )),
                 ),
                 _ => {
                     let b = i % batches.len();

@@ -58,35 +58,61 @@ impl Field {
     /// Tissue presence in [0, 1] at a point (band-limited at `min_wl`).
     pub(crate) fn tissue(&self, x: f64, y: f64, min_wl: f64) -> f32 {
         let t = threshold_for(self.arch.tissue);
-        smoothstep(t - 0.03, t + 0.03, fbm(self.layer(TISSUE), x, y, 900.0, 4, min_wl))
+        smoothstep(
+            t - 0.03,
+            t + 0.03,
+            fbm(self.layer(TISSUE), x, y, 900.0, 4, min_wl),
+        )
     }
     fn sheet(&self, x: f64, y: f64, min_wl: f64) -> f32 {
         if self.arch.sheet <= 0.0 {
             return 0.0;
         }
         let t = threshold_for(self.arch.sheet);
-        smoothstep(t - 0.03, t + 0.03, fbm(self.layer(SHEET), x, y, 160.0, 4, min_wl))
+        smoothstep(
+            t - 0.03,
+            t + 0.03,
+            fbm(self.layer(SHEET), x, y, 160.0, 4, min_wl),
+        )
     }
     fn mucin(&self, x: f64, y: f64, min_wl: f64) -> f32 {
         if self.arch.mucin <= 0.0 {
             return 0.0;
         }
         let t = threshold_for(self.arch.mucin);
-        smoothstep(t - 0.03, t + 0.03, fbm(self.layer(MUCIN), x, y, 260.0, 3, min_wl))
+        smoothstep(
+            t - 0.03,
+            t + 0.03,
+            fbm(self.layer(MUCIN), x, y, 260.0, 3, min_wl),
+        )
     }
     /// Floating cell clusters inside mucin.
     fn cluster(&self, x: f64, y: f64, min_wl: f64) -> f32 {
-        smoothstep(0.56, 0.62, fbm(self.layer(CLUSTER), x, y, 45.0, 2, min_wl))
+        smoothstep(0.5, 0.56, fbm(self.layer(CLUSTER), x, y, 45.0, 2, min_wl))
     }
 
-    /// A point well inside tissue for region `tag`, so even the 400X view shows tissue.
+    /// How much a point shows the lesion: pathologists photographed the lesion, not the
+    /// surrounding normal stroma.
+    fn lesion_score(&self, x: f64, y: f64) -> f32 {
+        let mut s = self.tissue(x, y, 0.0);
+        if self.arch.sheet > 0.0 && self.arch.mucin <= 0.0 {
+            s *= 0.3 + 0.7 * self.sheet(x, y, 0.0);
+        }
+        if self.arch.mucin > 0.0 {
+            let m = self.mucin(x, y, 0.0);
+            s *= 0.3 + 0.7 * m * self.cluster(x, y, 0.0);
+        }
+        s
+    }
+
+    /// A point well inside the lesion for region `tag`, so even the 400X view shows it.
     pub(crate) fn region_centre(&self, tag: u64) -> (f64, f64) {
         let mut rng = Rng::new(hash(self.seed, &[0xCE47, tag]));
         let mut best = (0.0, 0.0, -1.0f32);
         for _ in 0..64 {
             let x = rng.range(0.0, 400_000.0) as f64;
             let y = rng.range(0.0, 400_000.0) as f64;
-            let t = self.tissue(x, y, 0.0);
+            let t = self.lesion_score(x, y);
             if t > best.2 {
                 best = (x, y, t);
             }
@@ -275,7 +301,6 @@ impl Canvas {
 
 /// Renders `view` of `field` into an 8-bit RGB image.
 pub(crate) fn render(field: &Field, view: &View) -> RgbImage {
-    let arch = &field.arch;
     let (w, h) = (view.width as usize, view.height as usize);
     let upp = view.um_per_px;
     let mut cv = Canvas {
@@ -294,7 +319,6 @@ pub(crate) fn render(field: &Field, view: &View) -> RgbImage {
     for n in &nuclei {
         cv.nucleus(n);
     }
-    let _ = arch;
     compose(&cv, &field.stain, view.grain_seed)
 }
 
@@ -307,7 +331,9 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
     let gh = cv.h / STEP + 2;
     // Band limit of the coarse grid: features shorter than two grid steps are averaged out.
     let min_wl = 2.0 * STEP as f64 * cv.upp;
-    let mut grid = vec![[0.0f32; 5]; gw * gh];
+    let mut grid = vec![[0.0f32; 7]; gw * gh];
+    let fib_seed = field.layer(FIBER);
+    let fib_base = unit(mix(fib_seed)) * std::f32::consts::PI;
     for gy in 0..gh {
         for gx in 0..gw {
             let (x, y) = cv.world((gx * STEP) as f32, (gy * STEP) as f32);
@@ -320,15 +346,13 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
                 0.0
             };
             let tone = fbm(field.layer(TONE), x, y, 80.0, 3, min_wl);
-            grid[gy * gw + gx] = [t, s, m, c, tone];
+            // Fibres bend: their direction drifts over ~300 µm.
+            let dir = fib_base + 2.5 * (fbm(fib_seed ^ 1, x, y, 300.0, 2, 0.0) - 0.5);
+            grid[gy * gw + gx] = [t, s, m, c, tone, dir.cos(), dir.sin()];
         }
     }
-    let fib_seed = field.layer(FIBER);
-    let fib_angle = unit(mix(fib_seed)) * std::f32::consts::PI;
-    let (fc, fs) = (fib_angle.cos() as f64, fib_angle.sin() as f64);
     // Fibres: 2 µm across, 14 µm along; drawn only where that is resolvable.
-    let fib_w = ((2.0 / cv.upp - 1.5).clamp(0.0, 1.0)) as f32 * arch.fiber;
-    let fib_mean = arch.fiber * 0.0;
+    let fib_w = ((2.0 / cv.upp - 1.5).clamp(0.0, 1.0)) as f32 * arch.fiber * 0.6;
     for j in 0..cv.h {
         let gy = j / STEP;
         let ty = (j % STEP) as f32 / STEP as f32;
@@ -339,16 +363,17 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
             let g10 = &grid[gy * gw + gx + 1];
             let g01 = &grid[(gy + 1) * gw + gx];
             let g11 = &grid[(gy + 1) * gw + gx + 1];
-            let mut l = [0.0f32; 5];
+            let mut l = [0.0f32; 7];
             for (k, lk) in l.iter_mut().enumerate() {
                 let a = g00[k] + (g10[k] - g00[k]) * tx;
                 let b = g01[k] + (g11[k] - g01[k]) * tx;
                 *lk = a + (b - a) * ty;
             }
-            let [t, s, m, c, tone] = l;
-            let mut fib = fib_mean;
+            let [t, s, m, c, tone, fc, fs] = l;
+            let mut fib = 0.0;
             if fib_w > 0.0 {
                 let (x, y) = cv.world(i as f32 + 0.5, j as f32 + 0.5);
+                let (fc, fs) = (fc as f64, fs as f64);
                 let (u, v) = (x * fc + y * fs, -x * fs + y * fc);
                 fib = fib_w * (value(fib_seed, u / 14.0, v / 2.0) - 0.5) * 2.0;
             }
@@ -391,7 +416,8 @@ fn gland_at(field: &Field, gx: i64, gy: i64) -> Option<Gland> {
     // Keep the long axis inside the cell so glands of neighbouring cells never overlap.
     let a = (r * aspect.sqrt()).min(g * 0.48);
     let b = (r / aspect.sqrt()).max(a / arch.gland_aspect.max(1.0));
-    let margin = a;
+    // Centres wander enough that neighbouring glands may touch or overlap a little: no grid look.
+    let margin = a * 0.6;
     let x = gx as f64 * g as f64 + (margin + rng.f32() * (g - 2.0 * margin).max(0.0)) as f64;
     let y = gy as f64 * g as f64 + (margin + rng.f32() * (g - 2.0 * margin).max(0.0)) as f64;
     if field.tissue(x, y, 0.0) < 0.5 || field.mucin(x, y, 0.0) > 0.5 {
@@ -544,7 +570,10 @@ fn nuclei_in_view(field: &Field, cv: &Canvas) -> Vec<Nucleus> {
         }
         let x = (cx as f64 + rng.f32() as f64) * 12.0;
         let y = (cy as f64 + rng.f32() as f64) * 12.0;
-        if field.tissue(x, y, 0.0) < 0.5 || field.sheet(x, y, 0.0) > 0.3 || field.mucin(x, y, 0.0) > 0.3 {
+        if field.tissue(x, y, 0.0) < 0.5
+            || field.sheet(x, y, 0.0) > 0.3
+            || field.mucin(x, y, 0.0) > 0.3
+        {
             continue;
         }
         let len = 2.2 * arch.spindle.sqrt();
@@ -553,7 +582,9 @@ fn nuclei_in_view(field: &Field, cv: &Canvas) -> Vec<Nucleus> {
             y,
             a: len * rng.range(0.8, 1.2),
             b: 2.2 / arch.spindle.sqrt(),
-            angle: fib_angle + rng.range(-0.3, 0.3),
+            angle: fib_angle
+                + 2.5 * (fbm(field.layer(FIBER) ^ 1, x, y, 300.0, 2, 0.0) - 0.5)
+                + rng.range(-0.3, 0.3),
             w3c: 0.0,
             w3s: 0.0,
             w4: 0.05,
@@ -598,12 +629,7 @@ fn lining(arch: &Arch, gl: &Gland, out: &mut Vec<Nucleus>) {
     let (c, s) = (gl.angle.cos(), gl.angle.sin());
     let spacing = arch.nuc_r * 2.25;
     let rows = arch.rim_rows.max(1);
-    let place = |u: f32, v: f32| {
-        (
-            gl.x + (u * c - v * s) as f64,
-            gl.y + (u * s + v * c) as f64,
-        )
-    };
+    let place = |u: f32, v: f32| (gl.x + (u * c - v * s) as f64, gl.y + (u * s + v * c) as f64);
     for row in 0..rows {
         let rho = arch.lumen + (1.0 - arch.lumen) * (row as f32 + 0.5) / rows as f32;
         let (ra, rb) = (gl.a * rho, gl.b * rho);
@@ -611,7 +637,8 @@ fn lining(arch: &Arch, gl: &Gland, out: &mut Vec<Nucleus>) {
         let n = (circ / spacing).floor().max(3.0) as usize;
         let phase = rng.f32();
         for k in 0..n {
-            let phi = std::f32::consts::TAU * (k as f32 + phase + rng.range(-0.15, 0.15)) / n as f32;
+            let phi =
+                std::f32::consts::TAU * (k as f32 + phase + rng.range(-0.15, 0.15)) / n as f32;
             let (u, v) = (ra * phi.cos(), rb * phi.sin());
             let (x, y) = place(u, v);
             // Columnar cells stand perpendicular to the rim.
@@ -626,7 +653,10 @@ fn lining(arch: &Arch, gl: &Gland, out: &mut Vec<Nucleus>) {
         while v < r_in {
             let mut u = -a_in;
             while u < a_in {
-                let (uu, vv) = (u + rng.range(-0.3, 0.3) * spacing, v + rng.range(-0.3, 0.3) * spacing);
+                let (uu, vv) = (
+                    u + rng.range(-0.3, 0.3) * spacing,
+                    v + rng.range(-0.3, 0.3) * spacing,
+                );
                 if (uu / a_in).powi(2) + (vv / r_in).powi(2) < 0.9 && rng.chance(0.85) {
                     let (x, y) = place(uu, vv);
                     let angle = rng.range(0.0, 3.14);

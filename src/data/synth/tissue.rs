@@ -98,8 +98,11 @@ fn malignant_nuclei(a: Arch) -> Arch {
         nuc_r_sd: 0.28,
         nuc_aspect: 0.3,
         nuc_irreg: 0.14,
-        nuc_h: 1.25,
+        nuc_h: 1.4,
         chromatin: 0.45,
+        // Desmoplastic, inflamed stroma around carcinoma.
+        stroma_cells: a.stroma_cells.max(0.2),
+        lymph: a.lymph.max(0.08),
         ..a
     }
 }
@@ -110,9 +113,10 @@ pub(crate) fn breakhis(code: &str) -> Arch {
     match code {
         // Adenosis: many small crowded round glands with clear lumens.
         "A" => Arch {
-            gland_spacing: 40.0,
+            gland_spacing: 52.0,
             gland_prob: 0.85,
-            gland_radius: 16.0,
+            gland_radius: 15.0,
+            gland_radius_sd: 0.25,
             lumen: 0.35,
             rim_rows: 2,
             ..b
@@ -122,9 +126,10 @@ pub(crate) fn breakhis(code: &str) -> Arch {
             stroma_e: 0.35,
             fiber: 0.5,
             stroma_cells: 0.18,
-            gland_spacing: 90.0,
+            gland_spacing: 110.0,
             gland_prob: 0.6,
-            gland_radius: 36.0,
+            gland_radius: 34.0,
+            gland_radius_sd: 0.3,
             gland_aspect: 3.5,
             lumen: 0.3,
             ..b
@@ -144,17 +149,17 @@ pub(crate) fn breakhis(code: &str) -> Arch {
         // Tubular adenoma: closely packed small uniform tubules, little stroma.
         "TA" => Arch {
             stroma_e: 0.4,
-            gland_spacing: 30.0,
+            gland_spacing: 36.0,
             gland_prob: 0.95,
-            gland_radius: 13.0,
-            gland_radius_sd: 0.08,
+            gland_radius: 12.0,
+            gland_radius_sd: 0.12,
             lumen: 0.3,
             ..b
         },
         // Ductal carcinoma: solid sheets and nests of pleomorphic cells, few glands.
         "DC" => malignant_nuclei(Arch {
-            sheet: 0.55,
-            sheet_density: 0.85,
+            sheet: 0.7,
+            sheet_density: 0.9,
             gland_spacing: 120.0,
             gland_prob: 0.25,
             gland_radius: 40.0,
@@ -167,18 +172,18 @@ pub(crate) fn breakhis(code: &str) -> Arch {
         }),
         // Mucinous carcinoma: pools of pale mucin with floating clusters of tumour cells.
         "MC" => malignant_nuclei(Arch {
-            mucin: 0.55,
-            sheet: 0.2,
-            sheet_density: 0.75,
+            mucin: 0.5,
+            sheet: 0.3,
+            sheet_density: 0.85,
             nuc_r: 4.2,
             ..b
         }),
         // Lobular carcinoma: single files of small, discohesive, uniform-ish cells in stroma.
         "LC" => Arch {
-            strands: 2.2,
-            sheet: 0.2,
-            sheet_density: 0.55,
-            stroma_cells: 0.15,
+            strands: 3.5,
+            sheet: 0.3,
+            sheet_density: 0.7,
+            stroma_cells: 0.2,
             ..malignant_nuclei(Arch {
                 nuc_r_sd: 0.15,
                 ..b
@@ -289,7 +294,7 @@ impl Stain {
         Stain {
             h,
             e,
-            h_scale: rng.range(0.75, 1.3),
+            h_scale: rng.range(0.8, 1.25),
             e_scale: rng.range(0.7, 1.3),
             bg: [
                 rng.range(0.0, 0.07),

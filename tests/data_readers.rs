@@ -261,11 +261,19 @@ fn every_bad_breakhis_file_is_reported_in_one_error() {
     assert!(msg.contains("patient 99999 (folder: 25197)"), "{msg}");
     assert!(msg.contains("re-download"), "{msg}");
 
-    // Without verification the content problems go unseen but the naming ones do not.
+    // Without decoding, content problems go unseen; naming and zero-byte ones do not.
     let err = scan(Dataset::BreakHis, &root, false).unwrap_err();
     let kinds: Vec<_> = err.problems().iter().map(|p| p.kind).collect();
     assert!(!kinds.contains(&ProblemKind::Truncated));
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == ProblemKind::NotAnImage)
+            .count(),
+        1
+    );
     assert!(kinds.contains(&ProblemKind::Misnamed));
+    assert!(kinds.contains(&ProblemKind::ZeroByte));
 }
 
 #[test]

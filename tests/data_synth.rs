@@ -67,6 +67,12 @@ fn breakhis_synth_reads_back_with_every_region_at_four_magnifications() {
     }
     let img = image::open(out.join(&recs[0].rel_path)).unwrap();
     assert_eq!((img.width(), img.height()), (140, 92));
+    // The staging folder is gone once the dataset is published.
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [std::ffi::OsString::from("bh")]);
 }
 
 #[test]

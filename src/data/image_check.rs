@@ -110,3 +110,25 @@ pub fn check_images(paths: &[PathBuf]) -> Vec<Problem> {
     problems.sort_by(|a, b| a.path.cmp(&b.path));
     problems
 }
+
+/// Cheap check without reading: zero-byte and unstat-able files, in parallel.
+pub fn check_sizes(paths: &[PathBuf]) -> Vec<Problem> {
+    let mut problems: Vec<Problem> = paths
+        .par_iter()
+        .filter_map(|p| match std::fs::metadata(p) {
+            Ok(m) if m.len() == 0 => Some(Problem {
+                path: p.clone(),
+                kind: ProblemKind::ZeroByte,
+                detail: "zero-byte file".to_string(),
+            }),
+            Ok(_) => None,
+            Err(e) => Some(Problem {
+                path: p.clone(),
+                kind: ProblemKind::Unreadable,
+                detail: format!("cannot read: {e}"),
+            }),
+        })
+        .collect();
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    problems
+}

@@ -45,9 +45,12 @@ pub fn scan(
         Dataset::Bach => bach::walk(root)?,
         Dataset::BreastCell => breast_cell::walk(root)?,
     };
+    let paths: Vec<PathBuf> = records.iter().map(|r| r.path(root)).collect();
     if verify_images {
-        let paths: Vec<PathBuf> = records.iter().map(|r| r.path(root)).collect();
         problems.extend(image_check::check_images(&paths));
+    } else {
+        // Without decoding, still catch what a stat shows: empty or unreadable files.
+        problems.extend(image_check::check_sizes(&paths));
     }
     if !problems.is_empty() {
         problems.sort_by(|a, b| a.path.cmp(&b.path).then(a.kind.cmp(&b.kind)));

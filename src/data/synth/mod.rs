@@ -15,7 +15,6 @@ mod rng;
 mod tissue;
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::codecs::tiff::TiffEncoder;
@@ -118,15 +117,8 @@ pub fn parse_size(s: &str) -> Result<(u32, u32), DataError> {
     Ok((w, h))
 }
 
-impl FromStr for SynthOptions {
-    type Err = DataError;
-    /// Just the kind, with seed 0: `"breakhis".parse()`.
-    fn from_str(s: &str) -> Result<Self, DataError> {
-        Ok(SynthOptions::new(s.parse()?, 0))
-    }
-}
-
-/// Writes a synthetic dataset of `kind` under `out` (which must be absent or empty).
+/// Writes a synthetic dataset of `kind` under `out` (which must be absent or empty; the data
+/// is staged in a hidden sibling folder and appears at `out` only when complete).
 /// The convenience form of [`generate_with`] that the CLI maps onto:
 /// `mpcs synth breakhis|bach|breast-cell --out DIR --seed S [--patients N] [--size WxH]`.
 pub fn generate(
@@ -170,7 +162,7 @@ pub fn generate_with(opts: &SynthOptions, out: &Path) -> Result<Summary, DataErr
             "size {width}x{height} too small; at least 16x16"
         )));
     }
-    prepare_out(out)?;
+    let staging = prepare_out(out)?;
     let (fields, jobs, regions) = match opts.kind {
         Dataset::BreakHis => plan_breakhis(opts, count, width, height),
         Dataset::Bach => plan_flat(opts, count, width, height),
@@ -180,9 +172,13 @@ pub fn generate_with(opts: &SynthOptions, out: &Path) -> Result<Summary, DataErr
         .par_iter()
         .map(|job| {
             let img = render(&fields[job.field], &job.view);
-            write_image(&out.join(&job.rel_path), &img, job.format)
+            write_image(&staging.join(&job.rel_path), &img, job.format)
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, _>>()
+        .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&staging);
+        })?;
+    publish(&staging, out)?;
     Ok(Summary {
         kind: opts.kind,
         root: out.to_path_buf(),
@@ -195,8 +191,9 @@ pub fn generate_with(opts: &SynthOptions, out: &Path) -> Result<Summary, DataErr
     })
 }
 
-/// Creates `out`, refusing a non-empty folder so a run never mixes two datasets.
-fn prepare_out(out: &Path) -> Result<(), DataError> {
+/// Checks that `out` is absent or empty (a run never mixes two datasets) and creates the
+/// staging folder beside it, where the dataset is written before it appears at `out` whole.
+fn prepare_out(out: &Path) -> Result<PathBuf, DataError> {
     if out.exists() {
         let mut rd = std::fs::read_dir(out).map_err(|e| DataError::io(out, e))?;
         if rd.next().is_some() {
@@ -206,7 +203,24 @@ fn prepare_out(out: &Path) -> Result<(), DataError> {
             )));
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| DataError::io(out, e))
+    let name = out
+        .file_name()
+        .ok_or_else(|| DataError::Usage(format!("bad output folder {}", out.display())))?;
+    let staging = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    if staging.exists() {
+        // Left over from an interrupted run.
+        std::fs::remove_dir_all(&staging).map_err(|e| DataError::io(&staging, e))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(|e| DataError::io(&staging, e))?;
+    Ok(staging)
+}
+
+/// Moves the finished staging folder to `out` (replacing an empty `out`).
+fn publish(staging: &Path, out: &Path) -> Result<(), DataError> {
+    if out.exists() {
+        std::fs::remove_dir(out).map_err(|e| DataError::io(out, e))?;
+    }
+    std::fs::rename(staging, out).map_err(|e| DataError::io(out, e))
 }
 
 /// Encodes and writes one image atomically (temporary name, then rename). Returns its size.

@@ -12,11 +12,21 @@ fn fade(t: f32) -> f32 {
 }
 
 /// Value noise in [0, 1) on the integer lattice, smoothly interpolated.
+/// floor() without a libm call (the baseline x86-64 target has no SSE4.1 `roundsd`).
+#[inline]
+fn floor_i(x: f64) -> i64 {
+    let i = x as i64;
+    if (i as f64) > x {
+        i - 1
+    } else {
+        i
+    }
+}
+
 #[inline]
 pub(crate) fn value(seed: u64, x: f64, y: f64) -> f32 {
-    let xf = x.floor();
-    let yf = y.floor();
-    let (ix, iy) = (xf as i64, yf as i64);
+    let (ix, iy) = (floor_i(x), floor_i(y));
+    let (xf, yf) = (ix as f64, iy as f64);
     let tx = fade((x - xf) as f32);
     let ty = fade((y - yf) as f32);
     let v00 = unit(hash_cell(seed, ix, iy));

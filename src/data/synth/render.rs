@@ -331,7 +331,9 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
     let gh = cv.h / STEP + 2;
     // Band limit of the coarse grid: features shorter than two grid steps are averaged out.
     let min_wl = 2.0 * STEP as f64 * cv.upp;
-    let mut grid = vec![[0.0f32; 7]; gw * gh];
+    // Per grid point: eosin = a·(1 + fibre) + b, hematoxylin = hh, and the fibre direction.
+    // Everything but the fibre texture is smooth, so it is mixed here once per grid point.
+    let mut grid = vec![[0.0f32; 5]; gw * gh];
     let fib_seed = field.layer(FIBER);
     let fib_base = unit(mix(fib_seed)) * std::f32::consts::PI;
     for gy in 0..gh {
@@ -348,47 +350,47 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
             let tone = fbm(field.layer(TONE), x, y, 80.0, 3, min_wl);
             // Fibres bend: their direction drifts over ~300 µm.
             let dir = fib_base + 2.5 * (fbm(fib_seed ^ 1, x, y, 300.0, 2, 0.0) - 0.5);
-            grid[gy * gw + gx] = [t, s, m, c, tone, dir.cos(), dir.sin()];
+            // Stroma, then epithelial sheet, mucin and floating clusters painted over it.
+            let stroma = arch.stroma_e * (0.8 + 0.4 * tone);
+            let (mut keep, mut e, mut hh) = (1.0f32, 0.0f32, 0.03f32);
+            for (cover, (ce, ch)) in [(s, CYTO), (m * (1.0 - c), MUCIN_OD), (m * c, CYTO)] {
+                keep *= 1.0 - cover;
+                e += (ce - e) * cover;
+                hh += (ch - hh) * cover;
+            }
+            // `e` is the painted-over part; the stroma shows through with weight `keep`.
+            grid[gy * gw + gx] = [stroma * keep * t, e * t, hh * t, dir.cos(), dir.sin()];
         }
     }
     // Fibres: 2 µm across, 14 µm along; drawn only where that is resolvable.
     let fib_w = ((2.0 / cv.upp - 1.5).clamp(0.0, 1.0)) as f32 * arch.fiber * 0.6;
+    // Interpolate the grid in y once per pixel row, then in x per pixel.
+    let mut row = vec![[0.0f32; 5]; gw];
     for j in 0..cv.h {
         let gy = j / STEP;
         let ty = (j % STEP) as f32 / STEP as f32;
+        for (gx, r) in row.iter_mut().enumerate() {
+            let (a, b) = (&grid[gy * gw + gx], &grid[(gy + 1) * gw + gx]);
+            for k in 0..5 {
+                r[k] = a[k] + (b[k] - a[k]) * ty;
+            }
+        }
         for i in 0..cv.w {
             let gx = i / STEP;
             let tx = (i % STEP) as f32 / STEP as f32;
-            let g00 = &grid[gy * gw + gx];
-            let g10 = &grid[gy * gw + gx + 1];
-            let g01 = &grid[(gy + 1) * gw + gx];
-            let g11 = &grid[(gy + 1) * gw + gx + 1];
-            let mut l = [0.0f32; 7];
-            for (k, lk) in l.iter_mut().enumerate() {
-                let a = g00[k] + (g10[k] - g00[k]) * tx;
-                let b = g01[k] + (g11[k] - g01[k]) * tx;
-                *lk = a + (b - a) * ty;
-            }
-            let [t, s, m, c, tone, fc, fs] = l;
+            let (ra, rb) = (&row[gx], &row[gx + 1]);
+            let lerp = |k: usize| ra[k] + (rb[k] - ra[k]) * tx;
+            let (a, b, hh) = (lerp(0), lerp(1), lerp(2));
             let mut fib = 0.0;
-            if fib_w > 0.0 {
+            if fib_w > 0.0 && a > 0.0 {
+                let (fc, fs) = (lerp(3) as f64, lerp(4) as f64);
                 let (x, y) = cv.world(i as f32 + 0.5, j as f32 + 0.5);
-                let (fc, fs) = (fc as f64, fs as f64);
                 let (u, v) = (x * fc + y * fs, -x * fs + y * fc);
                 fib = fib_w * (value(fib_seed, u / 14.0, v / 2.0) - 0.5) * 2.0;
             }
-            let mut e = arch.stroma_e * (0.8 + 0.4 * tone) * (1.0 + fib);
-            let mut hh = 0.03;
-            e += (CYTO.0 - e) * s;
-            hh += (CYTO.1 - hh) * s;
-            let mc = m * (1.0 - c);
-            e += (MUCIN_OD.0 - e) * mc;
-            hh += (MUCIN_OD.1 - hh) * mc;
-            e += (CYTO.0 - e) * m * c;
-            hh += (CYTO.1 - hh) * m * c;
             let k = j * cv.w + i;
-            cv.eo[k] = e * t;
-            cv.he[k] = hh * t;
+            cv.eo[k] = a * (1.0 + fib) + b;
+            cv.he[k] = hh;
         }
     }
 }
@@ -675,15 +677,35 @@ fn compose(cv: &Canvas, stain: &Stain, grain_seed: u64) -> RgbImage {
     let buf: &mut [u8] = &mut img;
     let hv = stain.h.map(|v| v * stain.h_scale);
     let ev = stain.e.map(|v| v * stain.e_scale);
-    for k in 0..cv.w * cv.h {
+    let lut = transmission_lut();
+    for (k, px) in buf.chunks_exact_mut(3).enumerate() {
         let (e, h) = (cv.eo[k], cv.he[k]);
         let g = mix(grain_seed ^ k as u64);
         for c in 0..3 {
             let od = hv[c] * h + ev[c] * e + stain.bg[c];
             let grain = ((g >> (c * 16)) & 0xFFFF) as f32 * (3.0 / 65536.0) - 1.5;
-            let v = 255.0 * (-od).exp() + grain;
-            buf[k * 3 + c] = v.clamp(0.0, 255.0) as u8;
+            let v = transmission(&lut, od) + grain;
+            px[c] = v.clamp(0.0, 255.0) as u8;
         }
     }
     img
+}
+
+const LUT_MAX_OD: f32 = 8.0;
+const LUT_SIZE: usize = 2048;
+
+/// 255·exp(−od) sampled on [0, 8]: exp is the hottest operation of rendering, and linear
+/// interpolation on this grid is exact to well under one grey level.
+fn transmission_lut() -> Vec<f32> {
+    (0..=LUT_SIZE + 1)
+        .map(|i| 255.0 * (-(i as f32) * LUT_MAX_OD / LUT_SIZE as f32).exp())
+        .collect()
+}
+
+#[inline]
+fn transmission(lut: &[f32], od: f32) -> f32 {
+    let x = (od.max(0.0) * (LUT_SIZE as f32 / LUT_MAX_OD)).min(LUT_SIZE as f32);
+    let i = x as usize;
+    let t = x - i as f32;
+    lut[i] + (lut[i + 1] - lut[i]) * t
 }

@@ -212,8 +212,11 @@ fn magnifications_are_nested_zooms_of_one_field() {
         };
         let same = pearson(&gray(&small), &gray(&crop(&find(patient, 1, 200))));
         let other = pearson(&gray(&small), &gray(&crop(&find(patient, 2, 200))));
+        eprintln!(
+            "patient {patient}: corr(400X, centre of 200X) same region {same:.3}, other {other:.3}"
+        );
         assert!(
-            same > 0.6,
+            same > 0.9,
             "patient {patient}: 400X vs centre of 200X correlate {same:.3}"
         );
         assert!(
@@ -366,4 +369,5 @@ fn dump_examples() {
         Some((1024, 768)),
     )
     .unwrap();
+    generate(Dataset::BreastCell, &dir.join("cell"), 1, Some(1), None).unwrap();
 }

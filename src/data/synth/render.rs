@@ -612,7 +612,7 @@ fn nuclei_in_view(field: &Field, cv: &Canvas) -> Vec<Nucleus> {
             y,
             a: r,
             b: r * 0.92,
-            angle: rng.range(0.0, 3.14),
+            angle: rng.range(0.0, std::f32::consts::PI),
             w3c: 0.0,
             w3s: 0.0,
             w4: 0.0,
@@ -661,7 +661,7 @@ fn lining(arch: &Arch, gl: &Gland, out: &mut Vec<Nucleus>) {
                 );
                 if (uu / a_in).powi(2) + (vv / r_in).powi(2) < 0.9 && rng.chance(0.85) {
                     let (x, y) = place(uu, vv);
-                    let angle = rng.range(0.0, 3.14);
+                    let angle = rng.range(0.0, std::f32::consts::PI);
                     out.push(epithelial(arch, x, y, angle, &mut rng));
                 }
                 u += spacing;

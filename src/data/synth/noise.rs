@@ -81,3 +81,47 @@ pub(crate) fn smoothstep(lo: f32, hi: f32, x: f32) -> f32 {
 pub(crate) fn threshold_for(fraction: f32) -> f32 {
     0.5 + (0.5 - fraction.clamp(0.0, 1.0)) * 0.36
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fbm_is_band_limited() {
+        // Below the band limit every octave is replaced by its mean: a constant 0.5.
+        for i in 0..50 {
+            let x = i as f64 * 13.7;
+            assert_eq!(fbm(5, x, -x, 10.0, 4, 1e6), 0.5);
+        }
+        // Above it the field varies and stays in [0, 1].
+        let vals: Vec<f32> = (0..2000)
+            .map(|i| fbm(5, i as f64 * 7.3, i as f64 * 3.1, 50.0, 4, 0.0))
+            .collect();
+        assert!(vals.iter().all(|v| (0.0..=1.0).contains(v)));
+        let mean = vals.iter().sum::<f32>() / vals.len() as f32;
+        assert!((mean - 0.5).abs() < 0.05, "mean {mean}");
+    }
+
+    #[test]
+    fn threshold_gives_roughly_the_asked_coverage() {
+        for frac in [0.2f32, 0.5, 0.8] {
+            let t = threshold_for(frac);
+            let n = 20_000;
+            let above = (0..n)
+                .filter(|i| {
+                    let (x, y) = ((i % 141) as f64 * 37.0, (i / 141) as f64 * 37.0);
+                    fbm(11, x, y, 160.0, 4, 0.0) > t
+                })
+                .count() as f32
+                / n as f32;
+            assert!((above - frac).abs() < 0.15, "asked {frac}, got {above}");
+        }
+    }
+
+    #[test]
+    fn floor_matches_std_for_negative_and_positive() {
+        for x in [-2.5, -1.0, -0.1, 0.0, 0.1, 1.0, 2.9, 1e6 + 0.5] {
+            assert_eq!(floor_i(x), x.floor() as i64, "{x}");
+        }
+    }
+}

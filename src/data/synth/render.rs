@@ -709,3 +709,64 @@ fn transmission(lut: &[f32], od: f32) -> f32 {
     let t = x - i as f32;
     lut[i] + (lut[i + 1] - lut[i]) * t
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transmission_table_matches_exp_to_a_tenth_of_a_grey_level() {
+        let lut = transmission_lut();
+        let mut worst = 0.0f32;
+        for i in 0..=80_000 {
+            let od = i as f32 * 1e-4;
+            worst = worst.max((transmission(&lut, od) - 255.0 * (-od).exp()).abs());
+        }
+        assert!(worst < 0.1, "max error {worst}");
+        // Negative OD clamps to white, huge OD to (almost) black.
+        assert_eq!(transmission(&lut, -1.0), 255.0);
+        assert!(transmission(&lut, 100.0) < 0.1);
+    }
+
+    #[test]
+    fn a_view_is_deterministic_and_centred() {
+        let field = Field {
+            seed: 3,
+            arch: super::super::tissue::breakhis("DC"),
+            stain: Stain::random(&mut Rng::new(1)),
+        };
+        let (cx, cy) = field.region_centre(1);
+        assert!(
+            field.tissue(cx, cy, 0.0) > 0.5,
+            "region centre lies in tissue"
+        );
+        let view = View {
+            cx,
+            cy,
+            um_per_px: 0.5,
+            width: 64,
+            height: 48,
+            grain_seed: 9,
+        };
+        let a = render(&field, &view);
+        assert_eq!(a, render(&field, &view));
+        assert_eq!(a.dimensions(), (64, 48));
+        // Grain differs, tissue does not: another grain seed changes pixels by at most 3 levels.
+        let b = render(
+            &field,
+            &View {
+                grain_seed: 10,
+                ..view
+            },
+        );
+        assert_ne!(a, b);
+        let max_diff = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap();
+        assert!(max_diff <= 3, "{max_diff}");
+    }
+}

@@ -91,6 +91,12 @@ impl Field {
         smoothstep(0.5, 0.56, fbm(self.layer(CLUSTER), x, y, 45.0, 2, min_wl))
     }
 
+    /// Direction of the collagen fibres at a point: a per-field angle that bends over ~300 µm.
+    fn fibre_angle(&self, x: f64, y: f64) -> f32 {
+        let seed = self.layer(FIBER);
+        unit(mix(seed)) * std::f32::consts::PI + 2.5 * (fbm(seed ^ 1, x, y, 300.0, 2, 0.0) - 0.5)
+    }
+
     /// How much a point shows the lesion: pathologists photographed the lesion, not the
     /// surrounding normal stroma.
     fn lesion_score(&self, x: f64, y: f64) -> f32 {
@@ -194,7 +200,8 @@ impl Canvas {
             && y - r <= self.y0 + self.h as f64 * self.upp
     }
 
-    /// Paints an ellipse (gland) with `paint(rho, alpha_edge, idx)`, `rho` = normalised radius.
+    /// Paints an ellipse (gland): `paint(canvas, pixel index, rho, alpha)` with `rho` the
+    /// normalised radius (1 at the rim) and `alpha` the anti-aliased coverage.
     fn ellipse(
         &mut self,
         x: f64,
@@ -335,7 +342,6 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
     // Everything but the fibre texture is smooth, so it is mixed here once per grid point.
     let mut grid = vec![[0.0f32; 5]; gw * gh];
     let fib_seed = field.layer(FIBER);
-    let fib_base = unit(mix(fib_seed)) * std::f32::consts::PI;
     for gy in 0..gh {
         for gx in 0..gw {
             let (x, y) = cv.world((gx * STEP) as f32, (gy * STEP) as f32);
@@ -349,7 +355,7 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
             };
             let tone = fbm(field.layer(TONE), x, y, 80.0, 3, min_wl);
             // Fibres bend: their direction drifts over ~300 µm.
-            let dir = fib_base + 2.5 * (fbm(fib_seed ^ 1, x, y, 300.0, 2, 0.0) - 0.5);
+            let dir = field.fibre_angle(x, y);
             // Stroma, then epithelial sheet, mucin and floating clusters painted over it.
             let stroma = arch.stroma_e * (0.8 + 0.4 * tone);
             let (mut keep, mut e, mut hh) = (1.0f32, 0.0f32, 0.03f32);
@@ -563,7 +569,6 @@ fn nuclei_in_view(field: &Field, cv: &Canvas) -> Vec<Nucleus> {
     }
 
     // Stromal fibroblasts (spindles along the fibres) and lymphocytes.
-    let fib_angle = unit(mix(field.layer(FIBER))) * std::f32::consts::PI;
     let stroma_seed = field.layer(STROMA);
     for (cx, cy) in cells(12.0) {
         let mut rng = Rng::new(hash_cell(stroma_seed, cx, cy));
@@ -584,9 +589,7 @@ fn nuclei_in_view(field: &Field, cv: &Canvas) -> Vec<Nucleus> {
             y,
             a: len * rng.range(0.8, 1.2),
             b: 2.2 / arch.spindle.sqrt(),
-            angle: fib_angle
-                + 2.5 * (fbm(field.layer(FIBER) ^ 1, x, y, 300.0, 2, 0.0) - 0.5)
-                + rng.range(-0.3, 0.3),
+            angle: field.fibre_angle(x, y) + rng.range(-0.3, 0.3),
             w3c: 0.0,
             w3s: 0.0,
             w4: 0.05,

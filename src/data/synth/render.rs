@@ -46,7 +46,7 @@ const STROMA: u64 = 10;
 const LYMPH: u64 = 11;
 
 /// Eosin / hematoxylin OD of epithelial cytoplasm, mucin and lumen.
-const CYTO: (f32, f32) = (0.32, 0.10);
+const CYTO: (f32, f32) = (0.45, 0.14);
 const MUCIN_OD: (f32, f32) = (0.05, 0.16);
 const LUMEN_OD: (f32, f32) = (0.03, 0.01);
 
@@ -91,10 +91,22 @@ impl Field {
         smoothstep(0.5, 0.56, fbm(self.layer(CLUSTER), x, y, 45.0, 2, min_wl))
     }
 
-    /// Direction of the collagen fibres at a point: a per-field angle that bends over ~300 µm.
+    /// Collagen fibres run along a per-field direction and bend: the stripe pattern is
+    /// evaluated at (u, v − warp(x, y)) in fibre coordinates, with a smooth warp of ±40 µm over
+    /// ~300 µm. Warping world-fixed coordinates (rather than rotating them by a varying angle)
+    /// keeps the texture identical in every view of the same place.
+    fn fibre_base(&self) -> (f64, f64) {
+        let a = unit(mix(self.layer(FIBER))) as f64 * std::f64::consts::PI;
+        (a.cos(), a.sin())
+    }
+    fn fibre_warp(&self, x: f64, y: f64) -> f32 {
+        80.0 * (fbm(self.layer(FIBER) ^ 1, x, y, 300.0, 2, 0.0) - 0.5)
+    }
+    /// Local fibre direction (for fibroblasts): the base angle plus the warp's slope.
     fn fibre_angle(&self, x: f64, y: f64) -> f32 {
-        let seed = self.layer(FIBER);
-        unit(mix(seed)) * std::f32::consts::PI + 2.5 * (fbm(seed ^ 1, x, y, 300.0, 2, 0.0) - 0.5)
+        let (c, s) = self.fibre_base();
+        let slope = self.fibre_warp(x + c, y + s) - self.fibre_warp(x, y);
+        s.atan2(c) as f32 + slope.atan()
     }
 
     /// How much a point shows the lesion: pathologists photographed the lesion, not the
@@ -338,9 +350,10 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
     let gh = cv.h / STEP + 2;
     // Band limit of the coarse grid: features shorter than two grid steps are averaged out.
     let min_wl = 2.0 * STEP as f64 * cv.upp;
-    // Per grid point: eosin = a·(1 + fibre) + b, hematoxylin = hh, and the fibre direction.
+    // Per grid point: eosin = a·(1 + fibre) + b, hematoxylin = hh, and the fibre warp.
     // Everything but the fibre texture is smooth, so it is mixed here once per grid point.
-    let mut grid = vec![[0.0f32; 5]; gw * gh];
+    let mut grid = vec![[0.0f32; 4]; gw * gh];
+    let (fc, fs) = field.fibre_base();
     let fib_seed = field.layer(FIBER);
     for gy in 0..gh {
         for gx in 0..gw {
@@ -355,7 +368,7 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
             };
             let tone = fbm(field.layer(TONE), x, y, 80.0, 3, min_wl);
             // Fibres bend: their direction drifts over ~300 µm.
-            let dir = field.fibre_angle(x, y);
+            let warp = field.fibre_warp(x, y);
             // Stroma, then epithelial sheet, mucin and floating clusters painted over it.
             let stroma = arch.stroma_e * (0.8 + 0.4 * tone);
             let (mut keep, mut e, mut hh) = (1.0f32, 0.0f32, 0.03f32);
@@ -365,19 +378,19 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
                 hh += (ch - hh) * cover;
             }
             // `e` is the painted-over part; the stroma shows through with weight `keep`.
-            grid[gy * gw + gx] = [stroma * keep * t, e * t, hh * t, dir.cos(), dir.sin()];
+            grid[gy * gw + gx] = [stroma * keep * t, e * t, hh * t, warp];
         }
     }
     // Fibres: 2 µm across, 14 µm along; drawn only where that is resolvable.
-    let fib_w = ((2.0 / cv.upp - 1.5).clamp(0.0, 1.0)) as f32 * arch.fiber * 0.6;
+    let fib_w = ((2.0 / cv.upp - 1.5).clamp(0.0, 1.0)) as f32 * arch.fiber * 0.8;
     // Interpolate the grid in y once per pixel row, then in x per pixel.
-    let mut row = vec![[0.0f32; 5]; gw];
+    let mut row = vec![[0.0f32; 4]; gw];
     for j in 0..cv.h {
         let gy = j / STEP;
         let ty = (j % STEP) as f32 / STEP as f32;
         for (gx, r) in row.iter_mut().enumerate() {
             let (a, b) = (&grid[gy * gw + gx], &grid[(gy + 1) * gw + gx]);
-            for k in 0..5 {
+            for k in 0..4 {
                 r[k] = a[k] + (b[k] - a[k]) * ty;
             }
         }
@@ -389,9 +402,8 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
             let (a, b, hh) = (lerp(0), lerp(1), lerp(2));
             let mut fib = 0.0;
             if fib_w > 0.0 && a > 0.0 {
-                let (fc, fs) = (lerp(3) as f64, lerp(4) as f64);
                 let (x, y) = cv.world(i as f32 + 0.5, j as f32 + 0.5);
-                let (u, v) = (x * fc + y * fs, -x * fs + y * fc);
+                let (u, v) = (x * fc + y * fs, -x * fs + y * fc - lerp(3) as f64);
                 fib = fib_w * (value(fib_seed, u / 14.0, v / 2.0) - 0.5) * 2.0;
             }
             let k = j * cv.w + i;
@@ -593,7 +605,7 @@ fn nuclei_in_view(field: &Field, cv: &Canvas) -> Vec<Nucleus> {
             w3c: 0.0,
             w3s: 0.0,
             w4: 0.05,
-            h: 0.8 * rng.range(0.85, 1.1),
+            h: 1.0 * rng.range(0.85, 1.1),
             chromatin: 0.0,
             seed: rng.next_u64(),
         });
@@ -619,7 +631,7 @@ fn nuclei_in_view(field: &Field, cv: &Canvas) -> Vec<Nucleus> {
             w3c: 0.0,
             w3s: 0.0,
             w4: 0.0,
-            h: 1.35,
+            h: 1.6,
             chromatin: 0.0,
             seed: 0,
         });

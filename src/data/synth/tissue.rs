@@ -65,8 +65,8 @@ pub(crate) struct Arch {
 fn base() -> Arch {
     Arch {
         tissue: 0.8,
-        stroma_e: 0.45,
-        fiber: 0.35,
+        stroma_e: 0.65,
+        fiber: 0.4,
         stroma_cells: 0.12,
         spindle: 3.0,
         gland_spacing: 0.0,
@@ -85,7 +85,7 @@ fn base() -> Arch {
         nuc_r_sd: 0.08,
         nuc_aspect: 0.15,
         nuc_irreg: 0.03,
-        nuc_h: 0.85,
+        nuc_h: 1.05,
         chromatin: 0.1,
         lymph: 0.02,
     }
@@ -98,7 +98,7 @@ fn malignant_nuclei(a: Arch) -> Arch {
         nuc_r_sd: 0.28,
         nuc_aspect: 0.3,
         nuc_irreg: 0.14,
-        nuc_h: 1.4,
+        nuc_h: 1.7,
         chromatin: 0.45,
         // Desmoplastic, inflamed stroma around carcinoma.
         stroma_cells: a.stroma_cells.max(0.2),
@@ -123,8 +123,8 @@ pub(crate) fn breakhis(code: &str) -> Arch {
         },
         // Fibroadenoma: abundant loose stroma, compressed slit-like glands.
         "F" => Arch {
-            stroma_e: 0.35,
-            fiber: 0.5,
+            stroma_e: 0.5,
+            fiber: 0.55,
             stroma_cells: 0.18,
             gland_spacing: 110.0,
             gland_prob: 0.6,
@@ -136,7 +136,7 @@ pub(crate) fn breakhis(code: &str) -> Arch {
         },
         // Phyllodes tumour: hypercellular leaf-like stroma with clefts.
         "PT" => Arch {
-            stroma_e: 0.5,
+            stroma_e: 0.7,
             stroma_cells: 0.45,
             spindle: 3.5,
             gland_spacing: 110.0,
@@ -148,7 +148,7 @@ pub(crate) fn breakhis(code: &str) -> Arch {
         },
         // Tubular adenoma: closely packed small uniform tubules, little stroma.
         "TA" => Arch {
-            stroma_e: 0.4,
+            stroma_e: 0.55,
             gland_spacing: 36.0,
             gland_prob: 0.95,
             gland_radius: 12.0,
@@ -191,7 +191,7 @@ pub(crate) fn breakhis(code: &str) -> Arch {
         },
         // Papillary carcinoma: finger-like fronds with stromal cores lined by stratified cells.
         "PC" => malignant_nuclei(Arch {
-            stroma_e: 0.12,
+            stroma_e: 0.15,
             fiber: 0.15,
             stroma_cells: 0.03,
             gland_spacing: 90.0,
@@ -223,7 +223,7 @@ pub(crate) fn bach(label: u32) -> Arch {
         }),
         _ => Arch {
             tissue: 0.6,
-            stroma_e: 0.38,
+            stroma_e: 0.55,
             gland_spacing: 50.0,
             gland_prob: 0.45,
             gland_radius: 16.0,
@@ -290,7 +290,8 @@ impl Stain {
             ])
         };
         let h = perturb([0.650, 0.704, 0.286], 0.12);
-        let e = perturb([0.072, 0.990, 0.105], 0.10);
+        // Eosin as measured on real BreakHis stroma (pinker than the textbook [0.07, 0.99, 0.11]).
+        let e = perturb([0.16, 0.93, 0.33], 0.10);
         Stain {
             h,
             e,

@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod commands;
+pub mod data;
 pub mod download;
 pub mod error;
 pub mod exec;

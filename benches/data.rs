@@ -42,17 +42,12 @@ fn main() {
         s.bytes as f64 / 1e3 / s.images as f64
     );
 
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let mut one = SynthOptions::new(Dataset::BreakHis, 2);
     one.patients = Some(4);
     let out1 = tmp.join("breakhis-1t");
     let t = Instant::now();
-    let s1 = pool
-        .install(|| generate_with(&one, &out1))
-        .expect("generate");
+    let s1 = pool.install(|| generate_with(&one, &out1)).expect("generate");
     let dt = t.elapsed().as_secs_f64();
     println!(
         "synth breakhis 700x460, 1 thread: {} images in {:.2} s = {:.1} images/s",

@@ -16,4 +16,5 @@ pub mod experiment;
 pub mod lineage;
 pub mod patchify;
 pub mod plan;
+pub mod split;
 pub mod stages;

@@ -99,6 +99,22 @@ enum Command {
         #[arg(short = 'n', long)]
         dry_run: bool,
     },
+    /// Generate a synthetic dataset in a real layout (H&E-like images, nested magnifications).
+    Synth {
+        /// breakhis, bach or breast-cell
+        dataset: String,
+        /// Output folder (must not exist or be empty)
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// BreakHis: patients (default 16); BACH / breast cell: images per class
+        #[arg(long)]
+        patients: Option<usize>,
+        /// Image size WIDTHxHEIGHT (default: the real size, e.g. 700x460 for BreakHis)
+        #[arg(long)]
+        size: Option<String>,
+    },
     /// Re-hash every cache entry and report any whose files no longer match their manifest.
     Verify {
         /// Delete corrupt entries so the next run recomputes them
@@ -170,5 +186,8 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
         }
         Command::Gc { experiments, sets, dry_run } => commands::gc(&experiments, &sets, dry_run, &cache()?),
         Command::Verify { remove } => commands::verify(remove, &cache()?),
+        Command::Synth { dataset, out, seed, patients, size } => {
+            commands::synth(&dataset, &out, seed, patients, size.as_deref())
+        }
     }
 }

@@ -47,14 +47,8 @@ fn real_breakhis_fixture_reads_with_labels_and_fields() {
     sorted.sort();
     assert_eq!(recs, sorted, "records come back sorted");
 
-    let f40 = recs
-        .iter()
-        .find(|r| r.rel_path.ends_with("SOB_B_F-14-25197-40-023.png"))
-        .unwrap();
-    assert_eq!(
-        f40.rel_path,
-        format!("{BREAST}/{F_PATIENT}/40X/SOB_B_F-14-25197-40-023.png")
-    );
+    let f40 = recs.iter().find(|r| r.rel_path.ends_with("SOB_B_F-14-25197-40-023.png")).unwrap();
+    assert_eq!(f40.rel_path, format!("{BREAST}/{F_PATIENT}/40X/SOB_B_F-14-25197-40-023.png"));
     assert_eq!(f40.dataset, Dataset::BreakHis);
     assert_eq!((f40.label, f40.class_name.as_str()), (0, "benign"));
     assert_eq!(f40.subtype.as_deref(), Some("F"));
@@ -63,25 +57,16 @@ fn real_breakhis_fixture_reads_with_labels_and_fields() {
     assert_eq!((f40.magnification, f40.seq), (Some(40), Some(23)));
     assert!(f40.path(&root).is_file());
 
-    let a = recs
-        .iter()
-        .find(|r| r.subtype.as_deref() == Some("A"))
-        .unwrap();
+    let a = recs.iter().find(|r| r.subtype.as_deref() == Some("A")).unwrap();
     assert_eq!((a.label, a.subtype_label), (0, Some(0)));
     assert_eq!(a.patient.as_deref(), Some("22549AB"));
-    let dc = recs
-        .iter()
-        .find(|r| r.subtype.as_deref() == Some("DC"))
-        .unwrap();
+    let dc = recs.iter().find(|r| r.subtype.as_deref() == Some("DC")).unwrap();
     assert_eq!((dc.label, dc.class_name.as_str()), (1, "malignant"));
     assert_eq!(dc.subtype_label, Some(4));
     assert_eq!((dc.magnification, dc.seq), (Some(40), Some(10)));
 
-    let mags: Vec<_> = recs
-        .iter()
-        .filter(|r| r.patient.as_deref() == Some("25197"))
-        .map(|r| r.magnification.unwrap())
-        .collect();
+    let mags: Vec<_> =
+        recs.iter().filter(|r| r.patient.as_deref() == Some("25197")).map(|r| r.magnification.unwrap()).collect();
     assert_eq!(mags.len(), 4);
     // The real patient's four images carry different sequence numbers (023, 001, 032, 033),
     // so none of them forms a region at all four magnifications.
@@ -94,14 +79,7 @@ fn breakhis_root_may_be_given_at_three_levels() {
     let key = |rs: Vec<ImageRecord>| {
         let mut k: Vec<_> = rs
             .into_iter()
-            .map(|r| {
-                (
-                    r.patient,
-                    r.magnification,
-                    r.seq,
-                    r.rel_path.rsplit('/').next().unwrap().to_string(),
-                )
-            })
+            .map(|r| (r.patient, r.magnification, r.seq, r.rel_path.rsplit('/').next().unwrap().to_string()))
             .collect();
         k.sort();
         k
@@ -131,16 +109,10 @@ fn regions_need_the_same_sequence_number_at_all_four_magnifications() {
     let regions = regions_at_all_magnifications(&recs);
     assert_eq!(regions.len(), 1);
     let r = &regions[0];
-    assert_eq!(
-        (r.patient.as_str(), r.subtype.as_str(), r.seq),
-        ("25197", "F", 23)
-    );
+    assert_eq!((r.patient.as_str(), r.subtype.as_str(), r.seq), ("25197", "F", 23));
     assert_eq!((r.label, r.subtype_label), (0, 1));
     for (img, mag) in r.images.iter().zip(["40X", "100X", "200X", "400X"]) {
-        assert!(
-            img.contains(&format!("/{mag}/")),
-            "{img} should be at {mag}"
-        );
+        assert!(img.contains(&format!("/{mag}/")), "{img} should be at {mag}");
     }
     // Removing one magnification breaks the region.
     std::fs::remove_file(p.join("200X/SOB_B_F-14-25197-200-023.png")).unwrap();
@@ -151,17 +123,11 @@ fn regions_need_the_same_sequence_number_at_all_four_magnifications() {
 #[test]
 fn name_parsers_round_trip_and_reject_garbage() {
     let n = ImageName::parse("SOB_M_DC-14-2523-40-010.png").unwrap();
-    assert_eq!(
-        (n.class_letter, n.subtype.as_str(), n.year.as_str()),
-        ('M', "DC", "14")
-    );
+    assert_eq!((n.class_letter, n.subtype.as_str(), n.year.as_str()), ('M', "DC", "14"));
     assert_eq!((n.slide.as_str(), n.magnification, n.seq), ("2523", 40, 10));
     assert_eq!(n.name(), "SOB_M_DC-14-2523-40-010.png");
     let d = PatientDir::parse("SOB_B_A_14-22549AB").unwrap();
-    assert_eq!(
-        (d.class_letter, d.subtype.as_str(), d.slide.as_str()),
-        ('B', "A", "22549AB")
-    );
+    assert_eq!((d.class_letter, d.subtype.as_str(), d.slide.as_str()), ('B', "A", "22549AB"));
     assert_eq!(d.name(), "SOB_B_A_14-22549AB");
     for bad in [
         "SOB_X_DC-14-2523-40-010.png",
@@ -173,10 +139,7 @@ fn name_parsers_round_trip_and_reject_garbage() {
         assert!(ImageName::parse(bad).is_none(), "{bad}");
     }
     let c = CellName::parse("ytma49_042003_malignant1_ccd.tif").unwrap();
-    assert_eq!(
-        (c.batch.as_str(), c.label, c.number),
-        ("ytma49_042003", 1, 1)
-    );
+    assert_eq!((c.batch.as_str(), c.label, c.number), ("ytma49_042003", 1, 1));
     assert_eq!(c.name(), "ytma49_042003_malignant1_ccd.tif");
     assert!(CellName::parse("ytma49_042003_normal1_ccd.tif").is_none());
 }
@@ -192,16 +155,10 @@ fn missing_or_wrong_root_says_what_was_expected() {
     let err = scan(Dataset::BreakHis, tmp.path(), false).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, DataError::NotFound { .. }), "{msg}");
-    assert!(
-        msg.contains("BreaKHis_v1") && msg.contains("benign"),
-        "{msg}"
-    );
+    assert!(msg.contains("BreaKHis_v1") && msg.contains("benign"), "{msg}");
 
     let err = scan(Dataset::Bach, tmp.path(), false).unwrap_err();
-    assert!(
-        err.to_string().contains("ICIAR2018_BACH_Challenge/Photos"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("ICIAR2018_BACH_Challenge/Photos"), "{err}");
     let err = scan(Dataset::BreastCell, tmp.path(), false).unwrap_err();
     assert!(err.to_string().contains("_ccd.tif"), "{err}");
 }
@@ -265,13 +222,7 @@ fn every_bad_breakhis_file_is_reported_in_one_error() {
     let err = scan(Dataset::BreakHis, &root, false).unwrap_err();
     let kinds: Vec<_> = err.problems().iter().map(|p| p.kind).collect();
     assert!(!kinds.contains(&ProblemKind::Truncated));
-    assert_eq!(
-        kinds
-            .iter()
-            .filter(|k| **k == ProblemKind::NotAnImage)
-            .count(),
-        1
-    );
+    assert_eq!(kinds.iter().filter(|k| **k == ProblemKind::NotAnImage).count(), 1);
     assert!(kinds.contains(&ProblemKind::Misnamed));
     assert!(kinds.contains(&ProblemKind::ZeroByte));
 }
@@ -296,14 +247,8 @@ fn real_breast_cell_fixture_reads_and_root_is_forgiving() {
     let recs = scan(Dataset::BreastCell, &root, true).unwrap();
     assert_eq!(recs.len(), 2);
     assert_eq!(recs[0].rel_path, "ytma10_010704_benign1_ccd.tif");
-    assert_eq!(
-        (recs[0].label, recs[0].batch.as_deref()),
-        (0, Some("ytma10_010704"))
-    );
-    assert_eq!(
-        (recs[1].label, recs[1].class_name.as_str()),
-        (1, "malignant")
-    );
+    assert_eq!((recs[0].label, recs[0].batch.as_deref()), (0, Some("ytma10_010704")));
+    assert_eq!((recs[1].label, recs[1].class_name.as_str()), (1, "malignant"));
     assert_eq!(recs[1].batch.as_deref(), Some("ytma49_042003"));
     // The parent folder works too: its only subfolder of UCSB images is found.
     let up = scan(Dataset::BreastCell, &fixtures(), false).unwrap();
@@ -320,19 +265,9 @@ fn truncated_tiff_and_misnamed_cell_image_are_caught() {
     let odd = tmp.path().join("cells_01.tif");
     std::fs::copy(tmp.path().join("ytma49_042003_malignant1_ccd.tif"), &odd).unwrap();
     let err = scan(Dataset::BreastCell, tmp.path(), true).unwrap_err();
-    let kinds: Vec<_> = err
-        .problems()
-        .iter()
-        .map(|p| (p.path.clone(), p.kind))
-        .collect();
-    assert!(
-        kinds.contains(&(t.clone(), ProblemKind::Truncated)),
-        "{err}"
-    );
-    assert!(
-        kinds.contains(&(odd.clone(), ProblemKind::Misnamed)),
-        "{err}"
-    );
+    let kinds: Vec<_> = err.problems().iter().map(|p| (p.path.clone(), p.kind)).collect();
+    assert!(kinds.contains(&(t.clone(), ProblemKind::Truncated)), "{err}");
+    assert!(kinds.contains(&(odd.clone(), ProblemKind::Misnamed)), "{err}");
     assert_eq!(kinds.len(), 2, "{err}");
 }
 
@@ -351,17 +286,10 @@ fn bach_layout_is_read_forgivingly_and_misfiled_images_are_caught() {
         std::fs::create_dir_all(photos.join(folder)).unwrap();
         std::fs::copy(&tif, photos.join(folder).join(name)).unwrap();
     }
-    std::fs::write(
-        photos.join("microscopy_ground_truth.csv"),
-        "b001.tif,Benign\n",
-    )
-    .unwrap();
+    std::fs::write(photos.join("microscopy_ground_truth.csv"), "b001.tif,Benign\n").unwrap();
     for root in [tmp.path().to_path_buf(), photos.clone()] {
         let recs = scan(Dataset::Bach, &root, true).unwrap();
-        let got: Vec<_> = recs
-            .iter()
-            .map(|r| (r.class_name.as_str(), r.label, r.seq))
-            .collect();
+        let got: Vec<_> = recs.iter().map(|r| (r.class_name.as_str(), r.label, r.seq)).collect();
         assert_eq!(
             got,
             [
@@ -377,19 +305,8 @@ fn bach_layout_is_read_forgivingly_and_misfiled_images_are_caught() {
     std::fs::copy(&tif, &misfiled).unwrap();
     std::fs::create_dir_all(photos.join("Unknown")).unwrap();
     let err = scan(Dataset::Bach, tmp.path(), false).unwrap_err();
-    let got: Vec<_> = err
-        .problems()
-        .iter()
-        .map(|p| (p.path.clone(), p.kind))
-        .collect();
-    assert_eq!(
-        got,
-        [
-            (misfiled, ProblemKind::Misnamed),
-            (photos.join("Unknown"), ProblemKind::Unexpected)
-        ],
-        "{err}"
-    );
+    let got: Vec<_> = err.problems().iter().map(|p| (p.path.clone(), p.kind)).collect();
+    assert_eq!(got, [(misfiled, ProblemKind::Misnamed), (photos.join("Unknown"), ProblemKind::Unexpected)], "{err}");
 }
 
 #[test]

@@ -27,11 +27,7 @@ fn tree_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn small(kind: Dataset, seed: u64, patients: usize, size: (u32, u32)) -> SynthOptions {
-    SynthOptions {
-        patients: Some(patients),
-        size: Some(size),
-        ..SynthOptions::new(kind, seed)
-    }
+    SynthOptions { patients: Some(patients), size: Some(size), ..SynthOptions::new(kind, seed) }
 }
 
 #[test]
@@ -49,16 +45,10 @@ fn breakhis_synth_reads_back_with_every_region_at_four_magnifications() {
     // Balanced: two patients per subtype, 8 benign and 8 malignant.
     let mut per_subtype: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
     for r in &recs {
-        per_subtype
-            .entry(r.subtype.clone().unwrap())
-            .or_default()
-            .insert(r.patient.clone().unwrap());
+        per_subtype.entry(r.subtype.clone().unwrap()).or_default().insert(r.patient.clone().unwrap());
     }
     assert_eq!(per_subtype.len(), 8);
-    assert!(
-        per_subtype.values().all(|p| p.len() == 2),
-        "{per_subtype:?}"
-    );
+    assert!(per_subtype.values().all(|p| p.len() == 2), "{per_subtype:?}");
     // Images outside full regions exist only at some magnifications.
     let partial: Vec<&ImageRecord> = recs.iter().filter(|r| r.seq == Some(4)).collect();
     assert!(!partial.is_empty());
@@ -68,10 +58,7 @@ fn breakhis_synth_reads_back_with_every_region_at_four_magnifications() {
     let img = image::open(out.join(&recs[0].rel_path)).unwrap();
     assert_eq!((img.width(), img.height()), (140, 92));
     // The staging folder is gone once the dataset is published.
-    let left: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, [std::ffi::OsString::from("bh")]);
 }
 
@@ -79,29 +66,14 @@ fn breakhis_synth_reads_back_with_every_region_at_four_magnifications() {
 fn same_seed_same_bytes_whatever_the_threads_other_seed_other_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let opts = small(Dataset::BreakHis, 11, 2, (120, 80));
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
-    let three = rayon::ThreadPoolBuilder::new()
-        .num_threads(3)
-        .build()
-        .unwrap();
-    one.install(|| generate_with(&opts, &tmp.path().join("a")))
-        .unwrap();
-    three
-        .install(|| generate_with(&opts, &tmp.path().join("b")))
-        .unwrap();
-    let other = SynthOptions {
-        seed: 12,
-        ..opts.clone()
-    };
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    one.install(|| generate_with(&opts, &tmp.path().join("a"))).unwrap();
+    three.install(|| generate_with(&opts, &tmp.path().join("b"))).unwrap();
+    let other = SynthOptions { seed: 12, ..opts.clone() };
     generate_with(&other, &tmp.path().join("c")).unwrap();
-    let (a, b, c) = (
-        tree_bytes(&tmp.path().join("a")),
-        tree_bytes(&tmp.path().join("b")),
-        tree_bytes(&tmp.path().join("c")),
-    );
+    let (a, b, c) =
+        (tree_bytes(&tmp.path().join("a")), tree_bytes(&tmp.path().join("b")), tree_bytes(&tmp.path().join("c")));
     assert!(!a.is_empty());
     assert_eq!(a, b, "same seed must give identical files");
     // Another seed: the same names (the layout depends only on the counts) with other pixels.
@@ -116,9 +88,7 @@ fn bach_and_breast_cell_synth_read_back() {
     let bach = tmp.path().join("bach");
     let s = generate(Dataset::Bach, &bach, 3, Some(2), Some((128, 96))).unwrap();
     assert_eq!(s.images, 8);
-    assert!(bach
-        .join("ICIAR2018_BACH_Challenge/Photos/InSitu/is002.tif")
-        .is_file());
+    assert!(bach.join("ICIAR2018_BACH_Challenge/Photos/InSitu/is002.tif").is_file());
     let recs = scan(Dataset::Bach, &bach, true).unwrap();
     let mut labels: Vec<u32> = recs.iter().map(|r| r.label).collect();
     labels.sort();
@@ -150,10 +120,7 @@ fn bad_arguments_are_refused_without_writing() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("keep.txt"), "x").unwrap();
     let err = generate(Dataset::BreakHis, tmp.path(), 1, Some(1), Some((64, 64))).unwrap_err();
-    assert!(
-        matches!(err, DataError::Usage(_)) && err.to_string().contains("not empty"),
-        "{err}"
-    );
+    assert!(matches!(err, DataError::Usage(_)) && err.to_string().contains("not empty"), "{err}");
     let err = generate(Dataset::BreakHis, &tmp.path().join("x"), 1, Some(0), None).unwrap_err();
     assert!(err.to_string().contains("at least 1"), "{err}");
     assert!(!tmp.path().join("x").exists());
@@ -165,9 +132,7 @@ fn bad_arguments_are_refused_without_writing() {
 }
 
 fn gray(img: &image::RgbImage) -> Vec<f64> {
-    img.pixels()
-        .map(|p| 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64)
-        .collect()
+    img.pixels().map(|p| 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64).collect()
 }
 
 fn pearson(a: &[f64], b: &[f64]) -> f64 {
@@ -197,32 +162,19 @@ fn magnifications_are_nested_zooms_of_one_field() {
         let p = &patients[patient_idx];
         let r = recs
             .iter()
-            .find(|r| {
-                r.patient.as_ref() == Some(p) && r.seq == Some(seq) && r.magnification == Some(mag)
-            })
+            .find(|r| r.patient.as_ref() == Some(p) && r.seq == Some(seq) && r.magnification == Some(mag))
             .unwrap();
         image::open(out.join(&r.rel_path)).unwrap().to_rgb8()
     };
     for patient in 0..2 {
         let i400 = find(patient, 1, 400);
-        let small =
-            image::imageops::resize(&i400, w / 2, h / 2, image::imageops::FilterType::Triangle);
-        let crop = |img: &image::RgbImage| {
-            image::imageops::crop_imm(img, w / 4, h / 4, w / 2, h / 2).to_image()
-        };
+        let small = image::imageops::resize(&i400, w / 2, h / 2, image::imageops::FilterType::Triangle);
+        let crop = |img: &image::RgbImage| image::imageops::crop_imm(img, w / 4, h / 4, w / 2, h / 2).to_image();
         let same = pearson(&gray(&small), &gray(&crop(&find(patient, 1, 200))));
         let other = pearson(&gray(&small), &gray(&crop(&find(patient, 2, 200))));
-        eprintln!(
-            "patient {patient}: corr(400X, centre of 200X) same region {same:.3}, other {other:.3}"
-        );
-        assert!(
-            same > 0.9,
-            "patient {patient}: 400X vs centre of 200X correlate {same:.3}"
-        );
-        assert!(
-            same > other + 0.4,
-            "same region {same:.3}, other region {other:.3}"
-        );
+        eprintln!("patient {patient}: corr(400X, centre of 200X) same region {same:.3}, other {other:.3}");
+        assert!(same > 0.9, "patient {patient}: 400X vs centre of 200X correlate {same:.3}");
+        assert!(same > other + 0.4, "same region {same:.3}, other region {other:.3}");
     }
 }
 
@@ -230,8 +182,7 @@ fn magnifications_are_nested_zooms_of_one_field() {
 /// (nuclear) pixels, fraction of tissue, spread of brightness.
 fn features(img: &image::RgbImage) -> Vec<f64> {
     let n = (img.width() * img.height()) as f64;
-    let (mut od, mut tissue, mut dark, mut g, mut g2) =
-        ([0.0f64; 3], 0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    let (mut od, mut tissue, mut dark, mut g, mut g2) = ([0.0f64; 3], 0.0f64, 0.0f64, 0.0f64, 0.0f64);
     for p in img.pixels() {
         let o = [0, 1, 2].map(|c| -((p[c] as f64 + 1.0) / 256.0).ln());
         let y = 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64;
@@ -249,30 +200,16 @@ fn features(img: &image::RgbImage) -> Vec<f64> {
     }
     let t = tissue.max(1.0);
     let mean = g / n;
-    vec![
-        od[0] / t,
-        od[1] / t,
-        od[2] / t,
-        dark / n,
-        tissue / n,
-        (g2 / n - mean * mean).max(0.0).sqrt(),
-    ]
+    vec![od[0] / t, od[1] / t, od[2] / t, dark / n, tissue / n, (g2 / n - mean * mean).max(0.0).sqrt()]
 }
 
 /// Logistic regression by gradient descent on standardised features.
 fn fit_logistic(x: &[Vec<f64>], y: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let d = x[0].len();
     let n = x.len() as f64;
-    let mean: Vec<f64> = (0..d)
-        .map(|j| x.iter().map(|r| r[j]).sum::<f64>() / n)
-        .collect();
-    let sd: Vec<f64> = (0..d)
-        .map(|j| {
-            (x.iter().map(|r| (r[j] - mean[j]).powi(2)).sum::<f64>() / n)
-                .sqrt()
-                .max(1e-9)
-        })
-        .collect();
+    let mean: Vec<f64> = (0..d).map(|j| x.iter().map(|r| r[j]).sum::<f64>() / n).collect();
+    let sd: Vec<f64> =
+        (0..d).map(|j| (x.iter().map(|r| (r[j] - mean[j]).powi(2)).sum::<f64>() / n).sqrt().max(1e-9)).collect();
     let mut w = vec![0.0; d + 1];
     for _ in 0..3000 {
         let mut grad = vec![0.0; d + 1];
@@ -305,9 +242,7 @@ fn labels_are_learnable_across_patients_from_simple_colour_features() {
     // ids 9-16 once more. Train on the first eight, test on the other eight.
     let is_train = |r: &ImageRecord| {
         let p = r.patient.as_ref().unwrap();
-        let num: usize = p.trim_end_matches(char::is_alphabetic)[1..]
-            .parse()
-            .unwrap();
+        let num: usize = p.trim_end_matches(char::is_alphabetic)[1..].parse().unwrap();
         num <= 8
     };
     let (mut xtr, mut ytr, mut xte, mut yte) = (vec![], vec![], vec![], vec![]);
@@ -322,11 +257,7 @@ fn labels_are_learnable_across_patients_from_simple_colour_features() {
         } else {
             xte.push(f);
             yte.push(r.label as f64);
-            tags.push(format!(
-                "{}-{}",
-                r.subtype.clone().unwrap(),
-                r.magnification.unwrap()
-            ));
+            tags.push(format!("{}-{}", r.subtype.clone().unwrap(), r.magnification.unwrap()));
         }
     }
     let (w, mean, sd) = fit_logistic(&xtr, &ytr);
@@ -361,13 +292,6 @@ fn dump_examples() {
     let dir = Path::new(&dir);
     let _ = std::fs::remove_dir_all(dir);
     generate(Dataset::BreakHis, &dir.join("bh"), 1, Some(8), None).unwrap();
-    generate(
-        Dataset::Bach,
-        &dir.join("bach"),
-        1,
-        Some(1),
-        Some((1024, 768)),
-    )
-    .unwrap();
+    generate(Dataset::Bach, &dir.join("bach"), 1, Some(1), Some((1024, 768))).unwrap();
     generate(Dataset::BreastCell, &dir.join("cell"), 1, Some(1), None).unwrap();
 }

@@ -16,10 +16,7 @@ pub const CLASS_FOLDERS: [&str; 4] = ["Benign", "Invasive", "InSitu", "Normal"];
 pub const FILE_PREFIXES: [&str; 4] = ["b", "iv", "is", "n"];
 
 fn normalise(name: &str) -> String {
-    name.chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
+    name.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect()
 }
 
 /// Label of a class folder name, forgiving about case and punctuation.
@@ -49,12 +46,7 @@ pub fn resolve_root(root: &Path) -> Result<PathBuf, DataError> {
         root.to_path_buf(),
     ];
     first_matching(&candidates, |p| {
-        list_dir(p)
-            .map(|es| {
-                es.iter()
-                    .any(|e| e.is_dir && label_of_folder(&e.name).is_some())
-            })
-            .unwrap_or(false)
+        list_dir(p).map(|es| es.iter().any(|e| e.is_dir && label_of_folder(&e.name).is_some())).unwrap_or(false)
     })
     .ok_or_else(|| DataError::NotFound {
         dataset: "bach",
@@ -67,22 +59,13 @@ pub(crate) fn walk(root: &Path) -> Result<(Vec<ImageRecord>, Vec<Problem>), Data
     let photos = resolve_root(root)?;
     let mut records = Vec::new();
     let mut problems = Vec::new();
-    let mut problem = |path: &Path, kind, detail: String| {
-        problems.push(Problem {
-            path: path.to_path_buf(),
-            kind,
-            detail,
-        })
-    };
+    let mut problem =
+        |path: &Path, kind, detail: String| problems.push(Problem { path: path.to_path_buf(), kind, detail });
     for class_dir in list_dir(&photos)? {
         if !class_dir.is_dir {
             // `microscopy_ground_truth.csv` sits here in the archive; loose images do not.
             if super::image_check::format_for(&class_dir.path).is_some() {
-                problem(
-                    &class_dir.path,
-                    ProblemKind::Unexpected,
-                    "image outside a class folder".to_string(),
-                );
+                problem(&class_dir.path, ProblemKind::Unexpected, "image outside a class folder".to_string());
             }
             continue;
         }
@@ -90,31 +73,20 @@ pub(crate) fn walk(root: &Path) -> Result<(Vec<ImageRecord>, Vec<Problem>), Data
             problem(
                 &class_dir.path,
                 ProblemKind::Unexpected,
-                format!(
-                    "unexpected folder; Photos/ holds only {}",
-                    CLASS_FOLDERS.join(", ")
-                ),
+                format!("unexpected folder; Photos/ holds only {}", CLASS_FOLDERS.join(", ")),
             );
             continue;
         };
         let before = records.len();
         for e in list_dir(&class_dir.path)? {
             if e.is_dir {
-                problem(
-                    &e.path,
-                    ProblemKind::Unexpected,
-                    "unexpected folder inside a class folder".to_string(),
-                );
+                problem(&e.path, ProblemKind::Unexpected, "unexpected folder inside a class folder".to_string());
                 continue;
             }
             let lower = e.name.to_ascii_lowercase();
             if !(lower.ends_with(".tif") || lower.ends_with(".tiff")) {
                 if super::image_check::format_for(&e.path).is_some() || lower.ends_with(".jpg") {
-                    problem(
-                        &e.path,
-                        ProblemKind::NotAnImage,
-                        "not a .tif file; BACH images are TIFF".to_string(),
-                    );
+                    problem(&e.path, ProblemKind::NotAnImage, "not a .tif file; BACH images are TIFF".to_string());
                 }
                 continue;
             }
@@ -152,11 +124,7 @@ pub(crate) fn walk(root: &Path) -> Result<(Vec<ImageRecord>, Vec<Problem>), Data
             });
         }
         if records.len() == before {
-            problem(
-                &class_dir.path,
-                ProblemKind::Empty,
-                "class folder without any .tif image".to_string(),
-            );
+            problem(&class_dir.path, ProblemKind::Empty, "class folder without any .tif image".to_string());
         }
     }
     Ok((records, problems))

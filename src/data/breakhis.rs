@@ -31,54 +31,14 @@ pub struct Subtype {
 
 /// All subtypes, in 8-class label order.
 pub const SUBTYPES: [Subtype; 8] = [
-    Subtype {
-        code: "A",
-        folder: "adenosis",
-        label: 0,
-        subtype_label: 0,
-    },
-    Subtype {
-        code: "F",
-        folder: "fibroadenoma",
-        label: 0,
-        subtype_label: 1,
-    },
-    Subtype {
-        code: "PT",
-        folder: "phyllodes_tumor",
-        label: 0,
-        subtype_label: 2,
-    },
-    Subtype {
-        code: "TA",
-        folder: "tubular_adenoma",
-        label: 0,
-        subtype_label: 3,
-    },
-    Subtype {
-        code: "DC",
-        folder: "ductal_carcinoma",
-        label: 1,
-        subtype_label: 4,
-    },
-    Subtype {
-        code: "MC",
-        folder: "mucinous_carcinoma",
-        label: 1,
-        subtype_label: 5,
-    },
-    Subtype {
-        code: "LC",
-        folder: "lobular_carcinoma",
-        label: 1,
-        subtype_label: 6,
-    },
-    Subtype {
-        code: "PC",
-        folder: "papillary_carcinoma",
-        label: 1,
-        subtype_label: 7,
-    },
+    Subtype { code: "A", folder: "adenosis", label: 0, subtype_label: 0 },
+    Subtype { code: "F", folder: "fibroadenoma", label: 0, subtype_label: 1 },
+    Subtype { code: "PT", folder: "phyllodes_tumor", label: 0, subtype_label: 2 },
+    Subtype { code: "TA", folder: "tubular_adenoma", label: 0, subtype_label: 3 },
+    Subtype { code: "DC", folder: "ductal_carcinoma", label: 1, subtype_label: 4 },
+    Subtype { code: "MC", folder: "mucinous_carcinoma", label: 1, subtype_label: 5 },
+    Subtype { code: "LC", folder: "lobular_carcinoma", label: 1, subtype_label: 6 },
+    Subtype { code: "PC", folder: "papillary_carcinoma", label: 1, subtype_label: 7 },
 ];
 
 pub const CLASS_FOLDERS: [&str; 2] = ["benign", "malignant"];
@@ -131,10 +91,7 @@ impl PatientDir {
     }
 
     pub fn name(&self) -> String {
-        format!(
-            "SOB_{}_{}_{}-{}",
-            self.class_letter, self.subtype, self.year, self.slide
-        )
+        format!("SOB_{}_{}_{}-{}", self.class_letter, self.subtype, self.year, self.slide)
     }
 }
 
@@ -151,9 +108,7 @@ pub struct ImageName {
 
 impl ImageName {
     pub fn parse(name: &str) -> Option<ImageName> {
-        let stem = name
-            .strip_suffix(".png")
-            .or_else(|| name.strip_suffix(".PNG"))?;
+        let stem = name.strip_suffix(".png").or_else(|| name.strip_suffix(".PNG"))?;
         let rest = stem.strip_prefix("SOB_")?;
         let (class, rest) = rest.split_once('_')?;
         let parts: Vec<&str> = rest.split('-').collect();
@@ -206,11 +161,7 @@ fn is_slide(s: &str) -> bool {
 
 /// `40X` → 40.
 fn parse_mag_folder(name: &str) -> Option<u32> {
-    let n: u32 = name
-        .strip_suffix('X')
-        .or_else(|| name.strip_suffix('x'))?
-        .parse()
-        .ok()?;
+    let n: u32 = name.strip_suffix('X').or_else(|| name.strip_suffix('x'))?.parse().ok()?;
     MAGNIFICATIONS.contains(&n).then_some(n)
 }
 
@@ -225,13 +176,12 @@ pub fn resolve_root(root: &Path) -> Result<PathBuf, DataError> {
         root.join("breast"),
         root.to_path_buf(),
     ];
-    first_matching(&candidates, |p| {
-        CLASS_FOLDERS.iter().any(|c| p.join(c).is_dir())
-    })
-    .ok_or_else(|| DataError::NotFound {
-        dataset: "breakhis",
-        root: root.to_path_buf(),
-        reason: format!("no `benign/` or `malignant/` folder found; {EXPECTED}"),
+    first_matching(&candidates, |p| CLASS_FOLDERS.iter().any(|c| p.join(c).is_dir())).ok_or_else(|| {
+        DataError::NotFound {
+            dataset: "breakhis",
+            root: root.to_path_buf(),
+            reason: format!("no `benign/` or `malignant/` folder found; {EXPECTED}"),
+        }
     })
 }
 
@@ -243,11 +193,7 @@ struct Walker<'a> {
 
 impl Walker<'_> {
     fn problem(&mut self, path: &Path, kind: ProblemKind, detail: impl Into<String>) {
-        self.problems.push(Problem {
-            path: path.to_path_buf(),
-            kind,
-            detail: detail.into(),
-        });
+        self.problems.push(Problem { path: path.to_path_buf(), kind, detail: detail.into() });
     }
 
     /// At a folder level that holds only folders: loose images are misplaced, other files ignored
@@ -307,25 +253,15 @@ impl Walker<'_> {
                 Some(st) => self.problem(
                     &e.path,
                     ProblemKind::Misnamed,
-                    format!(
-                        "subtype `{}` is {}, but this folder is under `{class}/`",
-                        st.folder,
-                        st.class_folder()
-                    ),
+                    format!("subtype `{}` is {}, but this folder is under `{class}/`", st.folder, st.class_folder()),
                 ),
                 None => {
-                    let valid: Vec<&str> = SUBTYPES
-                        .iter()
-                        .filter(|s| s.class_folder() == class)
-                        .map(|s| s.folder)
-                        .collect();
+                    let valid: Vec<&str> =
+                        SUBTYPES.iter().filter(|s| s.class_folder() == class).map(|s| s.folder).collect();
                     self.problem(
                         &e.path,
                         ProblemKind::Unexpected,
-                        format!(
-                            "unknown subtype folder; `{class}/SOB/` holds {}",
-                            valid.join(", ")
-                        ),
+                        format!("unknown subtype folder; `{class}/SOB/` holds {}", valid.join(", ")),
                     )
                 }
             }
@@ -394,28 +330,14 @@ impl Walker<'_> {
         Ok(())
     }
 
-    fn walk_mag(
-        &mut self,
-        dir: &Path,
-        st: Subtype,
-        pd: &PatientDir,
-        mag: u32,
-    ) -> Result<(), DataError> {
+    fn walk_mag(&mut self, dir: &Path, st: Subtype, pd: &PatientDir, mag: u32) -> Result<(), DataError> {
         for e in list_dir(dir)? {
             if e.is_dir {
-                self.problem(
-                    &e.path,
-                    ProblemKind::Unexpected,
-                    "unexpected folder inside a magnification folder",
-                );
+                self.problem(&e.path, ProblemKind::Unexpected, "unexpected folder inside a magnification folder");
                 continue;
             }
             if !e.name.to_ascii_lowercase().ends_with(".png") {
-                self.problem(
-                    &e.path,
-                    ProblemKind::NotAnImage,
-                    "not a .png file; BreakHis images are PNG",
-                );
+                self.problem(&e.path, ProblemKind::NotAnImage, "not a .png file; BreakHis images are PNG");
                 continue;
             }
             let Some(name) = ImageName::parse(&e.name) else {
@@ -431,10 +353,7 @@ impl Walker<'_> {
             };
             let mut clashes = Vec::new();
             if name.class_letter != pd.class_letter {
-                clashes.push(format!(
-                    "class {} (folder: {})",
-                    name.class_letter, pd.class_letter
-                ));
+                clashes.push(format!("class {} (folder: {})", name.class_letter, pd.class_letter));
             }
             if name.subtype != st.code {
                 clashes.push(format!("subtype {} (folder: {})", name.subtype, st.code));
@@ -446,19 +365,13 @@ impl Walker<'_> {
                 clashes.push(format!("patient {} (folder: {})", name.slide, pd.slide));
             }
             if name.magnification != mag {
-                clashes.push(format!(
-                    "magnification {}X (folder: {mag}X)",
-                    name.magnification
-                ));
+                clashes.push(format!("magnification {}X (folder: {mag}X)", name.magnification));
             }
             if !clashes.is_empty() {
                 self.problem(
                     &e.path,
                     ProblemKind::Misnamed,
-                    format!(
-                        "file name disagrees with its folders: {}",
-                        clashes.join(", ")
-                    ),
+                    format!("file name disagrees with its folders: {}", clashes.join(", ")),
                 );
                 continue;
             }
@@ -482,11 +395,7 @@ impl Walker<'_> {
 /// Walks the layout under `root`; returns the well-named images and every problem found.
 pub(crate) fn walk(root: &Path) -> Result<(Vec<ImageRecord>, Vec<Problem>), DataError> {
     let breast = resolve_root(root)?;
-    let mut w = Walker {
-        root,
-        records: Vec::new(),
-        problems: Vec::new(),
-    };
+    let mut w = Walker { root, records: Vec::new(), problems: Vec::new() };
     w.walk_breast(&breast)?;
     Ok((w.records, w.problems))
 }
@@ -512,21 +421,15 @@ pub fn regions_at_all_magnifications(records: &[ImageRecord]) -> Vec<Region> {
     type Key<'a> = (&'a str, &'a str, u32);
     let mut by_region: BTreeMap<Key, ([Option<&ImageRecord>; 4], u32, u32)> = BTreeMap::new();
     for r in records.iter().filter(|r| r.dataset == Dataset::BreakHis) {
-        let (Some(st), Some(p), Some(m), Some(seq), Some(sl)) = (
-            r.subtype.as_deref(),
-            r.patient.as_deref(),
-            r.magnification,
-            r.seq,
-            r.subtype_label,
-        ) else {
+        let (Some(st), Some(p), Some(m), Some(seq), Some(sl)) =
+            (r.subtype.as_deref(), r.patient.as_deref(), r.magnification, r.seq, r.subtype_label)
+        else {
             continue;
         };
         let Some(i) = MAGNIFICATIONS.iter().position(|&x| x == m) else {
             continue;
         };
-        let slot = by_region
-            .entry((st, p, seq))
-            .or_insert(([None; 4], r.label, sl));
+        let slot = by_region.entry((st, p, seq)).or_insert(([None; 4], r.label, sl));
         slot.0[i] = Some(r);
     }
     by_region
@@ -541,12 +444,7 @@ pub fn regions_at_all_magnifications(records: &[ImageRecord]) -> Vec<Region> {
                 label,
                 subtype_label: sl,
                 seq,
-                images: [
-                    a.rel_path.clone(),
-                    b.rel_path.clone(),
-                    c.rel_path.clone(),
-                    d.rel_path.clone(),
-                ],
+                images: [a.rel_path.clone(), b.rel_path.clone(), c.rel_path.clone(), d.rel_path.clone()],
             })
         })
         .collect()

@@ -23,9 +23,7 @@ pub struct CellName {
 impl CellName {
     pub fn parse(name: &str) -> Option<CellName> {
         let lower = name.to_ascii_lowercase();
-        let stem = lower
-            .strip_suffix("_ccd.tif")
-            .or_else(|| lower.strip_suffix("_ccd.tiff"))?;
+        let stem = lower.strip_suffix("_ccd.tif").or_else(|| lower.strip_suffix("_ccd.tiff"))?;
         let (tma, rest) = stem.split_once('_')?;
         let (date, class_n) = rest.split_once('_')?;
         let tma_num = tma.strip_prefix("ytma")?;
@@ -35,33 +33,18 @@ impl CellName {
         if date.is_empty() || !date.chars().all(|c| c.is_ascii_digit()) {
             return None;
         }
-        let (label, num) = if let Some(n) = class_n.strip_prefix("benign") {
-            (0, n)
-        } else {
-            (1, class_n.strip_prefix("malignant")?)
-        };
-        Some(CellName {
-            batch: format!("{tma}_{date}"),
-            label,
-            number: num.parse().ok()?,
-        })
+        let (label, num) =
+            if let Some(n) = class_n.strip_prefix("benign") { (0, n) } else { (1, class_n.strip_prefix("malignant")?) };
+        Some(CellName { batch: format!("{tma}_{date}"), label, number: num.parse().ok()? })
     }
 
     pub fn name(&self) -> String {
-        format!(
-            "{}_{}{}_ccd.tif",
-            self.batch, CLASS_NAMES[self.label as usize], self.number
-        )
+        format!("{}_{}{}_ccd.tif", self.batch, CLASS_NAMES[self.label as usize], self.number)
     }
 }
 
 fn holds_cells(dir: &Path) -> bool {
-    list_dir(dir)
-        .map(|es| {
-            es.iter()
-                .any(|e| !e.is_dir && CellName::parse(&e.name).is_some())
-        })
-        .unwrap_or(false)
+    list_dir(dir).map(|es| es.iter().any(|e| !e.is_dir && CellName::parse(&e.name).is_some())).unwrap_or(false)
 }
 
 /// The folder holding the images: `root` itself, or its only subfolder that holds them.
@@ -69,11 +52,8 @@ pub fn resolve_root(root: &Path) -> Result<PathBuf, DataError> {
     if let Some(p) = first_matching(&[root.to_path_buf()], holds_cells) {
         return Ok(p);
     }
-    let subs: Vec<PathBuf> = list_dir(root)?
-        .into_iter()
-        .filter(|e| e.is_dir && holds_cells(&e.path))
-        .map(|e| e.path)
-        .collect();
+    let subs: Vec<PathBuf> =
+        list_dir(root)?.into_iter().filter(|e| e.is_dir && holds_cells(&e.path)).map(|e| e.path).collect();
     match subs.as_slice() {
         [one] => Ok(one.clone()),
         [] => Err(DataError::NotFound {
@@ -86,10 +66,7 @@ give the folder of the UCSB Breast Cancer Cell images"
         _ => Err(DataError::NotFound {
             dataset: "breast-cell",
             root: root.to_path_buf(),
-            reason: format!(
-                "{} subfolders hold UCSB images; give the one to use",
-                subs.len()
-            ),
+            reason: format!("{} subfolders hold UCSB images; give the one to use", subs.len()),
         }),
     }
 }
@@ -110,9 +87,7 @@ pub(crate) fn walk(root: &Path) -> Result<(Vec<ImageRecord>, Vec<Problem>), Data
             problems.push(Problem {
                 path: e.path.clone(),
                 kind: ProblemKind::Misnamed,
-                detail:
-                    "image name does not read as ytma<batch>_<date>_<benign|malignant><n>_ccd.tif"
-                        .to_string(),
+                detail: "image name does not read as ytma<batch>_<date>_<benign|malignant><n>_ccd.tif".to_string(),
             });
             continue;
         };

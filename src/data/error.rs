@@ -55,13 +55,7 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: {}; {}",
-            self.path.display(),
-            self.detail,
-            self.kind.advice()
-        )
+        write!(f, "{}: {}; {}", self.path.display(), self.detail, self.kind.advice())
     }
 }
 
@@ -74,11 +68,7 @@ impl fmt::Display for ProblemList<'_> {
             write!(f, "\n  - {p}")?;
         }
         if self.0.len() > MAX_PRINTED_PROBLEMS {
-            write!(
-                f,
-                "\n  ... and {} more",
-                self.0.len() - MAX_PRINTED_PROBLEMS
-            )?;
+            write!(f, "\n  ... and {} more", self.0.len() - MAX_PRINTED_PROBLEMS)?;
         }
         Ok(())
     }
@@ -88,18 +78,10 @@ impl fmt::Display for ProblemList<'_> {
 pub enum DataError {
     /// The root does not exist or does not hold the dataset's layout anywhere we look.
     #[error("{dataset} dataset not found at {}: {reason}", root.display())]
-    NotFound {
-        dataset: &'static str,
-        root: PathBuf,
-        reason: String,
-    },
+    NotFound { dataset: &'static str, root: PathBuf, reason: String },
     /// The layout was found but some files or folders are wrong; every problem is listed.
     #[error("{dataset} dataset at {} has {} problem(s):{}", root.display(), problems.len(), ProblemList(problems))]
-    Invalid {
-        dataset: &'static str,
-        root: PathBuf,
-        problems: Vec<Problem>,
-    },
+    Invalid { dataset: &'static str, root: PathBuf, problems: Vec<Problem> },
     /// An I/O error outside a per-file check (listing a folder, writing output).
     #[error("{}: {source}", path.display())]
     Io {
@@ -117,10 +99,7 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
 
     /// The problems of an [`DataError::Invalid`], empty for other variants (handy in tests and reports).

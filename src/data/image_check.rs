@@ -44,44 +44,26 @@ fn is_truncation(err: &ImageError) -> bool {
         }
     }
     let msg = err.to_string().to_ascii_lowercase();
-    [
-        "eof",
-        "end of file",
-        "truncat",
-        "unexpected end",
-        "no more data",
-        "not enough data",
-    ]
-    .iter()
-    .any(|k| msg.contains(k))
+    ["eof", "end of file", "truncat", "unexpected end", "no more data", "not enough data"]
+        .iter()
+        .any(|k| msg.contains(k))
 }
 
 /// Reads and fully decodes one image; `Ok((width, height))` or the problem found.
 pub fn check_image(path: &Path) -> Result<(u32, u32), Problem> {
-    let problem = |kind, detail: String| Problem {
-        path: path.to_path_buf(),
-        kind,
-        detail,
-    };
+    let problem = |kind, detail: String| Problem { path: path.to_path_buf(), kind, detail };
     let Some(format) = format_for(path) else {
-        return Err(problem(
-            ProblemKind::NotAnImage,
-            "not a .png/.tif file".to_string(),
-        ));
+        return Err(problem(ProblemKind::NotAnImage, "not a .png/.tif file".to_string()));
     };
     let name = format_name(format);
-    let bytes = std::fs::read(path)
-        .map_err(|e| problem(ProblemKind::Unreadable, format!("cannot read: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| problem(ProblemKind::Unreadable, format!("cannot read: {e}")))?;
     if bytes.is_empty() {
         return Err(problem(ProblemKind::ZeroByte, "zero-byte file".to_string()));
     }
     if !has_magic(&bytes, format) {
         return Err(problem(
             ProblemKind::NotAnImage,
-            format!(
-                "not a {name} file (its first bytes are {:02x?})",
-                &bytes[..bytes.len().min(8)]
-            ),
+            format!("not a {name} file (its first bytes are {:02x?})", &bytes[..bytes.len().min(8)]),
         ));
     }
     let decoded = ImageReader::with_format(Cursor::new(&bytes), format).decode();
@@ -89,24 +71,15 @@ pub fn check_image(path: &Path) -> Result<(u32, u32), Problem> {
         Ok(img) => Ok((img.width(), img.height())),
         Err(e) if is_truncation(&e) => Err(problem(
             ProblemKind::Truncated,
-            format!(
-                "truncated {name} (file ends after {} bytes: {e})",
-                bytes.len()
-            ),
+            format!("truncated {name} (file ends after {} bytes: {e})", bytes.len()),
         )),
-        Err(e) => Err(problem(
-            ProblemKind::Corrupt,
-            format!("{name} does not decode: {e}"),
-        )),
+        Err(e) => Err(problem(ProblemKind::Corrupt, format!("{name} does not decode: {e}"))),
     }
 }
 
 /// Checks every path in parallel and returns the problems, sorted by path.
 pub fn check_images(paths: &[PathBuf]) -> Vec<Problem> {
-    let mut problems: Vec<Problem> = paths
-        .par_iter()
-        .filter_map(|p| check_image(p).err())
-        .collect();
+    let mut problems: Vec<Problem> = paths.par_iter().filter_map(|p| check_image(p).err()).collect();
     problems.sort_by(|a, b| a.path.cmp(&b.path));
     problems
 }
@@ -116,17 +89,13 @@ pub fn check_sizes(paths: &[PathBuf]) -> Vec<Problem> {
     let mut problems: Vec<Problem> = paths
         .par_iter()
         .filter_map(|p| match std::fs::metadata(p) {
-            Ok(m) if m.len() == 0 => Some(Problem {
-                path: p.clone(),
-                kind: ProblemKind::ZeroByte,
-                detail: "zero-byte file".to_string(),
-            }),
+            Ok(m) if m.len() == 0 => {
+                Some(Problem { path: p.clone(), kind: ProblemKind::ZeroByte, detail: "zero-byte file".to_string() })
+            }
             Ok(_) => None,
-            Err(e) => Some(Problem {
-                path: p.clone(),
-                kind: ProblemKind::Unreadable,
-                detail: format!("cannot read: {e}"),
-            }),
+            Err(e) => {
+                Some(Problem { path: p.clone(), kind: ProblemKind::Unreadable, detail: format!("cannot read: {e}") })
+            }
         })
         .collect();
     problems.sort_by(|a, b| a.path.cmp(&b.path));

@@ -24,11 +24,7 @@ pub use record::{Dataset, ImageRecord};
 /// With `verify_images` every image is decoded in full, in parallel, so truncated or corrupt
 /// files are reported. Every problem found (misnamed, unexpected, empty, unreadable, ...) is
 /// collected into one [`DataError::Invalid`].
-pub fn scan(
-    dataset: Dataset,
-    root: &Path,
-    verify_images: bool,
-) -> Result<Vec<ImageRecord>, DataError> {
+pub fn scan(dataset: Dataset, root: &Path, verify_images: bool) -> Result<Vec<ImageRecord>, DataError> {
     if !root.is_dir() {
         return Err(DataError::NotFound {
             dataset: dataset.name(),
@@ -54,11 +50,7 @@ pub fn scan(
     }
     if !problems.is_empty() {
         problems.sort_by(|a, b| a.path.cmp(&b.path).then(a.kind.cmp(&b.kind)));
-        return Err(DataError::Invalid {
-            dataset: dataset.name(),
-            root: root.to_path_buf(),
-            problems,
-        });
+        return Err(DataError::Invalid { dataset: dataset.name(), root: root.to_path_buf(), problems });
     }
     if records.is_empty() {
         return Err(DataError::NotFound {
@@ -86,10 +78,7 @@ pub(crate) fn list_dir(dir: &Path) -> Result<Vec<Entry>, DataError> {
     for ent in rd {
         let ent = ent.map_err(|e| DataError::io(dir, e))?;
         let name = ent.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.')
-            || name.eq_ignore_ascii_case("Thumbs.db")
-            || name.eq_ignore_ascii_case("desktop.ini")
-        {
+        if name.starts_with('.') || name.eq_ignore_ascii_case("Thumbs.db") || name.eq_ignore_ascii_case("desktop.ini") {
             continue;
         }
         let path = ent.path();
@@ -102,12 +91,6 @@ pub(crate) fn list_dir(dir: &Path) -> Result<Vec<Entry>, DataError> {
 }
 
 /// The first candidate folder that exists and satisfies `looks_right`.
-pub(crate) fn first_matching(
-    candidates: &[PathBuf],
-    looks_right: impl Fn(&Path) -> bool,
-) -> Option<PathBuf> {
-    candidates
-        .iter()
-        .find(|c| c.is_dir() && looks_right(c))
-        .cloned()
+pub(crate) fn first_matching(candidates: &[PathBuf], looks_right: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    candidates.iter().find(|c| c.is_dir() && looks_right(c)).cloned()
 }

@@ -53,9 +53,7 @@ impl FromStr for Dataset {
             "breakhis" => Ok(Dataset::BreakHis),
             "bach" | "iciar2018" => Ok(Dataset::Bach),
             "breast-cell" | "breastcell" | "ucsb" => Ok(Dataset::BreastCell),
-            _ => Err(DataError::Usage(format!(
-                "unknown dataset `{s}`; expected one of breakhis, bach, breast-cell"
-            ))),
+            _ => Err(DataError::Usage(format!("unknown dataset `{s}`; expected one of breakhis, bach, breast-cell"))),
         }
     }
 }
@@ -94,8 +92,5 @@ impl ImageRecord {
 /// Joins path components relative to the scan root with `/`, whatever the platform.
 pub(crate) fn rel_string(root: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(root).unwrap_or(path);
-    rel.components()
-        .map(|c| c.as_os_str().to_string_lossy())
-        .collect::<Vec<_>>()
-        .join("/")
+    rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
 }

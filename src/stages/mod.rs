@@ -5,6 +5,8 @@ pub mod command;
 pub mod download;
 pub mod patchify;
 pub mod source;
+pub mod split;
+pub mod synthetic;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,8 @@ pub enum StageSpec {
     Command(command::CommandSpec),
     Download(download::DownloadSpec),
     Patchify(patchify::PatchifySpec),
+    Synthetic(synthetic::SyntheticSpec),
+    Split(split::SplitSpec),
 }
 
 /// One input of a node as its stage sees it.
@@ -115,7 +119,7 @@ pub fn log_line(ctx: &ExecContext<'_>, line: &str) {
 
 impl StageSpec {
     /// Every stage kind, for validation and "did you mean".
-    pub const KINDS: &'static [&'static str] = &["source", "command", "download", "patchify"];
+    pub const KINDS: &'static [&'static str] = &["source", "command", "download", "synthetic", "patchify", "split"];
 
     pub fn parse(kind: &str, table: Spanned<DeValue<'_>>) -> Result<StageSpec, toml::de::Error> {
         let de = toml::de::ValueDeserializer::from(table);
@@ -124,6 +128,8 @@ impl StageSpec {
             "command" => StageSpec::Command(command::CommandSpec::deserialize(de)?),
             "download" => StageSpec::Download(download::DownloadSpec::deserialize(de)?),
             "patchify" => StageSpec::Patchify(patchify::PatchifySpec::deserialize(de)?),
+            "synthetic" => StageSpec::Synthetic(synthetic::SyntheticSpec::deserialize(de)?),
+            "split" => StageSpec::Split(split::SplitSpec::deserialize(de)?),
             other => return Err(serde::de::Error::custom(format!("unknown stage kind `{other}`"))),
         })
     }
@@ -134,6 +140,8 @@ impl StageSpec {
             StageSpec::Command(_) => "command",
             StageSpec::Download(_) => "download",
             StageSpec::Patchify(_) => "patchify",
+            StageSpec::Synthetic(_) => "synthetic",
+            StageSpec::Split(_) => "split",
         }
     }
 
@@ -144,6 +152,8 @@ impl StageSpec {
             StageSpec::Command(_) => command::VERSION,
             StageSpec::Download(_) => download::VERSION,
             StageSpec::Patchify(_) => patchify::VERSION,
+            StageSpec::Synthetic(_) => synthetic::VERSION,
+            StageSpec::Split(_) => split::VERSION,
         }
     }
 
@@ -162,6 +172,8 @@ impl StageSpec {
             StageSpec::Command(c) => c.validate(decl, all, src),
             StageSpec::Download(d) => d.validate(decl, src),
             StageSpec::Patchify(p) => p.validate(decl, src),
+            StageSpec::Synthetic(s) => s.validate(decl, src),
+            StageSpec::Split(s) => s.validate(decl, src),
         }
     }
 
@@ -172,6 +184,8 @@ impl StageSpec {
             StageSpec::Command(c) => c.key_params(node),
             StageSpec::Download(d) => d.key_params(),
             StageSpec::Patchify(p) => p.key_params(),
+            StageSpec::Synthetic(s) => s.key_params(node),
+            StageSpec::Split(s) => s.key_params(node),
         };
         if !node.matrix.is_empty() {
             let m =
@@ -189,6 +203,8 @@ impl StageSpec {
             StageSpec::Command(c) => c.execute(ctx),
             StageSpec::Download(d) => d.execute(ctx),
             StageSpec::Patchify(p) => p.execute(ctx),
+            StageSpec::Synthetic(s) => s.execute(ctx),
+            StageSpec::Split(s) => s.execute(ctx),
         }
     }
 }

@@ -53,14 +53,7 @@ pub struct SynthOptions {
 
 impl SynthOptions {
     pub fn new(kind: SynthKind, seed: u64) -> SynthOptions {
-        SynthOptions {
-            kind,
-            seed,
-            patients: None,
-            size: None,
-            regions_per_patient: None,
-            partial_regions: true,
-        }
+        SynthOptions { kind, seed, patients: None, size: None, regions_per_patient: None, partial_regions: true }
     }
 
     /// Default count: 16 BreakHis patients (2 per subtype), 2 BACH images per class,
@@ -101,11 +94,7 @@ pub struct Summary {
 
 /// Parses `700x460` (also `700X460`, `700×460`).
 pub fn parse_size(s: &str) -> Result<(u32, u32), DataError> {
-    let bad = || {
-        DataError::Usage(format!(
-            "bad size `{s}`; expected WIDTHxHEIGHT, e.g. 700x460"
-        ))
-    };
+    let bad = || DataError::Usage(format!("bad size `{s}`; expected WIDTHxHEIGHT, e.g. 700x460"));
     let (w, h) = s.split_once(['x', 'X', '×']).ok_or_else(bad)?;
     let w: u32 = w.trim().parse().map_err(|_| bad())?;
     let h: u32 = h.trim().parse().map_err(|_| bad())?;
@@ -128,11 +117,7 @@ pub fn generate(
     patients: Option<usize>,
     size: Option<(u32, u32)>,
 ) -> Result<Summary, DataError> {
-    let opts = SynthOptions {
-        patients,
-        size,
-        ..SynthOptions::new(kind, seed)
-    };
+    let opts = SynthOptions { patients, size, ..SynthOptions::new(kind, seed) };
     generate_with(&opts, out)
 }
 
@@ -146,21 +131,13 @@ struct Job {
 
 /// Writes a synthetic dataset as described by `opts` under `out` (absent or empty).
 pub fn generate_with(opts: &SynthOptions, out: &Path) -> Result<Summary, DataError> {
-    let count = opts
-        .patients
-        .unwrap_or_else(|| SynthOptions::default_count(opts.kind));
+    let count = opts.patients.unwrap_or_else(|| SynthOptions::default_count(opts.kind));
     if count == 0 {
-        return Err(DataError::Usage(
-            "--patients must be at least 1".to_string(),
-        ));
+        return Err(DataError::Usage("--patients must be at least 1".to_string()));
     }
-    let (width, height) = opts
-        .size
-        .unwrap_or_else(|| SynthOptions::default_size(opts.kind));
+    let (width, height) = opts.size.unwrap_or_else(|| SynthOptions::default_size(opts.kind));
     if width < 16 || height < 16 {
-        return Err(DataError::Usage(format!(
-            "size {width}x{height} too small; at least 16x16"
-        )));
+        return Err(DataError::Usage(format!("size {width}x{height} too small; at least 16x16")));
     }
     let staging = prepare_out(out)?;
     let (fields, jobs, regions) = match opts.kind {
@@ -203,9 +180,7 @@ fn prepare_out(out: &Path) -> Result<PathBuf, DataError> {
             )));
         }
     }
-    let name = out
-        .file_name()
-        .ok_or_else(|| DataError::Usage(format!("bad output folder {}", out.display())))?;
+    let name = out.file_name().ok_or_else(|| DataError::Usage(format!("bad output folder {}", out.display())))?;
     let staging = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
     if staging.exists() {
         // Left over from an interrupted run.
@@ -229,10 +204,8 @@ fn write_image(path: &Path, img: &RgbImage, format: image::ImageFormat) -> Resul
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     let mut bytes = Vec::with_capacity(img.len() / 2);
     let encoded = match format {
-        image::ImageFormat::Png => {
-            PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, FilterType::Sub)
-                .write_image(img, img.width(), img.height(), ExtendedColorType::Rgb8)
-        }
+        image::ImageFormat::Png => PngEncoder::new_with_quality(&mut bytes, CompressionType::Fast, FilterType::Sub)
+            .write_image(img, img.width(), img.height(), ExtendedColorType::Rgb8),
         _ => TiffEncoder::new(std::io::Cursor::new(&mut bytes)).write_image(
             img,
             img.width(),
@@ -240,10 +213,7 @@ fn write_image(path: &Path, img: &RgbImage, format: image::ImageFormat) -> Resul
             ExtendedColorType::Rgb8,
         ),
     };
-    encoded.map_err(|e| DataError::Encode {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    encoded.map_err(|e| DataError::Encode { path: path.to_path_buf(), message: e.to_string() })?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.partial"));
     std::fs::write(&tmp, &bytes).map_err(|e| DataError::io(&tmp, e))?;
@@ -268,12 +238,7 @@ fn slide_id(i: usize) -> String {
     format!("9{:04}{suffix}", i + 1)
 }
 
-fn plan_breakhis(
-    opts: &SynthOptions,
-    patients: usize,
-    width: u32,
-    height: u32,
-) -> (Vec<Field>, Vec<Job>, usize) {
+fn plan_breakhis(opts: &SynthOptions, patients: usize, width: u32, height: u32) -> (Vec<Field>, Vec<Job>, usize) {
     let regions = opts.regions_per_patient.unwrap_or(3).max(1);
     let order = subtype_order();
     let mut fields = Vec::new();
@@ -294,19 +259,13 @@ fn plan_breakhis(
             slide: slide_id(p),
         };
         // Regions 1..=regions at all four magnifications; maybe one more at only some.
-        let mut seqs: Vec<(u32, Vec<u32>)> = (1..=regions as u32)
-            .map(|s| (s, MAGNIFICATIONS.to_vec()))
-            .collect();
+        let mut seqs: Vec<(u32, Vec<u32>)> = (1..=regions as u32).map(|s| (s, MAGNIFICATIONS.to_vec())).collect();
         full_regions += regions;
         if opts.partial_regions && rng.chance(0.5) {
             // A non-empty proper subset of the four magnifications.
             let mask = 1 + rng.below(14) as u32;
-            let mags = MAGNIFICATIONS
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| mask & (1 << i) != 0)
-                .map(|(_, &m)| m)
-                .collect();
+            let mags =
+                MAGNIFICATIONS.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, &m)| m).collect();
             seqs.push((regions as u32 + 1, mags));
         }
         for (seq, mags) in seqs {
@@ -348,12 +307,7 @@ fn plan_breakhis(
 }
 
 /// BACH and breast cell: `per_class` images per class, each its own field.
-fn plan_flat(
-    opts: &SynthOptions,
-    per_class: usize,
-    width: u32,
-    height: u32,
-) -> (Vec<Field>, Vec<Job>, usize) {
+fn plan_flat(opts: &SynthOptions, per_class: usize, width: u32, height: u32) -> (Vec<Field>, Vec<Job>, usize) {
     let (classes, real_width, real_upp) = match opts.kind {
         Dataset::Bach => (4u32, 2048.0, 0.42),
         _ => (2u32, 896.0, 0.4),
@@ -375,43 +329,21 @@ fn plan_flat(
                     tissue::Stain::random(&mut rng),
                     PathBuf::from("ICIAR2018_BACH_Challenge/Photos")
                         .join(bach::CLASS_FOLDERS[label as usize])
-                        .join(format!(
-                            "{}{:03}.tif",
-                            bach::FILE_PREFIXES[label as usize],
-                            i + 1
-                        )),
+                        .join(format!("{}{:03}.tif", bach::FILE_PREFIXES[label as usize], i + 1)),
                 ),
                 _ => {
                     let b = i % batches.len();
-                    let name = CellName {
-                        batch: batches[b].to_string(),
-                        label,
-                        number: (i / batches.len() + 1) as u32,
-                    };
-                    (
-                        tissue::breast_cell(label),
-                        batch_stains[b].varied(&mut rng),
-                        PathBuf::from(name.name()),
-                    )
+                    let name =
+                        CellName { batch: batches[b].to_string(), label, number: (i / batches.len() + 1) as u32 };
+                    (tissue::breast_cell(label), batch_stains[b].varied(&mut rng), PathBuf::from(name.name()))
                 }
             };
-            let field = Field {
-                seed: rng.next_u64(),
-                arch: arch.jittered(&mut rng),
-                stain,
-            };
+            let field = Field { seed: rng.next_u64(), arch: arch.jittered(&mut rng), stain };
             let (cx, cy) = field.region_centre(0);
             jobs.push(Job {
                 rel_path,
                 field: fields.len(),
-                view: View {
-                    cx,
-                    cy,
-                    um_per_px: upp,
-                    width,
-                    height,
-                    grain_seed: hash(field.seed, &[1]),
-                },
+                view: View { cx, cy, um_per_px: upp, width, height, grain_seed: hash(field.seed, &[1]) },
                 format: image::ImageFormat::Tiff,
             });
             fields.push(field);

@@ -41,14 +41,7 @@ pub(crate) fn value(seed: u64, x: f64, y: f64) -> f32 {
 /// Fractal sum of `octaves` value-noise layers, the first with `wavelength` µm, each next one
 /// half as long. Layers shorter than `min_wavelength` fade to their mean 0.5 (band limit).
 /// The result lies in [0, 1] with mean 0.5.
-pub(crate) fn fbm(
-    seed: u64,
-    x: f64,
-    y: f64,
-    wavelength: f64,
-    octaves: u32,
-    min_wavelength: f64,
-) -> f32 {
+pub(crate) fn fbm(seed: u64, x: f64, y: f64, wavelength: f64, octaves: u32, min_wavelength: f64) -> f32 {
     let mut sum = 0.0f32;
     let mut norm = 0.0f32;
     let mut amp = 1.0f32;
@@ -94,9 +87,7 @@ mod tests {
             assert_eq!(fbm(5, x, -x, 10.0, 4, 1e6), 0.5);
         }
         // Above it the field varies and stays in [0, 1].
-        let vals: Vec<f32> = (0..2000)
-            .map(|i| fbm(5, i as f64 * 7.3, i as f64 * 3.1, 50.0, 4, 0.0))
-            .collect();
+        let vals: Vec<f32> = (0..2000).map(|i| fbm(5, i as f64 * 7.3, i as f64 * 3.1, 50.0, 4, 0.0)).collect();
         assert!(vals.iter().all(|v| (0.0..=1.0).contains(v)));
         let mean = vals.iter().sum::<f32>() / vals.len() as f32;
         assert!((mean - 0.5).abs() < 0.05, "mean {mean}");

@@ -58,33 +58,21 @@ impl Field {
     /// Tissue presence in [0, 1] at a point (band-limited at `min_wl`).
     pub(crate) fn tissue(&self, x: f64, y: f64, min_wl: f64) -> f32 {
         let t = threshold_for(self.arch.tissue);
-        smoothstep(
-            t - 0.03,
-            t + 0.03,
-            fbm(self.layer(TISSUE), x, y, 900.0, 4, min_wl),
-        )
+        smoothstep(t - 0.03, t + 0.03, fbm(self.layer(TISSUE), x, y, 900.0, 4, min_wl))
     }
     fn sheet(&self, x: f64, y: f64, min_wl: f64) -> f32 {
         if self.arch.sheet <= 0.0 {
             return 0.0;
         }
         let t = threshold_for(self.arch.sheet);
-        smoothstep(
-            t - 0.03,
-            t + 0.03,
-            fbm(self.layer(SHEET), x, y, 160.0, 4, min_wl),
-        )
+        smoothstep(t - 0.03, t + 0.03, fbm(self.layer(SHEET), x, y, 160.0, 4, min_wl))
     }
     fn mucin(&self, x: f64, y: f64, min_wl: f64) -> f32 {
         if self.arch.mucin <= 0.0 {
             return 0.0;
         }
         let t = threshold_for(self.arch.mucin);
-        smoothstep(
-            t - 0.03,
-            t + 0.03,
-            fbm(self.layer(MUCIN), x, y, 260.0, 3, min_wl),
-        )
+        smoothstep(t - 0.03, t + 0.03, fbm(self.layer(MUCIN), x, y, 260.0, 3, min_wl))
     }
     /// Floating cell clusters inside mucin.
     fn cluster(&self, x: f64, y: f64, min_wl: f64) -> f32 {
@@ -193,16 +181,10 @@ struct Canvas {
 impl Canvas {
     /// World → pixel coordinates (pixel centres at +0.5).
     fn to_px(&self, x: f64, y: f64) -> (f32, f32) {
-        (
-            ((x - self.x0) / self.upp) as f32,
-            ((y - self.y0) / self.upp) as f32,
-        )
+        (((x - self.x0) / self.upp) as f32, ((y - self.y0) / self.upp) as f32)
     }
     fn world(&self, px: f32, py: f32) -> (f64, f64) {
-        (
-            self.x0 + px as f64 * self.upp,
-            self.y0 + py as f64 * self.upp,
-        )
+        (self.x0 + px as f64 * self.upp, self.y0 + py as f64 * self.upp)
     }
     /// Whether a disc of radius `r` µm around (x, y) touches the view.
     fn touches(&self, x: f64, y: f64, r: f64) -> bool {
@@ -303,11 +285,7 @@ impl Canvas {
                 }
                 let mut hv = n.h * (0.8 + 0.25 * rho.min(1.0));
                 if tex_w > 0.0 {
-                    let t = value(
-                        n.seed,
-                        i as f64 * tex_scale + (n.seed & 1023) as f64,
-                        j as f64 * tex_scale,
-                    );
+                    let t = value(n.seed, i as f64 * tex_scale + (n.seed & 1023) as f64, j as f64 * tex_scale);
                     hv *= 1.0 + tex_w * (t - 0.5) * 1.6;
                 }
                 let k = j * self.w + i;
@@ -361,11 +339,7 @@ fn base_layers(field: &Field, cv: &mut Canvas) {
             let t = field.tissue(x, y, min_wl);
             let s = field.sheet(x, y, min_wl);
             let m = field.mucin(x, y, min_wl);
-            let c = if m > 0.0 {
-                field.cluster(x, y, min_wl)
-            } else {
-                0.0
-            };
+            let c = if m > 0.0 { field.cluster(x, y, min_wl) } else { 0.0 };
             let tone = fbm(field.layer(TONE), x, y, 80.0, 3, min_wl);
             // Fibres bend: their direction drifts over ~300 µm.
             let warp = field.fibre_warp(x, y);
@@ -431,8 +405,7 @@ fn gland_at(field: &Field, gx: i64, gy: i64) -> Option<Gland> {
         return None;
     }
     let aspect = rng.range(1.0, arch.gland_aspect);
-    let r = (arch.gland_radius * (1.0 + arch.gland_radius_sd * rng.normal()))
-        .clamp(arch.gland_radius * 0.4, g * 0.46);
+    let r = (arch.gland_radius * (1.0 + arch.gland_radius_sd * rng.normal())).clamp(arch.gland_radius * 0.4, g * 0.46);
     // Keep the long axis inside the cell so glands of neighbouring cells never overlap.
     let a = (r * aspect.sqrt()).min(g * 0.48);
     let b = (r / aspect.sqrt()).max(a / arch.gland_aspect.max(1.0));
@@ -443,14 +416,7 @@ fn gland_at(field: &Field, gx: i64, gy: i64) -> Option<Gland> {
     if field.tissue(x, y, 0.0) < 0.5 || field.mucin(x, y, 0.0) > 0.5 {
         return None;
     }
-    Some(Gland {
-        x,
-        y,
-        a,
-        b,
-        angle: rng.range(0.0, std::f32::consts::PI),
-        seed: rng.next_u64(),
-    })
+    Some(Gland { x, y, a, b, angle: rng.range(0.0, std::f32::consts::PI), seed: rng.next_u64() })
 }
 
 /// The gland cells whose glands can touch the view.
@@ -504,14 +470,8 @@ fn nuclei_in_view(field: &Field, cv: &Canvas) -> Vec<Nucleus> {
     let x1 = cv.x0 + cv.w as f64 * cv.upp;
     let y1 = cv.y0 + cv.h as f64 * cv.upp;
     let cells = |spacing: f64| {
-        let (ax, bx) = (
-            ((cv.x0 - margin) / spacing).floor() as i64,
-            ((x1 + margin) / spacing).floor() as i64,
-        );
-        let (ay, by) = (
-            ((cv.y0 - margin) / spacing).floor() as i64,
-            ((y1 + margin) / spacing).floor() as i64,
-        );
+        let (ax, bx) = (((cv.x0 - margin) / spacing).floor() as i64, ((x1 + margin) / spacing).floor() as i64);
+        let (ay, by) = (((cv.y0 - margin) / spacing).floor() as i64, ((y1 + margin) / spacing).floor() as i64);
         (ay..=by).flat_map(move |y| (ax..=bx).map(move |x| (x, y)))
     };
 
@@ -542,11 +502,7 @@ fn nuclei_in_view(field: &Field, cv: &Canvas) -> Vec<Nucleus> {
             }
             let m = field.mucin(x, y, 0.0);
             let p = field.sheet(x, y, 0.0) * arch.sheet_density * (1.0 - m)
-                + if m > 0.0 {
-                    m * field.cluster(x, y, 0.0) * 0.9
-                } else {
-                    0.0
-                };
+                + if m > 0.0 { m * field.cluster(x, y, 0.0) * 0.9 } else { 0.0 };
             let mut rng = Rng::new(mix(hc ^ 0x5EED));
             if rng.f32() < p * t {
                 let angle = rng.range(0.0, std::f32::consts::PI);
@@ -589,10 +545,7 @@ fn nuclei_in_view(field: &Field, cv: &Canvas) -> Vec<Nucleus> {
         }
         let x = (cx as f64 + rng.f32() as f64) * 12.0;
         let y = (cy as f64 + rng.f32() as f64) * 12.0;
-        if field.tissue(x, y, 0.0) < 0.5
-            || field.sheet(x, y, 0.0) > 0.3
-            || field.mucin(x, y, 0.0) > 0.3
-        {
+        if field.tissue(x, y, 0.0) < 0.5 || field.sheet(x, y, 0.0) > 0.3 || field.mucin(x, y, 0.0) > 0.3 {
             continue;
         }
         let len = 2.2 * arch.spindle.sqrt();
@@ -654,8 +607,7 @@ fn lining(arch: &Arch, gl: &Gland, out: &mut Vec<Nucleus>) {
         let n = (circ / spacing).floor().max(3.0) as usize;
         let phase = rng.f32();
         for k in 0..n {
-            let phi =
-                std::f32::consts::TAU * (k as f32 + phase + rng.range(-0.15, 0.15)) / n as f32;
+            let phi = std::f32::consts::TAU * (k as f32 + phase + rng.range(-0.15, 0.15)) / n as f32;
             let (u, v) = (ra * phi.cos(), rb * phi.sin());
             let (x, y) = place(u, v);
             // Columnar cells stand perpendicular to the rim.
@@ -670,10 +622,7 @@ fn lining(arch: &Arch, gl: &Gland, out: &mut Vec<Nucleus>) {
         while v < r_in {
             let mut u = -a_in;
             while u < a_in {
-                let (uu, vv) = (
-                    u + rng.range(-0.3, 0.3) * spacing,
-                    v + rng.range(-0.3, 0.3) * spacing,
-                );
+                let (uu, vv) = (u + rng.range(-0.3, 0.3) * spacing, v + rng.range(-0.3, 0.3) * spacing);
                 if (uu / a_in).powi(2) + (vv / r_in).powi(2) < 0.9 && rng.chance(0.85) {
                     let (x, y) = place(uu, vv);
                     let angle = rng.range(0.0, std::f32::consts::PI);
@@ -712,9 +661,7 @@ const LUT_SIZE: usize = 2048;
 /// 255·exp(−od) sampled on [0, 8]: exp is the hottest operation of rendering, and linear
 /// interpolation on this grid is exact to well under one grey level.
 fn transmission_lut() -> Vec<f32> {
-    (0..=LUT_SIZE + 1)
-        .map(|i| 255.0 * (-(i as f32) * LUT_MAX_OD / LUT_SIZE as f32).exp())
-        .collect()
+    (0..=LUT_SIZE + 1).map(|i| 255.0 * (-(i as f32) * LUT_MAX_OD / LUT_SIZE as f32).exp()).collect()
 }
 
 #[inline]
@@ -745,43 +692,18 @@ mod tests {
 
     #[test]
     fn a_view_is_deterministic_and_centred() {
-        let field = Field {
-            seed: 3,
-            arch: super::super::tissue::breakhis("DC"),
-            stain: Stain::random(&mut Rng::new(1)),
-        };
+        let field =
+            Field { seed: 3, arch: super::super::tissue::breakhis("DC"), stain: Stain::random(&mut Rng::new(1)) };
         let (cx, cy) = field.region_centre(1);
-        assert!(
-            field.tissue(cx, cy, 0.0) > 0.5,
-            "region centre lies in tissue"
-        );
-        let view = View {
-            cx,
-            cy,
-            um_per_px: 0.5,
-            width: 64,
-            height: 48,
-            grain_seed: 9,
-        };
+        assert!(field.tissue(cx, cy, 0.0) > 0.5, "region centre lies in tissue");
+        let view = View { cx, cy, um_per_px: 0.5, width: 64, height: 48, grain_seed: 9 };
         let a = render(&field, &view);
         assert_eq!(a, render(&field, &view));
         assert_eq!(a.dimensions(), (64, 48));
         // Grain differs, tissue does not: another grain seed changes pixels by at most 3 levels.
-        let b = render(
-            &field,
-            &View {
-                grain_seed: 10,
-                ..view
-            },
-        );
+        let b = render(&field, &View { grain_seed: 10, ..view });
         assert_ne!(a, b);
-        let max_diff = a
-            .as_raw()
-            .iter()
-            .zip(b.as_raw())
-            .map(|(x, y)| x.abs_diff(*y))
-            .max()
-            .unwrap();
+        let max_diff = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
         assert!(max_diff <= 3, "{max_diff}");
     }
 }

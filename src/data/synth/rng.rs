@@ -18,9 +18,7 @@ pub(crate) fn hash(seed: u64, tags: &[u64]) -> u64 {
 #[inline]
 pub(crate) fn hash_cell(seed: u64, x: i64, y: i64) -> u64 {
     // One finaliser round is enough: the multipliers spread x and y over all bits first.
-    mix(seed
-        ^ (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (y as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
+    mix(seed ^ (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (y as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
 }
 
 /// Uniform in [0, 1) from the top 24 bits of a hash.

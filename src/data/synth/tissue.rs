@@ -171,23 +171,14 @@ pub(crate) fn breakhis(code: &str) -> Arch {
             ..b
         }),
         // Mucinous carcinoma: pools of pale mucin with floating clusters of tumour cells.
-        "MC" => malignant_nuclei(Arch {
-            mucin: 0.5,
-            sheet: 0.3,
-            sheet_density: 0.85,
-            nuc_r: 4.2,
-            ..b
-        }),
+        "MC" => malignant_nuclei(Arch { mucin: 0.5, sheet: 0.3, sheet_density: 0.85, nuc_r: 4.2, ..b }),
         // Lobular carcinoma: single files of small, discohesive, uniform-ish cells in stroma.
         "LC" => Arch {
             strands: 3.5,
             sheet: 0.3,
             sheet_density: 0.7,
             stroma_cells: 0.2,
-            ..malignant_nuclei(Arch {
-                nuc_r_sd: 0.15,
-                ..b
-            })
+            ..malignant_nuclei(Arch { nuc_r_sd: 0.15, ..b })
         },
         // Papillary carcinoma: finger-like fronds with stromal cores lined by stratified cells.
         "PC" => malignant_nuclei(Arch {
@@ -297,11 +288,7 @@ impl Stain {
             e,
             h_scale: rng.range(0.8, 1.25),
             e_scale: rng.range(0.7, 1.3),
-            bg: [
-                rng.range(0.0, 0.07),
-                rng.range(0.0, 0.07),
-                rng.range(0.0, 0.07),
-            ],
+            bg: [rng.range(0.0, 0.07), rng.range(0.0, 0.07), rng.range(0.0, 0.07)],
         }
     }
 

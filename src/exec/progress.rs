@@ -59,6 +59,8 @@ struct Bars {
     multi: MultiProgress,
     overall: ProgressBar,
     running: Mutex<HashMap<String, ProgressBar>>,
+    /// executed, cached, failed, skipped so far
+    counts: Mutex<[usize; 4]>,
 }
 
 impl Console {
@@ -76,7 +78,7 @@ impl Console {
                 .progress_chars("=> "),
         );
         overall.set_prefix("mpcs");
-        Console { bars: Some(Bars { multi, overall, running: Mutex::new(HashMap::new()) }) }
+        Console { bars: Some(Bars { multi, overall, running: Mutex::new(HashMap::new()), counts: Mutex::new([0; 4]) }) }
     }
 }
 
@@ -98,9 +100,8 @@ impl Reporter for Console {
             return;
         };
         match event {
-            Event::Planned { total, cached } => {
+            Event::Planned { total, .. } => {
                 b.overall.set_length(total as u64);
-                b.overall.set_message(format!("({cached} cached)"));
             }
             Event::Started { node, device } => {
                 let bar = b.multi.add(ProgressBar::new_spinner());
@@ -136,6 +137,11 @@ impl Reporter for Console {
                     let _ = b.multi.println(format!("FAILED {node} ({seconds:.1} s)"));
                 }
                 b.overall.inc(1);
+                if let Ok(mut c) = b.counts.lock() {
+                    c[outcome as usize] += 1;
+                    let failed = if c[2] > 0 { format!(", {} failed, {} skipped", c[2], c[3]) } else { String::new() };
+                    b.overall.set_message(format!("{} run, {} cached{failed}", c[0], c[1]));
+                }
             }
             Event::Notice(msg) => {
                 let _ = b.multi.println(format!("note: {msg}"));

@@ -93,9 +93,11 @@ impl ProcessRegistry {
 }
 
 enum NodeResult {
-    Executed(Box<Manifest>),
-    /// Another run published the entry while we waited for its lock.
-    Reused(Box<Manifest>),
+    /// `executed` is false when another run published the entry while we waited for the key's lock.
+    Done {
+        manifest: Box<Manifest>,
+        executed: bool,
+    },
     Failed {
         message: String,
         log: Option<PathBuf>,
@@ -315,21 +317,18 @@ pub fn run(
             let id = plan.nodes[i].id.clone();
             let (key, action) = keys[i].clone().ok_or_else(|| Error::internal("finished node without key"))?;
             match result? {
-                NodeResult::Executed(m) => {
+                NodeResult::Done { manifest: m, executed } => {
                     finish_ok(&mut records, &last, &id, &key, &action, &m);
                     digest[i] = Some(m.output_digest.clone());
                     summary.outputs[i] = Some(cache.entry_out(&key));
                     state[i] = St::Done;
-                    summary.executed.push(id.clone());
-                    reporter.event(Event::Finished { node: &id, outcome: Outcome::Executed, seconds });
-                }
-                NodeResult::Reused(m) => {
-                    finish_ok(&mut records, &last, &id, &key, &action, &m);
-                    digest[i] = Some(m.output_digest.clone());
-                    summary.outputs[i] = Some(cache.entry_out(&key));
-                    state[i] = St::Done;
-                    summary.cached.push(id.clone());
-                    reporter.event(Event::Finished { node: &id, outcome: Outcome::Cached, seconds });
+                    let outcome = if executed { Outcome::Executed } else { Outcome::Cached };
+                    if executed {
+                        summary.executed.push(id.clone());
+                    } else {
+                        summary.cached.push(id.clone());
+                    }
+                    reporter.event(Event::Finished { node: &id, outcome, seconds });
                 }
                 NodeResult::Failed { message, log } => {
                     note_record(
@@ -459,7 +458,7 @@ fn execute_node(
         std::thread::sleep(Duration::from_millis(20));
     };
     if let Some(m) = cache.lookup(&key)? {
-        return Ok(NodeResult::Reused(Box::new(m)));
+        return Ok(NodeResult::Done { manifest: Box::new(m), executed: false });
     }
     if cancel.load(Ordering::Relaxed) {
         return Ok(NodeResult::Cancelled);
@@ -511,7 +510,7 @@ fn execute_node(
             let published = cache.publish(staging, manifest, &lock)?;
             // The scratch area (checkpoints) is only needed until the entry exists.
             let _ = std::fs::remove_dir_all(cache.scratch_dir(&key));
-            Ok(NodeResult::Executed(Box::new(published)))
+            Ok(NodeResult::Done { manifest: Box::new(published), executed: true })
         }
         Err(StageFailure(message)) => {
             let log = cache.discard(staging, &key);

@@ -1,0 +1,62 @@
+//! Stain-normalisation throughput on a 700×460 BreakHis image (fit once, normalise many).
+//!
+//! `cargo bench --bench stain` prints images/s per method, single-threaded and with rayon over
+//! images. Compare with `python scripts/stain/bench_torchstain.py` (torchstain numpy on the same
+//! image and target).
+
+use std::path::Path;
+use std::time::Instant;
+
+use mpcs::stain::{load_rgb, Method, Normaliser, RgbImage};
+use rayon::prelude::*;
+
+fn main() {
+    let fix = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stain");
+    let img = load_rgb(&fix.join("bh_f_full.png")).expect("bench image");
+    let target = load_rgb(&fix.join("ts_target.png")).expect("target image");
+    assert_eq!((img.width(), img.height()), (700, 460));
+    let quick = std::env::args().any(|a| a == "--quick");
+    println!(
+        "stain bench: {}x{} image, target ts_target.png, rayon threads {}",
+        img.width(),
+        img.height(),
+        rayon::current_num_threads()
+    );
+    for method in [
+        Method::Macenko,
+        Method::Reinhard,
+        Method::ReinhardLab,
+        Method::Vahadane,
+    ] {
+        let norm = Normaliser::fit(method, &target).expect("fit");
+        let n = match (method, quick) {
+            (Method::Vahadane, _) => 4,
+            (_, true) => 10,
+            _ => 60,
+        };
+        bench(method, &norm, &img, n);
+    }
+}
+
+fn bench(method: Method, norm: &Normaliser, img: &RgbImage, n: usize) {
+    // warm-up
+    assert!(!norm.normalise(img).passed_through);
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(norm.normalise(std::hint::black_box(img)));
+    }
+    let single = n as f64 / t.elapsed().as_secs_f64();
+    let imgs: Vec<&RgbImage> = (0..n).map(|_| img).collect();
+    let t = Instant::now();
+    imgs.par_iter().for_each(|i| {
+        std::hint::black_box(norm.normalise(i));
+    });
+    let par = n as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "{:<13} {:>8.1} images/s single-thread ({:>7.2} ms/image), {:>8.1} images/s rayon",
+        method.as_str(),
+        single,
+        1000.0 / single,
+        par
+    );
+}

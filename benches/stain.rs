@@ -15,7 +15,14 @@ fn main() {
     let img = load_rgb(&fix.join("bh_f_full.png")).expect("bench image");
     let target = load_rgb(&fix.join("ts_target.png")).expect("target image");
     assert_eq!((img.width(), img.height()), (700, 460));
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only METHOD` times one method (for profiling)
+    let only: Option<Method> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|m| m.parse().expect("method name"));
     println!(
         "stain bench: {}x{} image, target ts_target.png, rayon threads {}",
         img.width(),
@@ -28,6 +35,9 @@ fn main() {
         Method::ReinhardLab,
         Method::Vahadane,
     ] {
+        if only.is_some_and(|o| o != method) {
+            continue;
+        }
         let norm = Normaliser::fit(method, &target).expect("fit");
         let n = match (method, quick) {
             (Method::Vahadane, _) => 4,

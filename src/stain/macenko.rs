@@ -73,6 +73,8 @@ pub struct MacenkoEstimate {
     pub max_conc: [f64; 2],
     /// Least-squares concentrations of every pixel, `conc[s][pixel]`.
     pub conc: [Vec<f64>; 2],
+    /// The least-squares operator: `conc[s] = Σ_c pinv[s][c] · OD[c]`.
+    pub pinv: [[f64; 3]; 2],
 }
 
 /// Why an image yields no estimate.
@@ -151,22 +153,30 @@ impl Macenko {
         let Ok(est) = estimate(img, &self.params) else {
             return Normalised::pass(img);
         };
-        // C2 = C / (maxC / maxCRef); out_ch = Io · exp(-Σ_s HERef[ch][s] · C2[s])
+        // C2 = C / (maxC / maxCRef); out_ch = Io · exp(-Σ_s HERef[ch][s] · C2[s]). C is linear in
+        // the per-channel OD, so out_ch = Io · Π_j exp(-A[ch][j] · OD(v_j)): 9 tables of 256
+        // replace three exp per pixel.
         let scale = [
             self.target.max_conc[0] / est.max_conc[0],
             self.target.max_conc[1] / est.max_conc[1],
         ];
         let io = self.params.io;
         let s = &self.target.stains;
+        let od = od_table_torchstain(io);
+        let tab: [[[f64; 256]; 3]; 3] = std::array::from_fn(|ch| {
+            std::array::from_fn(|j| {
+                let a = s[0][ch] * est.pinv[0][j] * scale[0] + s[1][ch] * est.pinv[1][j] * scale[1];
+                std::array::from_fn(|v| (-a * od[v]).exp())
+            })
+        });
         let raw = img.as_raw();
-        let mut out = vec![0u8; raw.len()];
-        for (i, (o, _)) in out.chunks_exact_mut(3).zip(raw.chunks_exact(3)).enumerate() {
-            let c0 = est.conc[0][i] * scale[0];
-            let c1 = est.conc[1][i] * scale[1];
-            for ch in 0..3 {
-                let v = io * (-(s[0][ch] * c0 + s[1][ch] * c1)).exp();
+        let mut out = Vec::with_capacity(raw.len());
+        for p in raw.chunks_exact(3) {
+            let (r, g, b) = (p[0] as usize, p[1] as usize, p[2] as usize);
+            for t in &tab {
+                let v = io * t[0][r] * t[1][g] * t[2][b];
                 // torchstain: Inorm[Inorm > 255] = 255, then astype(uint8) truncates
-                *o.get_mut(ch).expect("3 channels") = v.min(255.0) as u8;
+                out.push(v.min(255.0) as u8);
             }
         }
         let image = RgbImage::from_raw(img.width(), img.height(), out).expect("same size");
@@ -288,5 +298,6 @@ pub fn estimate(img: &RgbImage, params: &MacenkoParams) -> Result<MacenkoEstimat
         stains,
         max_conc: [m0, m1],
         conc,
+        pinv,
     })
 }

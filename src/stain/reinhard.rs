@@ -50,11 +50,8 @@ impl ChannelStats {
 
 /// Fraction-of-tissue check shared by both variants; returns (found, needed).
 fn tissue_count(img: &RgbImage, min_fraction: f64) -> (usize, usize) {
-    let lum = Luminosity::default();
-    let found = img
-        .pixels()
-        .filter(|p| lum.is_tissue(p.0, TISSUE_LUMINOSITY))
-        .count();
+    let lum = Luminosity::new(TISSUE_LUMINOSITY);
+    let found = img.pixels().filter(|p| lum.is_tissue(p.0)).count();
     let total = (img.width() * img.height()) as usize;
     let needed = ((min_fraction * total as f64).ceil() as usize).max(1);
     (found, needed)
@@ -94,6 +91,13 @@ fn channel_stats(values: &[[f64; 3]]) -> ChannelStats {
         mean,
         std: var.map(|s| (s / n).sqrt()),
     }
+}
+
+/// `(x - μs) / σs · σt + μt` folded into `x · gain + shift`.
+fn affine(src: &ChannelStats, t: &ChannelStats) -> ([f64; 3], [f64; 3]) {
+    let gain: [f64; 3] = std::array::from_fn(|c| t.std[c] / src.std[c]);
+    let shift = std::array::from_fn(|c| t.mean[c] - src.mean[c] * gain[c]);
+    (gain, shift)
 }
 
 /// Source statistics too flat to standardise (a constant channel would divide by zero).
@@ -165,13 +169,12 @@ impl Reinhard {
         if degenerate(&src) {
             return Normalised::pass(img);
         }
-        let t = &self.target;
+        let (gain, shift) = affine(&src, &self.target);
         let mut out = Vec::with_capacity(lab.len() * 3);
         for v in &lab {
-            let l: [f64; 3] =
-                std::array::from_fn(|c| (v[c] - src.mean[c]) / src.std[c] * t.std[c] + t.mean[c]);
+            let l: [f64; 3] = std::array::from_fn(|c| v[c] * gain[c] + shift[c]);
+            // HistomicsTK: clip to [0, 255] then astype(uint8) truncates (NaN -> 0)
             let rgb = self.space.lab_to_rgb(l);
-            // HistomicsTK: clip to [0, 255] then astype(uint8) truncates
             out.extend(rgb.map(|x| {
                 if x.is_nan() {
                     0
@@ -247,11 +250,10 @@ impl ReinhardLab {
         if degenerate(&src) {
             return Normalised::pass(img);
         }
-        let t = &self.target;
+        let (gain, shift) = affine(&src, &self.target);
         let mut out = Vec::with_capacity(lab.len() * 3);
         for v in &lab {
-            let l: [f64; 3] =
-                std::array::from_fn(|c| (v[c] - src.mean[c]) / src.std[c] * t.std[c] + t.mean[c]);
+            let l: [f64; 3] = std::array::from_fn(|c| v[c] * gain[c] + shift[c]);
             let rgb = lab_to_linear_rgb(l, &self.xyz2rgb);
             out.extend(rgb.map(|x| self.quant.quantise(x)));
         }

@@ -158,11 +158,11 @@ impl Vahadane {
 
 /// The staintools stain matrix of an image: rows H, E, unit norm.
 pub fn stain_matrix(img: &RgbImage, params: &VahadaneParams) -> Result<[[f64; 3]; 2], NoEstimate> {
-    let lum = Luminosity::default();
+    let lum = Luminosity::new(params.luminosity_threshold);
     let od = od_table_staintools();
     let x: Vec<[f64; 3]> = img
         .pixels()
-        .filter(|p| lum.is_tissue(p.0, params.luminosity_threshold))
+        .filter(|p| lum.is_tissue(p.0))
         .map(|p| p.0.map(|v| od[v as usize]))
         .collect();
     let total = (img.width() * img.height()) as usize;

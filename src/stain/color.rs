@@ -173,8 +173,8 @@ impl SrgbQuantiser {
 
     /// 8-bit value of a linear RGB component (truncating, as numpy's `astype(uint8)`).
     pub fn quantise(&self, lin: f64) -> u8 {
-        if !(lin > 0.0) {
-            return 0; // also NaN
+        if lin.is_nan() || lin <= 0.0 {
+            return 0;
         }
         if lin >= 1.0 {
             return 255;

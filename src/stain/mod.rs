@@ -9,6 +9,9 @@
 //! Parity references (see `scripts/stain/` and `tests/stain_parity.rs`): torchstain 1.4.1's numpy
 //! backend (Macenko, Reinhard LAB), HistomicsTK 1.4.0 (Reinhard lαβ), staintools 2.1.2 (Vahadane).
 
+// Colour and 3×3 matrix code indexes small fixed-size arrays by channel; index loops read better.
+#![allow(clippy::needless_range_loop)]
+
 pub mod color;
 pub mod files;
 pub mod macenko;

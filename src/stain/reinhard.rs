@@ -102,7 +102,7 @@ fn affine(src: &ChannelStats, t: &ChannelStats) -> ([f64; 3], [f64; 3]) {
 
 /// Source statistics too flat to standardise (a constant channel would divide by zero).
 fn degenerate(s: &ChannelStats) -> bool {
-    s.std.iter().any(|&x| !(x > 1e-9)) || s.mean.iter().any(|m| !m.is_finite())
+    s.std.iter().any(|&x| x.is_nan() || x <= 1e-9) || s.mean.iter().any(|m| !m.is_finite())
 }
 
 // ---------------------------------------------------------------- Ruderman lαβ (HistomicsTK)
@@ -201,7 +201,7 @@ pub struct ReinhardLab {
     target: ChannelStats,
     /// Below this tissue fraction a tile passes through.
     pub min_tissue_fraction: f64,
-    lin: [f64; 256],
+    lin: Box<[f64; 256]>,
     xyz2rgb: Mat3,
     quant: std::sync::Arc<SrgbQuantiser>,
 }
@@ -212,7 +212,7 @@ impl ReinhardLab {
         Ok(ReinhardLab {
             target,
             min_tissue_fraction: DEFAULT_MIN_TISSUE_FRACTION,
-            lin: srgb_linear_table(),
+            lin: Box::new(srgb_linear_table()),
             xyz2rgb: xyz2rgb(),
             quant: std::sync::Arc::new(SrgbQuantiser::new()),
         })

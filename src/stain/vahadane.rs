@@ -394,7 +394,7 @@ fn initial_atoms(x: &[[f64; 3]]) -> Result<[[f64; 3]; 2], NoEstimate> {
     }
     for (e, &k) in ends.iter_mut().zip(&counts) {
         let nn = norm(e);
-        if k == 0 || !(nn > 0.0) {
+        if k == 0 || nn.is_nan() || nn <= 0.0 {
             return Err(NoEstimate::Degenerate(
                 "tissue OD has no spread to separate two stains".to_string(),
             ));

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use mpcs::stain::{
-    load_rgb, normalise_dir, normalise_files, output_relpath, save_png_atomic, ChannelStats,
-    Counts, Method, Normaliser, RgbImage, StainError, StainTarget, TargetParams,
+    load_rgb, normalise_dir, normalise_dir_with, normalise_files, output_relpath, save_png_atomic,
+    ChannelStats, Counts, Method, Normaliser, RgbImage, StainError, StainTarget, TargetParams,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -254,7 +254,14 @@ fn normalise_dir_preserves_layout() {
     std::fs::write(input.join("README.txt"), "not an image").unwrap();
     let out = dir.path().join("out");
     let norm = Normaliser::fit(Method::ReinhardLab, &target()).unwrap();
-    let counts = normalise_dir(&norm, &input, &out).unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let counts = normalise_dir_with(&norm, &input, &out, &|p, pass| {
+        seen.lock().unwrap().push((p.to_path_buf(), pass))
+    })
+    .unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.len(), 3);
+    assert!(seen.contains(&(deep.join("white.PNG"), true)), "{seen:?}");
     assert_eq!(
         counts,
         Counts {

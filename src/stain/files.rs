@@ -110,7 +110,7 @@ pub fn normalise_files(
         })?;
         jobs.push((input.clone(), output_relpath(Path::new(stem))));
     }
-    run(norm, jobs, out_dir)
+    run(norm, jobs, out_dir, &|_, _| {})
 }
 
 /// Normalises every image (by extension, see [`IMAGE_EXTENSIONS`]) under `in_dir` into `out_dir`,
@@ -120,6 +120,17 @@ pub fn normalise_dir(
     norm: &Normaliser,
     in_dir: &Path,
     out_dir: &Path,
+) -> Result<Counts, StainError> {
+    normalise_dir_with(norm, in_dir, out_dir, &|_, _| {})
+}
+
+/// [`normalise_dir`] that also calls `progress(input, passed_through)` after each image is
+/// written (from rayon worker threads, in completion order), e.g. to drive a progress bar.
+pub fn normalise_dir_with(
+    norm: &Normaliser,
+    in_dir: &Path,
+    out_dir: &Path,
+    progress: &(dyn Fn(&Path, bool) + Sync),
 ) -> Result<Counts, StainError> {
     if !in_dir.is_dir() {
         return Err(StainError::NotADirectory {
@@ -133,7 +144,7 @@ pub fn normalise_dir(
         .into_iter()
         .map(|rel| (in_dir.join(&rel), output_relpath(&rel)))
         .collect();
-    run(norm, jobs, out_dir)
+    run(norm, jobs, out_dir, progress)
 }
 
 fn collect_images(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), StainError> {
@@ -168,6 +179,7 @@ fn run(
     norm: &Normaliser,
     jobs: Vec<(PathBuf, PathBuf)>,
     out_dir: &Path,
+    progress: &(dyn Fn(&Path, bool) + Sync),
 ) -> Result<Counts, StainError> {
     let mut seen: BTreeMap<&Path, &Path> = BTreeMap::new();
     for (input, rel_out) in &jobs {
@@ -185,6 +197,7 @@ fn run(
             let img = load_rgb(input)?;
             let n = norm.normalise(&img);
             save_png_atomic(&n.image, &out_dir.join(rel_out))?;
+            progress(input, n.passed_through);
             Ok(n.passed_through)
         })
         .collect();

@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 pub use files::{
-    load_rgb, normalise_dir, normalise_files, output_relpath, save_png_atomic, Counts,
+    load_rgb, normalise_dir, normalise_dir_with, normalise_files, output_relpath, save_png_atomic,
+    Counts,
 };
 pub use image::RgbImage;
 pub use macenko::{Macenko, MacenkoParams};

@@ -7,7 +7,7 @@
 use image::RgbImage;
 
 use super::color::od_table_torchstain;
-use super::stats::{eigh3, percentile, Mat3};
+use super::stats::{eigh3, lerp, order_stats, percentile, Mat3};
 use super::{Method, Normalised, StainError, StainTarget, DEFAULT_MIN_TISSUE_FRACTION};
 
 /// Macenko parameters (torchstain defaults).
@@ -71,8 +71,6 @@ pub struct MacenkoEstimate {
     pub stains: [[f64; 3]; 2],
     /// 99th-percentile concentrations.
     pub max_conc: [f64; 2],
-    /// Least-squares concentrations of every pixel, `conc[s][pixel]`.
-    pub conc: [Vec<f64>; 2],
     /// The least-squares operator: `conc[s] = Σ_c pinv[s][c] · OD[c]`.
     pub pinv: [[f64; 3]; 2],
 }
@@ -184,39 +182,100 @@ impl Macenko {
     }
 }
 
-/// Estimates stain vectors, per-pixel concentrations and their 99th percentiles (torchstain's
-/// `__compute_matrices`).
+/// Reusable per-thread buffers: a fresh multi-megabyte allocation per image costs more in page
+/// faults than the arithmetic. Buffers larger than `KEEP` elements are released after use.
+#[derive(Default)]
+struct Scratch {
+    keys: Vec<f64>,
+    conc: [Vec<f64>; 2],
+}
+
+const KEEP: usize = 4 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// A key with the same order as `atan2(y, x)` on (-π, π] but no trigonometry: the "diamond
+/// angle". Only the few order statistics a percentile needs are turned back into angles.
+fn pseudo_angle(y: f64, x: f64) -> f64 {
+    let s = x.abs() + y.abs();
+    if s == 0.0 {
+        return 0.0; // atan2(0, 0) = 0
+    }
+    let r = x / s;
+    if y >= 0.0 {
+        1.0 - r
+    } else {
+        r - 1.0
+    }
+}
+
+/// The angle of a [`pseudo_angle`] key.
+fn angle_of(p: f64) -> f64 {
+    if p >= 0.0 {
+        let r = 1.0 - p;
+        (1.0 - r.abs()).atan2(r)
+    } else {
+        let r = p + 1.0;
+        (-(1.0 - r.abs())).atan2(r)
+    }
+}
+
+/// `np.percentile(atan2(...), q)` from pseudo-angle keys: select by key, interpolate in angle.
+fn angle_percentile(keys: &mut [f64], q: f64) -> f64 {
+    let (a, b, t) = order_stats(keys, q);
+    lerp(angle_of(a), angle_of(b), t)
+}
+
+/// Estimates stain vectors and 99th-percentile concentrations (torchstain's `__compute_matrices`).
 pub fn estimate(img: &RgbImage, params: &MacenkoParams) -> Result<MacenkoEstimate, NoEstimate> {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let r = estimate_with(img, params, &mut s);
+        if s.keys.capacity() > KEEP {
+            *s = Scratch::default();
+        }
+        r
+    })
+}
+
+fn estimate_with(
+    img: &RgbImage,
+    params: &MacenkoParams,
+    scratch: &mut Scratch,
+) -> Result<MacenkoEstimate, NoEstimate> {
     let od = od_table_torchstain(params.io);
     let raw = img.as_raw();
     let total = raw.len() / 3;
     let needed = ((params.min_tissue_fraction * total as f64).ceil() as usize).max(3);
+    // tissue pixels (ODhat): no channel with OD < beta
+    let tissue = || {
+        raw.chunks_exact(3)
+            .map(|p| [od[p[0] as usize], od[p[1] as usize], od[p[2] as usize]])
+            .filter(|o| !o.iter().any(|&v| v < params.beta))
+    };
 
-    // tissue pixels: no channel with OD < beta
-    let tissue: Vec<[f64; 3]> = raw
-        .chunks_exact(3)
-        .map(|p| [od[p[0] as usize], od[p[1] as usize], od[p[2] as usize]])
-        .filter(|o| !o.iter().any(|&v| v < params.beta))
-        .collect();
-    if tissue.len() < needed {
-        return Err(NoEstimate::TooLittleTissue {
-            found: tissue.len(),
-            total,
-            needed,
-        });
-    }
-
-    // np.cov(ODhat.T): sample covariance (ddof = 1)
-    let n = tissue.len() as f64;
+    // np.cov(ODhat.T): sample covariance (ddof = 1), two passes
+    let mut count = 0usize;
     let mut mean = [0.0; 3];
-    for o in &tissue {
+    for o in tissue() {
+        count += 1;
         for c in 0..3 {
             mean[c] += o[c];
         }
     }
+    if count < needed {
+        return Err(NoEstimate::TooLittleTissue {
+            found: count,
+            total,
+            needed,
+        });
+    }
+    let n = count as f64;
     mean = mean.map(|m| m / n);
     let mut cov: Mat3 = [[0.0; 3]; 3];
-    for o in &tissue {
+    for o in tissue() {
         let d = [o[0] - mean[0], o[1] - mean[1], o[2] - mean[2]];
         for i in 0..3 {
             for j in i..3 {
@@ -236,12 +295,12 @@ pub fn estimate(img: &RgbImage, params: &MacenkoParams) -> Result<MacenkoEstimat
     let e2 = [vecs[0][2], vecs[1][2], vecs[2][2]];
     let dot = |a: &[f64; 3], b: &[f64; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
 
-    let mut phi: Vec<f64> = tissue
-        .iter()
-        .map(|o| dot(o, &e2).atan2(dot(o, &e1)))
-        .collect();
-    let min_phi = percentile(&mut phi, params.alpha);
-    let max_phi = percentile(&mut phi, 100.0 - params.alpha);
+    // phi = arctan2(That[:, 1], That[:, 0]); its alpha / 100-alpha percentiles
+    let keys = &mut scratch.keys;
+    keys.clear();
+    keys.extend(tissue().map(|o| pseudo_angle(dot(&o, &e2), dot(&o, &e1))));
+    let min_phi = angle_percentile(keys, params.alpha);
+    let max_phi = angle_percentile(keys, 100.0 - params.alpha);
     let along = |a: f64| -> [f64; 3] { std::array::from_fn(|c| e1[c] * a.cos() + e2[c] * a.sin()) };
     let v_min = along(min_phi);
     let v_max = along(max_phi);
@@ -278,17 +337,16 @@ pub fn estimate(img: &RgbImage, params: &MacenkoParams) -> Result<MacenkoEstimat
     let tab: [[[f64; 256]; 3]; 2] = std::array::from_fn(|s| {
         std::array::from_fn(|c| std::array::from_fn(|v| pinv[s][c] * od[v]))
     });
-    let mut conc = [Vec::with_capacity(total), Vec::with_capacity(total)];
+    let [c0, c1] = &mut scratch.conc;
+    c0.clear();
+    c1.clear();
     for p in raw.chunks_exact(3) {
         let (r, g, b) = (p[0] as usize, p[1] as usize, p[2] as usize);
-        for s in 0..2 {
-            conc[s].push(tab[s][0][r] + tab[s][1][g] + tab[s][2][b]);
-        }
+        c0.push(tab[0][0][r] + tab[0][1][g] + tab[0][2][b]);
+        c1.push(tab[1][0][r] + tab[1][1][g] + tab[1][2][b]);
     }
-    let mut scratch = conc[0].clone();
-    let m0 = percentile(&mut scratch, 99.0);
-    scratch.copy_from_slice(&conc[1]);
-    let m1 = percentile(&mut scratch, 99.0);
+    let m0 = percentile(c0, 99.0);
+    let m1 = percentile(c1, 99.0);
     if !(m0.is_finite() && m1.is_finite() && m0 > 1e-9 && m1 > 1e-9) {
         return Err(NoEstimate::Degenerate(format!(
             "99th-percentile concentrations are not positive ({m0}, {m1})"
@@ -297,7 +355,33 @@ pub fn estimate(img: &RgbImage, params: &MacenkoParams) -> Result<MacenkoEstimat
     Ok(MacenkoEstimate {
         stains,
         max_conc: [m0, m1],
-        conc,
         pinv,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pseudo_angle_orders_like_atan2_and_inverts() {
+        // deterministic points on a spiral through all four quadrants, plus the axes
+        let mut pts: Vec<(f64, f64)> = (0..2000)
+            .map(|i| {
+                let a = -3.1 + i as f64 * 0.0031;
+                let r = 0.1 + (i % 17) as f64;
+                (r * a.sin(), r * a.cos())
+            })
+            .collect();
+        pts.extend([(0.0, 1.0), (1.0, 0.0), (0.0, -1.0), (-1.0, 0.0), (0.0, 0.0)]);
+        for &(y, x) in &pts {
+            let k = pseudo_angle(y, x);
+            assert!((angle_of(k) - y.atan2(x)).abs() < 1e-12, "({y}, {x})");
+        }
+        for w in pts.windows(2) {
+            let (a, b) = (w[0].0.atan2(w[0].1), w[1].0.atan2(w[1].1));
+            let (ka, kb) = (pseudo_angle(w[0].0, w[0].1), pseudo_angle(w[1].0, w[1].1));
+            assert_eq!(a.total_cmp(&b), ka.total_cmp(&kb), "{w:?}");
+        }
+    }
 }

@@ -71,6 +71,23 @@ fn check_target(img: &RgbImage, min_fraction: f64, what: &str) -> Result<(), Sta
     Ok(())
 }
 
+/// Runs `f` on a cleared per-thread pixel buffer: a fresh multi-megabyte allocation per image
+/// costs more in page faults than the colour arithmetic. Large buffers are released afterwards.
+fn with_buffer<R>(f: impl FnOnce(&mut Vec<[f64; 3]>) -> R) -> R {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<[f64; 3]>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        b.clear();
+        let r = f(&mut b);
+        if b.capacity() > 4 << 20 {
+            *b = Vec::new();
+        }
+        r
+    })
+}
+
 /// Mean/std over pixels of a per-pixel 3-vector (two passes, f64).
 fn channel_stats(values: &[[f64; 3]]) -> ChannelStats {
     let n = values.len().max(1) as f64;
@@ -164,14 +181,23 @@ impl Reinhard {
         if found < needed {
             return Normalised::pass(img);
         }
-        let lab = to_lab(&self.space, img);
-        let src = channel_stats(&lab);
+        with_buffer(|lab| {
+            lab.extend(
+                img.pixels()
+                    .map(|p| self.space.rgb_to_lab(p.0.map(f64::from))),
+            );
+            self.transfer(img, lab)
+        })
+    }
+
+    fn transfer(&self, img: &RgbImage, lab: &[[f64; 3]]) -> Normalised {
+        let src = channel_stats(lab);
         if degenerate(&src) {
             return Normalised::pass(img);
         }
         let (gain, shift) = affine(&src, &self.target);
         let mut out = Vec::with_capacity(lab.len() * 3);
-        for v in &lab {
+        for v in lab {
             let l: [f64; 3] = std::array::from_fn(|c| v[c] * gain[c] + shift[c]);
             // HistomicsTK: clip to [0, 255] then astype(uint8) truncates (NaN -> 0)
             let rgb = self.space.lab_to_rgb(l);
@@ -245,14 +271,24 @@ impl ReinhardLab {
         if found < needed {
             return Normalised::pass(img);
         }
-        let lab = lab_of(&self.lin, img);
-        let src = channel_stats(&lab);
+        with_buffer(|lab| {
+            let lin = &*self.lin;
+            lab.extend(
+                img.pixels()
+                    .map(|p| linear_rgb_to_lab(p.0.map(|v| lin[v as usize]))),
+            );
+            self.transfer(img, lab)
+        })
+    }
+
+    fn transfer(&self, img: &RgbImage, lab: &[[f64; 3]]) -> Normalised {
+        let src = channel_stats(lab);
         if degenerate(&src) {
             return Normalised::pass(img);
         }
         let (gain, shift) = affine(&src, &self.target);
         let mut out = Vec::with_capacity(lab.len() * 3);
-        for v in &lab {
+        for v in lab {
             let l: [f64; 3] = std::array::from_fn(|c| v[c] * gain[c] + shift[c]);
             let rgb = lab_to_linear_rgb(l, &self.xyz2rgb);
             out.extend(rgb.map(|x| self.quant.quantise(x)));

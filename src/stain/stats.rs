@@ -4,9 +4,16 @@
 /// `np.percentile(v, q)` with numpy's default "linear" interpolation. Reorders `v`.
 /// Uses selection (O(n)) instead of a full sort. Returns NaN for an empty slice.
 pub fn percentile(v: &mut [f64], q: f64) -> f64 {
+    let (a, b, t) = order_stats(v, q);
+    lerp(a, b, t)
+}
+
+/// The two order statistics that numpy's linear percentile interpolates between, and the weight:
+/// `(v[lo], v[lo + 1], t)` of the sorted data. Reorders `v`; NaNs for an empty slice.
+pub fn order_stats(v: &mut [f64], q: f64) -> (f64, f64, f64) {
     let n = v.len();
     if n == 0 {
-        return f64::NAN;
+        return (f64::NAN, f64::NAN, 0.0);
     }
     let pos = (q / 100.0) * (n - 1) as f64;
     let lo = (pos.floor() as usize).min(n - 1);
@@ -14,10 +21,14 @@ pub fn percentile(v: &mut [f64], q: f64) -> f64 {
     let (_, a, right) = v.select_nth_unstable_by(lo, f64::total_cmp);
     let a = *a;
     if right.is_empty() || t == 0.0 {
-        return a;
+        return (a, a, 0.0);
     }
     let b = right.iter().copied().fold(f64::INFINITY, f64::min);
-    // numpy's _lerp: interpolate from the nearer end for accuracy
+    (a, b, t)
+}
+
+/// numpy's `_lerp`: interpolate from the nearer end for accuracy.
+pub fn lerp(a: f64, b: f64, t: f64) -> f64 {
     let d = b - a;
     if t >= 0.5 {
         b - d * (1.0 - t)

@@ -12,8 +12,8 @@
 use image::RgbImage;
 
 use super::color::{
-    lab_to_linear_rgb, linear_rgb_to_lab, srgb_linear_table, xyz2rgb, Luminosity, Ruderman,
-    SrgbQuantiser,
+    lab_to_linear_rgb, linear_rgb_to_lab, linear_rgb_to_lab4, srgb_linear_table, xyz2rgb,
+    Luminosity, Ruderman, SrgbQuantiser,
 };
 use super::stats::Mat3;
 use super::{Method, Normalised, StainError, DEFAULT_MIN_TISSUE_FRACTION};
@@ -273,10 +273,18 @@ impl ReinhardLab {
         }
         with_buffer(|lab| {
             let lin = &*self.lin;
-            lab.extend(
-                img.pixels()
-                    .map(|p| linear_rgb_to_lab(p.0.map(|v| lin[v as usize]))),
-            );
+            let raw = img.as_raw();
+            let mut quads = raw.chunks_exact(12);
+            for q in &mut quads {
+                let px: [[f64; 3]; 4] =
+                    std::array::from_fn(|k| std::array::from_fn(|c| lin[q[3 * k + c] as usize]));
+                lab.extend(linear_rgb_to_lab4(&px));
+            }
+            for p in quads.remainder().chunks_exact(3) {
+                lab.push(linear_rgb_to_lab(
+                    [p[0], p[1], p[2]].map(|v| lin[v as usize]),
+                ));
+            }
             self.transfer(img, lab)
         })
     }

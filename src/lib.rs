@@ -18,3 +18,4 @@ pub mod patchify;
 pub mod plan;
 pub mod split;
 pub mod stages;
+pub mod stain;

@@ -1,0 +1,387 @@
+//! Macenko et al. (ISBI 2009) stain normalisation, with the semantics of torchstain 1.4.1's numpy
+//! backend (`NumpyMacenkoNormalizer`): OD = -ln((I+1)/Io); tissue = pixels with OD ≥ beta in all
+//! three channels; the plane of the two largest eigenvectors of their covariance; stain vectors at
+//! the alpha / 100-alpha percentiles of the angle; concentrations by least squares over ALL pixels;
+//! 99th-percentile scaling; output `Io·exp(-HERef·C)` clipped at 255 and truncated to u8.
+
+use image::RgbImage;
+
+use super::color::od_table_torchstain;
+use super::stats::{eigh3, lerp, order_stats, percentile, Mat3};
+use super::{Method, Normalised, StainError, StainTarget, DEFAULT_MIN_TISSUE_FRACTION};
+
+/// Macenko parameters (torchstain defaults).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MacenkoParams {
+    /// Transmitted light intensity (torchstain: 240).
+    pub io: f64,
+    /// Percentile for the extreme angles (torchstain: 1).
+    pub alpha: f64,
+    /// OD threshold for tissue pixels (torchstain: 0.15).
+    pub beta: f64,
+    /// Fewer tissue pixels than this fraction: pass through (tile) or error (target).
+    pub min_tissue_fraction: f64,
+}
+
+impl Default for MacenkoParams {
+    fn default() -> Self {
+        MacenkoParams {
+            io: 240.0,
+            alpha: 1.0,
+            beta: 0.15,
+            min_tissue_fraction: DEFAULT_MIN_TISSUE_FRACTION,
+        }
+    }
+}
+
+impl MacenkoParams {
+    fn validate(&self) -> Result<(), StainError> {
+        let ok = self.io.is_finite()
+            && self.io > 0.0
+            && (0.0..50.0).contains(&self.alpha)
+            && self.beta.is_finite()
+            && (0.0..=1.0).contains(&self.min_tissue_fraction);
+        if ok {
+            Ok(())
+        } else {
+            Err(StainError::InvalidParams(format!(
+                "Macenko needs io > 0, 0 <= alpha < 50, finite beta and 0 <= min_tissue_fraction <= 1; got {self:?}"
+            )))
+        }
+    }
+}
+
+/// torchstain's `HERef` default (as stain rows) and `maxCRef`.
+pub const TORCHSTAIN_DEFAULT_TARGET: StainTarget = StainTarget {
+    stains: [[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]],
+    max_conc: [1.9705, 1.0308],
+};
+
+/// A fitted Macenko normaliser.
+#[derive(Debug, Clone)]
+pub struct Macenko {
+    params: MacenkoParams,
+    target: StainTarget,
+}
+
+/// What Macenko extracts from one image.
+#[derive(Debug, Clone)]
+pub struct MacenkoEstimate {
+    /// Stain matrix, hematoxylin first, as torchstain's `HE` (columns) transposed to rows.
+    pub stains: [[f64; 3]; 2],
+    /// 99th-percentile concentrations.
+    pub max_conc: [f64; 2],
+    /// The least-squares operator: `conc[s] = Σ_c pinv[s][c] · OD[c]`.
+    pub pinv: [[f64; 3]; 2],
+}
+
+/// Why an image yields no estimate.
+#[derive(Debug, Clone)]
+pub enum NoEstimate {
+    TooLittleTissue {
+        found: usize,
+        total: usize,
+        needed: usize,
+    },
+    Degenerate(String),
+}
+
+impl Macenko {
+    /// torchstain's defaults without fitting (`HERef`, `maxCRef` built into `NumpyMacenkoNormalizer`).
+    pub fn torchstain_default() -> Self {
+        Macenko {
+            params: MacenkoParams::default(),
+            target: TORCHSTAIN_DEFAULT_TARGET,
+        }
+    }
+
+    pub fn from_target(target: StainTarget, params: MacenkoParams) -> Result<Self, StainError> {
+        params.validate()?;
+        target.validate()?;
+        Ok(Macenko { params, target })
+    }
+
+    /// Fits on a target image. Errors when it has too little tissue or degenerate stains.
+    pub fn fit(target: &RgbImage, params: MacenkoParams) -> Result<Self, StainError> {
+        Self::fit_named(target, params, "target image")
+    }
+
+    pub(crate) fn fit_named(
+        target: &RgbImage,
+        params: MacenkoParams,
+        what: &str,
+    ) -> Result<Self, StainError> {
+        params.validate()?;
+        match estimate(target, &params) {
+            Ok(e) => Self::from_target(
+                StainTarget {
+                    stains: e.stains,
+                    max_conc: e.max_conc,
+                },
+                params,
+            ),
+            Err(NoEstimate::TooLittleTissue {
+                found,
+                total,
+                needed,
+            }) => Err(StainError::TargetNoTissue {
+                what: what.to_string(),
+                test: "optical density >= beta",
+                found,
+                total,
+                needed,
+            }),
+            Err(NoEstimate::Degenerate(detail)) => Err(StainError::TargetDegenerate {
+                what: what.to_string(),
+                method: Method::Macenko,
+                detail,
+            }),
+        }
+    }
+
+    pub fn target(&self) -> StainTarget {
+        self.target
+    }
+
+    pub fn params(&self) -> MacenkoParams {
+        self.params
+    }
+
+    pub fn normalise(&self, img: &RgbImage) -> Normalised {
+        let Ok(est) = estimate(img, &self.params) else {
+            return Normalised::pass(img);
+        };
+        // C2 = C / (maxC / maxCRef); out_ch = Io · exp(-Σ_s HERef[ch][s] · C2[s]). C is linear in
+        // the per-channel OD, so out_ch = Io · Π_j exp(-A[ch][j] · OD(v_j)): 9 tables of 256
+        // replace three exp per pixel.
+        let scale = [
+            self.target.max_conc[0] / est.max_conc[0],
+            self.target.max_conc[1] / est.max_conc[1],
+        ];
+        let io = self.params.io;
+        let s = &self.target.stains;
+        let od = od_table_torchstain(io);
+        let tab: [[[f64; 256]; 3]; 3] = std::array::from_fn(|ch| {
+            std::array::from_fn(|j| {
+                let a = s[0][ch] * est.pinv[0][j] * scale[0] + s[1][ch] * est.pinv[1][j] * scale[1];
+                std::array::from_fn(|v| (-a * od[v]).exp())
+            })
+        });
+        let raw = img.as_raw();
+        let mut out = Vec::with_capacity(raw.len());
+        for p in raw.chunks_exact(3) {
+            let (r, g, b) = (p[0] as usize, p[1] as usize, p[2] as usize);
+            for t in &tab {
+                let v = io * t[0][r] * t[1][g] * t[2][b];
+                // torchstain: Inorm[Inorm > 255] = 255, then astype(uint8) truncates
+                out.push(v.min(255.0) as u8);
+            }
+        }
+        let image = RgbImage::from_raw(img.width(), img.height(), out).expect("same size");
+        Normalised::done(image)
+    }
+}
+
+/// Reusable per-thread buffers: a fresh multi-megabyte allocation per image costs more in page
+/// faults than the arithmetic. Buffers larger than `KEEP` elements are released after use.
+#[derive(Default)]
+struct Scratch {
+    keys: Vec<f64>,
+    conc: [Vec<f64>; 2],
+}
+
+const KEEP: usize = 4 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// A key with the same order as `atan2(y, x)` on (-π, π] but no trigonometry: the "diamond
+/// angle". Only the few order statistics a percentile needs are turned back into angles.
+fn pseudo_angle(y: f64, x: f64) -> f64 {
+    let s = x.abs() + y.abs();
+    if s == 0.0 {
+        return 0.0; // atan2(0, 0) = 0
+    }
+    let r = x / s;
+    if y >= 0.0 {
+        1.0 - r
+    } else {
+        r - 1.0
+    }
+}
+
+/// The angle of a [`pseudo_angle`] key.
+fn angle_of(p: f64) -> f64 {
+    if p >= 0.0 {
+        let r = 1.0 - p;
+        (1.0 - r.abs()).atan2(r)
+    } else {
+        let r = p + 1.0;
+        (-(1.0 - r.abs())).atan2(r)
+    }
+}
+
+/// `np.percentile(atan2(...), q)` from pseudo-angle keys: select by key, interpolate in angle.
+fn angle_percentile(keys: &mut [f64], q: f64) -> f64 {
+    let (a, b, t) = order_stats(keys, q);
+    lerp(angle_of(a), angle_of(b), t)
+}
+
+/// Estimates stain vectors and 99th-percentile concentrations (torchstain's `__compute_matrices`).
+pub fn estimate(img: &RgbImage, params: &MacenkoParams) -> Result<MacenkoEstimate, NoEstimate> {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let r = estimate_with(img, params, &mut s);
+        if s.keys.capacity() > KEEP {
+            *s = Scratch::default();
+        }
+        r
+    })
+}
+
+fn estimate_with(
+    img: &RgbImage,
+    params: &MacenkoParams,
+    scratch: &mut Scratch,
+) -> Result<MacenkoEstimate, NoEstimate> {
+    let od = od_table_torchstain(params.io);
+    let raw = img.as_raw();
+    let total = raw.len() / 3;
+    let needed = ((params.min_tissue_fraction * total as f64).ceil() as usize).max(3);
+    // tissue pixels (ODhat): no channel with OD < beta
+    let tissue = || {
+        raw.chunks_exact(3)
+            .map(|p| [od[p[0] as usize], od[p[1] as usize], od[p[2] as usize]])
+            .filter(|o| !o.iter().any(|&v| v < params.beta))
+    };
+
+    // np.cov(ODhat.T): sample covariance (ddof = 1), two passes
+    let mut count = 0usize;
+    let mut mean = [0.0; 3];
+    for o in tissue() {
+        count += 1;
+        for c in 0..3 {
+            mean[c] += o[c];
+        }
+    }
+    if count < needed {
+        return Err(NoEstimate::TooLittleTissue {
+            found: count,
+            total,
+            needed,
+        });
+    }
+    let n = count as f64;
+    mean = mean.map(|m| m / n);
+    let mut cov: Mat3 = [[0.0; 3]; 3];
+    for o in tissue() {
+        let d = [o[0] - mean[0], o[1] - mean[1], o[2] - mean[2]];
+        for i in 0..3 {
+            for j in i..3 {
+                cov[i][j] += d[i] * d[j];
+            }
+        }
+    }
+    for i in 0..3 {
+        for j in i..3 {
+            cov[i][j] /= n - 1.0;
+            cov[j][i] = cov[i][j];
+        }
+    }
+    let (_, vecs) = eigh3(&cov);
+    // eigvecs[:, 1:3]: the middle and the largest eigenvector
+    let e1 = [vecs[0][1], vecs[1][1], vecs[2][1]];
+    let e2 = [vecs[0][2], vecs[1][2], vecs[2][2]];
+    let dot = |a: &[f64; 3], b: &[f64; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+
+    // phi = arctan2(That[:, 1], That[:, 0]); its alpha / 100-alpha percentiles
+    let keys = &mut scratch.keys;
+    keys.clear();
+    keys.extend(tissue().map(|o| pseudo_angle(dot(&o, &e2), dot(&o, &e1))));
+    let min_phi = angle_percentile(keys, params.alpha);
+    let max_phi = angle_percentile(keys, 100.0 - params.alpha);
+    let along = |a: f64| -> [f64; 3] { std::array::from_fn(|c| e1[c] * a.cos() + e2[c] * a.sin()) };
+    let v_min = along(min_phi);
+    let v_max = along(max_phi);
+    // hematoxylin first: the vector with the larger red OD
+    let stains = if v_min[0] > v_max[0] {
+        [v_min, v_max]
+    } else {
+        [v_max, v_min]
+    };
+    if stains.iter().flatten().any(|v| !v.is_finite()) {
+        return Err(NoEstimate::Degenerate(
+            "non-finite stain vectors".to_string(),
+        ));
+    }
+
+    // least squares C = (HEᵀHE)⁻¹ HEᵀ Y for a 3×2 HE; tabulated per channel value
+    let g = [
+        [dot(&stains[0], &stains[0]), dot(&stains[0], &stains[1])],
+        [dot(&stains[1], &stains[0]), dot(&stains[1], &stains[1])],
+    ];
+    let det = g[0][0] * g[1][1] - g[0][1] * g[1][0];
+    if det.abs() < 1e-10 * (g[0][0] * g[1][1]).max(f64::MIN_POSITIVE) {
+        return Err(NoEstimate::Degenerate(
+            "the two stain vectors are parallel".to_string(),
+        ));
+    }
+    let gi = [
+        [g[1][1] / det, -g[0][1] / det],
+        [-g[1][0] / det, g[0][0] / det],
+    ];
+    let pinv: [[f64; 3]; 2] = std::array::from_fn(|s| {
+        std::array::from_fn(|c| gi[s][0] * stains[0][c] + gi[s][1] * stains[1][c])
+    });
+    let tab: [[[f64; 256]; 3]; 2] = std::array::from_fn(|s| {
+        std::array::from_fn(|c| std::array::from_fn(|v| pinv[s][c] * od[v]))
+    });
+    let [c0, c1] = &mut scratch.conc;
+    c0.clear();
+    c1.clear();
+    for p in raw.chunks_exact(3) {
+        let (r, g, b) = (p[0] as usize, p[1] as usize, p[2] as usize);
+        c0.push(tab[0][0][r] + tab[0][1][g] + tab[0][2][b]);
+        c1.push(tab[1][0][r] + tab[1][1][g] + tab[1][2][b]);
+    }
+    let m0 = percentile(c0, 99.0);
+    let m1 = percentile(c1, 99.0);
+    if !(m0.is_finite() && m1.is_finite() && m0 > 1e-9 && m1 > 1e-9) {
+        return Err(NoEstimate::Degenerate(format!(
+            "99th-percentile concentrations are not positive ({m0}, {m1})"
+        )));
+    }
+    Ok(MacenkoEstimate {
+        stains,
+        max_conc: [m0, m1],
+        pinv,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pseudo_angle_orders_like_atan2_and_inverts() {
+        // deterministic points on a spiral through all four quadrants, plus the axes
+        let mut pts: Vec<(f64, f64)> = (0..2000)
+            .map(|i| {
+                let a = -3.1 + i as f64 * 0.0031;
+                let r = 0.1 + (i % 17) as f64;
+                (r * a.sin(), r * a.cos())
+            })
+            .collect();
+        pts.extend([(0.0, 1.0), (1.0, 0.0), (0.0, -1.0), (-1.0, 0.0), (0.0, 0.0)]);
+        for &(y, x) in &pts {
+            let k = pseudo_angle(y, x);
+            assert!((angle_of(k) - y.atan2(x)).abs() < 1e-12, "({y}, {x})");
+        }
+        for w in pts.windows(2) {
+            let (a, b) = (w[0].0.atan2(w[0].1), w[1].0.atan2(w[1].1));
+            let (ka, kb) = (pseudo_angle(w[0].0, w[0].1), pseudo_angle(w[1].0, w[1].1));
+            assert_eq!(a.total_cmp(&b), ka.total_cmp(&kb), "{w:?}");
+        }
+    }
+}

@@ -19,23 +19,15 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only METHOD` times one method (for profiling)
-    let only: Option<Method> = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .map(|m| m.parse().expect("method name"));
+    let only: Option<Method> =
+        args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).map(|m| m.parse().expect("method name"));
     println!(
         "stain bench: {}x{} image, target ts_target.png, rayon threads {}",
         img.width(),
         img.height(),
         rayon::current_num_threads()
     );
-    for method in [
-        Method::Macenko,
-        Method::Reinhard,
-        Method::ReinhardLab,
-        Method::Vahadane,
-    ] {
+    for method in [Method::Macenko, Method::Reinhard, Method::ReinhardLab, Method::Vahadane] {
         if only.is_some_and(|o| o != method) {
             continue;
         }
@@ -52,10 +44,7 @@ fn main() {
 /// CPU time of the calling thread: on a shared, loaded machine it is a steadier measure than wall
 /// time (compare with Python's `time.thread_time()` in bench_torchstain.py).
 fn thread_cpu_s() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we own; the clock id is a constant.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9

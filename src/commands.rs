@@ -344,3 +344,34 @@ pub fn synth(dataset: &str, out: &Path, seed: u64, patients: Option<usize>, size
     );
     Ok(exit::OK)
 }
+
+/// `mpcs stain`: normalise single images to a target.
+pub fn stain(method: &str, target: Option<&Path>, inputs: &[PathBuf], out: &Path) -> Result<i32> {
+    use crate::stain::{normalise_files, Method, Normaliser, StainError};
+    let classify = |e: StainError| match e {
+        StainError::Read { .. } | StainError::Write { .. } => Error::env(e.to_string()),
+        other => Error::user(other.to_string()),
+    };
+    let method: Method = method.parse().map_err(classify)?;
+    let norm = match (target, method) {
+        (Some(t), m) => Normaliser::fit_file(m, t).map_err(classify)?,
+        (None, Method::Reinhard) => Normaliser::bach_reinhard(),
+        (None, Method::Macenko) => Normaliser::Macenko(crate::stain::macenko::Macenko::torchstain_default()),
+        (None, m) => return Err(Error::user(format!("--method {m} needs --target IMAGE"))),
+    };
+    std::fs::create_dir_all(out).map_err(|e| Error::io("cannot create", out, e))?;
+    let t0 = Instant::now();
+    let counts = normalise_files(&norm, inputs, out).map_err(classify)?;
+    println!(
+        "normalised {} image(s) with {method} into {} in {:.2} s{}",
+        counts.images,
+        out.display(),
+        t0.elapsed().as_secs_f64(),
+        if counts.passed_through > 0 {
+            format!(" ({} with almost no tissue passed through unchanged)", counts.passed_through)
+        } else {
+            String::new()
+        }
+    );
+    Ok(exit::OK)
+}

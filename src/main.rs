@@ -115,6 +115,21 @@ enum Command {
         #[arg(long)]
         size: Option<String>,
     },
+    /// Stain-normalise single images to a target (outputs keep their input's name, as PNG).
+    Stain {
+        /// macenko, reinhard (HistomicsTK lαβ), reinhard-lab (CIE LAB) or vahadane
+        #[arg(long)]
+        method: String,
+        /// Target image (default: reinhard → the paper's BACH statistics; macenko → torchstain's reference)
+        #[arg(long)]
+        target: Option<PathBuf>,
+        /// Output folder
+        #[arg(long)]
+        out: PathBuf,
+        /// Images to normalise
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
     /// Re-hash every cache entry and report any whose files no longer match their manifest.
     Verify {
         /// Delete corrupt entries so the next run recomputes them
@@ -186,6 +201,7 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
         }
         Command::Gc { experiments, sets, dry_run } => commands::gc(&experiments, &sets, dry_run, &cache()?),
         Command::Verify { remove } => commands::verify(remove, &cache()?),
+        Command::Stain { method, target, out, inputs } => commands::stain(&method, target.as_deref(), &inputs, &out),
         Command::Synth { dataset, out, seed, patients, size } => {
             commands::synth(&dataset, &out, seed, patients, size.as_deref())
         }

@@ -4,14 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use mpcs::stain::{
-    load_rgb, normalise_dir, normalise_dir_with, normalise_files, output_relpath, save_png_atomic,
-    ChannelStats, Counts, Method, Normaliser, RgbImage, StainError, StainTarget, TargetParams,
+    load_rgb, normalise_dir, normalise_dir_with, normalise_files, output_relpath, save_png_atomic, ChannelStats,
+    Counts, Method, Normaliser, RgbImage, StainError, StainTarget, TargetParams,
 };
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/stain")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stain").join(name)
 }
 
 fn white(w: u32, h: u32) -> RgbImage {
@@ -49,15 +47,9 @@ fn tissue_free_tiles_pass_through_unchanged_for_every_method() {
 fn all_background_target_is_a_clear_error() {
     for method in Method::ALL {
         let err = Normaliser::fit(method, &white(40, 30)).unwrap_err();
-        assert!(
-            matches!(err, StainError::TargetNoTissue { .. }),
-            "{method}: {err}"
-        );
+        assert!(matches!(err, StainError::TargetNoTissue { .. }), "{method}: {err}");
         let msg = err.to_string();
-        assert!(
-            msg.contains("almost no tissue") && msg.contains("0 of 1200"),
-            "{msg}"
-        );
+        assert!(msg.contains("almost no tissue") && msg.contains("0 of 1200"), "{msg}");
     }
 }
 
@@ -69,17 +61,8 @@ fn tissue_tiles_are_changed_and_never_nan() {
         let norm = Normaliser::fit(method, &tgt).unwrap();
         let out = norm.normalise(&src);
         assert!(!out.passed_through, "{method}");
-        let changed = out
-            .image
-            .as_raw()
-            .iter()
-            .zip(src.as_raw())
-            .filter(|(a, b)| a != b)
-            .count();
-        assert!(
-            changed > src.as_raw().len() / 2,
-            "{method}: only {changed} values changed"
-        );
+        let changed = out.image.as_raw().iter().zip(src.as_raw()).filter(|(a, b)| a != b).count();
+        assert!(changed > src.as_raw().len() / 2, "{method}: only {changed} values changed");
     }
 }
 
@@ -90,35 +73,19 @@ fn stored_target_parameters_rebuild_the_same_normaliser() {
     for method in Method::ALL {
         let fitted = Normaliser::fit(method, &tgt).unwrap();
         let json = serde_json::to_string(&fitted.target()).unwrap();
-        assert!(
-            json.contains(&format!("\"method\":\"{}\"", method.as_str())),
-            "{json}"
-        );
+        assert!(json.contains(&format!("\"method\":\"{}\"", method.as_str())), "{json}");
         let params: TargetParams = serde_json::from_str(&json).unwrap();
         let rebuilt = Normaliser::from_target(params).unwrap();
         assert_eq!(rebuilt.method(), method);
-        assert_eq!(
-            rebuilt.normalise(&src).image,
-            fitted.normalise(&src).image,
-            "{method}"
-        );
+        assert_eq!(rebuilt.normalise(&src).image, fitted.normalise(&src).image, "{method}");
     }
 }
 
 #[test]
 fn invalid_stored_parameters_are_rejected() {
-    let bad = TargetParams::Macenko(StainTarget {
-        stains: [[0.5, 0.7, 0.4], [0.2, 0.8, 0.5]],
-        max_conc: [0.0, 1.0],
-    });
-    assert!(matches!(
-        Normaliser::from_target(bad),
-        Err(StainError::InvalidParams(_))
-    ));
-    let bad = TargetParams::Reinhard(ChannelStats {
-        mean: [f64::NAN, 0.0, 0.0],
-        std: [1.0, 1.0, 1.0],
-    });
+    let bad = TargetParams::Macenko(StainTarget { stains: [[0.5, 0.7, 0.4], [0.2, 0.8, 0.5]], max_conc: [0.0, 1.0] });
+    assert!(matches!(Normaliser::from_target(bad), Err(StainError::InvalidParams(_))));
+    let bad = TargetParams::Reinhard(ChannelStats { mean: [f64::NAN, 0.0, 0.0], std: [1.0, 1.0, 1.0] });
     assert!(Normaliser::from_target(bad).is_err());
 }
 
@@ -127,22 +94,14 @@ fn method_names_parse() {
     for m in Method::ALL {
         assert_eq!(m.as_str().parse::<Method>().unwrap(), m);
     }
-    assert_eq!(
-        "Reinhard-LAB".parse::<Method>().unwrap(),
-        Method::ReinhardLab
-    );
+    assert_eq!("Reinhard-LAB".parse::<Method>().unwrap(), Method::ReinhardLab);
     let err = "ruifrok".parse::<Method>().unwrap_err().to_string();
-    assert!(
-        err.contains("ruifrok") && err.contains("reinhard-lab"),
-        "{err}"
-    );
+    assert!(err.contains("ruifrok") && err.contains("reinhard-lab"), "{err}");
 }
 
 #[test]
 fn bach_preset_is_the_papers_values() {
-    let TargetParams::Reinhard(s) = Normaliser::bach_reinhard().target() else {
-        panic!("not Reinhard")
-    };
+    let TargetParams::Reinhard(s) = Normaliser::bach_reinhard().target() else { panic!("not Reinhard") };
     assert_eq!(s.mean, [8.74108109, -0.12440419, 0.0444982]);
     assert_eq!(s.std, [0.6135447, 0.10989545, 0.0286032]);
 }
@@ -156,10 +115,7 @@ fn truncated_and_non_image_files_give_clear_errors() {
     let err = load_rgb(&cut).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, StainError::Decode { .. }), "{msg}");
-    assert!(
-        msg.contains("cut.png") && msg.contains("PNG") && msg.contains("truncated"),
-        "{msg}"
-    );
+    assert!(msg.contains("cut.png") && msg.contains("PNG") && msg.contains("truncated"), "{msg}");
 
     let txt = dir.path().join("notes.png");
     std::fs::write(&txt, b"hello, not an image").unwrap();
@@ -196,17 +152,9 @@ fn normalise_files_keeps_stems_and_writes_png() {
     let inputs = vec![fixture("ts_source.png"), jpg, blank];
     let norm = Normaliser::fit_file(Method::Macenko, &fixture("ts_target.png")).unwrap();
     let counts = normalise_files(&norm, &inputs, &out).unwrap();
-    assert_eq!(
-        counts,
-        Counts {
-            images: 3,
-            passed_through: 1
-        }
-    );
-    let mut names: Vec<_> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    assert_eq!(counts, Counts { images: 3, passed_through: 1 });
+    let mut names: Vec<_> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["blank.png", "slide 1.png", "ts_source.png"]);
     assert_eq!(load_rgb(&out.join("blank.png")).unwrap(), white(20, 20));
@@ -222,8 +170,7 @@ fn normalise_files_refuses_stem_collisions_and_reports_bad_inputs() {
     std::fs::copy(fixture("bh_pt.png"), a.join("bh_pt.png")).unwrap();
     let norm = Normaliser::bach_reinhard();
     let out = dir.path().join("out");
-    let err =
-        normalise_files(&norm, &[fixture("bh_pt.png"), a.join("bh_pt.png")], &out).unwrap_err();
+    let err = normalise_files(&norm, &[fixture("bh_pt.png"), a.join("bh_pt.png")], &out).unwrap_err();
     assert!(matches!(err, StainError::OutputCollision { .. }), "{err}");
     assert!(!out.exists(), "nothing may be written on a collision");
 
@@ -246,34 +193,19 @@ fn normalise_dir_preserves_layout() {
     std::fs::create_dir_all(&deep).unwrap();
     std::fs::create_dir_all(input.join("malignant")).unwrap();
     std::fs::copy(fixture("bh_pt.png"), deep.join("x.png")).unwrap();
-    load_rgb(&fixture("bh_dc.png"))
-        .unwrap()
-        .save(input.join("malignant/y.tif"))
-        .unwrap();
+    load_rgb(&fixture("bh_dc.png")).unwrap().save(input.join("malignant/y.tif")).unwrap();
     white(8, 8).save(deep.join("white.PNG")).unwrap();
     std::fs::write(input.join("README.txt"), "not an image").unwrap();
     let out = dir.path().join("out");
     let norm = Normaliser::fit(Method::ReinhardLab, &target()).unwrap();
     let seen = std::sync::Mutex::new(Vec::new());
-    let counts = normalise_dir_with(&norm, &input, &out, &|p, pass| {
-        seen.lock().unwrap().push((p.to_path_buf(), pass))
-    })
-    .unwrap();
+    let counts =
+        normalise_dir_with(&norm, &input, &out, &|p, pass| seen.lock().unwrap().push((p.to_path_buf(), pass))).unwrap();
     let seen = seen.into_inner().unwrap();
     assert_eq!(seen.len(), 3);
     assert!(seen.contains(&(deep.join("white.PNG"), true)), "{seen:?}");
-    assert_eq!(
-        counts,
-        Counts {
-            images: 3,
-            passed_through: 1
-        }
-    );
-    for rel in [
-        "benign/SOB/40X/x.png",
-        "benign/SOB/40X/white.png",
-        "malignant/y.png",
-    ] {
+    assert_eq!(counts, Counts { images: 3, passed_through: 1 });
+    for rel in ["benign/SOB/40X/x.png", "benign/SOB/40X/white.png", "malignant/y.png"] {
         assert!(out.join(rel).is_file(), "{rel} missing");
     }
     assert!(!out.join("README.txt").exists());

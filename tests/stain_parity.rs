@@ -13,21 +13,11 @@ use mpcs::stain::{load_rgb, ChannelStats, Method, Normaliser, Reinhard, RgbImage
 const INPUTS: [&str; 5] = ["ts_source", "henorm1", "henorm2", "bh_dc", "bh_pt"];
 
 fn fixture(name: &str) -> RgbImage {
-    load_rgb(
-        &root()
-            .join("tests/fixtures/stain")
-            .join(format!("{name}.png")),
-    )
-    .unwrap()
+    load_rgb(&root().join("tests/fixtures/stain").join(format!("{name}.png"))).unwrap()
 }
 
 fn golden(name: &str) -> RgbImage {
-    load_rgb(
-        &root()
-            .join("tests/golden/stain")
-            .join(format!("{name}.png")),
-    )
-    .unwrap()
+    load_rgb(&root().join("tests/golden/stain").join(format!("{name}.png"))).unwrap()
 }
 
 fn root() -> PathBuf {
@@ -69,10 +59,7 @@ fn stain_target(v: &serde_json::Value, he_key: &str, transpose: bool) -> StainTa
     } else {
         [[he[0], he[1], he[2]], [he[3], he[4], he[5]]]
     };
-    StainTarget {
-        stains,
-        max_conc: [mc[0], mc[1]],
-    }
+    StainTarget { stains, max_conc: [mc[0], mc[1]] }
 }
 
 #[test]
@@ -83,10 +70,7 @@ fn macenko_fit_matches_torchstain_parameters() {
     let got = norm.target();
     for s in 0..2 {
         for c in 0..3 {
-            assert!(
-                (got.stains[s][c] - want.stains[s][c]).abs() < 1e-6,
-                "{got:?} vs {want:?}"
-            );
+            assert!((got.stains[s][c] - want.stains[s][c]).abs() < 1e-6, "{got:?} vs {want:?}");
         }
         assert!((got.max_conc[s] - want.max_conc[s]).abs() < 1e-6 * want.max_conc[s]);
     }
@@ -95,10 +79,7 @@ fn macenko_fit_matches_torchstain_parameters() {
         let est = macenko::estimate(&fixture(name), &MacenkoParams::default()).unwrap();
         for s in 0..2 {
             for c in 0..3 {
-                assert!(
-                    (est.stains[s][c] - want.stains[s][c]).abs() < 1e-6,
-                    "{name}"
-                );
+                assert!((est.stains[s][c] - want.stains[s][c]).abs() < 1e-6, "{name}");
             }
             assert!((est.max_conc[s] - want.max_conc[s]).abs() < 1e-6 * want.max_conc[s]);
         }
@@ -125,25 +106,12 @@ fn macenko_output_matches_torchstain() {
 fn reinhard_lab_matches_torchstain() {
     let p = params();
     let norm = Normaliser::fit(Method::ReinhardLab, &fixture("ts_target")).unwrap();
-    let Normaliser::ReinhardLab(r) = &norm else {
-        panic!()
-    };
-    let (mean, std) = (
-        floats(&p["reinhard_lab_target"]["mean"]),
-        floats(&p["reinhard_lab_target"]["std"]),
-    );
+    let Normaliser::ReinhardLab(r) = &norm else { panic!() };
+    let (mean, std) = (floats(&p["reinhard_lab_target"]["mean"]), floats(&p["reinhard_lab_target"]["std"]));
     for c in 0..3 {
         // torchstain computes in float32
-        assert!(
-            (r.target().mean[c] - mean[c]).abs() < 1e-3,
-            "{:?}",
-            r.target()
-        );
-        assert!(
-            (r.target().std[c] - std[c]).abs() < 1e-3,
-            "{:?}",
-            r.target()
-        );
+        assert!((r.target().mean[c] - mean[c]).abs() < 1e-3, "{:?}", r.target());
+        assert!((r.target().std[c] - std[c]).abs() < 1e-3, "{:?}", r.target());
     }
     for name in INPUTS {
         let out = norm.normalise(&fixture(name));
@@ -216,23 +184,14 @@ fn vahadane_output_matches_staintools() {
     let norm = Normaliser::fit(Method::Vahadane, &fixture("henorm1")).unwrap();
     let want = stain_target(&p["vahadane_target"], "stains", false);
     let got = norm.target();
-    let Normaliser::Vahadane(_) = &norm else {
-        panic!()
-    };
+    let Normaliser::Vahadane(_) = &norm else { panic!() };
     if let mpcs::stain::TargetParams::Vahadane(t) = got {
         for s in 0..2 {
             let d = cosine_distance(&t.stains[s], &want.stains[s]);
             assert!(d <= 0.05, "stain {s}: {d}");
             let rel = (t.max_conc[s] - want.max_conc[s]).abs() / want.max_conc[s];
-            eprintln!(
-                "vahadane target stain {s}: cosine distance {d:.5}, max_conc rel. diff {rel:.5}"
-            );
-            assert!(
-                rel < 0.05,
-                "max_conc {:?} vs {:?}",
-                t.max_conc,
-                want.max_conc
-            );
+            eprintln!("vahadane target stain {s}: cosine distance {d:.5}, max_conc rel. diff {rel:.5}");
+            assert!(rel < 0.05, "max_conc {:?} vs {:?}", t.max_conc, want.max_conc);
         }
     } else {
         panic!("not a Vahadane target");

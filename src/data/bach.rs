@@ -84,9 +84,14 @@ pub(crate) fn walk(root: &Path) -> Result<(Vec<ImageRecord>, Vec<Problem>), Data
                 continue;
             }
             let lower = e.name.to_ascii_lowercase();
-            if !(lower.ends_with(".tif") || lower.ends_with(".tiff")) {
+            // PNG too: a stain-normalised copy of the archive keeps its layout but is written as PNG.
+            if !(lower.ends_with(".tif") || lower.ends_with(".tiff") || lower.ends_with(".png")) {
                 if super::image_check::format_for(&e.path).is_some() || lower.ends_with(".jpg") {
-                    problem(&e.path, ProblemKind::NotAnImage, "not a .tif file; BACH images are TIFF".to_string());
+                    problem(
+                        &e.path,
+                        ProblemKind::NotAnImage,
+                        "not a .tif (or .png) file; BACH images are TIFF".to_string(),
+                    );
                 }
                 continue;
             }

@@ -23,7 +23,11 @@ pub struct CellName {
 impl CellName {
     pub fn parse(name: &str) -> Option<CellName> {
         let lower = name.to_ascii_lowercase();
-        let stem = lower.strip_suffix("_ccd.tif").or_else(|| lower.strip_suffix("_ccd.tiff"))?;
+        // `.png` for stain-normalised copies, which keep the layout but are written as PNG.
+        let stem = lower
+            .strip_suffix("_ccd.tif")
+            .or_else(|| lower.strip_suffix("_ccd.tiff"))
+            .or_else(|| lower.strip_suffix("_ccd.png"))?;
         let (tma, rest) = stem.split_once('_')?;
         let (date, class_n) = rest.split_once('_')?;
         let tma_num = tma.strip_prefix("ytma")?;

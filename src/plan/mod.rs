@@ -215,7 +215,7 @@ pub fn action_for(exp: &Experiment, plan: &Plan, i: usize, digests: &[Option<Str
     Some(key::Action {
         kind: decl.spec.kind().to_string(),
         version: decl.spec.version(),
-        params: decl.spec.key_params(decl, node),
+        params: decl.spec.key_params(exp, decl, node),
         inputs,
     })
 }

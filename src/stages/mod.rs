@@ -6,6 +6,7 @@ pub mod download;
 pub mod patchify;
 pub mod source;
 pub mod split;
+pub mod stain;
 pub mod synthetic;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ pub enum StageSpec {
     Patchify(patchify::PatchifySpec),
     Synthetic(synthetic::SyntheticSpec),
     Split(split::SplitSpec),
+    StainNormalise(stain::StainSpec),
 }
 
 /// One input of a node as its stage sees it.
@@ -119,7 +121,8 @@ pub fn log_line(ctx: &ExecContext<'_>, line: &str) {
 
 impl StageSpec {
     /// Every stage kind, for validation and "did you mean".
-    pub const KINDS: &'static [&'static str] = &["source", "command", "download", "synthetic", "patchify", "split"];
+    pub const KINDS: &'static [&'static str] =
+        &["source", "command", "download", "synthetic", "stain_normalise", "patchify", "split"];
 
     pub fn parse(kind: &str, table: Spanned<DeValue<'_>>) -> Result<StageSpec, toml::de::Error> {
         let de = toml::de::ValueDeserializer::from(table);
@@ -130,6 +133,7 @@ impl StageSpec {
             "patchify" => StageSpec::Patchify(patchify::PatchifySpec::deserialize(de)?),
             "synthetic" => StageSpec::Synthetic(synthetic::SyntheticSpec::deserialize(de)?),
             "split" => StageSpec::Split(split::SplitSpec::deserialize(de)?),
+            "stain_normalise" => StageSpec::StainNormalise(stain::StainSpec::deserialize(de)?),
             other => return Err(serde::de::Error::custom(format!("unknown stage kind `{other}`"))),
         })
     }
@@ -142,6 +146,7 @@ impl StageSpec {
             StageSpec::Patchify(_) => "patchify",
             StageSpec::Synthetic(_) => "synthetic",
             StageSpec::Split(_) => "split",
+            StageSpec::StainNormalise(_) => "stain_normalise",
         }
     }
 
@@ -154,6 +159,7 @@ impl StageSpec {
             StageSpec::Patchify(_) => patchify::VERSION,
             StageSpec::Synthetic(_) => synthetic::VERSION,
             StageSpec::Split(_) => split::VERSION,
+            StageSpec::StainNormalise(_) => stain::VERSION,
         }
     }
 
@@ -174,11 +180,12 @@ impl StageSpec {
             StageSpec::Patchify(p) => p.validate(decl, src),
             StageSpec::Synthetic(s) => s.validate(decl, src),
             StageSpec::Split(s) => s.validate(decl, src),
+            StageSpec::StainNormalise(s) => s.validate(decl, src),
         }
     }
 
     /// The parameters that go into the action key (besides kind, version and input digests).
-    pub fn key_params(&self, decl: &StageDecl, node: &Node) -> BTreeMap<String, Value> {
+    pub fn key_params(&self, exp: &Experiment, decl: &StageDecl, node: &Node) -> BTreeMap<String, Value> {
         let mut params = match self {
             StageSpec::Source(s) => s.key_params(),
             StageSpec::Command(c) => c.key_params(node),
@@ -186,6 +193,7 @@ impl StageSpec {
             StageSpec::Patchify(p) => p.key_params(),
             StageSpec::Synthetic(s) => s.key_params(node),
             StageSpec::Split(s) => s.key_params(node),
+            StageSpec::StainNormalise(s) => s.key_params(exp),
         };
         if !node.matrix.is_empty() {
             let m =
@@ -205,6 +213,7 @@ impl StageSpec {
             StageSpec::Patchify(p) => p.execute(ctx),
             StageSpec::Synthetic(s) => s.execute(ctx),
             StageSpec::Split(s) => s.execute(ctx),
+            StageSpec::StainNormalise(s) => s.execute(ctx),
         }
     }
 }

@@ -31,11 +31,8 @@ pub fn od_to_rgb(od: f64, io: f64) -> f64 {
 // ---------------------------------------------------------------- CIE LAB (torchstain numpy)
 
 /// sRGB → XYZ (D65) matrix used by torchstain (`_rgb2xyz`).
-pub const RGB2XYZ: Mat3 = [
-    [0.412453, 0.357580, 0.180423],
-    [0.212671, 0.715160, 0.072169],
-    [0.019334, 0.119193, 0.950227],
-];
+pub const RGB2XYZ: Mat3 =
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]];
 const WHITE: [f64; 3] = [0.95047, 1.0, 1.08883];
 
 /// sRGB gamma expansion of an 8-bit value (v/255), as torchstain's `rgb2lab`.
@@ -73,16 +70,8 @@ fn lab_f(t: f64) -> f64 {
 /// Linear RGB (from [`srgb_linear_table`]) → CIE L*a*b* (L in 0..100), torchstain formulas.
 pub fn linear_rgb_to_lab(rgb: [f64; 3]) -> [f64; 3] {
     let xyz = mul_vec(&RGB2XYZ, rgb);
-    let f = [
-        lab_f(xyz[0] * (1.0 / WHITE[0])),
-        lab_f(xyz[1] * (1.0 / WHITE[1])),
-        lab_f(xyz[2] * (1.0 / WHITE[2])),
-    ];
-    [
-        116.0 * f[1] - 16.0,
-        500.0 * (f[0] - f[1]),
-        200.0 * (f[1] - f[2]),
-    ]
+    let f = [lab_f(xyz[0] * (1.0 / WHITE[0])), lab_f(xyz[1] * (1.0 / WHITE[1])), lab_f(xyz[2] * (1.0 / WHITE[2]))];
+    [116.0 * f[1] - 16.0, 500.0 * (f[0] - f[1]), 200.0 * (f[1] - f[2])]
 }
 
 /// [`linear_rgb_to_lab`] of four pixels at once, written branch-free so the compiler can run the
@@ -108,11 +97,7 @@ pub fn linear_rgb_to_lab4(rgb: &[[f64; 3]; 4]) -> [[f64; 3]; 4] {
     }
     std::array::from_fn(|k| {
         let f = &f[3 * k..3 * k + 3];
-        [
-            116.0 * f[1] - 16.0,
-            500.0 * (f[0] - f[1]),
-            200.0 * (f[1] - f[2]),
-        ]
+        [116.0 * f[1] - 16.0, 500.0 * (f[0] - f[1]), 200.0 * (f[1] - f[2])]
     })
 }
 
@@ -167,10 +152,7 @@ impl SrgbQuantiser {
                 ((y + 0.055) / 1.055).powf(2.4)
             }
         });
-        let mut q = SrgbQuantiser {
-            thresholds,
-            start: Vec::new(),
-        };
+        let mut q = SrgbQuantiser { thresholds, start: Vec::new() };
         // make each threshold agree with the forward formula exactly (no off-by-one at the edges)
         for k in 0..255 {
             let target = (k + 1) as f64;
@@ -183,9 +165,7 @@ impl SrgbQuantiser {
             }
             q.thresholds[k] = t;
         }
-        q.start = (0..=BUCKETS)
-            .map(|i| q.search(i as f64 / BUCKETS as f64))
-            .collect();
+        q.start = (0..=BUCKETS).map(|i| q.search(i as f64 / BUCKETS as f64)).collect();
         q
     }
 
@@ -194,11 +174,7 @@ impl SrgbQuantiser {
     }
 
     fn forward(lin: f64) -> f64 {
-        let c = if lin > 0.0031308 {
-            1.055 * lin.powf(1.0 / 2.4) - 0.055
-        } else {
-            lin * 12.92
-        };
+        let c = if lin > 0.0031308 { 1.055 * lin.powf(1.0 / 2.4) - 0.055 } else { lin * 12.92 };
         c.clamp(0.0, 1.0)
     }
 
@@ -221,19 +197,11 @@ impl SrgbQuantiser {
 // ---------------------------------------------------------------- Ruderman lαβ (HistomicsTK)
 
 /// HistomicsTK `_rgb2lms`.
-pub const RGB2LMS: Mat3 = [
-    [0.3811, 0.5783, 0.0402],
-    [0.1967, 0.7244, 0.0782],
-    [0.0241, 0.1288, 0.8444],
-];
+pub const RGB2LMS: Mat3 = [[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]];
 
 /// HistomicsTK `_lms2lab` = diag(1/√3, 1/√6, 1/√2) · [[1,1,1],[1,1,-2],[1,-1,0]].
 pub fn lms2lab() -> Mat3 {
-    let (a, b, c) = (
-        1.0 / 3f64.powf(0.5),
-        1.0 / 6f64.powf(0.5),
-        1.0 / 2f64.powf(0.5),
-    );
+    let (a, b, c) = (1.0 / 3f64.powf(0.5), 1.0 / 6f64.powf(0.5), 1.0 / 2f64.powf(0.5));
     [[a, a, a], [b, b, -2.0 * b], [c, -c, 0.0]]
 }
 
@@ -294,11 +262,7 @@ impl Luminosity {
         // L8 / 255 < thr  <=>  round(2.55 L) <= m  <=>  L < (m + 0.5) / 2.55
         let m = (threshold * 255.0).ceil() - 1.0;
         let l_max = (m + 0.5) / 2.55;
-        let y_max = if l_max > 8.0 {
-            ((l_max + 16.0) / 116.0).powi(3)
-        } else {
-            l_max / 903.3
-        };
+        let y_max = if l_max > 8.0 { ((l_max + 16.0) / 116.0).powi(3) } else { l_max / 903.3 };
         Luminosity {
             lin: std::array::from_fn(|v| {
                 let c = v as f64 / 255.0;
@@ -313,19 +277,13 @@ impl Luminosity {
     }
 
     fn y(&self, p: [u8; 3]) -> f64 {
-        0.212671 * self.lin[p[0] as usize]
-            + 0.715160 * self.lin[p[1] as usize]
-            + 0.072169 * self.lin[p[2] as usize]
+        0.212671 * self.lin[p[0] as usize] + 0.715160 * self.lin[p[1] as usize] + 0.072169 * self.lin[p[2] as usize]
     }
 
     /// OpenCV's 8-bit L of an RGB pixel.
     pub fn l8(&self, p: [u8; 3]) -> u8 {
         let y = self.y(p);
-        let l = if y > 0.008856 {
-            116.0 * y.cbrt() - 16.0
-        } else {
-            903.3 * y
-        };
+        let l = if y > 0.008856 { 116.0 * y.cbrt() - 16.0 } else { 903.3 * y };
         (l * 2.55).round().clamp(0.0, 255.0) as u8
     }
 
@@ -360,16 +318,13 @@ mod tests {
     #[test]
     fn lab4_equals_scalar_lab() {
         let lin = srgb_linear_table();
-        let px: [[f64; 3]; 4] = [[0, 0, 0], [255, 255, 255], [200, 120, 180], [3, 250, 9]]
-            .map(|p: [usize; 3]| p.map(|v| lin[v]));
+        let px: [[f64; 3]; 4] =
+            [[0, 0, 0], [255, 255, 255], [200, 120, 180], [3, 250, 9]].map(|p: [usize; 3]| p.map(|v| lin[v]));
         let four = linear_rgb_to_lab4(&px);
         for k in 0..4 {
             let one = linear_rgb_to_lab(px[k]);
             for c in 0..3 {
-                assert!(
-                    (four[k][c] - one[c]).abs() < 1e-9,
-                    "{k}: {four:?} vs {one:?}"
-                );
+                assert!((four[k][c] - one[c]).abs() < 1e-9, "{k}: {four:?} vs {one:?}");
             }
         }
     }
@@ -387,11 +342,7 @@ mod tests {
     #[test]
     fn ruderman_roundtrip() {
         let r = Ruderman::default();
-        for p in [
-            [1.0, 2.0, 3.0],
-            [200.0, 120.0, 180.0],
-            [255.0, 255.0, 255.0],
-        ] {
+        for p in [[1.0, 2.0, 3.0], [200.0, 120.0, 180.0], [255.0, 255.0, 255.0]] {
             let back = r.lab_to_rgb(r.rgb_to_lab(p));
             for c in 0..3 {
                 assert!((back[c] - p[c]).abs() < 1e-9);

@@ -28,29 +28,17 @@ pub struct Counts {
 /// Reads an image as 8-bit RGB: alpha is dropped, grey is expanded, 16-bit is scaled down.
 /// The format is taken from the file's header, not its extension.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, StainError> {
-    let bytes = std::fs::read(path).map_err(|source| StainError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let format = image::guess_format(&bytes).map_err(|_| StainError::NotImage {
-        path: path.to_path_buf(),
-    })?;
-    if !matches!(
-        format,
-        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Tiff
-    ) {
-        return Err(StainError::NotImage {
-            path: path.to_path_buf(),
-        });
+    let bytes = std::fs::read(path).map_err(|source| StainError::Read { path: path.to_path_buf(), source })?;
+    let format = image::guess_format(&bytes).map_err(|_| StainError::NotImage { path: path.to_path_buf() })?;
+    if !matches!(format, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Tiff) {
+        return Err(StainError::NotImage { path: path.to_path_buf() });
     }
-    let decoded = ImageReader::with_format(Cursor::new(&bytes), format)
-        .decode()
-        .map_err(|e| StainError::Decode {
-            path: path.to_path_buf(),
-            format: format!("{format:?}").to_uppercase(),
-            bytes: bytes.len() as u64,
-            detail: e.to_string(),
-        })?;
+    let decoded = ImageReader::with_format(Cursor::new(&bytes), format).decode().map_err(|e| StainError::Decode {
+        path: path.to_path_buf(),
+        format: format!("{format:?}").to_uppercase(),
+        bytes: bytes.len() as u64,
+        detail: e.to_string(),
+    })?;
     Ok(match decoded {
         DynamicImage::ImageRgb8(img) => img,
         other => other.to_rgb8(),
@@ -60,26 +48,16 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, StainError> {
 /// Writes `img` as PNG to `path` via a temporary file in the same folder and a rename, so a
 /// reader never sees a half-written file. Creates the parent folders.
 pub fn save_png_atomic(img: &RgbImage, path: &Path) -> Result<(), StainError> {
-    let werr = |detail: String| StainError::Write {
-        path: path.to_path_buf(),
-        detail,
-    };
+    let werr = |detail: String| StainError::Write { path: path.to_path_buf(), detail };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| werr(e.to_string()))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| werr("no file name".to_string()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{:?}",
-        name.to_string_lossy(),
-        std::process::id(),
-        std::thread::current().id()
-    ));
+    let name = path.file_name().ok_or_else(|| werr("no file name".to_string()))?;
+    let tmp =
+        dir.join(format!(".{}.tmp-{}-{:?}", name.to_string_lossy(), std::process::id(), std::thread::current().id()));
     let result = (|| {
         let file = std::fs::File::create(&tmp).map_err(|e| werr(e.to_string()))?;
         let mut w = BufWriter::new(file);
-        img.write_to(&mut w, ImageFormat::Png)
-            .map_err(|e| werr(e.to_string()))?;
+        img.write_to(&mut w, ImageFormat::Png).map_err(|e| werr(e.to_string()))?;
         let file = w.into_inner().map_err(|e| werr(e.to_string()))?;
         file.sync_all().map_err(|e| werr(e.to_string()))?;
         std::fs::rename(&tmp, path).map_err(|e| werr(e.to_string()))
@@ -98,16 +76,10 @@ pub fn output_relpath(rel: &Path) -> PathBuf {
 /// Normalises `inputs` into `out_dir/<stem>.png` in parallel (the CLI's `mpcs stain`).
 /// Fails before writing anything if two inputs share a stem; otherwise the first failing input (in
 /// input order) is reported, and outputs already written for other inputs stay (each complete).
-pub fn normalise_files(
-    norm: &Normaliser,
-    inputs: &[PathBuf],
-    out_dir: &Path,
-) -> Result<Counts, StainError> {
+pub fn normalise_files(norm: &Normaliser, inputs: &[PathBuf], out_dir: &Path) -> Result<Counts, StainError> {
     let mut jobs = Vec::with_capacity(inputs.len());
     for input in inputs {
-        let stem = input.file_stem().ok_or_else(|| StainError::NotImage {
-            path: input.clone(),
-        })?;
+        let stem = input.file_stem().ok_or_else(|| StainError::NotImage { path: input.clone() })?;
         jobs.push((input.clone(), output_relpath(Path::new(stem))));
     }
     run(norm, jobs, out_dir, &|_, _| {})
@@ -116,11 +88,7 @@ pub fn normalise_files(
 /// Normalises every image (by extension, see [`IMAGE_EXTENSIONS`]) under `in_dir` into `out_dir`,
 /// keeping the relative layout and writing PNGs (the `stain_normalise` stage). Other files are
 /// ignored. Runs in parallel with rayon.
-pub fn normalise_dir(
-    norm: &Normaliser,
-    in_dir: &Path,
-    out_dir: &Path,
-) -> Result<Counts, StainError> {
+pub fn normalise_dir(norm: &Normaliser, in_dir: &Path, out_dir: &Path) -> Result<Counts, StainError> {
     normalise_dir_with(norm, in_dir, out_dir, &|_, _| {})
 }
 
@@ -133,31 +101,20 @@ pub fn normalise_dir_with(
     progress: &(dyn Fn(&Path, bool) + Sync),
 ) -> Result<Counts, StainError> {
     if !in_dir.is_dir() {
-        return Err(StainError::NotADirectory {
-            path: in_dir.to_path_buf(),
-        });
+        return Err(StainError::NotADirectory { path: in_dir.to_path_buf() });
     }
     let mut rels = Vec::new();
     collect_images(in_dir, Path::new(""), &mut rels)?;
     rels.sort();
-    let jobs = rels
-        .into_iter()
-        .map(|rel| (in_dir.join(&rel), output_relpath(&rel)))
-        .collect();
+    let jobs = rels.into_iter().map(|rel| (in_dir.join(&rel), output_relpath(&rel))).collect();
     run(norm, jobs, out_dir, progress)
 }
 
 fn collect_images(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), StainError> {
     let dir = root.join(rel);
-    let entries = std::fs::read_dir(&dir).map_err(|source| StainError::Read {
-        path: dir.clone(),
-        source,
-    })?;
+    let entries = std::fs::read_dir(&dir).map_err(|source| StainError::Read { path: dir.clone(), source })?;
     for entry in entries {
-        let entry = entry.map_err(|source| StainError::Read {
-            path: dir.clone(),
-            source,
-        })?;
+        let entry = entry.map_err(|source| StainError::Read { path: dir.clone(), source })?;
         let rel_child = rel.join(entry.file_name());
         let path = entry.path();
         if path.is_dir() {

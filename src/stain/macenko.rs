@@ -25,12 +25,7 @@ pub struct MacenkoParams {
 
 impl Default for MacenkoParams {
     fn default() -> Self {
-        MacenkoParams {
-            io: 240.0,
-            alpha: 1.0,
-            beta: 0.15,
-            min_tissue_fraction: DEFAULT_MIN_TISSUE_FRACTION,
-        }
+        MacenkoParams { io: 240.0, alpha: 1.0, beta: 0.15, min_tissue_fraction: DEFAULT_MIN_TISSUE_FRACTION }
     }
 }
 
@@ -52,10 +47,8 @@ impl MacenkoParams {
 }
 
 /// torchstain's `HERef` default (as stain rows) and `maxCRef`.
-pub const TORCHSTAIN_DEFAULT_TARGET: StainTarget = StainTarget {
-    stains: [[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]],
-    max_conc: [1.9705, 1.0308],
-};
+pub const TORCHSTAIN_DEFAULT_TARGET: StainTarget =
+    StainTarget { stains: [[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]], max_conc: [1.9705, 1.0308] };
 
 /// A fitted Macenko normaliser.
 #[derive(Debug, Clone)]
@@ -78,21 +71,14 @@ pub struct MacenkoEstimate {
 /// Why an image yields no estimate.
 #[derive(Debug, Clone)]
 pub enum NoEstimate {
-    TooLittleTissue {
-        found: usize,
-        total: usize,
-        needed: usize,
-    },
+    TooLittleTissue { found: usize, total: usize, needed: usize },
     Degenerate(String),
 }
 
 impl Macenko {
     /// torchstain's defaults without fitting (`HERef`, `maxCRef` built into `NumpyMacenkoNormalizer`).
     pub fn torchstain_default() -> Self {
-        Macenko {
-            params: MacenkoParams::default(),
-            target: TORCHSTAIN_DEFAULT_TARGET,
-        }
+        Macenko { params: MacenkoParams::default(), target: TORCHSTAIN_DEFAULT_TARGET }
     }
 
     pub fn from_target(target: StainTarget, params: MacenkoParams) -> Result<Self, StainError> {
@@ -106,36 +92,20 @@ impl Macenko {
         Self::fit_named(target, params, "target image")
     }
 
-    pub(crate) fn fit_named(
-        target: &RgbImage,
-        params: MacenkoParams,
-        what: &str,
-    ) -> Result<Self, StainError> {
+    pub(crate) fn fit_named(target: &RgbImage, params: MacenkoParams, what: &str) -> Result<Self, StainError> {
         params.validate()?;
         match estimate(target, &params) {
-            Ok(e) => Self::from_target(
-                StainTarget {
-                    stains: e.stains,
-                    max_conc: e.max_conc,
-                },
-                params,
-            ),
-            Err(NoEstimate::TooLittleTissue {
-                found,
-                total,
-                needed,
-            }) => Err(StainError::TargetNoTissue {
+            Ok(e) => Self::from_target(StainTarget { stains: e.stains, max_conc: e.max_conc }, params),
+            Err(NoEstimate::TooLittleTissue { found, total, needed }) => Err(StainError::TargetNoTissue {
                 what: what.to_string(),
                 test: "optical density >= beta",
                 found,
                 total,
                 needed,
             }),
-            Err(NoEstimate::Degenerate(detail)) => Err(StainError::TargetDegenerate {
-                what: what.to_string(),
-                method: Method::Macenko,
-                detail,
-            }),
+            Err(NoEstimate::Degenerate(detail)) => {
+                Err(StainError::TargetDegenerate { what: what.to_string(), method: Method::Macenko, detail })
+            }
         }
     }
 
@@ -154,10 +124,7 @@ impl Macenko {
         // C2 = C / (maxC / maxCRef); out_ch = Io · exp(-Σ_s HERef[ch][s] · C2[s]). C is linear in
         // the per-channel OD, so out_ch = Io · Π_j exp(-A[ch][j] · OD(v_j)): 9 tables of 256
         // replace three exp per pixel.
-        let scale = [
-            self.target.max_conc[0] / est.max_conc[0],
-            self.target.max_conc[1] / est.max_conc[1],
-        ];
+        let scale = [self.target.max_conc[0] / est.max_conc[0], self.target.max_conc[1] / est.max_conc[1]];
         let io = self.params.io;
         let s = &self.target.stains;
         let od = od_table_torchstain(io);
@@ -240,11 +207,7 @@ pub fn estimate(img: &RgbImage, params: &MacenkoParams) -> Result<MacenkoEstimat
     })
 }
 
-fn estimate_with(
-    img: &RgbImage,
-    params: &MacenkoParams,
-    scratch: &mut Scratch,
-) -> Result<MacenkoEstimate, NoEstimate> {
+fn estimate_with(img: &RgbImage, params: &MacenkoParams, scratch: &mut Scratch) -> Result<MacenkoEstimate, NoEstimate> {
     let od = od_table_torchstain(params.io);
     let raw = img.as_raw();
     let total = raw.len() / 3;
@@ -266,11 +229,7 @@ fn estimate_with(
         }
     }
     if count < needed {
-        return Err(NoEstimate::TooLittleTissue {
-            found: count,
-            total,
-            needed,
-        });
+        return Err(NoEstimate::TooLittleTissue { found: count, total, needed });
     }
     let n = count as f64;
     mean = mean.map(|m| m / n);
@@ -305,15 +264,9 @@ fn estimate_with(
     let v_min = along(min_phi);
     let v_max = along(max_phi);
     // hematoxylin first: the vector with the larger red OD
-    let stains = if v_min[0] > v_max[0] {
-        [v_min, v_max]
-    } else {
-        [v_max, v_min]
-    };
+    let stains = if v_min[0] > v_max[0] { [v_min, v_max] } else { [v_max, v_min] };
     if stains.iter().flatten().any(|v| !v.is_finite()) {
-        return Err(NoEstimate::Degenerate(
-            "non-finite stain vectors".to_string(),
-        ));
+        return Err(NoEstimate::Degenerate("non-finite stain vectors".to_string()));
     }
 
     // least squares C = (HEᵀHE)⁻¹ HEᵀ Y for a 3×2 HE; tabulated per channel value
@@ -323,20 +276,13 @@ fn estimate_with(
     ];
     let det = g[0][0] * g[1][1] - g[0][1] * g[1][0];
     if det.abs() < 1e-10 * (g[0][0] * g[1][1]).max(f64::MIN_POSITIVE) {
-        return Err(NoEstimate::Degenerate(
-            "the two stain vectors are parallel".to_string(),
-        ));
+        return Err(NoEstimate::Degenerate("the two stain vectors are parallel".to_string()));
     }
-    let gi = [
-        [g[1][1] / det, -g[0][1] / det],
-        [-g[1][0] / det, g[0][0] / det],
-    ];
-    let pinv: [[f64; 3]; 2] = std::array::from_fn(|s| {
-        std::array::from_fn(|c| gi[s][0] * stains[0][c] + gi[s][1] * stains[1][c])
-    });
-    let tab: [[[f64; 256]; 3]; 2] = std::array::from_fn(|s| {
-        std::array::from_fn(|c| std::array::from_fn(|v| pinv[s][c] * od[v]))
-    });
+    let gi = [[g[1][1] / det, -g[0][1] / det], [-g[1][0] / det, g[0][0] / det]];
+    let pinv: [[f64; 3]; 2] =
+        std::array::from_fn(|s| std::array::from_fn(|c| gi[s][0] * stains[0][c] + gi[s][1] * stains[1][c]));
+    let tab: [[[f64; 256]; 3]; 2] =
+        std::array::from_fn(|s| std::array::from_fn(|c| std::array::from_fn(|v| pinv[s][c] * od[v])));
     let [c0, c1] = &mut scratch.conc;
     c0.clear();
     c1.clear();
@@ -348,15 +294,9 @@ fn estimate_with(
     let m0 = percentile(c0, 99.0);
     let m1 = percentile(c1, 99.0);
     if !(m0.is_finite() && m1.is_finite() && m0 > 1e-9 && m1 > 1e-9) {
-        return Err(NoEstimate::Degenerate(format!(
-            "99th-percentile concentrations are not positive ({m0}, {m1})"
-        )));
+        return Err(NoEstimate::Degenerate(format!("99th-percentile concentrations are not positive ({m0}, {m1})")));
     }
-    Ok(MacenkoEstimate {
-        stains,
-        max_conc: [m0, m1],
-        pinv,
-    })
+    Ok(MacenkoEstimate { stains, max_conc: [m0, m1], pinv })
 }
 
 #[cfg(test)]

@@ -24,8 +24,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 pub use files::{
-    load_rgb, normalise_dir, normalise_dir_with, normalise_files, output_relpath, save_png_atomic,
-    Counts,
+    load_rgb, normalise_dir, normalise_dir_with, normalise_files, output_relpath, save_png_atomic, Counts,
 };
 pub use image::RgbImage;
 pub use macenko::{Macenko, MacenkoParams};
@@ -39,47 +38,23 @@ pub const DEFAULT_MIN_TISSUE_FRACTION: f64 = 0.01;
 #[derive(Debug, thiserror::Error)]
 pub enum StainError {
     #[error("{}: cannot read file: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{}: not a PNG, JPEG or TIFF image (unrecognised header); remove it or convert it", path.display())]
     NotImage { path: PathBuf },
     #[error("{}: cannot decode {format} ({bytes} bytes on disk): {detail}; the file is probably truncated or corrupt, re-download or remove it", path.display())]
-    Decode {
-        path: PathBuf,
-        format: String,
-        bytes: u64,
-        detail: String,
-    },
+    Decode { path: PathBuf, format: String, bytes: u64, detail: String },
     #[error("{}: cannot write output: {detail}; check the output folder is writable and has space", path.display())]
     Write { path: PathBuf, detail: String },
     #[error("{what}: target has almost no tissue ({found} of {total} pixels pass the {test} test, need at least {needed}); choose a target image with stained tissue")]
-    TargetNoTissue {
-        what: String,
-        test: &'static str,
-        found: usize,
-        total: usize,
-        needed: usize,
-    },
+    TargetNoTissue { what: String, test: &'static str, found: usize, total: usize, needed: usize },
     #[error("{what}: target is degenerate for {method}: {detail}; choose another target image")]
-    TargetDegenerate {
-        what: String,
-        method: Method,
-        detail: String,
-    },
+    TargetDegenerate { what: String, method: Method, detail: String },
     #[error("invalid stain parameters: {0}")]
     InvalidParams(String),
-    #[error(
-        "unknown stain method {0:?}; expected one of macenko, reinhard, reinhard-lab, vahadane"
-    )]
+    #[error("unknown stain method {0:?}; expected one of macenko, reinhard, reinhard-lab, vahadane")]
     UnknownMethod(String),
     #[error("inputs {} and {} would both be written to {}; rename one of them", first.display(), second.display(), out.display())]
-    OutputCollision {
-        first: PathBuf,
-        second: PathBuf,
-        out: PathBuf,
-    },
+    OutputCollision { first: PathBuf, second: PathBuf, out: PathBuf },
     #[error("{}: not a directory", path.display())]
     NotADirectory { path: PathBuf },
 }
@@ -99,12 +74,7 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 4] = [
-        Method::Macenko,
-        Method::Reinhard,
-        Method::ReinhardLab,
-        Method::Vahadane,
-    ];
+    pub const ALL: [Method; 4] = [Method::Macenko, Method::Reinhard, Method::ReinhardLab, Method::Vahadane];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -145,12 +115,9 @@ pub struct StainTarget {
 impl StainTarget {
     /// Checks that the values can be used without producing NaN.
     pub fn validate(&self) -> Result<(), StainError> {
-        let finite = self.stains.iter().flatten().all(|v| v.is_finite())
-            && self.max_conc.iter().all(|v| v.is_finite());
+        let finite = self.stains.iter().flatten().all(|v| v.is_finite()) && self.max_conc.iter().all(|v| v.is_finite());
         if !finite {
-            return Err(StainError::InvalidParams(format!(
-                "stain target has non-finite values: {self:?}"
-            )));
+            return Err(StainError::InvalidParams(format!("stain target has non-finite values: {self:?}")));
         }
         if self.max_conc.iter().any(|&c| c <= 0.0) {
             return Err(StainError::InvalidParams(format!(
@@ -193,16 +160,10 @@ pub struct Normalised {
 
 impl Normalised {
     pub(crate) fn pass(img: &RgbImage) -> Self {
-        Normalised {
-            image: img.clone(),
-            passed_through: true,
-        }
+        Normalised { image: img.clone(), passed_through: true }
     }
     pub(crate) fn done(image: RgbImage) -> Self {
-        Normalised {
-            image,
-            passed_through: false,
-        }
+        Normalised { image, passed_through: false }
     }
 }
 
@@ -229,30 +190,20 @@ impl Normaliser {
 
     fn fit_named(method: Method, target: &RgbImage, what: &str) -> Result<Self, StainError> {
         Ok(match method {
-            Method::Macenko => {
-                Normaliser::Macenko(Macenko::fit_named(target, MacenkoParams::default(), what)?)
-            }
+            Method::Macenko => Normaliser::Macenko(Macenko::fit_named(target, MacenkoParams::default(), what)?),
             Method::Reinhard => Normaliser::Reinhard(Reinhard::fit_named(target, what)?),
             Method::ReinhardLab => Normaliser::ReinhardLab(ReinhardLab::fit_named(target, what)?),
-            Method::Vahadane => Normaliser::Vahadane(Vahadane::fit_named(
-                target,
-                VahadaneParams::default(),
-                what,
-            )?),
+            Method::Vahadane => Normaliser::Vahadane(Vahadane::fit_named(target, VahadaneParams::default(), what)?),
         })
     }
 
     /// Builds a normaliser from stored target parameters (default method parameters otherwise).
     pub fn from_target(target: TargetParams) -> Result<Self, StainError> {
         Ok(match target {
-            TargetParams::Macenko(t) => {
-                Normaliser::Macenko(Macenko::from_target(t, MacenkoParams::default())?)
-            }
+            TargetParams::Macenko(t) => Normaliser::Macenko(Macenko::from_target(t, MacenkoParams::default())?),
             TargetParams::Reinhard(s) => Normaliser::Reinhard(Reinhard::from_stats(s)?),
             TargetParams::ReinhardLab(s) => Normaliser::ReinhardLab(ReinhardLab::from_stats(s)?),
-            TargetParams::Vahadane(t) => {
-                Normaliser::Vahadane(Vahadane::from_target(t, VahadaneParams::default())?)
-            }
+            TargetParams::Vahadane(t) => Normaliser::Vahadane(Vahadane::from_target(t, VahadaneParams::default())?),
         })
     }
 

@@ -12,8 +12,8 @@
 use image::RgbImage;
 
 use super::color::{
-    lab_to_linear_rgb, linear_rgb_to_lab, linear_rgb_to_lab4, srgb_linear_table, xyz2rgb,
-    Luminosity, Ruderman, SrgbQuantiser,
+    lab_to_linear_rgb, linear_rgb_to_lab, linear_rgb_to_lab4, srgb_linear_table, xyz2rgb, Luminosity, Ruderman,
+    SrgbQuantiser,
 };
 use super::stats::Mat3;
 use super::{Method, Normalised, StainError, DEFAULT_MIN_TISSUE_FRACTION};
@@ -30,20 +30,15 @@ pub struct ChannelStats {
 
 impl ChannelStats {
     /// The paper's BACH target in HistomicsTK's lαβ (METHOD.md).
-    pub const BACH: ChannelStats = ChannelStats {
-        mean: [8.74108109, -0.12440419, 0.0444982],
-        std: [0.6135447, 0.10989545, 0.0286032],
-    };
+    pub const BACH: ChannelStats =
+        ChannelStats { mean: [8.74108109, -0.12440419, 0.0444982], std: [0.6135447, 0.10989545, 0.0286032] };
 
     fn validate(&self) -> Result<(), StainError> {
-        let ok = self.mean.iter().chain(&self.std).all(|v| v.is_finite())
-            && self.std.iter().all(|&s| s >= 0.0);
+        let ok = self.mean.iter().chain(&self.std).all(|v| v.is_finite()) && self.std.iter().all(|&s| s >= 0.0);
         if ok {
             Ok(())
         } else {
-            Err(StainError::InvalidParams(format!(
-                "Reinhard target needs finite means and std >= 0, got {self:?}"
-            )))
+            Err(StainError::InvalidParams(format!("Reinhard target needs finite means and std >= 0, got {self:?}")))
         }
     }
 }
@@ -104,10 +99,7 @@ fn channel_stats(values: &[[f64; 3]]) -> ChannelStats {
             var[c] += (v[c] - mean[c]) * (v[c] - mean[c]);
         }
     }
-    ChannelStats {
-        mean,
-        std: var.map(|s| (s / n).sqrt()),
-    }
+    ChannelStats { mean, std: var.map(|s| (s / n).sqrt()) }
 }
 
 /// `(x - μs) / σs · σt + μt` folded into `x · gain + shift`.
@@ -136,11 +128,7 @@ pub struct Reinhard {
 impl Reinhard {
     pub fn from_stats(target: ChannelStats) -> Result<Self, StainError> {
         target.validate()?;
-        Ok(Reinhard {
-            target,
-            min_tissue_fraction: DEFAULT_MIN_TISSUE_FRACTION,
-            space: Ruderman::default(),
-        })
+        Ok(Reinhard { target, min_tissue_fraction: DEFAULT_MIN_TISSUE_FRACTION, space: Ruderman::default() })
     }
 
     /// The paper's BACH preprocessing.
@@ -182,10 +170,7 @@ impl Reinhard {
             return Normalised::pass(img);
         }
         with_buffer(|lab| {
-            lab.extend(
-                img.pixels()
-                    .map(|p| self.space.rgb_to_lab(p.0.map(f64::from))),
-            );
+            lab.extend(img.pixels().map(|p| self.space.rgb_to_lab(p.0.map(f64::from))));
             self.transfer(img, lab)
         })
     }
@@ -201,22 +186,14 @@ impl Reinhard {
             let l: [f64; 3] = std::array::from_fn(|c| v[c] * gain[c] + shift[c]);
             // HistomicsTK: clip to [0, 255] then astype(uint8) truncates (NaN -> 0)
             let rgb = self.space.lab_to_rgb(l);
-            out.extend(rgb.map(|x| {
-                if x.is_nan() {
-                    0
-                } else {
-                    x.clamp(0.0, 255.0) as u8
-                }
-            }));
+            out.extend(rgb.map(|x| if x.is_nan() { 0 } else { x.clamp(0.0, 255.0) as u8 }));
         }
         Normalised::done(RgbImage::from_raw(img.width(), img.height(), out).expect("same size"))
     }
 }
 
 fn to_lab(space: &Ruderman, img: &RgbImage) -> Vec<[f64; 3]> {
-    img.pixels()
-        .map(|p| space.rgb_to_lab(p.0.map(f64::from)))
-        .collect()
+    img.pixels().map(|p| space.rgb_to_lab(p.0.map(f64::from))).collect()
 }
 
 // ---------------------------------------------------------------- CIE LAB (torchstain)
@@ -276,14 +253,11 @@ impl ReinhardLab {
             let raw = img.as_raw();
             let mut quads = raw.chunks_exact(12);
             for q in &mut quads {
-                let px: [[f64; 3]; 4] =
-                    std::array::from_fn(|k| std::array::from_fn(|c| lin[q[3 * k + c] as usize]));
+                let px: [[f64; 3]; 4] = std::array::from_fn(|k| std::array::from_fn(|c| lin[q[3 * k + c] as usize]));
                 lab.extend(linear_rgb_to_lab4(&px));
             }
             for p in quads.remainder().chunks_exact(3) {
-                lab.push(linear_rgb_to_lab(
-                    [p[0], p[1], p[2]].map(|v| lin[v as usize]),
-                ));
+                lab.push(linear_rgb_to_lab([p[0], p[1], p[2]].map(|v| lin[v as usize])));
             }
             self.transfer(img, lab)
         })
@@ -306,7 +280,5 @@ impl ReinhardLab {
 }
 
 fn lab_of(lin: &[f64; 256], img: &RgbImage) -> Vec<[f64; 3]> {
-    img.pixels()
-        .map(|p| linear_rgb_to_lab(p.0.map(|v| lin[v as usize])))
-        .collect()
+    img.pixels().map(|p| linear_rgb_to_lab(p.0.map(|v| lin[v as usize]))).collect()
 }

@@ -175,11 +175,7 @@ mod tests {
 
     #[test]
     fn inverse_roundtrips() {
-        let m = [
-            [0.3811, 0.5783, 0.0402],
-            [0.1967, 0.7244, 0.0782],
-            [0.0241, 0.1288, 0.8444],
-        ];
+        let m = [[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]];
         let p = mul(&m, &inv(&m).unwrap());
         for (i, row) in p.iter().enumerate() {
             for (j, x) in row.iter().enumerate() {

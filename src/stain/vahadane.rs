@@ -75,11 +75,7 @@ pub struct Vahadane {
 /// Why an image yields no stain matrix.
 #[derive(Debug, Clone)]
 pub enum NoEstimate {
-    TooLittleTissue {
-        found: usize,
-        total: usize,
-        needed: usize,
-    },
+    TooLittleTissue { found: usize, total: usize, needed: usize },
     Degenerate(String),
 }
 
@@ -94,33 +90,18 @@ impl Vahadane {
         Self::fit_named(target, params, "target image")
     }
 
-    pub(crate) fn fit_named(
-        target: &RgbImage,
-        params: VahadaneParams,
-        what: &str,
-    ) -> Result<Self, StainError> {
+    pub(crate) fn fit_named(target: &RgbImage, params: VahadaneParams, what: &str) -> Result<Self, StainError> {
         params.validate()?;
         let fail = |e: NoEstimate| match e {
-            NoEstimate::TooLittleTissue {
-                found,
-                total,
-                needed,
-            } => StainError::TargetNoTissue {
-                what: what.to_string(),
-                test: "luminosity < 0.8",
-                found,
-                total,
-                needed,
-            },
-            NoEstimate::Degenerate(detail) => StainError::TargetDegenerate {
-                what: what.to_string(),
-                method: Method::Vahadane,
-                detail,
-            },
+            NoEstimate::TooLittleTissue { found, total, needed } => {
+                StainError::TargetNoTissue { what: what.to_string(), test: "luminosity < 0.8", found, total, needed }
+            }
+            NoEstimate::Degenerate(detail) => {
+                StainError::TargetDegenerate { what: what.to_string(), method: Method::Vahadane, detail }
+            }
         };
         let stains = stain_matrix(target, &params).map_err(fail)?;
-        let (_, max_conc) =
-            concentrations(target, &stains, params.conc_regulariser).map_err(fail)?;
+        let (_, max_conc) = concentrations(target, &stains, params.conc_regulariser).map_err(fail)?;
         Self::from_target(StainTarget { stains, max_conc }, params)
     }
 
@@ -139,10 +120,7 @@ impl Vahadane {
         let Ok((conc, max_c)) = concentrations(img, &stains, self.params.conc_regulariser) else {
             return Normalised::pass(img);
         };
-        let scale = [
-            self.target.max_conc[0] / max_c[0],
-            self.target.max_conc[1] / max_c[1],
-        ];
+        let scale = [self.target.max_conc[0] / max_c[0], self.target.max_conc[1] / max_c[1]];
         let s = &self.target.stains;
         let mut out = Vec::with_capacity(conc.len() * 3);
         for a in &conc {
@@ -160,19 +138,11 @@ impl Vahadane {
 pub fn stain_matrix(img: &RgbImage, params: &VahadaneParams) -> Result<[[f64; 3]; 2], NoEstimate> {
     let lum = Luminosity::new(params.luminosity_threshold);
     let od = od_table_staintools();
-    let x: Vec<[f64; 3]> = img
-        .pixels()
-        .filter(|p| lum.is_tissue(p.0))
-        .map(|p| p.0.map(|v| od[v as usize]))
-        .collect();
+    let x: Vec<[f64; 3]> = img.pixels().filter(|p| lum.is_tissue(p.0)).map(|p| p.0.map(|v| od[v as usize])).collect();
     let total = (img.width() * img.height()) as usize;
     let needed = ((params.min_tissue_fraction * total as f64).ceil() as usize).max(2);
     if x.len() < needed {
-        return Err(NoEstimate::TooLittleTissue {
-            found: x.len(),
-            total,
-            needed,
-        });
+        return Err(NoEstimate::TooLittleTissue { found: x.len(), total, needed });
     }
     let mut d = learn_dictionary(&x, params.regulariser, params.max_iter)?;
     // H first: larger red OD
@@ -211,9 +181,7 @@ pub fn concentrations(
     col.iter_mut().zip(&conc).for_each(|(c, a)| *c = a[1]);
     let m1 = percentile(&mut col, 99.0);
     if !(m0 > 1e-9 && m1 > 1e-9 && m0.is_finite() && m1.is_finite()) {
-        return Err(NoEstimate::Degenerate(format!(
-            "99th-percentile concentrations are not positive ({m0}, {m1})"
-        )));
+        return Err(NoEstimate::Degenerate(format!("99th-percentile concentrations are not positive ({m0}, {m1})")));
     }
     Ok((conc, [m0, m1]))
 }
@@ -234,14 +202,8 @@ struct Gram {
 
 impl Gram {
     fn new(d: &[[f64; 3]; 2]) -> Self {
-        let g = [
-            [dot(&d[0], &d[0]), dot(&d[0], &d[1])],
-            [dot(&d[1], &d[0]), dot(&d[1], &d[1])],
-        ];
-        Gram {
-            det: g[0][0] * g[1][1] - g[0][1] * g[1][0],
-            g,
-        }
+        let g = [[dot(&d[0], &d[0]), dot(&d[0], &d[1])], [dot(&d[1], &d[0]), dot(&d[1], &d[1])]];
+        Gram { det: g[0][0] * g[1][1] - g[0][1] * g[1][0], g }
     }
 
     /// Exact solution of min_α≥0 ½‖x − Dᵀα‖² + λ(α₀ + α₁) for two atoms: the objective is
@@ -282,11 +244,7 @@ impl Gram {
 
 /// Batch alternating minimisation of the spams `trainDL` objective (mode 2, positive codes and
 /// atoms, ‖dⱼ‖ ≤ 1), started from the two extreme OD directions of the data.
-fn learn_dictionary(
-    x: &[[f64; 3]],
-    lambda: f64,
-    max_iter: usize,
-) -> Result<[[f64; 3]; 2], NoEstimate> {
+fn learn_dictionary(x: &[[f64; 3]], lambda: f64, max_iter: usize) -> Result<[[f64; 3]; 2], NoEstimate> {
     let mut d = initial_atoms(x)?;
     let mut prev = f64::INFINITY;
     for _ in 0..max_iter {
@@ -308,8 +266,7 @@ fn learn_dictionary(
                             b[j][c] += xi[c] * al[j];
                         }
                     }
-                    let r: [f64; 3] =
-                        std::array::from_fn(|c| xi[c] - d[0][c] * al[0] - d[1][c] * al[1]);
+                    let r: [f64; 3] = std::array::from_fn(|c| xi[c] - d[0][c] * al[0] - d[1][c] * al[1]);
                     obj += 0.5 * dot(&r, &r) + lambda * (al[0] + al[1]);
                 }
                 (a, b, obj)
@@ -339,9 +296,7 @@ fn learn_dictionary(
             }
         }
         if !obj.is_finite() {
-            return Err(NoEstimate::Degenerate(
-                "dictionary learning diverged".to_string(),
-            ));
+            return Err(NoEstimate::Degenerate("dictionary learning diverged".to_string()));
         }
         if (prev - obj).abs() <= 1e-9 * obj.abs().max(1e-12) {
             break;
@@ -363,8 +318,7 @@ fn initial_atoms(x: &[[f64; 3]]) -> Result<[[f64; 3]; 2], NoEstimate> {
         .collect();
     let n = u.len() as f64;
     let mut mean = [0.0; 3];
-    u.iter()
-        .for_each(|v| (0..3).for_each(|c| mean[c] += v[c] / n));
+    u.iter().for_each(|v| (0..3).for_each(|c| mean[c] += v[c] / n));
     let mut cov = [[0.0; 3]; 3];
     for v in &u {
         for i in 0..3 {
@@ -395,9 +349,7 @@ fn initial_atoms(x: &[[f64; 3]]) -> Result<[[f64; 3]; 2], NoEstimate> {
     for (e, &k) in ends.iter_mut().zip(&counts) {
         let nn = norm(e);
         if k == 0 || nn.is_nan() || nn <= 0.0 {
-            return Err(NoEstimate::Degenerate(
-                "tissue OD has no spread to separate two stains".to_string(),
-            ));
+            return Err(NoEstimate::Degenerate("tissue OD has no spread to separate two stains".to_string()));
         }
         *e = e.map(|c| c / nn);
     }

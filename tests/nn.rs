@@ -538,6 +538,14 @@ fn pth_roundtrip_through_model_to_safetensors() -> R<()> {
         None => dir.path().join("resnet18_from_pth.safetensors"),
     };
     save(&vm, &out)?;
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary file left behind: {leftovers:?}"
+    );
     let saved = read_tensors(&out)?;
     assert_eq!(saved.len(), 122, "a full torchvision state dict");
     for (name, t) in &file {

@@ -1,0 +1,402 @@
+//! ResNet-18/34/50/101/152 in torchvision's layout (`torchvision.models.resnet`, v1.5: the
+//! bottleneck's stride sits on its 3×3 convolution), with torchvision's parameter names so that
+//! its state dicts load by name: conv1, bn1, layer{1..4}.{i}.conv{1,2,3}/bn{1,2,3},
+//! layer{k}.0.downsample.{0,1}, fc.
+
+use std::str::FromStr;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, ModuleT, VarBuilder};
+
+use super::batchnorm::{into_candle, BatchNorm};
+use super::error::{NnError, Result};
+use super::pool::max_pool2d_padded;
+
+/// The supported depths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Arch {
+    ResNet18,
+    ResNet34,
+    ResNet50,
+    ResNet101,
+    ResNet152,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 5] = [
+        Arch::ResNet18,
+        Arch::ResNet34,
+        Arch::ResNet50,
+        Arch::ResNet101,
+        Arch::ResNet152,
+    ];
+
+    /// torchvision's name, e.g. "resnet50".
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::ResNet18 => "resnet18",
+            Arch::ResNet34 => "resnet34",
+            Arch::ResNet50 => "resnet50",
+            Arch::ResNet101 => "resnet101",
+            Arch::ResNet152 => "resnet152",
+        }
+    }
+
+    /// Blocks per stage (layer1..layer4).
+    pub fn layers(self) -> [usize; 4] {
+        match self {
+            Arch::ResNet18 => [2, 2, 2, 2],
+            Arch::ResNet34 | Arch::ResNet50 => [3, 4, 6, 3],
+            Arch::ResNet101 => [3, 4, 23, 3],
+            Arch::ResNet152 => [3, 8, 36, 3],
+        }
+    }
+
+    /// Bottleneck blocks (expansion 4) rather than basic blocks (expansion 1).
+    pub fn bottleneck(self) -> bool {
+        !matches!(self, Arch::ResNet18 | Arch::ResNet34)
+    }
+
+    fn expansion(self) -> usize {
+        if self.bottleneck() {
+            4
+        } else {
+            1
+        }
+    }
+
+    /// Width of the pooled feature vector: 512 (basic) or 2048 (bottleneck).
+    pub fn feature_dim(self) -> usize {
+        512 * self.expansion()
+    }
+}
+
+impl FromStr for Arch {
+    type Err = NnError;
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.trim().to_ascii_lowercase().replace(['-', '_'], "");
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.name() == lower)
+            .ok_or_else(|| NnError::UnknownArch {
+                name: s.to_string(),
+            })
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// torchvision's `replace_stride_with_dilation`, named by the resulting output stride.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Dilation {
+    /// Output stride 32: the plain ResNet.
+    #[default]
+    None,
+    /// Output stride 16: `[False, False, True]` (layer4 dilated).
+    OutputStride16,
+    /// Output stride 8: `[False, True, True]` (layer3 and layer4 dilated).
+    OutputStride8,
+}
+
+impl Dilation {
+    /// From an output stride of 32, 16 or 8.
+    pub fn from_output_stride(os: usize) -> Result<Self> {
+        match os {
+            32 => Ok(Dilation::None),
+            16 => Ok(Dilation::OutputStride16),
+            8 => Ok(Dilation::OutputStride8),
+            other => Err(NnError::BadOutputStride(other)),
+        }
+    }
+
+    pub fn output_stride(self) -> usize {
+        match self {
+            Dilation::None => 32,
+            Dilation::OutputStride16 => 16,
+            Dilation::OutputStride8 => 8,
+        }
+    }
+
+    /// For layer2, layer3, layer4, as torchvision's argument.
+    pub fn replace_stride_with_dilation(self) -> [bool; 3] {
+        match self {
+            Dilation::None => [false, false, false],
+            Dilation::OutputStride16 => [false, false, true],
+            Dilation::OutputStride8 => [false, true, true],
+        }
+    }
+}
+
+/// A bias-free convolution initialised as torchvision does
+/// (kaiming normal, mode fan_out, ReLU gain) when the var builder creates it.
+fn conv(
+    vb: VarBuilder,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+) -> Result<Conv2d> {
+    let fan_out = (c_out * k * k) as f64;
+    let init = Init::Randn {
+        mean: 0.0,
+        stdev: (2.0 / fan_out).sqrt(),
+    };
+    let w = vb.get_with_hints((c_out, c_in, k, k), "weight", init)?;
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        dilation,
+        groups: 1,
+        cudnn_fwd_algo: None,
+    };
+    Ok(Conv2d::new(w, None, cfg))
+}
+
+/// torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+pub(crate) fn linear(vb: VarBuilder, c_in: usize, c_out: usize, bias: bool) -> Result<Linear> {
+    let bound = 1.0 / (c_in as f64).sqrt();
+    let init = Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    let w = vb.get_with_hints((c_out, c_in), "weight", init)?;
+    let b = if bias {
+        Some(vb.get_with_hints(c_out, "bias", init)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+#[derive(Clone, Debug)]
+struct Downsample {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+/// One residual block (BasicBlock when `conv3` is None, Bottleneck otherwise).
+#[derive(Clone, Debug)]
+struct Block {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    conv3: Option<(Conv2d, BatchNorm)>,
+    downsample: Option<Downsample>,
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vb: VarBuilder,
+        bottleneck: bool,
+        inplanes: usize,
+        planes: usize,
+        stride: usize,
+        dilation: usize,
+        needs_downsample: bool,
+    ) -> Result<Self> {
+        let expansion = if bottleneck { 4 } else { 1 };
+        let downsample = if needs_downsample {
+            Some(Downsample {
+                conv: conv(
+                    vb.pp("downsample.0"),
+                    inplanes,
+                    planes * expansion,
+                    1,
+                    stride,
+                    0,
+                    1,
+                )?,
+                bn: BatchNorm::new(planes * expansion, vb.pp("downsample.1"))?,
+            })
+        } else {
+            None
+        };
+        if bottleneck {
+            Ok(Self {
+                conv1: conv(vb.pp("conv1"), inplanes, planes, 1, 1, 0, 1)?,
+                bn1: BatchNorm::new(planes, vb.pp("bn1"))?,
+                conv2: conv(
+                    vb.pp("conv2"),
+                    planes,
+                    planes,
+                    3,
+                    stride,
+                    dilation,
+                    dilation,
+                )?,
+                bn2: BatchNorm::new(planes, vb.pp("bn2"))?,
+                conv3: Some((
+                    conv(vb.pp("conv3"), planes, planes * 4, 1, 1, 0, 1)?,
+                    BatchNorm::new(planes * 4, vb.pp("bn3"))?,
+                )),
+                downsample,
+            })
+        } else {
+            Ok(Self {
+                conv1: conv(vb.pp("conv1"), inplanes, planes, 3, stride, 1, 1)?,
+                bn1: BatchNorm::new(planes, vb.pp("bn1"))?,
+                conv2: conv(vb.pp("conv2"), planes, planes, 3, 1, 1, 1)?,
+                bn2: BatchNorm::new(planes, vb.pp("bn2"))?,
+                conv3: None,
+                downsample,
+            })
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+        if let Some((c3, b3)) = &self.conv3 {
+            y = b3.forward_t(&c3.forward(&y.relu()?)?, train)?;
+        }
+        let identity = match &self.downsample {
+            Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        Ok((y + identity)?.relu()?)
+    }
+}
+
+/// A torchvision ResNet.
+#[derive(Clone, Debug)]
+pub struct ResNet {
+    arch: Arch,
+    dilation: Dilation,
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    layers: Vec<Vec<Block>>,
+    fc: Option<Linear>,
+}
+
+impl ResNet {
+    /// Builds the network under `vb` with torchvision's names. `num_classes: None` builds the
+    /// feature extractor without `fc` (512-d or 2048-d output); `Some(n)` adds `fc` (n outputs).
+    pub fn new(
+        arch: Arch,
+        vb: VarBuilder,
+        num_classes: Option<usize>,
+        dilation: Dilation,
+    ) -> Result<Self> {
+        let replace = dilation.replace_stride_with_dilation();
+        if !arch.bottleneck() && replace.iter().any(|&r| r) {
+            return Err(NnError::DilationUnsupported {
+                arch: arch.name().to_string(),
+                output_stride: dilation.output_stride(),
+            });
+        }
+        let conv1 = conv(vb.pp("conv1"), 3, 64, 7, 2, 3, 1)?;
+        let bn1 = BatchNorm::new(64, vb.pp("bn1"))?;
+        let expansion = arch.expansion();
+        let mut inplanes = 64;
+        let mut cur_dilation = 1;
+        let mut layers = Vec::with_capacity(4);
+        for (i, &blocks) in arch.layers().iter().enumerate() {
+            let planes = 64 << i;
+            let mut stride = if i == 0 { 1 } else { 2 };
+            // Mirrors torchvision's _make_layer: the first block keeps the previous dilation.
+            let previous_dilation = cur_dilation;
+            if i > 0 && replace[i - 1] {
+                cur_dilation *= stride;
+                stride = 1;
+            }
+            let lvb = vb.pp(format!("layer{}", i + 1));
+            let mut layer = Vec::with_capacity(blocks);
+            let needs_downsample = stride != 1 || inplanes != planes * expansion;
+            layer.push(Block::new(
+                lvb.pp("0"),
+                arch.bottleneck(),
+                inplanes,
+                planes,
+                stride,
+                previous_dilation,
+                needs_downsample,
+            )?);
+            inplanes = planes * expansion;
+            for b in 1..blocks {
+                layer.push(Block::new(
+                    lvb.pp(b.to_string()),
+                    arch.bottleneck(),
+                    inplanes,
+                    planes,
+                    1,
+                    cur_dilation,
+                    false,
+                )?);
+            }
+            layers.push(layer);
+        }
+        let fc = match num_classes {
+            Some(n) => Some(linear(vb.pp("fc"), arch.feature_dim(), n, true)?),
+            None => None,
+        };
+        Ok(Self {
+            arch,
+            dilation,
+            conv1,
+            bn1,
+            layers,
+            fc,
+        })
+    }
+
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    pub fn dilation(&self) -> Dilation {
+        self.dilation
+    }
+
+    /// Width of `features_t`'s output.
+    pub fn feature_dim(&self) -> usize {
+        self.arch.feature_dim()
+    }
+
+    /// The last feature map (N, feature_dim, H/os, W/os), before global pooling (for Grad-CAM
+    /// and dense heads). Input: (N, 3, H, W).
+    pub fn feature_map_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if x.rank() != 4 || x.dim(1)? != 3 {
+            return Err(NnError::InvalidInput(format!(
+                "ResNet expects an (N, 3, H, W) image batch, got {:?}",
+                x.dims()
+            )));
+        }
+        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        y = max_pool2d_padded(&y, 3, 2, 1)?;
+        for layer in &self.layers {
+            for block in layer {
+                y = block.forward_t(&y, train)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// Globally average-pooled features (N, feature_dim): torchvision's output before `fc`.
+    pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let map = self.feature_map_t(x, train)?;
+        Ok(map.mean((2, 3))?)
+    }
+
+    /// Logits (N, num_classes) when the model has `fc`, else the pooled features.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let f = self.features_t(x, train)?;
+        match &self.fc {
+            Some(fc) => Ok(fc.forward(&f)?),
+            None => Ok(f),
+        }
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        ResNet::forward_t(self, x, train).map_err(into_candle)
+    }
+}

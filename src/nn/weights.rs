@@ -1,0 +1,304 @@
+//! Weight import and export by name: torchvision state dicts from `.safetensors` or `.pth`
+//! (torch's zip/pickle format) into a `VarMap`, and `VarMap` → `.safetensors` with the same names,
+//! so PyTorch can `load_state_dict` what we save.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
+
+use super::error::{NnError, Result};
+use super::resnet::Arch;
+
+/// How to match checkpoint tensors to model variables.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Leave the model's `fc.*` as initialised and ignore the checkpoint's (a new head).
+    pub ignore_fc: bool,
+    /// Fail when the checkpoint lacks a model variable or has a tensor the model does not use
+    /// (like PyTorch's `load_state_dict(strict=True)`). Shape mismatches always fail.
+    pub strict: bool,
+    /// Only model variables whose name starts with this prefix are loaded, and the prefix is
+    /// removed to get the checkpoint name (e.g. "encoder." for an encoder inside a bigger model).
+    pub prefix: String,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            ignore_fc: false,
+            strict: true,
+            prefix: String::new(),
+        }
+    }
+}
+
+/// What a load did, by checkpoint name (sorted).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    pub loaded: Vec<String>,
+    /// Model variables left as initialised because the checkpoint lacks them (non-strict only).
+    pub missing: Vec<String>,
+    /// Checkpoint tensors not used (non-strict only; `fc.*` with `ignore_fc` are in `ignored`).
+    pub unexpected: Vec<String>,
+    pub ignored: Vec<String>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> NnError + '_ {
+    move |source| NnError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn bad(path: &Path, msg: impl Into<String>) -> NnError {
+    NnError::BadWeightsFile {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Reads every tensor of a `.safetensors` or `.pth` file (told apart by content, not by name)
+/// onto the CPU. A `.pth` may hold the state dict itself or a dict with it under "state_dict" or
+/// "model"; a leading "module." (from DataParallel) is removed from every name.
+pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let n = file.read(&mut magic).map_err(io_err(path))?;
+    drop(file);
+    let tensors: Vec<(String, Tensor)> = if n == 4 && magic == *b"PK\x03\x04" {
+        let mut found = Vec::new();
+        for key in [None, Some("state_dict"), Some("model")] {
+            found = candle_core::pickle::read_all_with_key(path, key)
+                .map_err(|e| bad(path, format!("cannot read this PyTorch .pth file: {e}")))?;
+            if !found.is_empty() {
+                break;
+            }
+        }
+        if found.is_empty() {
+            return Err(bad(
+                path,
+                "no tensors found in this .pth; save it with torch.save(model.state_dict(), path)",
+            ));
+        }
+        found
+    } else {
+        let map = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+            bad(
+                path,
+                format!("neither a PyTorch .pth (zip) nor a readable .safetensors file: {e}"),
+            )
+        })?;
+        map.into_iter().collect()
+    };
+    let strip = !tensors.is_empty() && tensors.iter().all(|(k, _)| k.starts_with("module."));
+    Ok(tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let k = if strip {
+                k["module.".len()..].to_string()
+            } else {
+                k
+            };
+            (k, v)
+        })
+        .collect())
+}
+
+/// Guesses the torchvision ResNet depth from state-dict names (blocks per layer, and whether
+/// blocks have a `conv3`). None when the names do not look like a torchvision ResNet.
+pub fn detect_arch<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Arch> {
+    let mut blocks = [0usize; 4];
+    let mut bottleneck = false;
+    let mut any = false;
+    for name in names {
+        let mut parts = name.split('.');
+        let (Some(layer), Some(idx), Some(rest)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let Some(l) = layer
+            .strip_prefix("layer")
+            .and_then(|l| l.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let Ok(i) = idx.parse::<usize>() else {
+            continue;
+        };
+        if (1..=4).contains(&l) {
+            any = true;
+            blocks[l - 1] = blocks[l - 1].max(i + 1);
+            bottleneck |= rest == "conv3";
+        }
+    }
+    if !any {
+        return None;
+    }
+    Arch::ALL
+        .into_iter()
+        .find(|a| a.layers() == blocks && a.bottleneck() == bottleneck)
+}
+
+fn examples(names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    let more = if names.len() > 5 { ", ..." } else { "" };
+    format!("{}{more}", shown.join(", "))
+}
+
+fn is_fc(name: &str) -> bool {
+    name.starts_with("fc.")
+}
+
+/// Loads a torchvision-named checkpoint into the variables of `varmap` (which the model's
+/// constructor filled), strictly, with no prefix. `ignore_fc` keeps the model's own head.
+pub fn load_into(varmap: &VarMap, path: &Path, ignore_fc: bool) -> Result<LoadReport> {
+    let opts = LoadOptions {
+        ignore_fc,
+        ..LoadOptions::default()
+    };
+    load_into_with(varmap, path, &opts)
+}
+
+/// Loads with explicit options. All checks run before any variable is written, so a failed load
+/// leaves the model as it was.
+pub fn load_into_with(varmap: &VarMap, path: &Path, opts: &LoadOptions) -> Result<LoadReport> {
+    let file = read_tensors(path)?;
+    let vars: BTreeMap<String, Var> = {
+        let data = varmap.data().lock().expect("VarMap mutex poisoned");
+        data.iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix(opts.prefix.as_str())
+                    .map(|k| (k.to_string(), v.clone()))
+            })
+            .collect()
+    };
+    let file_arch = detect_arch(file.keys().map(String::as_str));
+    let model_arch = detect_arch(vars.keys().map(String::as_str));
+    let hint = match (file_arch, model_arch) {
+        (Some(f), m) if Some(f) != m => format!("; these look like {f} weights; use --arch {f}"),
+        _ => String::new(),
+    };
+
+    let mut report = LoadReport::default();
+    let mut to_set = Vec::new();
+    for (name, var) in &vars {
+        if opts.ignore_fc && is_fc(name) {
+            continue;
+        }
+        let Some(t) = file.get(name) else {
+            report.missing.push(name.clone());
+            continue;
+        };
+        if t.dims() != var.dims() {
+            let hint = if hint.is_empty() && is_fc(name) {
+                "; the checkpoint's classifier differs from the model's: ignore its fc (ignore_fc) to train a new head"
+                    .to_string()
+            } else {
+                hint.clone()
+            };
+            return Err(NnError::ShapeMismatch {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                expected: var.dims().to_vec(),
+                found: t.dims().to_vec(),
+                hint,
+            });
+        }
+        to_set.push((name.clone(), var.clone(), t.clone()));
+    }
+    for name in file.keys() {
+        if opts.ignore_fc && is_fc(name) {
+            report.ignored.push(name.clone());
+        } else if !vars.contains_key(name) {
+            report.unexpected.push(name.clone());
+        }
+    }
+    if opts.strict && !report.missing.is_empty() {
+        return Err(NnError::MissingTensors {
+            path: path.to_path_buf(),
+            count: report.missing.len(),
+            examples: examples(&report.missing),
+            hint,
+        });
+    }
+    if opts.strict && !report.unexpected.is_empty() {
+        let hint = if hint.is_empty() && report.unexpected.iter().all(|n| is_fc(n)) {
+            "; the model has no fc: ignore the checkpoint's fc (ignore_fc)".to_string()
+        } else {
+            hint
+        };
+        return Err(NnError::UnexpectedTensors {
+            path: path.to_path_buf(),
+            count: report.unexpected.len(),
+            examples: examples(&report.unexpected),
+            hint,
+        });
+    }
+    for (name, var, t) in to_set {
+        let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
+        var.set(&t)?;
+        report.loaded.push(name);
+    }
+    Ok(report)
+}
+
+/// Saves every variable of `varmap` to a `.safetensors` file under its own name.
+pub fn save(varmap: &VarMap, path: &Path) -> Result<()> {
+    save_with(varmap, path, "")
+}
+
+/// Saves the variables whose name starts with `prefix`, with the prefix removed (e.g. the
+/// encoder of a bigger model as a plain torchvision state dict). Written to a temporary file in
+/// the same directory and renamed, so `path` is never half-written.
+pub fn save_with(varmap: &VarMap, path: &Path, prefix: &str) -> Result<()> {
+    let tensors: HashMap<String, Tensor> = {
+        let data = varmap.data().lock().expect("VarMap mutex poisoned");
+        data.iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix(prefix)
+                    .map(|k| (k.to_string(), v.as_tensor().to_device(&Device::Cpu)))
+            })
+            .map(|(k, t)| t.map(|t| (k, t)))
+            .collect::<candle_core::Result<_>>()?
+    };
+    if tensors.is_empty() {
+        return Err(NnError::InvalidInput(format!(
+            "nothing to save to {}: no variable starts with '{prefix}'",
+            path.display()
+        )));
+    }
+    let mut tmp: PathBuf = path.to_path_buf();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".tmp{}", std::process::id()));
+    tmp.set_file_name(name);
+    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        NnError::from(e)
+    })?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// True for BatchNorm buffers (running statistics, batch counter), which are not trained.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("num_batches_tracked")
+}
+
+/// The trainable variables whose name starts with `prefix` (BatchNorm buffers excluded), sorted
+/// by name so optimiser state lines up across runs.
+pub fn trainable_vars(varmap: &VarMap, prefix: &str) -> Vec<Var> {
+    let data = varmap.data().lock().expect("VarMap mutex poisoned");
+    let mut v: Vec<(&String, &Var)> = data
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix) && !is_buffer(k))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    v.into_iter().map(|(_, var)| var.clone()).collect()
+}

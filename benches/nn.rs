@@ -18,11 +18,7 @@ fn time(label: &str, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Resul
         f()?;
     }
     let s = t.elapsed().as_secs_f64() / ITERS as f64;
-    println!(
-        "{label}: {:.1} images/s ({:.1} ms per batch of {BATCH})",
-        BATCH as f64 / s,
-        s * 1e3
-    );
+    println!("{label}: {:.1} images/s ({:.1} ms per batch of {BATCH})", BATCH as f64 / s, s * 1e3);
     Ok(())
 }
 
@@ -32,20 +28,13 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
-    println!(
-        "candle ResNet-18, {SIZE}x{SIZE}, batch {BATCH}, {} thread(s)",
-        candle_core::utils::get_num_threads()
-    );
+    println!("candle ResNet-18, {SIZE}x{SIZE}, batch {BATCH}, {} thread(s)", candle_core::utils::get_num_threads());
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let model = ResNet::new(Arch::ResNet18, vb, Some(10), Dilation::None)?;
     let x = Tensor::randn(0f32, 1f32, (BATCH, 3, SIZE, SIZE), &dev)?;
-    let labels = Tensor::from_vec(
-        (0..BATCH as u32).map(|i| i % 10).collect::<Vec<_>>(),
-        BATCH,
-        &dev,
-    )?;
+    let labels = Tensor::from_vec((0..BATCH as u32).map(|i| i % 10).collect::<Vec<_>>(), BATCH, &dev)?;
 
     time("forward (eval)", || {
         let y = model.forward_t(&x, false)?;

@@ -55,13 +55,7 @@ impl BatchNorm {
             weight_and_bias,
             running_mean: get_var(&vb, &n, "running_mean", Init::Const(0.0), dtype)?,
             running_var: get_var(&vb, &n, "running_var", Init::Const(1.0), dtype)?,
-            num_batches_tracked: get_var(
-                &vb,
-                &[],
-                "num_batches_tracked",
-                Init::Const(0.0),
-                DType::I64,
-            )?,
+            num_batches_tracked: get_var(&vb, &[], "num_batches_tracked", Init::Const(0.0), DType::I64)?,
             eps: BN_EPS,
             momentum: BN_MOMENTUM,
         })
@@ -84,17 +78,13 @@ impl BatchNorm {
                 x.dims()
             )));
         }
-        Ok((0..x.rank())
-            .map(|i| if i == 1 { self.num_features } else { 1 })
-            .collect())
+        Ok((0..x.rank()).map(|i| if i == 1 { self.num_features } else { 1 }).collect())
     }
 
     fn affine(&self, x: Tensor, shape: &[usize]) -> Result<Tensor> {
         match &self.weight_and_bias {
             None => Ok(x),
-            Some((w, b)) => Ok(x
-                .broadcast_mul(&w.reshape(shape)?)?
-                .broadcast_add(&b.reshape(shape)?)?),
+            Some((w, b)) => Ok(x.broadcast_mul(&w.reshape(shape)?)?.broadcast_add(&b.reshape(shape)?)?),
         }
     }
 
@@ -142,13 +132,8 @@ impl BatchNorm {
     /// Evaluation mode: normalise with the running statistics.
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
         let shape = self.channel_shape(x)?;
-        let mean = self
-            .running_mean
-            .as_detached_tensor()
-            .reshape(shape.as_slice())?;
-        let std = (self.running_var.as_detached_tensor() + self.eps)?
-            .sqrt()?
-            .reshape(shape.as_slice())?;
+        let mean = self.running_mean.as_detached_tensor().reshape(shape.as_slice())?;
+        let std = (self.running_var.as_detached_tensor() + self.eps)?.sqrt()?.reshape(shape.as_slice())?;
         let y = x.broadcast_sub(&mean)?.broadcast_div(&std)?;
         self.affine(y, &shape)
     }

@@ -18,36 +18,16 @@ pub enum NnError {
     BadOutputStride(usize),
 
     /// A checkpoint tensor whose shape differs from the model's parameter.
-    #[error(
-        "{path}: tensor '{name}' has shape {found:?} but the model expects {expected:?}{hint}"
-    )]
-    ShapeMismatch {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-        hint: String,
-    },
+    #[error("{path}: tensor '{name}' has shape {found:?} but the model expects {expected:?}{hint}")]
+    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize>, hint: String },
 
     /// Model parameters that the checkpoint lacks (strict loading).
-    #[error(
-        "{path}: the checkpoint lacks {count} tensor(s) the model needs, e.g. {examples}{hint}"
-    )]
-    MissingTensors {
-        path: PathBuf,
-        count: usize,
-        examples: String,
-        hint: String,
-    },
+    #[error("{path}: the checkpoint lacks {count} tensor(s) the model needs, e.g. {examples}{hint}")]
+    MissingTensors { path: PathBuf, count: usize, examples: String, hint: String },
 
     /// Checkpoint tensors that the model has no parameter for (strict loading).
     #[error("{path}: the checkpoint has {count} tensor(s) the model does not use, e.g. {examples}{hint}")]
-    UnexpectedTensors {
-        path: PathBuf,
-        count: usize,
-        examples: String,
-        hint: String,
-    },
+    UnexpectedTensors { path: PathBuf, count: usize, examples: String, hint: String },
 
     /// A weights file that cannot be read or parsed.
     #[error("{path}: {msg}")]

@@ -22,16 +22,9 @@ impl Head {
     /// `p` is the dropout probability, in [0, 1).
     pub fn new(vb: VarBuilder, num_features: usize, num_outputs: usize, p: f32) -> Result<Self> {
         if !(0.0..1.0).contains(&p) {
-            return Err(NnError::InvalidInput(format!(
-                "dropout probability must be in [0, 1), got {p}"
-            )));
+            return Err(NnError::InvalidInput(format!("dropout probability must be in [0, 1), got {p}")));
         }
-        Ok(Self {
-            dropout: Dropout::new(p),
-            p,
-            fc: linear(vb, num_features, num_outputs, true)?,
-            num_features,
-        })
+        Ok(Self { dropout: Dropout::new(p), p, fc: linear(vb, num_features, num_outputs, true)?, num_features })
     }
 
     pub fn dropout_p(&self) -> f32 {
@@ -47,11 +40,7 @@ impl Head {
                 x.dims()
             )));
         }
-        let x = if train && self.p > 0.0 {
-            self.dropout.forward(x, true)?
-        } else {
-            x.clone()
-        };
+        let x = if train && self.p > 0.0 { self.dropout.forward(x, true)? } else { x.clone() };
         Ok(self.fc.forward(&x)?)
     }
 }

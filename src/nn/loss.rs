@@ -18,24 +18,14 @@ fn check(f: &Tensor, temperature: f64) -> Result<(usize, usize)> {
         )));
     }
     if !(temperature.is_finite() && temperature > 0.0) {
-        return Err(NnError::InvalidInput(format!(
-            "temperature must be a positive number, got {temperature}"
-        )));
+        return Err(NnError::InvalidInput(format!("temperature must be a positive number, got {temperature}")));
     }
     Ok((f.dim(0)?, f.dim(2)?))
 }
 
 /// A constant (rows, cols) 0/1 mask with ones where `pred(i, j)`.
-fn mask(
-    rows: usize,
-    cols: usize,
-    dtype: DType,
-    f: &Tensor,
-    pred: impl Fn(usize, usize) -> bool,
-) -> Result<Tensor> {
-    let v: Vec<f32> = (0..rows * cols)
-        .map(|k| if pred(k / cols, k % cols) { 1.0 } else { 0.0 })
-        .collect();
+fn mask(rows: usize, cols: usize, dtype: DType, f: &Tensor, pred: impl Fn(usize, usize) -> bool) -> Result<Tensor> {
+    let v: Vec<f32> = (0..rows * cols).map(|k| if pred(k / cols, k % cols) { 1.0 } else { 0.0 }).collect();
     Ok(Tensor::from_vec(v, (rows, cols), f.device())?.to_dtype(dtype)?)
 }
 

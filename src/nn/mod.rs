@@ -36,6 +36,4 @@ pub use head::Head;
 pub use loss::{mpcs_loss, nt_xent_symmetric, TEMPERATURE};
 pub use projector::{l2_normalize, Projector};
 pub use resnet::{Arch, Dilation, ResNet};
-pub use weights::{
-    load_into, load_into_with, save, save_with, trainable_vars, LoadOptions, LoadReport,
-};
+pub use weights::{load_into, load_into_with, save, save_with, trainable_vars, LoadOptions, LoadReport};

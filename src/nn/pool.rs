@@ -17,16 +17,12 @@ fn pad_neg_inf(x: &Tensor, dim: usize, left: usize, right: usize) -> Result<Tens
     let mut shape = x.dims().to_vec();
     if left > 0 {
         shape[dim] = left;
-        parts.push(
-            Tensor::full(f32::NEG_INFINITY, shape.as_slice(), x.device())?.to_dtype(x.dtype())?,
-        );
+        parts.push(Tensor::full(f32::NEG_INFINITY, shape.as_slice(), x.device())?.to_dtype(x.dtype())?);
     }
     parts.push(x.clone());
     if right > 0 {
         shape[dim] = right;
-        parts.push(
-            Tensor::full(f32::NEG_INFINITY, shape.as_slice(), x.device())?.to_dtype(x.dtype())?,
-        );
+        parts.push(Tensor::full(f32::NEG_INFINITY, shape.as_slice(), x.device())?.to_dtype(x.dtype())?);
     }
     Ok(Tensor::cat(&parts, dim)?)
 }
@@ -40,19 +36,11 @@ fn strided(x: &Tensor, dim: usize, start: usize, n: usize, stride: usize) -> Res
     let mut shape = x.dims().to_vec();
     shape[dim] = n;
     shape.insert(dim + 1, stride);
-    Ok(x.reshape(shape.as_slice())?
-        .narrow(dim + 1, 0, 1)?
-        .squeeze(dim + 1)?)
+    Ok(x.reshape(shape.as_slice())?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)?)
 }
 
 /// 1-D max pooling along `dim` (kernel, stride, padding as in PyTorch, no ceil mode).
-fn max_pool_1d(
-    x: &Tensor,
-    dim: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
+fn max_pool_1d(x: &Tensor, dim: usize, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
     let len = x.dim(dim)?;
     if kernel == 0 || stride == 0 || padding * 2 > kernel || len + 2 * padding < kernel {
         return Err(NnError::InvalidInput(format!(
@@ -72,17 +60,9 @@ fn max_pool_1d(
 }
 
 /// 2-D max pooling of an (N, C, H, W) tensor, differentiable for any kernel/stride/padding.
-pub fn max_pool2d_padded(
-    x: &Tensor,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
+pub fn max_pool2d_padded(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
     if x.rank() != 4 {
-        return Err(NnError::InvalidInput(format!(
-            "max pool expects an (N, C, H, W) tensor, got {:?}",
-            x.dims()
-        )));
+        return Err(NnError::InvalidInput(format!("max pool expects an (N, C, H, W) tensor, got {:?}", x.dims())));
     }
     let w = max_pool_1d(x, 3, kernel, stride, padding)?;
     let h = max_pool_1d(&w, 2, kernel, stride, padding)?;

@@ -54,10 +54,6 @@ impl Projector {
 /// Row-wise L2 normalisation as `torch.nn.functional.normalize(x, dim=1)` (eps 1e-12), so a
 /// zero row stays zero instead of becoming NaN.
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x
-        .sqr()?
-        .sum_keepdim(1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
+    let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
     Ok(x.broadcast_div(&norm)?)
 }

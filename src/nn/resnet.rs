@@ -23,13 +23,7 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 5] = [
-        Arch::ResNet18,
-        Arch::ResNet34,
-        Arch::ResNet50,
-        Arch::ResNet101,
-        Arch::ResNet152,
-    ];
+    pub const ALL: [Arch; 5] = [Arch::ResNet18, Arch::ResNet34, Arch::ResNet50, Arch::ResNet101, Arch::ResNet152];
 
     /// torchvision's name, e.g. "resnet50".
     pub fn name(self) -> &'static str {
@@ -75,12 +69,7 @@ impl FromStr for Arch {
     type Err = NnError;
     fn from_str(s: &str) -> Result<Self> {
         let lower = s.trim().to_ascii_lowercase().replace(['-', '_'], "");
-        Arch::ALL
-            .into_iter()
-            .find(|a| a.name() == lower)
-            .ok_or_else(|| NnError::UnknownArch {
-                name: s.to_string(),
-            })
+        Arch::ALL.into_iter().find(|a| a.name() == lower).ok_or_else(|| NnError::UnknownArch { name: s.to_string() })
     }
 }
 
@@ -143,34 +132,18 @@ fn conv(
     dilation: usize,
 ) -> Result<Conv2d> {
     let fan_out = (c_out * k * k) as f64;
-    let init = Init::Randn {
-        mean: 0.0,
-        stdev: (2.0 / fan_out).sqrt(),
-    };
+    let init = Init::Randn { mean: 0.0, stdev: (2.0 / fan_out).sqrt() };
     let w = vb.get_with_hints((c_out, c_in, k, k), "weight", init)?;
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        dilation,
-        groups: 1,
-        cudnn_fwd_algo: None,
-    };
+    let cfg = Conv2dConfig { padding, stride, dilation, groups: 1, cudnn_fwd_algo: None };
     Ok(Conv2d::new(w, None, cfg))
 }
 
 /// torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
 pub(crate) fn linear(vb: VarBuilder, c_in: usize, c_out: usize, bias: bool) -> Result<Linear> {
     let bound = 1.0 / (c_in as f64).sqrt();
-    let init = Init::Uniform {
-        lo: -bound,
-        up: bound,
-    };
+    let init = Init::Uniform { lo: -bound, up: bound };
     let w = vb.get_with_hints((c_out, c_in), "weight", init)?;
-    let b = if bias {
-        Some(vb.get_with_hints(c_out, "bias", init)?)
-    } else {
-        None
-    };
+    let b = if bias { Some(vb.get_with_hints(c_out, "bias", init)?) } else { None };
     Ok(Linear::new(w, b))
 }
 
@@ -205,15 +178,7 @@ impl Block {
         let expansion = if bottleneck { 4 } else { 1 };
         let downsample = if needs_downsample {
             Some(Downsample {
-                conv: conv(
-                    vb.pp("downsample.0"),
-                    inplanes,
-                    planes * expansion,
-                    1,
-                    stride,
-                    0,
-                    1,
-                )?,
+                conv: conv(vb.pp("downsample.0"), inplanes, planes * expansion, 1, stride, 0, 1)?,
                 bn: BatchNorm::new(planes * expansion, vb.pp("downsample.1"))?,
             })
         } else {
@@ -223,15 +188,7 @@ impl Block {
             Ok(Self {
                 conv1: conv(vb.pp("conv1"), inplanes, planes, 1, 1, 0, 1)?,
                 bn1: BatchNorm::new(planes, vb.pp("bn1"))?,
-                conv2: conv(
-                    vb.pp("conv2"),
-                    planes,
-                    planes,
-                    3,
-                    stride,
-                    dilation,
-                    dilation,
-                )?,
+                conv2: conv(vb.pp("conv2"), planes, planes, 3, stride, dilation, dilation)?,
                 bn2: BatchNorm::new(planes, vb.pp("bn2"))?,
                 conv3: Some((
                     conv(vb.pp("conv3"), planes, planes * 4, 1, 1, 0, 1)?,
@@ -279,12 +236,7 @@ pub struct ResNet {
 impl ResNet {
     /// Builds the network under `vb` with torchvision's names. `num_classes: None` builds the
     /// feature extractor without `fc` (512-d or 2048-d output); `Some(n)` adds `fc` (n outputs).
-    pub fn new(
-        arch: Arch,
-        vb: VarBuilder,
-        num_classes: Option<usize>,
-        dilation: Dilation,
-    ) -> Result<Self> {
+    pub fn new(arch: Arch, vb: VarBuilder, num_classes: Option<usize>, dilation: Dilation) -> Result<Self> {
         let replace = dilation.replace_stride_with_dilation();
         if !arch.bottleneck() && replace.iter().any(|&r| r) {
             return Err(NnError::DilationUnsupported {
@@ -337,14 +289,7 @@ impl ResNet {
             Some(n) => Some(linear(vb.pp("fc"), arch.feature_dim(), n, true)?),
             None => None,
         };
-        Ok(Self {
-            arch,
-            dilation,
-            conv1,
-            bn1,
-            layers,
-            fc,
-        })
+        Ok(Self { arch, dilation, conv1, bn1, layers, fc })
     }
 
     pub fn arch(&self) -> Arch {

@@ -26,11 +26,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self {
-            ignore_fc: false,
-            strict: true,
-            prefix: String::new(),
-        }
+        Self { ignore_fc: false, strict: true, prefix: String::new() }
     }
 }
 
@@ -46,17 +42,11 @@ pub struct LoadReport {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> NnError + '_ {
-    move |source| NnError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| NnError::Io { path: path.to_path_buf(), source }
 }
 
 fn bad(path: &Path, msg: impl Into<String>) -> NnError {
-    NnError::BadWeightsFile {
-        path: path.to_path_buf(),
-        msg: msg.into(),
-    }
+    NnError::BadWeightsFile { path: path.to_path_buf(), msg: msg.into() }
 }
 
 /// Reads every tensor of a `.safetensors` or `.pth` file (told apart by content, not by name)
@@ -78,30 +68,19 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
             }
         }
         if found.is_empty() {
-            return Err(bad(
-                path,
-                "no tensors found in this .pth; save it with torch.save(model.state_dict(), path)",
-            ));
+            return Err(bad(path, "no tensors found in this .pth; save it with torch.save(model.state_dict(), path)"));
         }
         found
     } else {
-        let map = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-            bad(
-                path,
-                format!("neither a PyTorch .pth (zip) nor a readable .safetensors file: {e}"),
-            )
-        })?;
+        let map = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| bad(path, format!("neither a PyTorch .pth (zip) nor a readable .safetensors file: {e}")))?;
         map.into_iter().collect()
     };
     let strip = !tensors.is_empty() && tensors.iter().all(|(k, _)| k.starts_with("module."));
     Ok(tensors
         .into_iter()
         .map(|(k, v)| {
-            let k = if strip {
-                k["module.".len()..].to_string()
-            } else {
-                k
-            };
+            let k = if strip { k["module.".len()..].to_string() } else { k };
             (k, v)
         })
         .collect())
@@ -115,14 +94,10 @@ pub fn detect_arch<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Arch>
     let mut any = false;
     for name in names {
         let mut parts = name.split('.');
-        let (Some(layer), Some(idx), Some(rest)) = (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(layer), Some(idx), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
-        let Some(l) = layer
-            .strip_prefix("layer")
-            .and_then(|l| l.parse::<usize>().ok())
-        else {
+        let Some(l) = layer.strip_prefix("layer").and_then(|l| l.parse::<usize>().ok()) else {
             continue;
         };
         let Ok(i) = idx.parse::<usize>() else {
@@ -137,9 +112,7 @@ pub fn detect_arch<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Arch>
     if !any {
         return None;
     }
-    Arch::ALL
-        .into_iter()
-        .find(|a| a.layers() == blocks && a.bottleneck() == bottleneck)
+    Arch::ALL.into_iter().find(|a| a.layers() == blocks && a.bottleneck() == bottleneck)
 }
 
 fn examples(names: &[String]) -> String {
@@ -155,10 +128,7 @@ fn is_fc(name: &str) -> bool {
 /// Loads a torchvision-named checkpoint into the variables of `varmap` (which the model's
 /// constructor filled), strictly, with no prefix. `ignore_fc` keeps the model's own head.
 pub fn load_into(varmap: &VarMap, path: &Path, ignore_fc: bool) -> Result<LoadReport> {
-    let opts = LoadOptions {
-        ignore_fc,
-        ..LoadOptions::default()
-    };
+    let opts = LoadOptions { ignore_fc, ..LoadOptions::default() };
     load_into_with(varmap, path, &opts)
 }
 
@@ -169,10 +139,7 @@ pub fn load_into_with(varmap: &VarMap, path: &Path, opts: &LoadOptions) -> Resul
     let vars: BTreeMap<String, Var> = {
         let data = varmap.data().lock().expect("VarMap mutex poisoned");
         data.iter()
-            .filter_map(|(k, v)| {
-                k.strip_prefix(opts.prefix.as_str())
-                    .map(|k| (k.to_string(), v.clone()))
-            })
+            .filter_map(|(k, v)| k.strip_prefix(opts.prefix.as_str()).map(|k| (k.to_string(), v.clone())))
             .collect()
     };
     let file_arch = detect_arch(file.keys().map(String::as_str));
@@ -257,10 +224,7 @@ pub fn save_with(varmap: &VarMap, path: &Path, prefix: &str) -> Result<()> {
     let tensors: HashMap<String, Tensor> = {
         let data = varmap.data().lock().expect("VarMap mutex poisoned");
         data.iter()
-            .filter_map(|(k, v)| {
-                k.strip_prefix(prefix)
-                    .map(|k| (k.to_string(), v.as_tensor().to_device(&Device::Cpu)))
-            })
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.as_tensor().to_device(&Device::Cpu))))
             .map(|(k, t)| t.map(|t| (k, t)))
             .collect::<candle_core::Result<_>>()?
     };
@@ -271,10 +235,7 @@ pub fn save_with(varmap: &VarMap, path: &Path, prefix: &str) -> Result<()> {
         )));
     }
     let mut tmp: PathBuf = path.to_path_buf();
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(format!(".tmp{}", std::process::id()));
     tmp.set_file_name(name);
     candle_core::safetensors::save(&tensors, &tmp).map_err(|e| {
@@ -286,19 +247,14 @@ pub fn save_with(varmap: &VarMap, path: &Path, prefix: &str) -> Result<()> {
 
 /// True for BatchNorm buffers (running statistics, batch counter), which are not trained.
 pub fn is_buffer(name: &str) -> bool {
-    name.ends_with("running_mean")
-        || name.ends_with("running_var")
-        || name.ends_with("num_batches_tracked")
+    name.ends_with("running_mean") || name.ends_with("running_var") || name.ends_with("num_batches_tracked")
 }
 
 /// The trainable variables whose name starts with `prefix` (BatchNorm buffers excluded), sorted
 /// by name so optimiser state lines up across runs.
 pub fn trainable_vars(varmap: &VarMap, prefix: &str) -> Vec<Var> {
     let data = varmap.data().lock().expect("VarMap mutex poisoned");
-    let mut v: Vec<(&String, &Var)> = data
-        .iter()
-        .filter(|(k, _)| k.starts_with(prefix) && !is_buffer(k))
-        .collect();
+    let mut v: Vec<(&String, &Var)> = data.iter().filter(|(k, _)| k.starts_with(prefix) && !is_buffer(k)).collect();
     v.sort_by(|a, b| a.0.cmp(b.0));
     v.into_iter().map(|(_, var)| var.clone()).collect()
 }

@@ -52,6 +52,8 @@ enum Buffer {
 /// LARS over regular and excluded parameters.
 pub struct Lars {
     cfg: LarsConfig,
+    /// lr_biases / lr_weights at construction, kept by `set_lr` (None when lr_weights was 0).
+    bias_ratio: Option<f64>,
     params: Vec<Entry>,
     bufs: Vec<Buffer>,
 }
@@ -87,7 +89,8 @@ impl Lars {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { cfg, params, bufs })
+        let bias_ratio = (cfg.lr_weights > 0.0).then(|| cfg.lr_biases / cfg.lr_weights);
+        Ok(Self { cfg, bias_ratio, params, bufs })
     }
 
     /// The hyper-parameters.
@@ -164,12 +167,13 @@ impl Optimizer for Lars {
         self.cfg.lr_weights
     }
 
-    /// Sets the regular parameters' learning rate and scales the excluded ones' by the same factor, so the
-    /// paper's weights:biases ratio (0.2 : 0.0048) is kept when a scheduler changes the rate.
+    /// Sets the regular parameters' learning rate and the excluded ones' to keep the ratio they had at
+    /// construction (the paper's 0.2 : 0.0048), so a scheduler scales both groups like PyTorch would (with
+    /// min_lr 0). If lr_weights was 0 at construction, lr_biases stays as configured.
     fn set_lr(&mut self, lr: f64) -> Result<()> {
         check_lr(lr)?;
-        if self.cfg.lr_weights > 0.0 {
-            self.cfg.lr_biases *= lr / self.cfg.lr_weights;
+        if let Some(ratio) = self.bias_ratio {
+            self.cfg.lr_biases = lr * ratio;
         }
         self.cfg.lr_weights = lr;
         Ok(())

@@ -353,3 +353,26 @@ fn accumulation_steps_on_the_mean() {
     assert!(!acc.flush(&mut opt).unwrap(), "nothing pending");
     assert!(GradAccumulator::new(vec![p], 0).is_err());
 }
+
+#[test]
+fn in_place_updates_are_seen_by_the_next_backward_pass() {
+    // loss = sum(p²) → grad 2p; SGD lr 0.1 maps p to 0.8 p each step, through real autograd.
+    let p = Var::new(&[1.0f32, -2.0, 3.0], &Device::Cpu).unwrap();
+    let mut opt = Sgd::new(vec![p.clone()], SgdConfig { lr: 0.1, ..Default::default() }).unwrap();
+    for k in 1..=3 {
+        let grads = p.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        opt.step(&grads).unwrap();
+        let s = 0.8f32.powi(k);
+        for (a, b) in flat(p.as_tensor()).iter().zip([1.0 * s, -2.0 * s, 3.0 * s]) {
+            assert!((a - b).abs() < 1e-6, "step {k}: {a} vs {b}");
+        }
+    }
+    // Adam's first step moves every coordinate by lr against the sign of its gradient.
+    let q = Var::new(&[[0.5f32, -0.25], [2.0, -4.0]], &Device::Cpu).unwrap();
+    let mut adam = Adam::new(vec![q.clone()], AdamConfig { lr: 0.01, ..Default::default() }).unwrap();
+    let grads = q.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    adam.step(&grads).unwrap();
+    for (a, b) in flat(q.as_tensor()).iter().zip([0.49f32, -0.24, 1.99, -3.99]) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+}

@@ -21,3 +21,4 @@ pub mod plan;
 pub mod split;
 pub mod stages;
 pub mod stain;
+pub mod optim;

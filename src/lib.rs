@@ -14,6 +14,7 @@ pub mod error;
 pub mod exec;
 pub mod experiment;
 pub mod lineage;
+pub mod loader;
 pub mod patchify;
 pub mod plan;
 pub mod split;

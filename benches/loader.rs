@@ -42,7 +42,11 @@ fn main() {
             let store = pool(threads).install(|| ImageStore::build(&paths, resize).unwrap());
             let s = t.elapsed().as_secs_f64();
             let label = resize.map_or("full size".to_string(), |(w, h)| format!("resized {w}x{h}"));
-            println!("  {threads} thread(s), {label:>16}: {:8.1} images/s ({:.1} MB store)", n_files as f64 / s, store.pixel_bytes() as f64 / 1e6);
+            println!(
+                "  {threads} thread(s), {label:>16}: {:8.1} images/s ({:.1} MB store)",
+                n_files as f64 / s,
+                store.pixel_bytes() as f64 / 1e6
+            );
         }
     }
     let store = ImageStore::build(&paths, Some((341, 341))).unwrap();
@@ -51,7 +55,11 @@ fn main() {
     let t = Instant::now();
     let back = ImageStore::load(&file, Some(store.key())).unwrap();
     let s = t.elapsed().as_secs_f64();
-    println!("  load saved store (341x341, checksum verified): {:8.1} images/s, {:.0} MB/s", back.len() as f64 / s, back.pixel_bytes() as f64 / s / 1e6);
+    println!(
+        "  load saved store (341x341, checksum verified): {:8.1} images/s, {:.0} MB/s",
+        back.len() as f64 / s,
+        back.pixel_bytes() as f64 / s / 1e6
+    );
 
     println!("augment + batch (MPCS pretraining augmentation, batch 16):");
     let base = fixture();
@@ -65,7 +73,10 @@ fn main() {
                 let samples: Vec<Sample> = if paired {
                     (0..n / 4)
                         .map(|r| Sample {
-                            source: Source::Region { images: [4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3], mode: PairMode::Ordered },
+                            source: Source::Region {
+                                images: [4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3],
+                                mode: PairMode::Ordered,
+                            },
                             label: 0,
                         })
                         .collect()

@@ -77,7 +77,8 @@ fn transforms_match_albumentations_goldens() {
                 (0, 0.15, 1)
             }
             "jitter" => {
-                let order: Vec<u8> = case["order"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
+                let order: Vec<u8> =
+                    case["order"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
                 let j = Jitter {
                     brightness: f(case, "brightness"),
                     contrast: f(case, "contrast"),
@@ -98,7 +99,12 @@ fn transforms_match_albumentations_goldens() {
                 (2, 0.3, 4)
             }
             "translate" => {
-                img = geometry::translate(&img, case["dx"].as_i64().unwrap(), case["dy"].as_i64().unwrap(), Border::Constant);
+                img = geometry::translate(
+                    &img,
+                    case["dx"].as_i64().unwrap(),
+                    case["dy"].as_i64().unwrap(),
+                    Border::Constant,
+                );
                 (0, 0.0, 0)
             }
             "resize" => {

@@ -122,7 +122,9 @@ impl AugmentConfig {
                 return bad("color_jitter: brightness/contrast/saturation must be >= 0, hue in [0, 0.5], p in [0, 1]");
             }
         }
-        for (name, p) in [("flip", &self.flip), ("horizontal_flip", &self.horizontal_flip), ("vertical_flip", &self.vertical_flip)] {
+        for (name, p) in
+            [("flip", &self.flip), ("horizontal_flip", &self.horizontal_flip), ("vertical_flip", &self.vertical_flip)]
+        {
             if let Some(p) = p {
                 if !prob_ok(p.p) {
                     return bad(&format!("{name}: p must be in [0, 1]"));

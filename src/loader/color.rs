@@ -6,6 +6,7 @@
 //! - saturation: `cv2.addWeighted(img, f, grey, 1 - f, 0)`, rounded half to even (OpenCV `saturate_cast`);
 //! - hue: OpenCV u8 RGB→HSV (H in [0, 180)), H shifted by `LUT (h + 180 f) mod 180` (truncated), HSV→RGB
 //!   (OpenCV 4.14 `color_hsv.simd.hpp`).
+//!
 //! The 1.x releases the paper used compute the same LUTs and call the same OpenCV functions.
 
 use super::image::Rgb8;

@@ -117,14 +117,14 @@ pub fn warp(img: &Rgb8, map: &InverseMap, out_w: usize, out_h: usize, border: Bo
                     let Some(xx) = border_index(x0 + dx, w, border) else { continue };
                     let i = (yy * w + xx) * 3;
                     let wgt = wx * wy;
-                    for c in 0..3 {
-                        acc[c] += wgt * img.data[i + c] as f32;
+                    for (a, &v) in acc.iter_mut().zip(&img.data[i..i + 3]) {
+                        *a += wgt * v as f32;
                     }
                 }
             }
             let o = (y * out_w + x) * 3;
-            for c in 0..3 {
-                out.data[o + c] = acc[c].round().clamp(0.0, 255.0) as u8;
+            for (d, a) in out.data[o..o + 3].iter_mut().zip(acc) {
+                *d = a.round().clamp(0.0, 255.0) as u8;
             }
         }
     }

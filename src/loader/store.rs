@@ -240,7 +240,8 @@ impl ImageStore {
         let mut entries = Vec::with_capacity(count);
         let mut names = Vec::with_capacity(count);
         for _ in 0..count {
-            let (width, height, offset) = (r.u32().ok_or_else(bad)?, r.u32().ok_or_else(bad)?, r.u64().ok_or_else(bad)?);
+            let (width, height, offset) =
+                (r.u32().ok_or_else(bad)?, r.u32().ok_or_else(bad)?, r.u64().ok_or_else(bad)?);
             let n = r.u32().ok_or_else(bad)? as usize;
             let name = String::from_utf8_lossy(r.take(n).ok_or_else(bad)?).into_owned();
             entries.push(Entry { offset, width, height });

@@ -305,3 +305,39 @@ fn dropping_an_epoch_early_stops_the_producer() {
     assert!(it.next().unwrap().is_ok());
     drop(it); // must return (join) rather than hang with a full channel
 }
+
+#[test]
+fn synthetic_breakhis_regions_through_store_and_loader() {
+    use mpcs::data::{breakhis, scan, synth, Dataset};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("breakhis");
+    let summary = synth::generate(Dataset::BreakHis, &out, 1, Some(4), Some((70, 46))).unwrap();
+    let records = scan(Dataset::BreakHis, &summary.root, false).unwrap();
+    let regions = breakhis::regions_at_all_magnifications(&records);
+    assert!(!regions.is_empty());
+    let (paths, samples) = mpcs::loader::region_samples(&summary.root, &regions, PairMode::Ordered);
+    assert_eq!(paths.len(), 4 * regions.len());
+    let store = Arc::new(ImageStore::load_or_build(&dir.path().join("store.bin"), &paths, Some((32, 32))).unwrap());
+    assert_eq!(store.len(), paths.len());
+    let mut cfg = LoaderConfig::new(5, 3, AugmentConfig::mpcs_pretrain(32));
+    cfg.threads = 2;
+    let loader = Loader::new(store.clone(), samples, cfg).unwrap();
+    let mut n = 0;
+    for b in loader.epoch(0) {
+        let b = b.unwrap();
+        for (k, &s) in b.samples.iter().enumerate() {
+            let (m1, m2) = b.magnifications[k];
+            assert!([(0, 1), (1, 2), (2, 3)].contains(&(m1, m2)), "OP pair {m1},{m2}");
+            // Store index 4r+m is region r at magnification m: check through the file names.
+            let mag = |m: u8| format!("-{}-", breakhis::MAGNIFICATIONS[m as usize]);
+            assert!(store.name(4 * s + m1 as usize).contains(&mag(m1)));
+            assert_eq!(b.labels[k], regions[s].label);
+        }
+        n += b.shape[0];
+    }
+    assert_eq!(n, regions.len());
+    // Fine-tuning samples from the same records.
+    let (paths, samples) = mpcs::loader::image_samples(&summary.root, &records, true).unwrap();
+    assert_eq!((paths.len(), samples.len()), (records.len(), records.len()));
+    assert!(samples.iter().all(|s| s.label < 8));
+}

@@ -11,6 +11,7 @@ pub mod geometry;
 pub mod image;
 pub mod pairs;
 pub mod rng;
+pub mod samples;
 pub mod store;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ pub use geometry::{Border, FlipCode};
 pub use image::Rgb8;
 pub use pairs::{sample_pair, PairMode};
 pub use rng::Rng;
+pub use samples::{image_samples, region_samples};
 pub use store::ImageStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,8 @@
 //!    fixture) decoded, optionally resized to 341×341, on 1 and 2 rayon threads.
 //! 2. augment + batch: the MPCS pretraining augmentation (ColorJitter, Flip, Rotate, Affine with
 //!    the paper's probabilities) on a store already at the output size, batch 16, through the
-//!    prefetching loader on 1 and 2 threads; single views and MPCS pairs (two views per sample).
+//!    prefetching loader on 1 and 2 threads; single views and MPCS pairs (two views per sample);
+//!    64, 224 and the paper's 341.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,7 +64,7 @@ fn main() {
 
     println!("augment + batch (MPCS pretraining augmentation, batch 16):");
     let base = fixture();
-    for size in [64usize, 224] {
+    for size in [64usize, 224, 341] {
         let src = geometry::resize(&base, size, size);
         let n = 64;
         let images = (0..n).map(|i| geometry::rotate(&src, i as f64 * 5.0, geometry::Border::Reflect101)).collect();
@@ -86,7 +87,11 @@ fn main() {
                 let mut cfg = LoaderConfig::new(16, 7, AugmentConfig::mpcs_pretrain(size));
                 cfg.threads = threads;
                 let loader = Loader::new(store.clone(), samples, cfg).unwrap();
-                let epochs = if size == 64 { 20 } else { 4 };
+                let epochs = match size {
+                    64 => 20,
+                    224 => 4,
+                    _ => 2,
+                };
                 let t = Instant::now();
                 let mut views = 0usize;
                 for e in 0..epochs {

@@ -62,6 +62,7 @@ fn main() {
         back.pixel_bytes() as f64 / s / 1e6
     );
 
+    per_transform();
     println!("augment + batch (MPCS pretraining augmentation, batch 16):");
     let base = fixture();
     for size in [64usize, 224, 341] {
@@ -106,4 +107,48 @@ fn main() {
             }
         }
     }
+}
+
+/// Single-thread cost of each transform on one 224×224 image (always applied, p = 1).
+fn per_transform() {
+    use mpcs::loader::color::{self, Jitter};
+    use mpcs::loader::geometry::{Border, FlipCode};
+    let img = geometry::resize(&fixture(), 224, 224);
+    let big = geometry::resize(&fixture(), 341, 341);
+    let reps = 100;
+    let time = |name: &str, f: &dyn Fn() -> Rgb8| {
+        let t = Instant::now();
+        let mut sink = 0usize;
+        for _ in 0..reps {
+            sink += f().data[0] as usize;
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+        println!("  {name:>28}: {us:8.1} us/image{}", if sink == usize::MAX { "!" } else { "" });
+    };
+    println!("per transform, one 224x224 image, 1 thread:");
+    let j = Jitter { brightness: 1.05, contrast: 0.95, saturation: 1.05, hue: 0.05, order: [0, 1, 2, 3] };
+    time("brightness", &|| {
+        let mut i = img.clone();
+        color::brightness(&mut i, 1.05);
+        i
+    });
+    time("saturation", &|| {
+        let mut i = img.clone();
+        color::saturation(&mut i, 1.05);
+        i
+    });
+    time("hue", &|| {
+        let mut i = img.clone();
+        color::hue(&mut i, 0.05);
+        i
+    });
+    time("color jitter (all four)", &|| {
+        let mut i = img.clone();
+        color::jitter(&mut i, &j);
+        i
+    });
+    time("flip (both)", &|| geometry::flip(&img, FlipCode::Both));
+    time("rotate 33 deg reflect101", &|| geometry::rotate(&img, 33.0, Border::Reflect101));
+    time("translate (11, -7)", &|| geometry::translate(&img, 11, -7, Border::Constant));
+    time("resize 341x341 -> 224x224", &|| geometry::resize(&big, 224, 224));
 }

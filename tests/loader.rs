@@ -341,3 +341,20 @@ fn synthetic_breakhis_regions_through_store_and_loader() {
     assert_eq!((paths.len(), samples.len()), (records.len(), records.len()));
     assert!(samples.iter().all(|s| s.label < 8));
 }
+
+#[test]
+fn whole_pixel_translation_equals_the_general_warp() {
+    use mpcs::loader::geometry::{self, Border};
+    let img = synthetic(5, 23, 17);
+    for border in [Border::Constant, Border::Reflect101] {
+        for (dx, dy) in [(3i64, -2i64), (-7, 5), (30, 0)] {
+            let map = [[1.0, 0.0, -dx as f64], [0.0, 1.0, -dy as f64]];
+            assert_eq!(geometry::translate(&img, dx, dy, border), geometry::warp(&img, &map, 23, 17, border));
+        }
+    }
+    // Reflect101 mirrors without repeating the edge: shifting right by 2 puts columns 2, 1 first.
+    let shifted = geometry::translate(&img, 2, 0, Border::Reflect101);
+    assert_eq!(shifted.px(0, 0), img.px(2, 0));
+    assert_eq!(shifted.px(1, 0), img.px(1, 0));
+    assert_eq!(shifted.px(2, 0), img.px(0, 0));
+}

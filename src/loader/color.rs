@@ -77,17 +77,29 @@ pub fn saturation(img: &mut Rgb8, factor: f64) {
     }
 }
 
+/// OpenCV's `sdiv_table` and `hdiv_table180`: `saturate_cast<int>((255 << 12) / i)` and
+/// `saturate_cast<int>((180 << 12) / (6 i))`, entry 0 = 0. Built once.
+fn hsv_tables() -> &'static ([i32; 256], [i32; 256]) {
+    static TABLES: std::sync::OnceLock<([i32; 256], [i32; 256])> = std::sync::OnceLock::new();
+    TABLES.get_or_init(|| {
+        let (mut sdiv, mut hdiv) = ([0i32; 256], [0i32; 256]);
+        for i in 1..256 {
+            sdiv[i] = ((255i64 << 12) as f64 / i as f64).round_ties_even() as i32;
+            hdiv[i] = ((180i64 << 12) as f64 / (6.0 * i as f64)).round_ties_even() as i32;
+        }
+        (sdiv, hdiv)
+    })
+}
+
 /// OpenCV `RGB2HSV_b` (hue range 180): integer tables with 12 fractional bits.
 pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     const SHIFT: i32 = 12;
+    let (sdiv, hdiv) = hsv_tables();
     let (r, g, b) = (r as i32, g as i32, b as i32);
     let v = r.max(g).max(b);
     let vmin = r.min(g).min(b);
     let diff = v - vmin;
-    // sdiv_table[i] = saturate_cast<int>((255 << 12) / i), hdiv_table180[i] = saturate_cast<int>((180 << 12) / (6 i)).
-    let sdiv = if v == 0 { 0 } else { ((255i64 << SHIFT) as f64 / v as f64).round() as i32 };
-    let hdiv = if diff == 0 { 0 } else { ((180i64 << SHIFT) as f64 / (6.0 * diff as f64)).round() as i32 };
-    let s = (diff * sdiv + (1 << (SHIFT - 1))) >> SHIFT;
+    let s = (diff * sdiv[v as usize] + (1 << (SHIFT - 1))) >> SHIFT;
     let h = if v == r {
         g - b
     } else if v == g {
@@ -95,7 +107,7 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     } else {
         r - g + 4 * diff
     };
-    let mut h = (h * hdiv + (1 << (SHIFT - 1))) >> SHIFT;
+    let mut h = (h * hdiv[diff as usize] + (1 << (SHIFT - 1))) >> SHIFT;
     if h < 0 {
         h += 180;
     }

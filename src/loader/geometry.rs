@@ -104,6 +104,23 @@ pub fn warp(img: &Rgb8, map: &InverseMap, out_w: usize, out_h: usize, border: Bo
             let fx = (sx - x0) as f32;
             let fy = (sy - y0) as f32;
             let (x0, y0) = (x0 as i64, y0 as i64);
+            let o = (y * out_w + x) * 3;
+            if x0 >= 0 && y0 >= 0 && x0 + 1 < w as i64 && y0 + 1 < h as i64 {
+                // Inside: all four taps, in the same order (and so the same rounding) as below.
+                let i = (y0 as usize * w + x0 as usize) * 3;
+                let (w00, w01, w10, w11) = ((1.0 - fx) * (1.0 - fy), fx * (1.0 - fy), (1.0 - fx) * fy, fx * fy);
+                let d = &img.data;
+                for c in 0..3 {
+                    let mut a = 0f32;
+                    for (wgt, k) in [(w00, i), (w01, i + 3), (w10, i + w * 3), (w11, i + w * 3 + 3)] {
+                        if wgt != 0.0 {
+                            a += wgt * d[k + c] as f32;
+                        }
+                    }
+                    out.data[o + c] = a.round().clamp(0.0, 255.0) as u8;
+                }
+                continue;
+            }
             let mut acc = [0f32; 3];
             for (dy, wy) in [(0, 1.0 - fy), (1, fy)] {
                 if wy == 0.0 {
@@ -122,7 +139,6 @@ pub fn warp(img: &Rgb8, map: &InverseMap, out_w: usize, out_h: usize, border: Bo
                     }
                 }
             }
-            let o = (y * out_w + x) * 3;
             for (d, a) in out.data[o..o + 3].iter_mut().zip(acc) {
                 *d = a.round().clamp(0.0, 255.0) as u8;
             }
@@ -146,8 +162,19 @@ pub fn translate(img: &Rgb8, dx: i64, dy: i64, border: Border) -> Rgb8 {
     if dx == 0 && dy == 0 {
         return img.clone();
     }
-    let map = [[1.0, 0.0, -dx as f64], [0.0, 1.0, -dy as f64]];
-    warp(img, &map, img.width, img.height, border)
+    // A whole-pixel shift samples exactly on pixels: a copy with the border rule, no blending.
+    let (w, h) = (img.width, img.height);
+    let mut out = Rgb8::new(w, h);
+    for y in 0..h {
+        let Some(sy) = border_index(y as i64 - dy, h, border) else { continue };
+        for x in 0..w {
+            if let Some(sx) = border_index(x as i64 - dx, w, border) {
+                let (o, i) = ((y * w + x) * 3, (sy * w + sx) * 3);
+                out.data[o..o + 3].copy_from_slice(&img.data[i..i + 3]);
+            }
+        }
+    }
+    out
 }
 
 /// Per output coordinate: the two source indices and their 11-bit fixed-point weights, as

@@ -109,14 +109,14 @@ pub fn warp(img: &Rgb8, map: &InverseMap, out_w: usize, out_h: usize, border: Bo
                 // Inside: all four taps, in the same order (and so the same rounding) as below.
                 let i = (y0 as usize * w + x0 as usize) * 3;
                 let (w00, w01, w10, w11) = ((1.0 - fx) * (1.0 - fy), fx * (1.0 - fy), (1.0 - fx) * fy, fx * fy);
-                let d = &img.data;
+                // Adding a zero-weight term changes nothing, so no skips are needed here.
+                let top = &img.data[i..i + 6];
+                let bottom = &img.data[i + w * 3..i + w * 3 + 6];
                 for c in 0..3 {
-                    let mut a = 0f32;
-                    for (wgt, k) in [(w00, i), (w01, i + 3), (w10, i + w * 3), (w11, i + w * 3 + 3)] {
-                        if wgt != 0.0 {
-                            a += wgt * d[k + c] as f32;
-                        }
-                    }
+                    let a = w00 * top[c] as f32
+                        + w01 * top[c + 3] as f32
+                        + w10 * bottom[c] as f32
+                        + w11 * bottom[c + 3] as f32;
                     out.data[o + c] = a.round().clamp(0.0, 255.0) as u8;
                 }
                 continue;

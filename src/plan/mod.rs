@@ -219,3 +219,17 @@ pub fn action_for(exp: &Experiment, plan: &Plan, i: usize, digests: &[Option<Str
         inputs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_seeds_are_stable_distinct_and_follow_the_experiment_seed() {
+        let a = node_seed(47, "finetune[fold=0]");
+        assert_eq!(a, node_seed(47, "finetune[fold=0]"));
+        assert_ne!(a, node_seed(47, "finetune[fold=1]"));
+        assert_ne!(a, node_seed(48, "finetune[fold=0]"));
+        assert!(a < 1 << 32, "fits every RNG's seed type");
+    }
+}

@@ -13,16 +13,19 @@ pub struct FileLock {
 }
 
 fn open(path: &Path) -> Result<File> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io("cannot create lock directory", parent, e))?;
-    }
     // Rust opens files close-on-exec, so child processes never inherit (and so never keep) the lock.
-    OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io("cannot open lock file", path, e))
+    let open = || OpenOptions::new().create(true).truncate(false).write(true).open(path);
+    match open() {
+        Ok(f) => Ok(f),
+        // The shard directory is created on first use only: mkdir is slow on some filesystems.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io("cannot create lock directory", parent, e))?;
+            }
+            open().map_err(|e| Error::io("cannot open lock file", path, e))
+        }
+        Err(e) => Err(Error::io("cannot open lock file", path, e)),
+    }
 }
 
 fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {

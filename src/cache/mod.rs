@@ -159,21 +159,27 @@ impl Cache {
         FileLock::try_exclusive(&self.lock_path(key))
     }
 
-    /// Starts writing an entry for `key`. The caller holds the key's lock, so any `tmp/<key>.*` left over is
-    /// from a run that died and is removed.
-    pub fn begin(&self, key: &str, _lock: &FileLock) -> Result<Staging> {
-        let tmp = self.base.join("tmp");
-        if let Ok(rd) = fs::read_dir(&tmp) {
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&format!("{key}.")) {
+    /// Removes staging directories left by runs that died: each belongs to a key whose lock is free (a live
+    /// writer holds its key's lock for as long as its staging directory exists). Called once per run.
+    pub fn sweep_stale_staging(&self) {
+        let Ok(rd) = fs::read_dir(self.base.join("tmp")) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let key = name.split('.').next().unwrap_or("");
+            if key.len() == 32 && key.chars().all(|c| c.is_ascii_hexdigit()) {
+                if let Ok(Some(_lock)) = self.try_lock(key) {
                     let _ = fs::remove_dir_all(e.path());
                 }
             }
         }
+    }
+
+    /// Starts writing an entry for `key`; the caller holds the key's lock.
+    pub fn begin(&self, key: &str, _lock: &FileLock) -> Result<Staging> {
         let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = tmp.join(format!("{key}.{}.{n}", std::process::id()));
+        let dir = self.base.join("tmp").join(format!("{key}.{}.{n}", std::process::id()));
         let out = dir.join("out");
-        fs::create_dir_all(&out).map_err(|e| Error::io("cannot create", &out, e))?;
+        fs::create_dir(&dir).and_then(|_| fs::create_dir(&out)).map_err(|e| Error::io("cannot create", &out, e))?;
         Ok(Staging { log: dir.join("log.txt"), dir, out })
     }
 
@@ -188,10 +194,15 @@ impl Cache {
         let mpath = staging.dir.join("manifest.json");
         fs::write(&mpath, bytes).map_err(|e| Error::io("cannot write", &mpath, e))?;
         let dest = self.entry_dir(&manifest.key);
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(|e| Error::io("cannot create", parent, e))?;
+        let mut renamed = fs::rename(&staging.dir, &dest);
+        if matches!(&renamed, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+            // First entry of this shard: create it (only then, since mkdir is slow on some filesystems).
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent).map_err(|e| Error::io("cannot create", parent, e))?;
+            }
+            renamed = fs::rename(&staging.dir, &dest);
         }
-        match fs::rename(&staging.dir, &dest) {
+        match renamed {
             Ok(()) => {}
             // Published meanwhile by someone not holding our lock (should not happen): keep theirs.
             Err(_) if dest.join("manifest.json").exists() => {

@@ -141,8 +141,10 @@ pub fn run(
         )));
     }
 
+    cache.sweep_stale_staging();
     let journal = Journal::open(cache, &exp.name);
     let last = journal.load()?;
+    let mut last_flush = Instant::now();
     let mut records: Vec<Record> = Vec::new();
     let mut summary = RunSummary { outputs: vec![None; n], ..Default::default() };
     let mut digest: Vec<Option<String>> = vec![None; n];
@@ -364,9 +366,13 @@ pub fn run(
                     }
                 }
             }
-            // Flush journal records as we go, so a crash loses at most the node in flight.
-            journal.append(&records)?;
-            records.clear();
+            // Flush journal records every so often (they are advice for `--why`; entries are the truth, so a crash
+            // that loses the last few records loses nothing that matters).
+            if records.len() >= 64 || last_flush.elapsed() >= Duration::from_millis(500) {
+                journal.append(&records)?;
+                records.clear();
+                last_flush = Instant::now();
+            }
         }
         Ok(())
     })?;

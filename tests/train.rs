@@ -74,9 +74,9 @@ fn pretraining_loss_falls() {
     let (root, csv) = data();
     let mut cfg = PretrainConfig::new(root, csv, &tmp.path().join("out"), &tmp.path().join("scratch"));
     cfg.image_size = 32;
-    cfg.batch_size = 8;
-    cfg.epochs = 5;
-    cfg.lr = 1e-3;
+    cfg.batch_size = 14;
+    cfg.epochs = 6;
+    cfg.lr = 3e-4;
     cfg.projector_hidden = 128;
     let out = pretrain(&cfg, &quiet).unwrap();
     let losses: Vec<f64> = std::fs::read_to_string(&out.losses)
@@ -85,9 +85,9 @@ fn pretraining_loss_falls() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
         .collect();
     eprintln!("regions {} losses {losses:?}", out.regions);
-    assert_eq!(losses.len(), 5);
-    // Single epochs are noisy (a few batches of 8): compare the first epoch with the mean of the last two.
-    assert!((losses[3] + losses[4]) / 2.0 < losses[0] * 0.9, "{losses:?}");
+    assert_eq!(losses.len(), 6);
+    // Single epochs are noisy (three batches of 14): compare the means of the first and last two epochs.
+    assert!((losses[4] + losses[5]) < (losses[0] + losses[1]) * 0.9, "{losses:?}");
     // The backbone is a plain torchvision encoder: it loads as fine-tuning init (fc ignored).
     let names = mpcs::nn::weights::read_tensors(&out.backbone).unwrap();
     assert!(names.keys().all(|k| !k.starts_with("fc.") && !k.starts_with("projector")));

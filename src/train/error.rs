@@ -21,17 +21,35 @@ pub enum TrainError {
          checkpoint was kept; lower the learning rate or check the input images"
     )]
     NonFiniteLoss { epoch: usize, batch: usize, value: f64 },
+    // The wrapped errors are boxed: some are large, and every `Result` of this module carries the enum.
     #[error(transparent)]
-    Nn(#[from] crate::nn::NnError),
+    Nn(Box<crate::nn::NnError>),
     #[error(transparent)]
-    Optim(#[from] crate::optim::OptimError),
+    Optim(Box<crate::optim::OptimError>),
     #[error(transparent)]
-    Loader(#[from] crate::loader::LoaderError),
+    Loader(Box<crate::loader::LoaderError>),
     #[error(transparent)]
-    Data(#[from] crate::data::DataError),
+    Data(Box<crate::data::DataError>),
     #[error("tensor computation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
 }
+
+macro_rules! boxed_from {
+    ($($variant:ident: $ty:ty),*) => {$(
+        impl From<$ty> for TrainError {
+            fn from(e: $ty) -> Self {
+                TrainError::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+boxed_from!(
+    Nn: crate::nn::NnError,
+    Optim: crate::optim::OptimError,
+    Loader: crate::loader::LoaderError,
+    Data: crate::data::DataError,
+    Candle: candle_core::Error
+);
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 

@@ -314,7 +314,8 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
     let mut train_cfg = loader_config(cfg, cfg.batch_size, train_aug, true);
     train_cfg.drop_last = train_samples.len() % cfg.batch_size == 1;
     let train = Loader::new(train_store, train_samples, train_cfg)?;
-    let val = Loader::new(val_store, val_samples, loader_config(cfg, cfg.batch_size, AugmentConfig::eval(size), false))?;
+    let val =
+        Loader::new(val_store, val_samples, loader_config(cfg, cfg.batch_size, AugmentConfig::eval(size), false))?;
 
     let device = &cfg.device;
     let varmap = VarMap::new();

@@ -34,12 +34,12 @@ impl LabelColumn {
     pub(crate) fn of(self, row: &FoldRow, path: &Path) -> Result<u32> {
         match self {
             LabelColumn::Label => Ok(row.label),
-            LabelColumn::Subtype => Subtype::by_code(&row.subtype).map(|s| s.subtype_label).ok_or_else(|| {
-                TrainError::BadFile {
+            LabelColumn::Subtype => {
+                Subtype::by_code(&row.subtype).map(|s| s.subtype_label).ok_or_else(|| TrainError::BadFile {
                     path: path.to_path_buf(),
                     msg: format!("{}: subtype '{}' is not a BreakHis subtype code", row.file, row.subtype),
-                }
-            }),
+                })
+            }
         }
     }
 }

@@ -67,6 +67,6 @@ pub(crate) fn finite(value: f64, epoch: usize, batch: usize) -> Result<f64> {
 pub(crate) fn step_err(e: crate::optim::OptimError, epoch: usize, batch: usize) -> TrainError {
     match e {
         crate::optim::OptimError::NonFiniteGrad { .. } => TrainError::NonFiniteLoss { epoch, batch, value: f64::NAN },
-        e => TrainError::Optim(e),
+        e => TrainError::from(e),
     }
 }

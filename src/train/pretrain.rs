@@ -179,10 +179,8 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
         weights::trainable_vars(&varmap, ""),
         AdamConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..AdamConfig::default() },
     )?;
-    let mut plateau = ReduceLrOnPlateau::new(
-        PlateauConfig { patience: cfg.plateau_patience, ..PlateauConfig::default() },
-        cfg.lr,
-    )?;
+    let mut plateau =
+        ReduceLrOnPlateau::new(PlateauConfig { patience: cfg.plateau_patience, ..PlateauConfig::default() }, cfg.lr)?;
     let resumed_after = resumed.as_ref().map(|s| s.epochs_done);
     let mut state = match resumed {
         Some(s) => {
@@ -219,7 +217,8 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
             let b = batch.labels.len();
             let v2 = batch.view2.ok_or_else(|| TrainError::Config("pretraining batch without a second view".into()))?;
             // Both views through the encoder as one batch of 2B, as the reference code does.
-            let x = Tensor::cat(&[to_tensor(batch.view1, batch.shape, device)?, to_tensor(v2, batch.shape, device)?], 0)?;
+            let x =
+                Tensor::cat(&[to_tensor(batch.view1, batch.shape, device)?, to_tensor(v2, batch.shape, device)?], 0)?;
             let z = projector.forward_t(&encoder.features_t(&x, true)?, true)?;
             let f = Tensor::stack(&[z.narrow(0, 0, b)?, z.narrow(0, b, b)?], 1)?;
             let loss = mpcs_loss(&f, cfg.temperature)?;

@@ -23,3 +23,4 @@ pub mod plan;
 pub mod split;
 pub mod stages;
 pub mod stain;
+pub mod train;

@@ -1,0 +1,120 @@
+//! Reading a fold manifest (`fold_<k>.csv` written by `split`): one row per (image, portion), with the
+//! columns file,label,class,subtype,patient,magnification,portion; `file` is relative to the dataset root.
+
+use std::path::Path;
+
+use super::error::{Result, TrainError};
+use crate::data::breakhis::Subtype;
+
+/// One row of a fold manifest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FoldRow {
+    pub file: String,
+    pub label: u32,
+    pub class: String,
+    pub subtype: String,
+    pub patient: String,
+    /// As written by `split`: `40X`, `100X`, ... or empty.
+    pub magnification: String,
+    pub portion: String,
+}
+
+/// Which label a classifier learns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelColumn {
+    /// The `label` column (BreakHis benign/malignant, BACH's 4 classes, ...).
+    #[default]
+    Label,
+    /// The BreakHis 8-class subtype (A,F,PT,TA,DC,MC,LC,PC = 0..7) from the `subtype` column.
+    Subtype,
+}
+
+impl LabelColumn {
+    pub(crate) fn of(self, row: &FoldRow, path: &Path) -> Result<u32> {
+        match self {
+            LabelColumn::Label => Ok(row.label),
+            LabelColumn::Subtype => {
+                Subtype::by_code(&row.subtype).map(|s| s.subtype_label).ok_or_else(|| TrainError::BadFile {
+                    path: path.to_path_buf(),
+                    msg: format!("{}: subtype '{}' is not a BreakHis subtype code", row.file, row.subtype),
+                })
+            }
+        }
+    }
+}
+
+/// Reads every row of a fold manifest.
+pub fn read_fold(path: &Path) -> Result<Vec<FoldRow>> {
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    let bad = |msg: String| TrainError::BadFile { path: path.to_path_buf(), msg };
+    let mut lines = text.lines();
+    let header = lines.next().ok_or_else(|| bad("empty file; expected a fold manifest with a header".into()))?;
+    let cols: Vec<&str> = header.split(',').map(str::trim).collect();
+    let find = |name: &str| {
+        cols.iter().position(|c| *c == name).ok_or_else(|| {
+            bad(format!("header lacks the column '{name}' (found: {header}); is this a fold_<k>.csv from `split`?"))
+        })
+    };
+    let idx = [
+        find("file")?,
+        find("label")?,
+        find("class")?,
+        find("subtype")?,
+        find("patient")?,
+        find("magnification")?,
+        find("portion")?,
+    ];
+    let mut rows = Vec::new();
+    for (n, line) in lines.enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != cols.len() {
+            return Err(bad(format!("line {}: {} fields, the header has {}", n + 2, f.len(), cols.len())));
+        }
+        let label = f[idx[1]]
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("line {}: label '{}' is not a non-negative integer", n + 2, f[idx[1]])))?;
+        rows.push(FoldRow {
+            file: f[idx[0]].to_string(),
+            label,
+            class: f[idx[2]].to_string(),
+            subtype: f[idx[3]].to_string(),
+            patient: f[idx[4]].to_string(),
+            magnification: f[idx[5]].to_string(),
+            portion: f[idx[6]].trim().to_string(),
+        });
+    }
+    Ok(rows)
+}
+
+/// Normalises a magnification filter: `40`, `40x`, `40X` → `40X`.
+pub(crate) fn magnification_tag(m: &str) -> String {
+    let m = m.trim().trim_end_matches(['x', 'X']);
+    format!("{m}X")
+}
+
+/// The rows of `portion`, at `magnification` when given; an empty selection is an error naming what exists.
+pub fn select(rows: &[FoldRow], portion: &str, magnification: Option<&str>, path: &Path) -> Result<Vec<FoldRow>> {
+    let tag = magnification.map(magnification_tag);
+    let out: Vec<FoldRow> = rows
+        .iter()
+        .filter(|r| r.portion == portion && tag.as_ref().is_none_or(|t| r.magnification.eq_ignore_ascii_case(t)))
+        .cloned()
+        .collect();
+    if out.is_empty() {
+        let mut portions: Vec<&str> = rows.iter().map(|r| r.portion.as_str()).collect();
+        portions.sort_unstable();
+        portions.dedup();
+        let at = tag.map(|t| format!(" at magnification {t}")).unwrap_or_default();
+        return Err(TrainError::Config(format!(
+            "{}: portion '{portion}' has no images{at}; portions in this file: {}",
+            path.display(),
+            portions.join(", ")
+        )));
+    }
+    Ok(out)
+}

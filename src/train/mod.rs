@@ -1,0 +1,72 @@
+//! Training loops on top of `nn`, `optim` and `loader` (METHOD.md, "Fine-tuning and evaluation" and
+//! "Self-supervised pretraining"), as plain library functions for the runner's stages:
+//!
+//! - [`finetune`]: a supervised classifier on one fold portion (Adam, ReduceLROnPlateau on the validation
+//!   loss, early stopping), keeping the best-validation-loss model as `model.safetensors` (torchvision names);
+//! - [`evaluate`]: that model on the test portion → `metrics.json` and `predictions.csv`;
+//! - [`pretrain`]: MPCS contrastive pretraining on the regions of the training patients → `backbone.safetensors`.
+//!
+//! Both training loops checkpoint into a caller-given scratch folder after every epoch and resume from it.
+//! What a checkpoint holds: every model variable (BatchNorm buffers included), the epoch history (so the
+//! plateau scheduler and early stopping are rebuilt exactly by replaying it) and the learning rate. Adam's
+//! moment estimates are NOT saved: a resumed run restarts them from zero, so it is close to, not bit-identical
+//! with, an uninterrupted one.
+
+mod checkpoint;
+mod error;
+mod evaluate;
+mod finetune;
+mod fold;
+mod pretrain;
+
+pub use error::{Result, TrainError};
+pub use evaluate::{evaluate, EvalConfig, EvalOutcome};
+pub use finetune::{finetune, FinetuneConfig, FinetuneOutcome, Init, Objective};
+pub use fold::{read_fold, select, FoldRow, LabelColumn};
+pub use pretrain::{portion_regions, pretrain, PretrainConfig, PretrainOutcome};
+
+use candle_core::{Device, Tensor};
+
+/// Progress reported while training (for logs and progress bars).
+#[derive(Clone, Debug, PartialEq)]
+pub enum TrainEvent {
+    /// Starting (or resuming at) `first_epoch` of `epochs`, `batches` batches per epoch.
+    Start { first_epoch: usize, epochs: usize, batches: usize },
+    /// A training batch finished.
+    Batch { epoch: usize, batch: usize, batches: usize, loss: f64 },
+    /// An epoch finished; `line` is what was written to the epoch log.
+    Epoch { epoch: usize, line: serde_json::Value },
+    /// Early stopping ended training after `epoch`.
+    EarlyStop { epoch: usize },
+}
+
+/// An (N, 3, H, W) f32 tensor from a loader buffer.
+pub(crate) fn to_tensor(data: Vec<f32>, shape: [usize; 4], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(data, shape.to_vec(), device)?)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".tmp{}", std::process::id()));
+    let tmp = path.with_file_name(name);
+    std::fs::write(&tmp, bytes).map_err(TrainError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(TrainError::io(path))
+}
+
+/// Checks a loss value, turning NaN/inf into the error that names the epoch.
+pub(crate) fn finite(value: f64, epoch: usize, batch: usize) -> Result<f64> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(TrainError::NonFiniteLoss { epoch, batch, value })
+    }
+}
+
+/// Maps an optimiser's non-finite-gradient refusal to the same error as a non-finite loss.
+pub(crate) fn step_err(e: crate::optim::OptimError, epoch: usize, batch: usize) -> TrainError {
+    match e {
+        crate::optim::OptimError::NonFiniteGrad { .. } => TrainError::NonFiniteLoss { epoch, batch, value: f64::NAN },
+        e => TrainError::from(e),
+    }
+}

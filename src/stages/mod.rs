@@ -8,6 +8,7 @@ pub mod source;
 pub mod split;
 pub mod stain;
 pub mod synthetic;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,8 @@ pub enum StageSpec {
     Synthetic(synthetic::SyntheticSpec),
     Split(split::SplitSpec),
     StainNormalise(stain::StainSpec),
+    Finetune(train::TrainSpec),
+    Evaluate(train::TrainSpec),
 }
 
 /// One input of a node as its stage sees it.
@@ -122,7 +125,7 @@ pub fn log_line(ctx: &ExecContext<'_>, line: &str) {
 impl StageSpec {
     /// Every stage kind, for validation and "did you mean".
     pub const KINDS: &'static [&'static str] =
-        &["source", "command", "download", "synthetic", "stain_normalise", "patchify", "split"];
+        &["source", "command", "download", "synthetic", "stain_normalise", "patchify", "split", "finetune", "evaluate"];
 
     pub fn parse(kind: &str, table: Spanned<DeValue<'_>>) -> Result<StageSpec, toml::de::Error> {
         let de = toml::de::ValueDeserializer::from(table);
@@ -134,6 +137,8 @@ impl StageSpec {
             "synthetic" => StageSpec::Synthetic(synthetic::SyntheticSpec::deserialize(de)?),
             "split" => StageSpec::Split(split::SplitSpec::deserialize(de)?),
             "stain_normalise" => StageSpec::StainNormalise(stain::StainSpec::deserialize(de)?),
+            "finetune" => StageSpec::Finetune(train::TrainSpec::deserialize(de)?),
+            "evaluate" => StageSpec::Evaluate(train::TrainSpec::deserialize(de)?),
             other => return Err(serde::de::Error::custom(format!("unknown stage kind `{other}`"))),
         })
     }
@@ -147,6 +152,8 @@ impl StageSpec {
             StageSpec::Synthetic(_) => "synthetic",
             StageSpec::Split(_) => "split",
             StageSpec::StainNormalise(_) => "stain_normalise",
+            StageSpec::Finetune(_) => "finetune",
+            StageSpec::Evaluate(_) => "evaluate",
         }
     }
 
@@ -160,6 +167,7 @@ impl StageSpec {
             StageSpec::Synthetic(_) => synthetic::VERSION,
             StageSpec::Split(_) => split::VERSION,
             StageSpec::StainNormalise(_) => stain::VERSION,
+            StageSpec::Finetune(_) | StageSpec::Evaluate(_) => train::VERSION,
         }
     }
 
@@ -181,6 +189,8 @@ impl StageSpec {
             StageSpec::Synthetic(s) => s.validate(decl, src),
             StageSpec::Split(s) => s.validate(decl, src),
             StageSpec::StainNormalise(s) => s.validate(decl, src),
+            StageSpec::Finetune(t) => t.validate("finetune", decl, src),
+            StageSpec::Evaluate(t) => t.validate("evaluate", decl, src),
         }
     }
 
@@ -194,6 +204,7 @@ impl StageSpec {
             StageSpec::Synthetic(s) => s.key_params(node),
             StageSpec::Split(s) => s.key_params(node),
             StageSpec::StainNormalise(s) => s.key_params(exp),
+            StageSpec::Finetune(t) | StageSpec::Evaluate(t) => t.key_params(exp, node),
         };
         if !node.matrix.is_empty() {
             let m =
@@ -214,6 +225,8 @@ impl StageSpec {
             StageSpec::Synthetic(s) => s.execute(ctx),
             StageSpec::Split(s) => s.execute(ctx),
             StageSpec::StainNormalise(s) => s.execute(ctx),
+            StageSpec::Finetune(t) => train::execute_finetune(t, ctx),
+            StageSpec::Evaluate(t) => train::execute_evaluate(t, ctx),
         }
     }
 }

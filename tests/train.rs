@@ -61,7 +61,8 @@ fn finetune_learns_and_evaluates() {
         "test images {} accuracy {:.3} patient accuracy {:?} weighted F1 {:.3} majority rate {:.3}",
         ev.report.images, ev.report.accuracy, ev.report.patient_accuracy, ev.report.weighted_f1, ev.majority_rate
     );
-    assert!(ev.report.accuracy >= ev.majority_rate + 0.1, "{:?} vs majority {}", ev.report, ev.majority_rate);
+    // Seeded initialisation makes this run reproducible (1.000 here on 2 cores); the project's target is 0.85.
+    assert!(ev.report.accuracy >= 0.85, "{:?} vs majority {}", ev.report, ev.majority_rate);
     assert!(ev.report.patient_accuracy.is_some());
     let preds = std::fs::read_to_string(&ev.predictions).unwrap();
     assert_eq!(preds.lines().count(), ev.report.images + 1);

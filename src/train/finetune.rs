@@ -20,7 +20,7 @@ use crate::optim::{Adam, AdamConfig, EarlyStopping, Mode, Optimizer, PlateauConf
 /// Where the encoder's weights come from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Init {
-    /// Random (candle's default initialisation; not seedable on the CPU).
+    /// Random, torchvision's scheme drawn from the run's seed (see `seeded_init`).
     Random,
     /// A torchvision-layout state dict (`.pth` or `.safetensors`, e.g. ImageNet weights) or an MPCS
     /// `backbone.safetensors`; its `fc` is ignored and a new head is trained. Every other tensor must match.
@@ -81,7 +81,7 @@ pub struct FinetuneConfig {
     /// "low" augmentation scaled to `image_size` (resize to size·341/252, random crop to size); false = resize only.
     pub augment: bool,
     pub normalize: Normalize,
-    /// Shuffling and augmentation seed (weight initialisation is candle's and not seeded on the CPU).
+    /// Seed of the weight initialisation, shuffling and augmentation.
     pub seed: u64,
     /// Loader threads; 0 = one per core.
     pub threads: usize,
@@ -320,6 +320,7 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
     let device = &cfg.device;
     let varmap = VarMap::new();
     let clf = Classifier::new(&varmap, cfg.arch, cfg.objective, cfg.dropout, device)?;
+    super::seeded_init(&varmap, cfg.seed)?;
     if let Init::Weights(path) = &cfg.init {
         let opts = weights::LoadOptions { ignore_fc: true, ..Default::default() };
         weights::load_into_with(&varmap, path, &opts)?;

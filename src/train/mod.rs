@@ -70,3 +70,47 @@ pub(crate) fn step_err(e: crate::optim::OptimError, epoch: usize, batch: usize) 
         e => TrainError::from(e),
     }
 }
+
+/// Re-initialises every variable of `varmap` from `seed`, so a run is reproducible (candle's own CPU
+/// initialisation cannot be seeded). torchvision's scheme: convolution weights kaiming-normal with fan-out and
+/// ReLU gain (std √(2/fan_out)), linear weights uniform ±1/√fan_in, biases 0, BatchNorm γ 1 (its running
+/// statistics are buffers and already deterministic). Each variable draws from its own stream derived from the
+/// seed and its name, so the result does not depend on the order of the map.
+pub fn seeded_init(varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
+    use crate::split::SplitMix64;
+    let data = varmap.data().lock().map_err(|_| TrainError::Config("variable map lock poisoned".into()))?;
+    for (name, var) in data.iter() {
+        if name.contains("running_") || name.ends_with("num_batches_tracked") {
+            continue;
+        }
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let name_hash = blake3::hash(name.as_bytes());
+        let mut stream = [0u8; 8];
+        stream.copy_from_slice(&name_hash.as_bytes()[..8]);
+        let mut rng = SplitMix64::new(seed ^ u64::from_le_bytes(stream));
+        let mut uniform = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let values: Vec<f32> = match dims.len() {
+            4 => {
+                let std = (2.0 / (dims[0] * dims[2] * dims[3]) as f64).sqrt();
+                (0..n)
+                    .map(|_| {
+                        // Box-Muller.
+                        let (u1, u2) = (uniform().max(f64::MIN_POSITIVE), uniform());
+                        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+                    })
+                    .collect()
+            }
+            2 => {
+                let bound = 1.0 / (dims[1] as f64).sqrt();
+                (0..n).map(|_| ((2.0 * uniform() - 1.0) * bound) as f32).collect()
+            }
+            _ if name.ends_with("bias") => vec![0.0; n],
+            _ if name.ends_with("weight") => vec![1.0; n],
+            _ => continue,
+        };
+        let t = Tensor::from_vec(values, dims.as_slice(), var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}

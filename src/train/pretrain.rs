@@ -170,6 +170,7 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let encoder = ResNet::new(cfg.arch, vb.pp("encoder"), None, Dilation::None)?;
     let projector = Projector::new(vb.pp("projector"), encoder.feature_dim(), cfg.projector_hidden, 128)?;
+    super::seeded_init(&varmap, cfg.seed)?;
     if let Some(path) = &cfg.init {
         let opts = weights::LoadOptions { ignore_fc: true, prefix: "encoder.".into(), ..Default::default() };
         weights::load_into_with(&varmap, path, &opts)?;

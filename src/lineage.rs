@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cache::fingerprint::fingerprint_source;
 use crate::cache::journal::{Journal, Record, Status};
 use crate::cache::Cache;
 use crate::error::Result;
@@ -64,16 +63,15 @@ pub fn assess(exp: &Experiment, plan: &Plan, cache: &Cache) -> Result<Assessment
         let node = &plan.nodes[i];
         let decl = &exp.stages[node.stage];
         let status = if let Some(src) = decl.spec.as_source() {
-            let path = src.resolve(exp, decl)?;
-            let fp = fingerprint_source(&path, &cache.stat_dir())?;
+            let (path, digest, changed) =
+                src.fingerprint(exp, decl, cache, last.get(&node.id).and_then(|r| r.digest.as_deref()))?;
             source_paths.insert(i, path);
-            let same = last.get(&node.id).and_then(|r| r.digest.as_deref()) == Some(fp.digest.as_str());
-            digests[i] = Some(fp.digest.clone());
+            digests[i] = Some(digest.clone());
             NodeStatus {
-                state: if same { State::Cached } else { State::WillRun },
-                key: Some(fp.digest[..32].to_string()),
+                state: if changed { State::WillRun } else { State::Cached },
+                key: Some(digest[..32].to_string()),
                 action: None,
-                digest: Some(fp.digest),
+                digest: Some(digest),
             }
         } else {
             match action_for(exp, plan, i, &digests) {

@@ -36,7 +36,16 @@ augment = true
 "#;
 
 fn out_dir(p: &Project, node: &str) -> std::path::PathBuf {
-    let out = p.mpcs(&["show", node, "--exp", "data.toml"]);
+    out_dir_set(p, node, &[])
+}
+
+/// The output folder of `node` in data.toml with `--set` overrides applied.
+fn out_dir_set(p: &Project, node: &str, sets: &[&str]) -> std::path::PathBuf {
+    let mut args = vec!["show", node, "--exp", "data.toml"];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let out = p.mpcs(&args);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().find(|l| l.starts_with("files")).unwrap_or_else(|| panic!("{text}"));
     std::path::PathBuf::from(line.split_whitespace().nth(1).unwrap())
@@ -101,7 +110,7 @@ fn data_stages_are_cached_keyed_and_correct() {
     let before = std::fs::read_to_string(folds.join("fold_0.csv")).unwrap();
     let s = p.run_ok("data.toml", &["--set", "stage.folds.seed=48"]);
     assert_eq!(s.executed, set(&["folds"]));
-    let other = std::fs::read_to_string(out_dir_set(&p, "folds", "stage.folds.seed=48").join("fold_0.csv")).unwrap();
+    let other = std::fs::read_to_string(out_dir_set(&p, "folds", &["stage.folds.seed=48"]).join("fold_0.csv")).unwrap();
     assert_ne!(before, other, "a different seed gives a different split");
 
     // A patch parameter reruns only the patches.
@@ -112,13 +121,6 @@ fn data_stages_are_cached_keyed_and_correct() {
     q.write("data.toml", EXP);
     q.run_ok("data.toml", &[]);
     assert_eq!(before, std::fs::read_to_string(out_dir(&q, "folds").join("fold_0.csv")).unwrap());
-}
-
-fn out_dir_set(p: &Project, node: &str, set: &str) -> std::path::PathBuf {
-    let out = p.mpcs(&["show", node, "--exp", "data.toml", "--set", set]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.starts_with("files")).unwrap_or_else(|| panic!("{text}"));
-    std::path::PathBuf::from(line.split_whitespace().nth(1).unwrap())
 }
 
 #[test]

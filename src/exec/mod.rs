@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::cache::fingerprint::fingerprint_source;
 use crate::cache::journal::{now_unix, Journal, Record, Status};
 use crate::cache::{hostname, Cache, Manifest};
 use crate::error::{Error, Result};
@@ -157,9 +156,8 @@ pub fn run(
         let node = &plan.nodes[i];
         let decl = &exp.stages[node.stage];
         if let Some(src) = decl.spec.as_source() {
-            let path = src.resolve(exp, decl)?;
-            let fp = fingerprint_source(&path, &cache.stat_dir())?;
-            let changed = last.get(&node.id).and_then(|r| r.digest.as_deref()) != Some(fp.digest.as_str());
+            let last_digest = last.get(&node.id).and_then(|r| r.digest.as_deref());
+            let (path, digest_now, changed) = src.fingerprint(exp, decl, cache, last_digest)?;
             if changed {
                 let action = Action {
                     kind: "source".into(),
@@ -170,9 +168,9 @@ pub fn run(
                 records.push(Record {
                     node: node.id.clone(),
                     status: Status::Ok,
-                    key: fp.digest[..32].to_string(),
+                    key: digest_now[..32].to_string(),
                     action,
-                    digest: Some(fp.digest.clone()),
+                    digest: Some(digest_now.clone()),
                     time_unix: now_unix(),
                     log: None,
                     error: None,
@@ -181,7 +179,7 @@ pub fn run(
             } else {
                 summary.cached.push(node.id.clone());
             }
-            digest[i] = Some(fp.digest);
+            digest[i] = Some(digest_now);
             summary.outputs[i] = Some(path);
             state[i] = St::Done;
         }
@@ -320,7 +318,17 @@ pub fn run(
             let (key, action) = keys[i].clone().ok_or_else(|| Error::internal("finished node without key"))?;
             match result? {
                 NodeResult::Done { manifest: m, executed } => {
-                    finish_ok(&mut records, &last, &id, &key, &action, &m);
+                    note_record(
+                        &mut records,
+                        &last,
+                        &id,
+                        &key,
+                        &action,
+                        Status::Ok,
+                        Some(&m.output_digest),
+                        None,
+                        None,
+                    );
                     digest[i] = Some(m.output_digest.clone());
                     summary.outputs[i] = Some(cache.entry_out(&key));
                     state[i] = St::Done;
@@ -396,17 +404,6 @@ fn skip_descendants(plan: &Plan, i: usize, state: &mut [St], summary: &mut RunSu
             stack.extend(plan.children[c].iter().copied());
         }
     }
-}
-
-fn finish_ok(
-    records: &mut Vec<Record>,
-    last: &HashMap<String, Record>,
-    id: &str,
-    key: &str,
-    action: &Action,
-    m: &Manifest,
-) {
-    note_record(records, last, id, key, action, Status::Ok, Some(&m.output_digest), None, None);
 }
 
 /// Adds a journal record when the node's recorded state changes (new key or new status).

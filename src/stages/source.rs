@@ -58,4 +58,19 @@ impl SourceSpec {
         }
         p.canonicalize().map_err(|e| Error::io("cannot resolve", &p, e))
     }
+
+    /// Resolves and fingerprints the source; returns (path, content digest, whether it differs from
+    /// `last_digest`, the digest recorded at its last run).
+    pub fn fingerprint(
+        &self,
+        exp: &Experiment,
+        decl: &StageDecl,
+        cache: &crate::cache::Cache,
+        last_digest: Option<&str>,
+    ) -> Result<(PathBuf, String, bool)> {
+        let path = self.resolve(exp, decl)?;
+        let fp = crate::cache::fingerprint::fingerprint_source(&path, &cache.stat_dir())?;
+        let changed = last_digest != Some(fp.digest.as_str());
+        Ok((path, fp.digest, changed))
+    }
 }

@@ -6,18 +6,8 @@ use std::path::Path;
 use super::error::{Result, TrainError};
 use crate::data::breakhis::Subtype;
 
-/// One row of a fold manifest.
-#[derive(Clone, Debug, PartialEq)]
-pub struct FoldRow {
-    pub file: String,
-    pub label: u32,
-    pub class: String,
-    pub subtype: String,
-    pub patient: String,
-    /// As written by `split`: `40X`, `100X`, ... or empty.
-    pub magnification: String,
-    pub portion: String,
-}
+/// One row of a fold manifest: the type `split` writes them from.
+pub use crate::split::Row as FoldRow;
 
 /// Which label a classifier learns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -61,6 +61,29 @@ pub fn hash_file(path: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
+/// blake3 of a file that parameters refer to by path (a stain target, initial weights), computed once per
+/// process and (path, size, mtime): action keys are computed for every node on every run, and 80 fine-tune nodes
+/// sharing one 100 MB weights file must not hash it 80 times. Unreadable files give `"unreadable"` (the stage
+/// then fails with the real error when it runs).
+pub fn param_file_digest(path: &Path) -> String {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    /// (path, size, mtime in ns) → digest
+    type Memo = HashMap<(PathBuf, u64, i128), String>;
+    static MEMO: OnceLock<Mutex<Memo>> = OnceLock::new();
+    let Ok(meta) = fs::metadata(path) else { return "unreadable".into() };
+    let id = (path.to_path_buf(), meta.len(), i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()));
+    let memo = MEMO.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(d) = memo.lock().ok().and_then(|m| m.get(&id).cloned()) {
+        return d;
+    }
+    let d = hash_file(path).unwrap_or_else(|_| "unreadable".into());
+    if let Ok(mut m) = memo.lock() {
+        m.insert(id, d.clone());
+    }
+    d
+}
+
 /// A file found by a walk, with the stat fields the stat cache compares.
 struct Walked {
     rel: String,
@@ -204,6 +227,17 @@ mod tests {
         assert_eq!(d1, tree_digest(&hash_tree(&a).unwrap()));
         fs::rename(a.join("x.txt"), a.join("z.txt")).unwrap();
         assert_ne!(d1, tree_digest(&hash_tree(&a).unwrap()));
+    }
+
+    #[test]
+    fn param_file_digest_is_the_content_hash_and_follows_edits() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("w.bin");
+        fs::write(&f, b"weights").unwrap();
+        assert_eq!(param_file_digest(&f), blake3::hash(b"weights").to_hex().to_string());
+        fs::write(&f, b"other weights").unwrap();
+        assert_eq!(param_file_digest(&f), blake3::hash(b"other weights").to_hex().to_string(), "size changed");
+        assert_eq!(param_file_digest(&d.path().join("missing")), "unreadable");
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl StainSpec {
             p.insert("preset".into(), Value::String(preset.get_ref().clone()));
         }
         if let Some(path) = self.target_path(&exp.dir) {
-            let digest = crate::cache::fingerprint::hash_file(&path).unwrap_or_else(|_| "unreadable".into());
+            let digest = crate::cache::fingerprint::param_file_digest(&path);
             p.insert("target_blake3".into(), Value::String(digest));
         }
         p

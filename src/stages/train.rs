@@ -102,8 +102,7 @@ impl TrainSpec {
         }
         // Initial weights count by content, like a stain target.
         if let Some(w) = &self.weights {
-            let digest =
-                crate::cache::fingerprint::hash_file(&exp.resolve_path(w)).unwrap_or_else(|_| "unreadable".into());
+            let digest = crate::cache::fingerprint::param_file_digest(&exp.resolve_path(w));
             p.insert("weights_blake3".into(), Value::String(digest));
         }
         p

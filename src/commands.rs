@@ -62,6 +62,16 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
         summary.skipped.len(),
         if summary.interrupted { " (interrupted)" } else { "" }
     );
+    // The results people came for: every table the run produced (or found cached), with its path.
+    if !args.json {
+        for (i, node) in plan.nodes.iter().enumerate() {
+            let (Some(out), "table") = (&summary.outputs[i], exp.stages[node.stage].spec.kind()) else { continue };
+            let md = out.join("table.md");
+            if let Ok(text) = std::fs::read_to_string(&md) {
+                println!("\n{text}\ntable of `{}`: {} (also .csv, .tex, .json)", node.id, md.display());
+            }
+        }
+    }
     if args.json {
         let failed: Vec<&str> = summary.failed.iter().map(|f| f.node.as_str()).collect();
         println!(
@@ -221,7 +231,10 @@ pub fn show(target: &str, experiment: Option<&Path>, sets: &[String], json: bool
         return Err(Error::user(format!("no cache entry {key}")));
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&m).map_err(|e| Error::internal(e.to_string()))?);
+        // The manifest plus where its files are.
+        let mut v = serde_json::to_value(&m).map_err(|e| Error::internal(e.to_string()))?;
+        v["path"] = serde_json::Value::String(cache.entry_dir(&key).join("out").display().to_string());
+        println!("{}", serde_json::to_string_pretty(&v).map_err(|e| Error::internal(e.to_string()))?);
         return Ok(exit::OK);
     }
     let dir = cache.entry_dir(&key);

@@ -23,4 +23,5 @@ pub mod plan;
 pub mod split;
 pub mod stages;
 pub mod stain;
+pub mod table;
 pub mod train;

@@ -1,33 +1,113 @@
-//! The README's main command: `mpcs run experiments/quickstart.toml`, run as a user would from the repository.
+//! The README's main command, `mpcs run experiments/quickstart.toml`, reduced with `--set` to seconds (tiny
+//! images, one epoch) but with the same DAG: synthetic BreakHis → Macenko → split → MPCS pretraining (FP, OP,
+//! RP) → fine-tuning (random and each MPCS backbone) × folds × magnifications → evaluation → table.
 
 mod common;
 use common::*;
 
+const REDUCED: &[&str] = &[
+    "--set",
+    "stage.breakhis.patients=12",
+    "--set",
+    "stage.breakhis.regions_per_patient=2",
+    "--set",
+    "stage.breakhis.size=\"48x32\"",
+    "--set",
+    "stage.pretrain.epochs=1",
+    "--set",
+    "stage.pretrain.size=16",
+    "--set",
+    "stage.pretrain.batch_size=4",
+    "--set",
+    "stage.finetune.epochs=1",
+    "--set",
+    "stage.finetune.size=16",
+    "--set",
+    "stage.finetune.batch_size=4",
+    "--set",
+    "stage.evaluate.size=16",
+];
+
+fn with(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut v = REDUCED.to_vec();
+    v.extend_from_slice(extra);
+    v
+}
+
+fn metrics(p: &Project, exp: &str, node: &str) -> serde_json::Value {
+    let out = p.mpcs(&["show", node, "--exp", exp, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["metrics"].clone()
+}
+
 #[test]
-fn quickstart_runs_then_reruns_nothing() {
+fn reduced_quickstart_runs_end_to_end_and_its_table_holds_the_evaluations() {
     let p = Project::new();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let exp = repo.join("experiments/quickstart.toml");
     let exp = exp.to_str().unwrap();
-    let first = p.run_ok(exp, &[]);
-    assert_eq!(first.executed.len(), 109, "{:?}", first.failed);
-    assert!(p.run_ok(exp, &[]).executed.is_empty());
 
-    // The table has a row per (init, magnification), with accuracies in [0, 1].
-    let out = p.mpcs(&["show", "table", "--exp", exp]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let dir = text.lines().find(|l| l.starts_with("files")).unwrap().split_whitespace().nth(1).unwrap().to_string();
-    let table = std::fs::read_to_string(std::path::Path::new(&dir).join("table.md")).unwrap();
-    let rows: Vec<&str> = table.lines().skip(2).collect();
-    assert_eq!(rows.len(), 16, "{table}");
-    for r in rows {
-        let acc: f64 = r.split('|').nth(3).unwrap().split('±').next().unwrap().trim().parse().unwrap();
-        assert!((0.0..=1.0).contains(&acc), "{r}");
+    // As a user runs it (no --json): the table and its path are printed at the end.
+    let mut args = vec!["run", exp, "--plain", "--jobs", "2"];
+    args.extend(REDUCED);
+    let out = p.mpcs(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let path_line = stdout.lines().find(|l| l.starts_with("table of `table`: ")).expect(&stdout);
+    let md_path = path_line.trim_start_matches("table of `table`: ").split(" (").next().unwrap();
+    let md = std::fs::read_to_string(md_path).unwrap();
+    assert!(stdout.contains(md.trim()), "the printed table is the file's");
+
+    // Nothing reruns.
+    let again = p.run_ok(exp, REDUCED);
+    assert!(again.executed.is_empty(), "{:?}", again.executed);
+    assert_eq!(again.cached.len(), 1 + 1 + 1 + 6 + 16 + 16 + 1);
+
+    // The table: rows = initialisations, columns = the paper's layout over the declared magnifications, every
+    // cell = mean ± std over the folds of the evaluate nodes' metrics (in percent).
+    let dir = std::path::Path::new(md_path).parent().unwrap();
+    let table: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("table.json")).unwrap()).unwrap();
+    let columns: Vec<&str> = table["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(columns, ["patient_200X", "patient_400X", "patient_mean", "image_200X", "image_400X", "image_mean"]);
+    let rows = table["rows"].as_array().unwrap();
+    let labels: Vec<&str> = rows.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["Random init (RN-18)", "MPCS-FP (RN-18)", "MPCS-OP (RN-18)", "MPCS-RP (RN-18)"]);
+    for row in rows {
+        let init = row["key"].as_str().unwrap();
+        for (c, col) in columns.iter().enumerate() {
+            let cell = &row["cells"][c];
+            let metric = if col.starts_with("patient") { "patient_accuracy" } else { "accuracy" };
+            let mut expected = Vec::new();
+            for fold in 0..2 {
+                let per_mag: Vec<f64> = ["200X", "400X"]
+                    .iter()
+                    .filter(|m| col.ends_with("mean") || col.ends_with(*m))
+                    .map(|m| {
+                        let node = format!("evaluate[fold={fold},magnification={m},init={init}]");
+                        metrics(&p, exp, &node)[metric].as_f64().unwrap() * 100.0
+                    })
+                    .collect();
+                expected.push(per_mag.iter().sum::<f64>() / per_mag.len() as f64);
+            }
+            let folds: Vec<f64> = cell["folds"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert_eq!(folds.len(), 2);
+            for (a, b) in folds.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-9, "{init} {col}: table {folds:?} vs evaluate {expected:?}");
+            }
+            let mean = (expected[0] + expected[1]) / 2.0;
+            assert!((cell["mean"].as_f64().unwrap() - mean).abs() < 1e-9);
+            assert!((cell["std"].as_f64().unwrap() - (expected[0] - expected[1]).abs() / 2.0).abs() < 1e-9);
+            // The Markdown shows the same number.
+            let md_row = md.lines().find(|l| l.starts_with(&format!("| {} |", row["label"].as_str().unwrap())));
+            let md_cell = md_row.unwrap().split('|').nth(c + 2).unwrap().trim();
+            assert!(md_cell.starts_with(&format!("{mean:.2} ±")), "{md_cell} vs {mean}");
+        }
     }
+    assert!(dir.join("table.csv").exists() && dir.join("table.tex").exists());
 
-    // A fine-tuning parameter reruns fine-tuning (and, where its output changes, evaluation and the table) only.
-    let s = p.run_ok(exp, &["--set", "stage.finetune.params.portion=train_40"]);
-    assert_eq!(s.executed.iter().filter(|n| n.starts_with("finetune[")).count(), 48);
+    // A fine-tuning parameter reruns every fine-tune node, their evaluations and the table only.
+    let s = p.run_ok(exp, &with(&["--set", "stage.finetune.lr=0.002"]));
+    assert_eq!(s.executed.iter().filter(|n| n.starts_with("finetune[")).count(), 16);
     assert!(
         s.executed.iter().all(|n| n.starts_with("finetune[") || n.starts_with("evaluate[") || n == "table"),
         "{:?}",

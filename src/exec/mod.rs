@@ -288,6 +288,7 @@ pub fn run(
                         .map(|&j| InputDir {
                             node: plan.nodes[j].id.clone(),
                             stage: exp.stages[plan.nodes[j].stage].name.clone(),
+                            matrix: plan.nodes[j].matrix.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
                             path: summary.outputs[j].clone().unwrap_or_default(),
                         })
                         .collect();

@@ -4,10 +4,12 @@
 pub mod command;
 pub mod download;
 pub mod patchify;
+pub mod pretrain;
 pub mod source;
 pub mod split;
 pub mod stain;
 pub mod synthetic;
+pub mod table;
 pub mod train;
 
 use std::collections::BTreeMap;
@@ -33,14 +35,19 @@ pub enum StageSpec {
     Synthetic(synthetic::SyntheticSpec),
     Split(split::SplitSpec),
     StainNormalise(stain::StainSpec),
+    Pretrain(pretrain::PretrainSpec),
     Finetune(train::TrainSpec),
+    LinearEval(train::TrainSpec),
     Evaluate(train::TrainSpec),
+    Table(table::TableStageSpec),
 }
 
 /// One input of a node as its stage sees it.
 pub struct InputDir {
     pub node: String,
     pub stage: String,
+    /// The input node's matrix values (key, value as text), e.g. `fold` → `0` (the table stage groups by them).
+    pub matrix: Vec<(String, String)>,
     /// The input's output directory (for a source: the source path itself).
     pub path: PathBuf,
 }
@@ -124,8 +131,20 @@ pub fn log_line(ctx: &ExecContext<'_>, line: &str) {
 
 impl StageSpec {
     /// Every stage kind, for validation and "did you mean".
-    pub const KINDS: &'static [&'static str] =
-        &["source", "command", "download", "synthetic", "stain_normalise", "patchify", "split", "finetune", "evaluate"];
+    pub const KINDS: &'static [&'static str] = &[
+        "source",
+        "command",
+        "download",
+        "synthetic",
+        "stain_normalise",
+        "patchify",
+        "split",
+        "pretrain",
+        "finetune",
+        "linear_eval",
+        "evaluate",
+        "table",
+    ];
 
     pub fn parse(kind: &str, table: Spanned<DeValue<'_>>) -> Result<StageSpec, toml::de::Error> {
         let de = toml::de::ValueDeserializer::from(table);
@@ -137,8 +156,11 @@ impl StageSpec {
             "synthetic" => StageSpec::Synthetic(synthetic::SyntheticSpec::deserialize(de)?),
             "split" => StageSpec::Split(split::SplitSpec::deserialize(de)?),
             "stain_normalise" => StageSpec::StainNormalise(stain::StainSpec::deserialize(de)?),
+            "pretrain" => StageSpec::Pretrain(pretrain::PretrainSpec::deserialize(de)?),
             "finetune" => StageSpec::Finetune(train::TrainSpec::deserialize(de)?),
+            "linear_eval" => StageSpec::LinearEval(train::TrainSpec::deserialize(de)?),
             "evaluate" => StageSpec::Evaluate(train::TrainSpec::deserialize(de)?),
+            "table" => StageSpec::Table(table::TableStageSpec::deserialize(de)?),
             other => return Err(serde::de::Error::custom(format!("unknown stage kind `{other}`"))),
         })
     }
@@ -152,8 +174,11 @@ impl StageSpec {
             StageSpec::Synthetic(_) => "synthetic",
             StageSpec::Split(_) => "split",
             StageSpec::StainNormalise(_) => "stain_normalise",
+            StageSpec::Pretrain(_) => "pretrain",
             StageSpec::Finetune(_) => "finetune",
+            StageSpec::LinearEval(_) => "linear_eval",
             StageSpec::Evaluate(_) => "evaluate",
+            StageSpec::Table(_) => "table",
         }
     }
 
@@ -167,7 +192,9 @@ impl StageSpec {
             StageSpec::Synthetic(_) => synthetic::VERSION,
             StageSpec::Split(_) => split::VERSION,
             StageSpec::StainNormalise(_) => stain::VERSION,
-            StageSpec::Finetune(_) | StageSpec::Evaluate(_) => train::VERSION,
+            StageSpec::Pretrain(_) => pretrain::VERSION,
+            StageSpec::Finetune(_) | StageSpec::LinearEval(_) | StageSpec::Evaluate(_) => train::VERSION,
+            StageSpec::Table(_) => table::VERSION,
         }
     }
 
@@ -189,8 +216,11 @@ impl StageSpec {
             StageSpec::Synthetic(s) => s.validate(decl, src),
             StageSpec::Split(s) => s.validate(decl, src),
             StageSpec::StainNormalise(s) => s.validate(decl, src),
+            StageSpec::Pretrain(p) => p.validate(decl, src),
             StageSpec::Finetune(t) => t.validate("finetune", decl, src),
+            StageSpec::LinearEval(t) => t.validate("linear_eval", decl, src),
             StageSpec::Evaluate(t) => t.validate("evaluate", decl, src),
+            StageSpec::Table(t) => t.validate(decl, src),
         }
     }
 
@@ -204,7 +234,9 @@ impl StageSpec {
             StageSpec::Synthetic(s) => s.key_params(node),
             StageSpec::Split(s) => s.key_params(node),
             StageSpec::StainNormalise(s) => s.key_params(exp),
-            StageSpec::Finetune(t) | StageSpec::Evaluate(t) => t.key_params(exp, node),
+            StageSpec::Pretrain(p) => p.key_params(exp, node),
+            StageSpec::Finetune(t) | StageSpec::LinearEval(t) | StageSpec::Evaluate(t) => t.key_params(exp, node),
+            StageSpec::Table(t) => t.key_params(),
         };
         if !node.matrix.is_empty() {
             let m =
@@ -225,8 +257,11 @@ impl StageSpec {
             StageSpec::Synthetic(s) => s.execute(ctx),
             StageSpec::Split(s) => s.execute(ctx),
             StageSpec::StainNormalise(s) => s.execute(ctx),
-            StageSpec::Finetune(t) => train::execute_finetune(t, ctx),
+            StageSpec::Pretrain(p) => p.execute(ctx),
+            StageSpec::Finetune(t) => train::execute_finetune(t, ctx, false),
+            StageSpec::LinearEval(t) => train::execute_finetune(t, ctx, true),
             StageSpec::Evaluate(t) => train::execute_evaluate(t, ctx),
+            StageSpec::Table(t) => t.execute(ctx),
         }
     }
 }

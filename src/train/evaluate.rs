@@ -8,11 +8,11 @@ use candle_nn::VarMap;
 
 use super::error::{Result, TrainError};
 use super::finetune::{build_inputs, Classifier, Objective};
-use super::fold::{read_fold, select, LabelColumn};
+use super::fold::{expand_patches, read_fold, select, LabelColumn};
 use super::{to_tensor, write_atomic};
 use crate::loader::{AugmentConfig, Loader, LoaderConfig, Normalize};
 use crate::metrics::{self, Prediction, Report};
-use crate::nn::{weights, Arch};
+use crate::nn::{weights, Arch, Dilation};
 
 #[derive(Clone, Debug)]
 pub struct EvalConfig {
@@ -23,6 +23,7 @@ pub struct EvalConfig {
     pub labels: LabelColumn,
     pub objective: Objective,
     pub arch: Arch,
+    pub dilation: Dilation,
     /// The fine-tuned `model.safetensors`.
     pub model: PathBuf,
     pub image_size: usize,
@@ -46,6 +47,7 @@ impl EvalConfig {
             labels: LabelColumn::Label,
             objective: Objective::Binary,
             arch: Arch::ResNet18,
+            dilation: Dilation::None,
             model: model.to_path_buf(),
             image_size: 64,
             batch_size: 32,
@@ -62,6 +64,8 @@ pub struct EvalOutcome {
     pub report: Report,
     /// The share of the majority class among the test images (what always guessing it scores).
     pub majority_rate: f64,
+    /// Patch datasets (BACH): the share of source images whose patches' majority vote is right.
+    pub image_wise_accuracy: Option<f64>,
     pub metrics: PathBuf,
     pub predictions: PathBuf,
 }
@@ -75,6 +79,8 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalOutcome> {
     }
     let rows = read_fold(&cfg.fold_csv)?;
     let rows = select(&rows, &cfg.test_portion, cfg.magnification.as_deref(), &cfg.fold_csv)?;
+    let (rows, sources) = expand_patches(&cfg.data_root, rows)?;
+    let patches = rows.iter().zip(&sources).any(|(r, s)| &r.file != s);
     let (store, samples) =
         build_inputs(&cfg.data_root, &rows, cfg.labels, cfg.objective, cfg.image_size, &cfg.fold_csv)?;
     let lc = LoaderConfig {
@@ -86,7 +92,7 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalOutcome> {
     let loader = Loader::new(store, samples, lc)?;
 
     let varmap = VarMap::new();
-    let clf = Classifier::new(&varmap, cfg.arch, cfg.objective, 0.0, &cfg.device)?;
+    let clf = Classifier::new(&varmap, (cfg.arch, cfg.dilation), cfg.objective, 0.0, &cfg.device)?;
     if !cfg.model.exists() {
         return Err(TrainError::BadFile {
             path: cfg.model.clone(),
@@ -97,6 +103,7 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalOutcome> {
     weights::load_into_with(&varmap, &cfg.model, &weights::LoadOptions::default())?;
 
     let mut preds = Vec::with_capacity(rows.len());
+    let mut pred_sources = Vec::with_capacity(rows.len());
     let mut csv = String::from("file,patient,label,predicted,score\n");
     for batch in loader.epoch(0) {
         let batch = batch?;
@@ -111,22 +118,45 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalOutcome> {
                 });
             }
             csv.push_str(&format!("{},{},{label},{predicted},{score}\n", row.file, row.patient));
-            let group = (!row.patient.is_empty()).then(|| row.patient.clone());
+            let group = Some(if row.patient.is_empty() { sources[i].clone() } else { row.patient.clone() });
             preds.push(Prediction { label, predicted, group });
+            pred_sources.push(sources[i].clone());
         }
     }
     let classes = cfg.objective.classes();
     let report = metrics::evaluate(&preds, classes).map_err(TrainError::Config)?;
     let majority = report.per_class.iter().map(|c| c.support).max().unwrap_or(0);
     let majority_rate = majority as f64 / report.images.max(1) as f64;
+    let image_wise_accuracy = patches.then(|| majority_vote_accuracy(&preds, &pred_sources, classes));
 
     std::fs::create_dir_all(&cfg.out_dir).map_err(TrainError::io(&cfg.out_dir))?;
     let metrics_path = cfg.out_dir.join("metrics.json");
     let predictions = cfg.out_dir.join("predictions.csv");
     let mut json = serde_json::to_value(&report).map_err(|e| TrainError::Config(e.to_string()))?;
     json["majority_rate"] = serde_json::json!(majority_rate);
+    if let Some(a) = image_wise_accuracy {
+        json["image_wise_accuracy"] = serde_json::json!(a);
+    }
     let text = serde_json::to_vec_pretty(&json).map_err(|e| TrainError::Config(e.to_string()))?;
     write_atomic(&predictions, csv.as_bytes())?;
     write_atomic(&metrics_path, &text)?;
-    Ok(EvalOutcome { report, majority_rate, metrics: metrics_path, predictions })
+    Ok(EvalOutcome { report, majority_rate, image_wise_accuracy, metrics: metrics_path, predictions })
+}
+
+/// Image-wise accuracy by majority vote over each source image's patches (METHOD.md, BACH). A tie goes to
+/// the lowest class index, so the vote is deterministic.
+pub(crate) fn majority_vote_accuracy(preds: &[Prediction], sources: &[String], classes: usize) -> f64 {
+    let mut votes: std::collections::BTreeMap<&str, (u32, Vec<usize>)> = std::collections::BTreeMap::new();
+    for (p, s) in preds.iter().zip(sources) {
+        let e = votes.entry(s.as_str()).or_insert_with(|| (p.label, vec![0; classes]));
+        e.1[p.predicted as usize] += 1;
+    }
+    let correct = votes
+        .values()
+        .filter(|(label, counts)| {
+            let best = counts.iter().enumerate().fold(0, |b, (i, &c)| if c > counts[b] { i } else { b });
+            best as u32 == *label
+        })
+        .count();
+    correct as f64 / votes.len().max(1) as f64
 }

@@ -11,7 +11,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::checkpoint::{self, State};
 use super::error::{Result, TrainError};
-use super::fold::{read_fold, select, FoldRow, LabelColumn};
+use super::fold::{expand_patches, read_fold, select, FoldRow, LabelColumn};
 use super::{finite, step_err, to_tensor, write_atomic, TrainEvent};
 use crate::loader::{AugmentConfig, ImageStore, Loader, LoaderConfig, Normalize, Sample, Source};
 use crate::nn::{weights, Arch, Dilation, Head, ResNet};
@@ -63,7 +63,11 @@ pub struct FinetuneConfig {
     pub labels: LabelColumn,
     pub objective: Objective,
     pub arch: Arch,
+    /// Dilated last stages (the paper's BACH / breast-cell encoder: output stride 8 or 16).
+    pub dilation: Dilation,
     pub init: Init,
+    /// Linear evaluation: the encoder is frozen (eval-mode BatchNorm, no gradient) and only the head trains.
+    pub freeze_encoder: bool,
     /// Side of the square network input (the paper: 252, a crop of 341).
     pub image_size: usize,
     pub batch_size: usize,
@@ -105,7 +109,9 @@ impl FinetuneConfig {
             labels: LabelColumn::Label,
             objective: Objective::Binary,
             arch: Arch::ResNet18,
+            dilation: Dilation::None,
             init: Init::Random,
+            freeze_encoder: false,
             image_size: 64,
             batch_size: 32,
             epochs: 100,
@@ -146,23 +152,33 @@ pub(crate) struct Classifier {
     pub net: ResNet,
     pub head: Head,
     pub objective: Objective,
+    /// The encoder is frozen (linear evaluation): always eval mode, no gradient through it.
+    pub frozen: bool,
 }
 
 impl Classifier {
-    pub fn new(varmap: &VarMap, arch: Arch, objective: Objective, dropout: f32, device: &Device) -> Result<Self> {
+    pub fn new(
+        varmap: &VarMap,
+        (arch, dilation): (Arch, Dilation),
+        objective: Objective,
+        dropout: f32,
+        device: &Device,
+    ) -> Result<Self> {
         if let Objective::MultiClass { classes } = objective {
             if classes < 2 {
                 return Err(TrainError::Config(format!("multi-class needs at least 2 classes, got {classes}")));
             }
         }
         let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
-        let net = ResNet::new(arch, vb.clone(), None, Dilation::None)?;
+        let net = ResNet::new(arch, vb.clone(), None, dilation)?;
         let head = Head::new(vb.pp("fc"), net.feature_dim(), objective.outputs(), dropout)?;
-        Ok(Classifier { net, head, objective })
+        Ok(Classifier { net, head, objective, frozen: false })
     }
 
     pub fn logits(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.head.forward_t(&self.net.features_t(x, train)?, train)?)
+        let features =
+            if self.frozen { self.net.features_t(x, false)?.detach() } else { self.net.features_t(x, train)? };
+        Ok(self.head.forward_t(&features, train)?)
     }
 
     /// Mean loss over the batch.
@@ -288,8 +304,8 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
     check(cfg)?;
     let rows = read_fold(&cfg.fold_csv)?;
     let mag = cfg.magnification.as_deref();
-    let train_rows = select(&rows, &cfg.train_portion, mag, &cfg.fold_csv)?;
-    let val_rows = select(&rows, &cfg.val_portion, mag, &cfg.fold_csv)?;
+    let (train_rows, _) = expand_patches(&cfg.data_root, select(&rows, &cfg.train_portion, mag, &cfg.fold_csv)?)?;
+    let (val_rows, _) = expand_patches(&cfg.data_root, select(&rows, &cfg.val_portion, mag, &cfg.fold_csv)?)?;
     if train_rows.len() < cfg.batch_size {
         return Err(TrainError::Config(format!(
             "batch_size {} exceeds the {} training images of portion '{}'; lower batch_size",
@@ -319,7 +335,8 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
 
     let device = &cfg.device;
     let varmap = VarMap::new();
-    let clf = Classifier::new(&varmap, cfg.arch, cfg.objective, cfg.dropout, device)?;
+    let mut clf = Classifier::new(&varmap, (cfg.arch, cfg.dilation), cfg.objective, cfg.dropout, device)?;
+    clf.frozen = cfg.freeze_encoder;
     super::seeded_init(&varmap, cfg.seed)?;
     if let Init::Weights(path) = &cfg.init {
         let opts = weights::LoadOptions { ignore_fc: true, ..Default::default() };
@@ -327,10 +344,9 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
     }
     let resumed = checkpoint::load(&cfg.scratch_dir, "finetune", &varmap)?;
 
-    let mut opt = Adam::new(
-        weights::trainable_vars(&varmap, ""),
-        AdamConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..AdamConfig::default() },
-    )?;
+    let trainable = weights::trainable_vars(&varmap, if cfg.freeze_encoder { "fc." } else { "" });
+    let mut opt =
+        Adam::new(trainable, AdamConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..AdamConfig::default() })?;
     let plateau_cfg =
         PlateauConfig { factor: cfg.plateau_factor, patience: cfg.plateau_patience, ..PlateauConfig::default() };
     let mut plateau = ReduceLrOnPlateau::new(plateau_cfg, cfg.lr)?;
@@ -358,7 +374,9 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
     }
 
     std::fs::create_dir_all(&cfg.out_dir).map_err(TrainError::io(&cfg.out_dir))?;
+    std::fs::create_dir_all(&cfg.scratch_dir).map_err(TrainError::io(&cfg.scratch_dir))?;
     let model_path = cfg.out_dir.join("model.safetensors");
+    let best_path = cfg.scratch_dir.join(checkpoint::BEST);
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
     let first = state.epochs_done + 1;
     let batches = train.batches_per_epoch();
@@ -389,7 +407,7 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
         plateau.step_optimizer(val_loss, &mut opt)?;
         let stop = early.step(val_loss)?;
         if state.best.is_none_or(|b| val_loss < b) {
-            weights::save(&varmap, &model_path)?;
+            weights::save(&varmap, &best_path)?;
             state.best = Some(val_loss);
             state.best_epoch = epoch;
         }
@@ -414,9 +432,8 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
             progress(TrainEvent::EarlyStop { epoch });
         }
     }
-    if state.epochs_done > 0 && !metrics_path.exists() {
-        write_jsonl(&metrics_path, &state.history)?;
-    }
+    write_jsonl(&metrics_path, &state.history)?;
+    checkpoint::publish(&best_path, &model_path)?;
     Ok(FinetuneOutcome {
         epochs_done: state.epochs_done,
         epochs_run,

@@ -108,3 +108,53 @@ pub fn select(rows: &[FoldRow], portion: &str, magnification: Option<&str>, path
     }
     Ok(out)
 }
+
+/// When `root` is a `patchify` output (it holds `patches.csv`), replaces every fold row (a source image) by the
+/// rows of its patches, which inherit its label, patient and portion. Returns the rows and, per row, the source
+/// image it came from (for image-wise majority votes); without `patches.csv` the rows are returned unchanged
+/// and each is its own source.
+pub fn expand_patches(root: &Path, rows: Vec<FoldRow>) -> Result<(Vec<FoldRow>, Vec<String>)> {
+    let index = root.join("patches.csv");
+    if !index.exists() {
+        let sources = rows.iter().map(|r| r.file.clone()).collect();
+        return Ok((rows, sources));
+    }
+    let text = std::fs::read_to_string(&index).map_err(TrainError::io(&index))?;
+    let bad = |msg: String| TrainError::BadFile { path: index.clone(), msg };
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    let col = |name: &str| {
+        header.iter().position(|c| *c == name).ok_or_else(|| bad(format!("header lacks the column '{name}'")))
+    };
+    let (file_col, source_col) = (col("file")?, col("source")?);
+    let mut by_source: std::collections::HashMap<&str, Vec<&str>> = std::collections::HashMap::new();
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').collect();
+        match (f.get(file_col), f.get(source_col)) {
+            (Some(file), Some(source)) => by_source.entry(source).or_default().push(file),
+            _ => return Err(bad(format!("short line '{line}'"))),
+        }
+    }
+    let (mut out, mut sources) = (Vec::new(), Vec::new());
+    let mut missing = Vec::new();
+    for r in rows {
+        match by_source.get(r.file.as_str()) {
+            Some(patches) => {
+                for p in patches {
+                    out.push(FoldRow { file: (*p).to_string(), ..r.clone() });
+                    sources.push(r.file.clone());
+                }
+            }
+            None => missing.push(r.file),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(bad(format!(
+            "{} image(s) of the fold have no patches (first: {}); was the split made from another dataset than the \
+             one that was patchified?",
+            missing.len(),
+            missing[0]
+        )));
+    }
+    Ok((out, sources))
+}

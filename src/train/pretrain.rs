@@ -21,6 +21,9 @@ use crate::loader::{region_samples, AugmentConfig, ImageStore, Loader, LoaderCon
 use crate::nn::{mpcs_loss, weights, Arch, Dilation, Projector, ResNet};
 use crate::optim::{Adam, AdamConfig, Optimizer, PlateauConfig, ReduceLrOnPlateau};
 
+/// The epochs whose best-so-far backbone the paper's code keeps.
+pub const PAPER_BUCKETS: [usize; 7] = [100, 200, 300, 400, 500, 800, 1000];
+
 #[derive(Clone, Debug)]
 pub struct PretrainConfig {
     pub data_root: PathBuf,
@@ -41,6 +44,9 @@ pub struct PretrainConfig {
     pub weight_decay: f64,
     /// ReduceLROnPlateau on the epoch loss (the paper: factor 0.1, patience 50).
     pub plateau_patience: usize,
+    /// Epochs at which the best backbone so far is also kept as `buckets/epoch_<n>.safetensors` (METHOD.md:
+    /// 100, 200, 300, 400, 500, 800, 1000), so fine-tuning can start from a shorter pretraining.
+    pub buckets: Vec<usize>,
     pub seed: u64,
     pub threads: usize,
     /// Where `backbone.safetensors` and `loss.jsonl` go.
@@ -68,6 +74,7 @@ impl PretrainConfig {
             lr: 1e-5,
             weight_decay: 1e-6,
             plateau_patience: 50,
+            buckets: PAPER_BUCKETS.to_vec(),
             seed: 1,
             threads: 0,
             out_dir: out_dir.to_path_buf(),
@@ -86,6 +93,8 @@ pub struct PretrainOutcome {
     pub best_epoch: usize,
     pub best_loss: f64,
     pub backbone: PathBuf,
+    /// (epoch, file) of every bucket reached.
+    pub buckets: Vec<(usize, PathBuf)>,
     pub losses: PathBuf,
 }
 
@@ -204,7 +213,10 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
     };
 
     std::fs::create_dir_all(&cfg.out_dir).map_err(TrainError::io(&cfg.out_dir))?;
+    std::fs::create_dir_all(cfg.scratch_dir.join("buckets")).map_err(TrainError::io(&cfg.scratch_dir))?;
     let backbone = cfg.out_dir.join("backbone.safetensors");
+    let best_path = cfg.scratch_dir.join(checkpoint::BEST);
+    let bucket_name = |e: usize| format!("buckets/epoch_{e}.safetensors");
     let losses = cfg.out_dir.join("loss.jsonl");
     let batches = loader.batches_per_epoch();
     progress(TrainEvent::Start { first_epoch: state.epochs_done + 1, epochs: cfg.epochs, batches });
@@ -235,9 +247,12 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
         let elapsed = start.elapsed().as_secs_f64();
         plateau.step_optimizer(epoch_loss, &mut opt)?;
         if state.best.is_none_or(|b| epoch_loss < b) {
-            weights::save_with(&varmap, &backbone, "encoder.")?;
+            weights::save_with(&varmap, &best_path, "encoder.")?;
             state.best = Some(epoch_loss);
             state.best_epoch = epoch;
+        }
+        if cfg.buckets.contains(&epoch) {
+            checkpoint::publish(&best_path, &cfg.scratch_dir.join(bucket_name(epoch)))?;
         }
         let line = serde_json::json!({
             "epoch": epoch,
@@ -254,6 +269,14 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
         epochs_run += 1;
         progress(TrainEvent::Epoch { epoch, line });
     }
+    write_jsonl(&losses, &state.history)?;
+    checkpoint::publish(&best_path, &backbone)?;
+    let mut buckets = Vec::new();
+    for &e in cfg.buckets.iter().filter(|&&e| e <= state.epochs_done) {
+        let to = cfg.out_dir.join(bucket_name(e));
+        checkpoint::publish(&cfg.scratch_dir.join(bucket_name(e)), &to)?;
+        buckets.push((e, to));
+    }
     Ok(PretrainOutcome {
         regions: regions.len(),
         epochs_done: state.epochs_done,
@@ -262,6 +285,7 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
         best_epoch: state.best_epoch,
         best_loss: state.best.unwrap_or(f64::NAN),
         backbone,
+        buckets,
         losses,
     })
 }

@@ -93,9 +93,89 @@ fn pretraining_loss_falls() {
     let names = mpcs::nn::weights::read_tensors(&out.backbone).unwrap();
     assert!(names.keys().all(|k| !k.starts_with("fc.") && !k.starts_with("projector")));
     assert!(names.contains_key("conv1.weight"));
-    let mut ft = ft_config(&tmp.path().join("ft"), 16, 1);
-    ft.init = Init::Weights(out.backbone.clone());
-    finetune(&ft, &quiet).unwrap();
+    // A linear probe (frozen encoder, only the head trains) on the MPCS features beats one on the features of
+    // the same encoder at its random initialisation.
+    let probe = |init: Init, name: &str| {
+        let mut c = ft_config(&tmp.path().join(name), 32, 10);
+        c.freeze_encoder = true;
+        c.lr = 1e-2;
+        c.augment = false;
+        c.init = init;
+        let o = finetune(&c, &quiet).unwrap();
+        let (root, csv) = data();
+        let mut ec = EvalConfig::new(root, csv, &o.model, &tmp.path().join(name).join("eval"));
+        ec.image_size = 32;
+        evaluate(&ec).unwrap().report.accuracy
+    };
+    let mpcs_acc = probe(Init::Weights(out.backbone.clone()), "probe-mpcs");
+    let random_acc = probe(Init::Random, "probe-random");
+    eprintln!("linear probe test accuracy: MPCS {mpcs_acc:.3}, random init {random_acc:.3}");
+    assert!(mpcs_acc > random_acc, "MPCS {mpcs_acc} vs random {random_acc}");
+}
+
+#[test]
+fn linear_eval_trains_only_the_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = ft_config(tmp.path(), 16, 1);
+    c.freeze_encoder = true;
+    c.lr = 1e-2;
+    let before = tmp.path().join("init.safetensors");
+    {
+        // The same seeded encoder the run starts from.
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
+        mpcs::nn::ResNet::new(mpcs::nn::Arch::ResNet18, vb, None, mpcs::nn::Dilation::None).unwrap();
+        mpcs::train::seeded_init(&vm, c.seed).unwrap();
+        mpcs::nn::weights::save(&vm, &before).unwrap();
+    }
+    let o = finetune(&c, &quiet).unwrap();
+    let a = mpcs::nn::weights::read_tensors(&before).unwrap();
+    let b = mpcs::nn::weights::read_tensors(&o.model).unwrap();
+    let mut compared = 0;
+    for (name, t) in &a {
+        let u = &b[name];
+        let f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+        let diff = (f32(t) - f32(u))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // Encoder weights and BatchNorm statistics are untouched (eval mode, no gradient).
+        assert_eq!(diff, 0.0, "{name} changed under linear evaluation");
+        compared += 1;
+    }
+    assert!(compared > 100);
+    assert!(b.contains_key("fc.weight") && !a.contains_key("fc.weight"));
+}
+
+#[test]
+fn a_diverging_resume_keeps_the_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = ft_config(tmp.path(), 16, 1);
+    finetune(&cfg, &quiet).unwrap();
+    let scratch = &cfg.scratch_dir;
+    let best = std::fs::read(scratch.join("best.safetensors")).unwrap();
+    // A schedule gone wrong: the checkpointed learning rate is absurd, so epoch 2 diverges.
+    let state_path = scratch.join("state.json");
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    state["lr"] = serde_json::json!(1e30);
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let cfg2 = FinetuneConfig { epochs: 2, magnification: None, ..cfg.clone() };
+    match finetune(&cfg2, &quiet) {
+        Err(e @ TrainError::NonFiniteLoss { epoch: 2, .. }) => {
+            assert!(e.to_string().contains("epoch 2") && e.to_string().contains("last good checkpoint"), "{e}")
+        }
+        other => panic!("expected a non-finite loss in epoch 2, got {other:?}"),
+    }
+    // The checkpoint of epoch 1 and the best model are still there, unchanged.
+    let after: serde_json::Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    assert_eq!(after["epochs_done"], 1);
+    assert_eq!(std::fs::read(scratch.join("best.safetensors")).unwrap(), best);
 }
 
 #[test]

@@ -26,6 +26,8 @@ pub enum State {
     Blocked,
     /// It failed last time with this very key and would run again.
     Failed,
+    /// A source whose path does not exist (yet): the graph still shows what depends on it; a run stops.
+    Missing,
 }
 
 impl State {
@@ -35,6 +37,7 @@ impl State {
             State::WillRun => "will-run",
             State::Blocked => "blocked",
             State::Failed => "failed",
+            State::Missing => "missing",
         }
     }
 }
@@ -62,7 +65,10 @@ pub fn assess(exp: &Experiment, plan: &Plan, cache: &Cache) -> Result<Assessment
     for &i in &plan.order {
         let node = &plan.nodes[i];
         let decl = &exp.stages[node.stage];
-        let status = if let Some(src) = decl.spec.as_source() {
+        let status = if let Some(src) = decl.spec.as_source().filter(|s| s.resolve(exp, decl).is_err()) {
+            let _ = src;
+            NodeStatus { state: State::Missing, key: None, action: None, digest: None }
+        } else if let Some(src) = decl.spec.as_source() {
             let (path, digest, changed) =
                 src.fingerprint(exp, decl, cache, last.get(&node.id).and_then(|r| r.digest.as_deref()))?;
             source_paths.insert(i, path);
@@ -124,6 +130,10 @@ pub fn short_reason(exp: &Experiment, plan: &Plan, a: &Assessment, i: usize) -> 
             format!("after {}", ups.join(", "))
         }
         State::Failed => "failed last time".into(),
+        State::Missing => {
+            let name = &exp.stages[node.stage].name;
+            format!("source path does not exist; point it at the data with --set stage.{name}.path=DIR")
+        }
         State::WillRun => {
             if exp.stages[node.stage].spec.as_source().is_some() {
                 return if a.last.contains_key(&node.id) { "source changed".into() } else { "new source".into() };
@@ -173,6 +183,9 @@ pub fn why(exp: &Experiment, plan: &Plan, a: &Assessment, cache: &Cache, i: usiz
     }
 
     match st.state {
+        State::Missing => {
+            let _ = writeln!(out, "  {}", short_reason(exp, plan, a, i));
+        }
         State::Blocked => {
             let _ = writeln!(out, "  its key is not known yet: these inputs will run first and may change:");
             for &j in &node.inputs {
@@ -272,7 +285,7 @@ fn root_causes(plan: &Plan, a: &Assessment, i: usize) -> Vec<usize> {
         match a.nodes[j].state {
             State::Cached => {}
             State::Blocked => stack.extend(plan.nodes[j].inputs.iter().copied()),
-            State::WillRun | State::Failed => roots.push(j),
+            State::WillRun | State::Failed | State::Missing => roots.push(j),
         }
     }
     roots.sort();
@@ -408,6 +421,7 @@ pub fn render_text(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
                 State::WillRun => "▶",
                 State::Blocked => "·",
                 State::Failed => "✗",
+                State::Missing => "?",
             };
             let detail = if st.state == State::Cached {
                 st.key.as_deref().map(|k| k[..12].to_string()).unwrap_or_default()
@@ -426,6 +440,7 @@ fn color(s: State) -> &'static str {
         State::WillRun => "gold",
         State::Blocked => "lightgrey",
         State::Failed => "salmon",
+        State::Missing => "orange",
     }
 }
 

@@ -153,3 +153,132 @@ fn pretraining_killed_mid_way_resumes_from_its_checkpoint() {
     // The scratch area is gone once the entry exists.
     assert_eq!(state_epochs(&p), None);
 }
+
+/// The BACH pipeline of experiments/wacv_bach.toml on a tiny synthetic BACH: Reinhard → split → patches with
+/// offline augmentation → four-class fine-tuning of a dilated ResNet-50 → patch-wise and image-wise (majority
+/// vote) evaluation on val and test → the table's columns.
+const BACH: &str = r#"[experiment]
+name = "bach"
+seed = 3
+
+[stage.bach]
+kind = "synthetic"
+dataset = "bach"
+patients = 4
+size = "96x64"
+
+[stage.stain]
+kind = "stain_normalise"
+from = "bach"
+method = "reinhard"
+preset = "bach"
+
+[stage.folds]
+kind = "split"
+from = "stain"
+dataset = "bach"
+folds = 2
+
+[stage.patches]
+kind = "patchify"
+from = "stain"
+size = 32
+overlap = 0.0
+augment = true
+
+[stage.finetune]
+kind = "finetune"
+from = ["folds", "patches"]
+matrix = { fold = [0] }
+arch = "resnet50"
+output_stride = 8
+objective = "multiclass"
+classes = 4
+size = 16
+batch_size = 8
+epochs = 1
+optimizer = "sgd"
+lr = 0.01
+augment = false
+train_portion = "train"
+val_portion = "val"
+
+[stage.evaluate]
+kind = "evaluate"
+from = ["finetune", "folds", "patches"]
+matrix = { fold = [0], portion = ["val", "test"] }
+arch = "resnet50"
+output_stride = 8
+objective = "multiclass"
+classes = 4
+size = 16
+
+[stage.table]
+kind = "table"
+from = "evaluate"
+rows = "stage"
+columns = [
+  { name = "image_val", metric = "image_wise_accuracy", where = { portion = "val" } },
+  { name = "image_test", metric = "image_wise_accuracy", where = { portion = "test" } },
+  { name = "patch_test", metric = "accuracy", where = { portion = "test" } },
+]
+"#;
+
+#[test]
+fn bach_style_patch_pipeline_runs_end_to_end() {
+    let p = Project::new();
+    p.write("bach.toml", BACH);
+    let s = p.run_ok("bach.toml", &[]);
+    assert_eq!(s.executed.len(), 8, "{:?}", s.executed);
+    let show = |node: &str| {
+        let out = p.mpcs(&["show", node, "--exp", "bach.toml", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let patches =
+        std::fs::read_to_string(std::path::Path::new(show("patches")["path"].as_str().unwrap()).join("patches.csv"))
+            .unwrap();
+    let test = show("evaluate[fold=0,portion=test]");
+    let m = &test["metrics"];
+    // Four classes; only original patches are evaluated (the six-fold augmentation is for training).
+    assert_eq!(m["confusion"].as_array().unwrap().len(), 4);
+    let originals = patches.lines().filter(|l| l.contains(",none,")).count();
+    let all = patches.lines().count() - 1;
+    assert_eq!(all, originals * 6);
+    let images = m["images"].as_u64().unwrap() as usize;
+    assert!(images > 0 && images < originals, "{images} test patches of {originals} originals");
+    let iw = m["image_wise_accuracy"].as_f64().expect("image-wise accuracy for a patch dataset");
+    assert!((0.0..=1.0).contains(&iw));
+    // The image-wise accuracy is the majority vote over each image's patches in predictions.csv.
+    let preds =
+        std::fs::read_to_string(std::path::Path::new(test["path"].as_str().unwrap()).join("predictions.csv")).unwrap();
+    let source_of: std::collections::HashMap<String, String> = patches
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_string(), f[1].to_string())
+        })
+        .collect();
+    let mut votes: std::collections::BTreeMap<String, (u32, [usize; 4])> = Default::default();
+    for l in preds.lines().skip(1) {
+        let f: Vec<&str> = l.split(',').collect();
+        let (label, pred): (u32, usize) = (f[2].parse().unwrap(), f[3].parse().unwrap());
+        let e = votes.entry(source_of[f[0]].clone()).or_insert((label, [0; 4]));
+        e.1[pred] += 1;
+    }
+    let correct = votes
+        .values()
+        .filter(|(label, c)| {
+            let best = (0..4).fold(0, |b, i| if c[i] > c[b] { i } else { b });
+            best as u32 == *label
+        })
+        .count();
+    assert!((iw - correct as f64 / votes.len() as f64).abs() < 1e-12);
+    // The table's image_test cell is that number in percent.
+    let table = show("table");
+    let t: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(std::path::Path::new(table["path"].as_str().unwrap()).join("table.json")).unwrap(),
+    )
+    .unwrap();
+    assert!((t["rows"][0]["cells"][1]["mean"].as_f64().unwrap() - iw * 100.0).abs() < 1e-9);
+}

@@ -20,7 +20,9 @@ use crate::error::Result;
 use crate::experiment::{SourceText, StageDecl};
 use crate::nn::{Arch, Dilation};
 use crate::plan::Node;
-use crate::train::{evaluate, finetune, EvalConfig, FinetuneConfig, Init, LabelColumn, Objective, TrainEvent};
+use crate::train::{
+    evaluate, finetune, EvalConfig, FinetuneConfig, Init, LabelColumn, Objective, OptimizerKind, TrainEvent,
+};
 
 pub const VERSION: u32 = 1;
 
@@ -51,6 +53,9 @@ pub struct TrainSpec {
     pub epochs: Option<usize>,
     pub lr: Option<f64>,
     pub weight_decay: Option<f64>,
+    /// `adam` (default) or `sgd` (with `momentum`, default 0.9; the paper's BACH fine-tuning).
+    pub optimizer: Option<String>,
+    pub momentum: Option<f64>,
     pub train_portion: Option<String>,
     pub val_portion: Option<String>,
     pub augment: Option<bool>,
@@ -63,7 +68,7 @@ pub struct TrainSpec {
     pub weights: Option<String>,
     /// Start from the pretraining's epoch-`bucket` backbone instead of its overall best.
     pub bucket: Option<usize>,
-    /// evaluate only:
+    /// evaluate only (default: the node's `portion` matrix value, else `test_20`):
     pub test_portion: Option<String>,
 }
 
@@ -71,6 +76,8 @@ const FINETUNE_ONLY: &[&str] = &[
     "epochs",
     "lr",
     "weight_decay",
+    "optimizer",
+    "momentum",
     "train_portion",
     "val_portion",
     "augment",
@@ -102,7 +109,7 @@ impl TrainSpec {
         if let Err(e) = self.dilation() {
             return bad(e);
         }
-        if let Err(e) = self.objective().and(self.labels()) {
+        if let Err(e) = self.objective().and(self.labels()).and(self.optimizer()) {
             return bad(e);
         }
         if self.fold.is_none() && !decl.has_matrix_key("fold") {
@@ -147,6 +154,18 @@ impl TrainSpec {
         }
     }
 
+    fn optimizer(&self) -> std::result::Result<OptimizerKind, String> {
+        match (self.optimizer.as_deref(), self.momentum) {
+            (None | Some("adam"), None) => Ok(OptimizerKind::Adam),
+            (None | Some("adam"), Some(_)) => Err("`momentum` needs `optimizer = \"sgd\"`".into()),
+            (Some("sgd"), m) => match m.unwrap_or(0.9) {
+                m if (0.0..1.0).contains(&m) => Ok(OptimizerKind::Sgd { momentum: m }),
+                m => Err(format!("`momentum = {m}` must be in [0, 1)")),
+            },
+            (Some(o), _) => Err(format!("unknown optimizer `{o}`; use \"adam\" or \"sgd\"")),
+        }
+    }
+
     fn labels(&self) -> std::result::Result<LabelColumn, String> {
         match self.labels.as_deref() {
             None | Some("label") => Ok(LabelColumn::Label),
@@ -161,6 +180,11 @@ impl TrainSpec {
 
     fn fold(&self, node: &Node) -> u32 {
         self.fold.or_else(|| node.matrix_value("fold").and_then(|v| v.to_string().parse().ok())).unwrap_or(0)
+    }
+
+    /// `test_portion`, else the node's `portion` matrix value (a table with val and test columns).
+    fn test_portion(&self, node: &Node) -> Option<String> {
+        self.test_portion.clone().or_else(|| node.matrix_value("portion").map(|v| v.to_string()))
     }
 
     fn magnification(&self, node: &Node) -> Option<String> {
@@ -322,6 +346,7 @@ pub fn execute_finetune(spec: &TrainSpec, ctx: &ExecContext<'_>, freeze_encoder:
     cfg.epochs = spec.epochs.unwrap_or(cfg.epochs);
     cfg.lr = spec.lr.unwrap_or(cfg.lr);
     cfg.weight_decay = spec.weight_decay.unwrap_or(cfg.weight_decay);
+    cfg.optimizer = spec.optimizer().map_err(config_error)?;
     cfg.augment = spec.augment.unwrap_or(cfg.augment);
     cfg.dropout = spec.dropout.unwrap_or(cfg.dropout);
     cfg.plateau_patience = spec.plateau_patience.unwrap_or(cfg.plateau_patience);
@@ -383,8 +408,8 @@ pub fn execute_evaluate(spec: &TrainSpec, ctx: &ExecContext<'_>) -> Result<Value
     cfg.image_size = spec.size.unwrap_or(cfg.image_size);
     cfg.batch_size = spec.batch_size.unwrap_or(cfg.batch_size);
     cfg.device = candle_device(ctx)?;
-    if let Some(p) = &spec.test_portion {
-        cfg.test_portion = p.clone();
+    if let Some(p) = spec.test_portion(ctx.node) {
+        cfg.test_portion = p;
     }
     let outcome = evaluate(&cfg).map_err(|e| StageFailure(e.to_string()))?;
     log_line(ctx, &format!("accuracy {:.4} on {} images", outcome.report.accuracy, outcome.report.images));

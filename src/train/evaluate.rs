@@ -79,7 +79,7 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalOutcome> {
     }
     let rows = read_fold(&cfg.fold_csv)?;
     let rows = select(&rows, &cfg.test_portion, cfg.magnification.as_deref(), &cfg.fold_csv)?;
-    let (rows, sources) = expand_patches(&cfg.data_root, rows)?;
+    let (rows, sources) = expand_patches(&cfg.data_root, rows, false)?;
     let patches = rows.iter().zip(&sources).any(|(r, s)| &r.file != s);
     let (store, samples) =
         build_inputs(&cfg.data_root, &rows, cfg.labels, cfg.objective, cfg.image_size, &cfg.fold_csv)?;

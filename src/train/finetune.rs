@@ -15,7 +15,9 @@ use super::fold::{expand_patches, read_fold, select, FoldRow, LabelColumn};
 use super::{finite, step_err, to_tensor, write_atomic, TrainEvent};
 use crate::loader::{AugmentConfig, ImageStore, Loader, LoaderConfig, Normalize, Sample, Source};
 use crate::nn::{weights, Arch, Dilation, Head, ResNet};
-use crate::optim::{Adam, AdamConfig, EarlyStopping, Mode, Optimizer, PlateauConfig, ReduceLrOnPlateau};
+use crate::optim::{
+    Adam, AdamConfig, EarlyStopping, Mode, Optimizer, PlateauConfig, ReduceLrOnPlateau, Sgd, SgdConfig,
+};
 
 /// Where the encoder's weights come from.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +27,13 @@ pub enum Init {
     /// A torchvision-layout state dict (`.pth` or `.safetensors`, e.g. ImageNet weights) or an MPCS
     /// `backbone.safetensors`; its `fc` is ignored and a new head is trained. Every other tensor must match.
     Weights(PathBuf),
+}
+
+/// The fine-tuning optimiser (METHOD.md: Adam for BreakHis, SGD with momentum 0.9 for BACH).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerKind {
+    Adam,
+    Sgd { momentum: f64 },
 }
 
 /// The training objective.
@@ -75,6 +84,8 @@ pub struct FinetuneConfig {
     pub epochs: usize,
     pub lr: f64,
     pub weight_decay: f64,
+    /// Adam (BreakHis) or SGD with momentum (BACH, momentum 0.9).
+    pub optimizer: OptimizerKind,
     /// ReduceLROnPlateau patience (the paper: 5) and factor (0.1).
     pub plateau_patience: usize,
     pub plateau_factor: f64,
@@ -117,6 +128,7 @@ impl FinetuneConfig {
             epochs: 100,
             lr: 1e-4,
             weight_decay: 0.0,
+            optimizer: OptimizerKind::Adam,
             plateau_patience: 5,
             plateau_factor: 0.1,
             early_stop_patience: 100,
@@ -304,8 +316,8 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
     check(cfg)?;
     let rows = read_fold(&cfg.fold_csv)?;
     let mag = cfg.magnification.as_deref();
-    let (train_rows, _) = expand_patches(&cfg.data_root, select(&rows, &cfg.train_portion, mag, &cfg.fold_csv)?)?;
-    let (val_rows, _) = expand_patches(&cfg.data_root, select(&rows, &cfg.val_portion, mag, &cfg.fold_csv)?)?;
+    let (train_rows, _) = expand_patches(&cfg.data_root, select(&rows, &cfg.train_portion, mag, &cfg.fold_csv)?, true)?;
+    let (val_rows, _) = expand_patches(&cfg.data_root, select(&rows, &cfg.val_portion, mag, &cfg.fold_csv)?, false)?;
     if train_rows.len() < cfg.batch_size {
         return Err(TrainError::Config(format!(
             "batch_size {} exceeds the {} training images of portion '{}'; lower batch_size",
@@ -345,8 +357,16 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
     let resumed = checkpoint::load(&cfg.scratch_dir, "finetune", &varmap)?;
 
     let trainable = weights::trainable_vars(&varmap, if cfg.freeze_encoder { "fc." } else { "" });
-    let mut opt =
-        Adam::new(trainable, AdamConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..AdamConfig::default() })?;
+    let mut opt: Box<dyn Optimizer> = match cfg.optimizer {
+        OptimizerKind::Adam => Box::new(Adam::new(
+            trainable,
+            AdamConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..AdamConfig::default() },
+        )?),
+        OptimizerKind::Sgd { momentum } => Box::new(Sgd::new(
+            trainable,
+            SgdConfig { lr: cfg.lr, momentum, weight_decay: cfg.weight_decay, ..SgdConfig::default() },
+        )?),
+    };
     let plateau_cfg =
         PlateauConfig { factor: cfg.plateau_factor, patience: cfg.plateau_patience, ..PlateauConfig::default() };
     let mut plateau = ReduceLrOnPlateau::new(plateau_cfg, cfg.lr)?;
@@ -404,7 +424,7 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
         let elapsed = start.elapsed().as_secs_f64();
         let train_loss = loss_sum / seen.max(1) as f64;
         let (val_loss, val_accuracy) = validate(&clf, &val, device, epoch)?;
-        plateau.step_optimizer(val_loss, &mut opt)?;
+        plateau.step_optimizer(val_loss, opt.as_mut())?;
         let stop = early.step(val_loss)?;
         if state.best.is_none_or(|b| val_loss < b) {
             weights::save(&varmap, &best_path)?;

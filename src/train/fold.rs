@@ -112,8 +112,9 @@ pub fn select(rows: &[FoldRow], portion: &str, magnification: Option<&str>, path
 /// When `root` is a `patchify` output (it holds `patches.csv`), replaces every fold row (a source image) by the
 /// rows of its patches, which inherit its label, patient and portion. Returns the rows and, per row, the source
 /// image it came from (for image-wise majority votes); without `patches.csv` the rows are returned unchanged
-/// and each is its own source.
-pub fn expand_patches(root: &Path, rows: Vec<FoldRow>) -> Result<(Vec<FoldRow>, Vec<String>)> {
+/// and each is its own source. `augmented` keeps the offline-augmented copies (flips, rotations) too: the paper
+/// trains on them, but validation and test use the original patches only.
+pub fn expand_patches(root: &Path, rows: Vec<FoldRow>, augmented: bool) -> Result<(Vec<FoldRow>, Vec<String>)> {
     let index = root.join("patches.csv");
     if !index.exists() {
         let sources = rows.iter().map(|r| r.file.clone()).collect();
@@ -127,9 +128,13 @@ pub fn expand_patches(root: &Path, rows: Vec<FoldRow>) -> Result<(Vec<FoldRow>, 
         header.iter().position(|c| *c == name).ok_or_else(|| bad(format!("header lacks the column '{name}'")))
     };
     let (file_col, source_col) = (col("file")?, col("source")?);
+    let aug_col = header.iter().position(|c| *c == "augmentation");
     let mut by_source: std::collections::HashMap<&str, Vec<&str>> = std::collections::HashMap::new();
     for line in lines.filter(|l| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split(',').collect();
+        if !augmented && aug_col.and_then(|c| f.get(c)).is_some_and(|a| *a != "none") {
+            continue;
+        }
         match (f.get(file_col), f.get(source_col)) {
             (Some(file), Some(source)) => by_source.entry(source).or_default().push(file),
             _ => return Err(bad(format!("short line '{line}'"))),

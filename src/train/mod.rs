@@ -21,7 +21,7 @@ mod pretrain;
 
 pub use error::{Result, TrainError};
 pub use evaluate::{evaluate, EvalConfig, EvalOutcome};
-pub use finetune::{finetune, FinetuneConfig, FinetuneOutcome, Init, Objective};
+pub use finetune::{finetune, FinetuneConfig, FinetuneOutcome, Init, Objective, OptimizerKind};
 pub use fold::{expand_patches, read_fold, select, FoldRow, LabelColumn};
 pub use pretrain::{portion_regions, pretrain, PretrainConfig, PretrainOutcome, PAPER_BUCKETS};
 

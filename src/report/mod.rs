@@ -1,0 +1,1 @@
+//! Results a person can read: PNG plots, t-SNE maps and a self-contained HTML report.

@@ -22,12 +22,25 @@ pub enum InferError {
     ClassOutOfRange { class: usize, outputs: usize },
     #[error("{0}")]
     Usage(String),
+    // Boxed: NnError is large and would make every Result of this module large.
     #[error(transparent)]
-    Weights(#[from] crate::nn::NnError),
+    Weights(Box<crate::nn::NnError>),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error("computation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
+}
+
+impl From<crate::nn::NnError> for InferError {
+    fn from(e: crate::nn::NnError) -> Self {
+        InferError::Weights(Box::new(e))
+    }
+}
+
+impl From<candle_core::Error> for InferError {
+    fn from(e: candle_core::Error) -> Self {
+        InferError::Candle(Box::new(e))
+    }
 }
 
 impl InferError {
@@ -39,7 +52,7 @@ impl InferError {
     pub fn is_user(&self) -> bool {
         match self {
             InferError::Io { .. } | InferError::Candle(_) => false,
-            InferError::Weights(e) => !matches!(e, crate::nn::NnError::Io { .. } | crate::nn::NnError::Candle(_)),
+            InferError::Weights(e) => !matches!(**e, crate::nn::NnError::Io { .. } | crate::nn::NnError::Candle(_)),
             _ => true,
         }
     }

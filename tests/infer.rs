@@ -253,6 +253,13 @@ fn cam_cli_writes_overlays() -> R<()> {
         let changed = png.pixels().zip(orig.pixels()).filter(|(p, q)| p != q).count();
         assert!(changed > png.len() / 3 / 2, "{name}: the heat map is drawn over the image");
     }
+    // Keep the overlays for a person to look at when asked (MPCS_INFER_KEEP=dir).
+    if let Some(keep) = std::env::var_os("MPCS_INFER_KEEP") {
+        std::fs::create_dir_all(&keep)?;
+        for name in ["a.cam.png", "c.cam.png"] {
+            std::fs::copy(out_dir.join(name), Path::new(&keep).join(name))?;
+        }
+    }
     // Out-of-range class: a user error.
     let bad = mpcs(&[
         "cam",
@@ -367,5 +374,24 @@ fn clear_errors_for_bad_inputs() -> R<()> {
     let r = mpcs(&["predict", "--weights", encoder.to_str().unwrap(), "--images", FIX, "--out", o]);
     assert_eq!(r.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&r.stderr).contains("mpcs embed"));
+    Ok(())
+}
+
+#[test]
+fn predict_reads_tiff_and_jpeg() -> R<()> {
+    // Other formats decode too (BreakHis is PNG, UCSB TIFF, BACH TIFF, many others JPEG).
+    let s = setup();
+    let dir = s.root.join("formats");
+    std::fs::create_dir_all(&dir)?;
+    let tif =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/ucsb_breast/ytma10_010704_benign1_ccd.tif");
+    std::fs::copy(&tif, dir.join("x.TIF"))?;
+    image::open(fixtures().join("a.png"))?.to_rgb8().save(dir.join("y.jpg"))?;
+    let csv = s.root.join("f.csv");
+    let args = ["predict", "--weights", s.weights.to_str().unwrap(), "--images", dir.to_str().unwrap()];
+    ok(&mpcs(&[&args[..], &["--out", csv.to_str().unwrap(), "--size", "32"]].concat()));
+    let (_, rows) = read_csv(&csv);
+    assert_eq!(rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), ["x.TIF", "y.jpg"]);
+    assert!(rows.iter().all(|r| r.1.len() == 3 && r.1.iter().all(|v| v.is_finite())));
     Ok(())
 }

@@ -8,8 +8,8 @@ use candle_core::Device;
 use mpcs::report::html::{render_html, Provenance};
 use mpcs::report::tsne::conditional_probabilities;
 use mpcs::report::{
-    confusion_png, joint_probabilities, loss_curve_png, scatter_png, tsne, tsne_with, write_report, Figure, Report,
-    Section, Table, TsneConfig,
+    confusion_png, joint_probabilities, loss_curve_png, mean_std_cell, scatter_png, tsne, tsne_with, write_report,
+    Figure, Report, Section, Table, TsneConfig,
 };
 
 type R<T> = anyhow::Result<T>;
@@ -304,4 +304,13 @@ fn report_renders_in_headless_chromium() -> R<()> {
         }
     }
     Ok(())
+}
+
+#[test]
+fn mean_std_cells() {
+    // Sample std of [90, 92, 94] is 2.
+    assert_eq!(mean_std_cell(&[90.0, 92.0, 94.0], Some(93.0), 1), "92.0 ± 2.0 (paper 93.0, −1.0)");
+    assert_eq!(mean_std_cell(&[95.0], Some(93.0), 1), "95.0 ± 0.0 (paper 93.0, +2.0)");
+    assert_eq!(mean_std_cell(&[0.5, f64::NAN, 0.7], None, 3), "0.600 ± 0.141");
+    assert_eq!(mean_std_cell(&[], Some(1.0), 1), "–");
 }

@@ -59,6 +59,29 @@ impl Table {
     }
 }
 
+/// A table cell "mean ± std" of `values` (e.g. accuracies over folds, in %), with the paper's figure and our
+/// difference when given: "91.2 ± 3.1 (paper 93.0, −1.8)". std is the sample standard deviation (n − 1, as
+/// pandas and most papers report it; 0 for one value). Non-finite values are left out; none left gives "–".
+pub fn mean_std_cell(values: &[f64], paper: Option<f64>, decimals: usize) -> String {
+    let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return "–".into();
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let std = if v.len() > 1 { (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    // A typographic minus, so "−1.8" does not break across lines and reads as a difference.
+    let signed = |x: f64| {
+        let s = format!("{:+.*}", decimals, x);
+        s.replacen('-', "−", 1)
+    };
+    let mut cell = format!("{mean:.decimals$} ± {std:.decimals$}");
+    if let Some(p) = paper.filter(|p| p.is_finite()) {
+        cell.push_str(&format!(" (paper {p:.decimals$}, {})", signed(mean - p)));
+    }
+    cell
+}
+
 /// A PNG image with its caption.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Figure {

@@ -10,6 +10,6 @@ pub mod plot;
 pub mod tsne;
 
 pub use error::{ReportError, Result};
-pub use html::{render_html, write_report, Figure, Provenance, Report, Section, Table};
+pub use html::{mean_std_cell, render_html, write_report, Figure, Provenance, Report, Section, Table};
 pub use plot::{confusion_png, loss_curve_png, scatter_png, Series};
 pub use tsne::{joint_probabilities, tsne, tsne_with, Tsne, TsneConfig};

@@ -8,8 +8,8 @@ use candle_core::Device;
 use mpcs::report::html::{render_html, Provenance};
 use mpcs::report::tsne::conditional_probabilities;
 use mpcs::report::{
-    confusion_png, joint_probabilities, loss_curve_png, mean_std_cell, scatter_png, tsne, tsne_with, write_report,
-    Figure, Report, Section, Table, TsneConfig,
+    confusion_png, joint_probabilities, loss_curve_png, mean_std_cell, scatter_png, series_from_jsonl, tsne, tsne_with,
+    write_report, Figure, Report, Section, Table, TsneConfig,
 };
 
 type R<T> = anyhow::Result<T>;
@@ -313,4 +313,22 @@ fn mean_std_cells() {
     assert_eq!(mean_std_cell(&[95.0], Some(93.0), 1), "95.0 ± 0.0 (paper 93.0, +2.0)");
     assert_eq!(mean_std_cell(&[0.5, f64::NAN, 0.7], None, 3), "0.600 ± 0.141");
     assert_eq!(mean_std_cell(&[], Some(1.0), 1), "–");
+}
+
+#[test]
+fn epoch_logs_become_series() -> R<()> {
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("metrics.jsonl");
+    std::fs::write(
+        &log,
+        "{\"epoch\":1,\"train_loss\":0.7,\"val_loss\":0.6}\n{\"epoch\":2,\"train_loss\":0.5,\"val_loss\":null}\n",
+    )?;
+    let s = series_from_jsonl(&log, &["train_loss", "val_loss"])?;
+    assert_eq!(s[0], ("train_loss".to_string(), vec![(1.0, 0.7), (2.0, 0.5)]));
+    assert_eq!(s[1], ("val_loss".to_string(), vec![(1.0, 0.6)]));
+    loss_curve_png(&s, &dir.path().join("l.png"))?;
+    std::fs::write(&log, "{\"epoch\":1}\nnot json\n")?;
+    let err = series_from_jsonl(&log, &["loss"]).unwrap_err().to_string();
+    assert!(err.contains("metrics.jsonl:2"), "{err}");
+    Ok(())
 }

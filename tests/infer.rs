@@ -347,6 +347,8 @@ fn clear_errors_for_bad_inputs() -> R<()> {
     let empty = s.root.join("empty");
     std::fs::create_dir_all(empty.join("deeper"))?;
     std::fs::write(empty.join("notes.txt"), "x")?;
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&empty, empty.join("deeper/loop"))?; // a loop is walked once
     let (code, msg) = run(&empty, &[]);
     assert_eq!(code, Some(2), "{msg}");
     assert!(msg.contains("no images found"), "{msg}");

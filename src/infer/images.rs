@@ -25,7 +25,12 @@ pub fn list_images(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     }
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
+    // Folders already walked, by canonical path: a symlink loop must not walk forever.
+    let mut seen = std::collections::HashSet::new();
     while let Some(d) = stack.pop() {
+        if !seen.insert(std::fs::canonicalize(&d).map_err(InferError::io(&d))?) {
+            continue;
+        }
         for entry in std::fs::read_dir(&d).map_err(InferError::io(&d))? {
             let entry = entry.map_err(InferError::io(&d))?;
             let path = entry.path();

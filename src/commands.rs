@@ -388,3 +388,94 @@ pub fn stain(method: &str, target: Option<&Path>, inputs: &[PathBuf], out: &Path
     );
     Ok(exit::OK)
 }
+
+/// Options shared by `mpcs predict`, `embed` and `cam`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct InferArgs {
+    /// resnet18, resnet34, resnet50, resnet101 or resnet152 (default: what the weights look like)
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// torchvision checkpoint (.pth / .safetensors) or an mpcs model.safetensors / backbone.safetensors
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Resize every image to SIZE x SIZE (bilinear) first; default: keep each image's size
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// Input scaling after /255: none (as MPCS trains) or imagenet (torchvision mean/std)
+    #[arg(long, default_value = "none")]
+    pub normalize: String,
+}
+
+impl InferArgs {
+    fn resolve(&self) -> Result<(crate::nn::Arch, crate::infer::InputOptions)> {
+        use crate::loader::Normalize;
+        let normalize = match self.normalize.as_str() {
+            "none" => Normalize::None,
+            "imagenet" => Normalize::ImageNet,
+            other => return Err(Error::user(format!("--normalize {other}: choose none or imagenet"))),
+        };
+        if self.size == Some(0) {
+            return Err(Error::user("--size must be at least 1"));
+        }
+        let arch = match &self.arch {
+            Some(a) => a.parse().map_err(|e: crate::nn::NnError| Error::user(e.to_string()))?,
+            None => {
+                let names = crate::nn::weights::read_tensors(&self.weights).map_err(infer_error)?;
+                crate::nn::weights::detect_arch(names.keys().map(String::as_str)).ok_or_else(|| {
+                    Error::user(format!(
+                        "{}: cannot tell which ResNet these weights are for; pass --arch",
+                        self.weights.display()
+                    ))
+                })?
+            }
+        };
+        Ok((arch, crate::infer::InputOptions { size: self.size, normalize }))
+    }
+}
+
+fn infer_error(e: impl Into<crate::infer::InferError>) -> Error {
+    let e = e.into();
+    if e.is_user() {
+        Error::user(e.to_string())
+    } else {
+        Error::env(e.to_string())
+    }
+}
+
+/// `mpcs predict`: raw model outputs per image as CSV.
+pub fn predict(args: &InferArgs, images: &Path, out: &Path, classes: Option<usize>, batch: usize) -> Result<i32> {
+    let (arch, input) = args.resolve()?;
+    let mut opts = crate::infer::PredictOptions::new(arch, args.weights.clone(), images.into(), out.into());
+    opts.input = input;
+    opts.classes = classes;
+    opts.batch_size = batch;
+    let t0 = Instant::now();
+    crate::infer::predict(&opts).map_err(infer_error)?;
+    println!("wrote {} ({arch}) in {:.1} s", out.display(), t0.elapsed().as_secs_f64());
+    Ok(exit::OK)
+}
+
+/// `mpcs embed`: pooled encoder features per image as safetensors.
+pub fn embed(args: &InferArgs, images: &Path, out: &Path, batch: usize) -> Result<i32> {
+    let (arch, input) = args.resolve()?;
+    let mut opts = crate::infer::EmbedOptions::new(arch, args.weights.clone(), images.into(), out.into());
+    opts.input = input;
+    opts.batch_size = batch;
+    let t0 = Instant::now();
+    let (_, n, d) = crate::infer::embed(&opts).map_err(infer_error)?;
+    println!("wrote {n} x {d} features ({arch}) to {} in {:.1} s", out.display(), t0.elapsed().as_secs_f64());
+    Ok(exit::OK)
+}
+
+/// `mpcs cam`: Grad-CAM overlays, one PNG per image.
+pub fn cam(args: &InferArgs, images: &[PathBuf], out: &Path, class: Option<usize>, alpha: f32) -> Result<i32> {
+    let (arch, input) = args.resolve()?;
+    let mut opts = crate::infer::CamOptions::new(arch, args.weights.clone(), images.to_vec(), out.into());
+    opts.input = input;
+    opts.class = class;
+    opts.alpha = alpha;
+    for (png, class) in crate::infer::cam_files(&opts).map_err(infer_error)? {
+        println!("{} (class {class})", png.display());
+    }
+    Ok(exit::OK)
+}

@@ -136,6 +136,50 @@ enum Command {
         #[arg(long)]
         remove: bool,
     },
+    /// Raw model outputs (logits) for every image of a folder (recursively), as CSV: file,out_0,out_1,...
+    Predict {
+        #[command(flatten)]
+        model: commands::InferArgs,
+        /// Folder of images (.png .jpg .tif), searched recursively
+        #[arg(long)]
+        images: PathBuf,
+        /// Output CSV
+        #[arg(long)]
+        out: PathBuf,
+        /// Fail unless the model has this many outputs
+        #[arg(long)]
+        classes: Option<usize>,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+    },
+    /// Pooled encoder features for every image of a folder, as safetensors (features [n, d], files in metadata).
+    Embed {
+        #[command(flatten)]
+        model: commands::InferArgs,
+        #[arg(long)]
+        images: PathBuf,
+        /// Output .safetensors
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+    },
+    /// Grad-CAM heat maps over images (one <name>.cam.png per image in --out).
+    Cam {
+        #[command(flatten)]
+        model: commands::InferArgs,
+        /// Output folder
+        #[arg(long)]
+        out: PathBuf,
+        /// Class to explain (default: each image's top class)
+        #[arg(long)]
+        class: Option<usize>,
+        /// Opacity of the heat map
+        #[arg(long, default_value_t = 0.4)]
+        alpha: f32,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -205,5 +249,10 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
         Command::Synth { dataset, out, seed, patients, size } => {
             commands::synth(&dataset, &out, seed, patients, size.as_deref())
         }
+        Command::Predict { model, images, out, classes, batch } => {
+            commands::predict(&model, &images, &out, classes, batch)
+        }
+        Command::Embed { model, images, out, batch } => commands::embed(&model, &images, &out, batch),
+        Command::Cam { model, out, class, alpha, images } => commands::cam(&model, &images, &out, class, alpha),
     }
 }

@@ -1,0 +1,399 @@
+//! `mpcs predict` / `embed` / `cam` through the real binary on committed fixture images, checked against
+//! PyTorch (tests/golden/infer, made once by scripts/infer/make_golden.py) and against the library's own
+//! forward pass. Weights come from `det_init`, a copy of scripts/nn/detinit.py (bit-for-bit the same values on
+//! both sides), saved by the test, so no weight file is committed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use mpcs::infer::{self, InputOptions};
+use mpcs::loader::Normalize;
+use mpcs::nn::{save, Arch, Dilation, ResNet};
+
+type R<T> = anyhow::Result<T>;
+
+const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/infer");
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/infer")
+}
+
+fn golden() -> HashMap<String, Tensor> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/infer/golden.safetensors");
+    candle_core::safetensors::load(p, &Device::Cpu).expect("golden file")
+}
+
+// ---- det_init: mirror of scripts/nn/detinit.py (as in tests/nn.rs) ----
+
+fn fnv1a(name: &str) -> u32 {
+    let mut h: u32 = 0x811C9DC5;
+    for b in name.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    h
+}
+
+fn det_values(name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let seed = fnv1a(name);
+    let c_w = |fan_in: usize| ((6.0f64 / fan_in as f64).sqrt() / 1000.0) as f32;
+    (0..n)
+        .map(|i| {
+            let mut h = seed ^ (i as u32).wrapping_mul(0x9E3779B1);
+            h ^= h >> 16;
+            h = h.wrapping_mul(0x85EBCA6B);
+            h ^= h >> 13;
+            h = h.wrapping_mul(0xC2B2AE35);
+            h ^= h >> 16;
+            let u = ((h % 2001) as i32 - 1000) as f32;
+            match shape.len() {
+                2 | 4 => u * c_w(shape[1..].iter().product()),
+                _ if name.ends_with("running_var") => (u + 1000.0) * ((0.25f64 / 1000.0) as f32) + 1.0,
+                _ if name.ends_with("weight") => u * ((0.1f64 / 1000.0) as f32) + 1.0,
+                _ => u * ((0.1f64 / 1000.0) as f32),
+            }
+        })
+        .collect()
+}
+
+/// Saves a det_init `arch` with `classes` outputs (None: encoder only) to `path`.
+fn save_weights(arch: Arch, classes: Option<usize>, path: &Path) -> R<()> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    ResNet::new(arch, vb, classes, Dilation::None)?;
+    {
+        let data = varmap.data().lock().unwrap();
+        for (name, var) in data.iter() {
+            if var.dtype() == DType::F32 {
+                var.set(&Tensor::from_vec(det_values(name, var.dims()), var.dims(), &Device::Cpu)?)?;
+            }
+        }
+    }
+    save(&varmap, path)?;
+    Ok(())
+}
+
+fn mpcs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mpcs")).args(args).output().expect("run mpcs")
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "mpcs failed ({:?}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn read_csv(path: &Path) -> (Vec<String>, Vec<(String, Vec<f32>)>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap().split(',').map(String::from).collect();
+    let rows = lines
+        .map(|l| {
+            let mut f = l.split(',');
+            let name = f.next().unwrap().to_string();
+            (name, f.map(|v| v.parse().unwrap()).collect())
+        })
+        .collect();
+    (header, rows)
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    weights: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let weights = root.join("model.safetensors");
+    save_weights(Arch::ResNet18, Some(3), &weights).unwrap();
+    Setup { _dir: dir, root, weights }
+}
+
+#[test]
+fn predict_matches_pytorch_on_mixed_sizes() -> R<()> {
+    let s = setup();
+    let csv = s.root.join("out/preds.csv");
+    let out = mpcs(&[
+        "predict",
+        "--arch",
+        "resnet18",
+        "--weights",
+        s.weights.to_str().unwrap(),
+        "--images",
+        FIX,
+        "--out",
+        csv.to_str().unwrap(),
+        "--normalize",
+        "imagenet",
+        "--classes",
+        "3",
+    ]);
+    ok(&out);
+    let (header, rows) = read_csv(&csv);
+    assert_eq!(header, ["file", "out_0", "out_1", "out_2"]);
+    let names: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(names, ["a.png", "b.png", "sub/c.png"], "sorted, relative, recursive");
+    let g = golden();
+    for (name, row) in &rows {
+        let key = name.rsplit('/').next().unwrap().trim_end_matches(".png");
+        let want = g[&format!("logits.{key}")].to_vec1::<f32>()?;
+        let err = max_rel(row, &want);
+        println!("{name}: {row:?} vs torch {want:?}: rel err {err:.2e}");
+        assert!(err < 1e-4, "{name}: {row:?} vs {want:?}");
+    }
+    // --arch may be left out: it is read off the weights.
+    let csv2 = s.root.join("preds2.csv");
+    let args = ["predict", "--weights", s.weights.to_str().unwrap(), "--images", FIX];
+    ok(&mpcs(&[&args[..], &["--out", csv2.to_str().unwrap(), "--normalize", "imagenet"]].concat()));
+    assert_eq!(std::fs::read(&csv)?, std::fs::read(&csv2)?);
+    Ok(())
+}
+
+#[test]
+fn predict_and_embed_match_the_library_forward_with_resize() -> R<()> {
+    let s = setup();
+    let csv = s.root.join("preds.csv");
+    let feats = s.root.join("feats.safetensors");
+    let common = ["--weights", s.weights.to_str().unwrap(), "--images", FIX, "--size", "64"];
+    ok(&mpcs(&[&["predict"][..], &common, &["--out", csv.to_str().unwrap()]].concat()));
+    ok(&mpcs(&[&["embed"][..], &common, &["--out", feats.to_str().unwrap(), "--batch", "2"]].concat()));
+
+    let model = infer::load_model(Arch::ResNet18, &s.weights, &Device::Cpu)?;
+    assert_eq!(model.outputs, 3);
+    let input = InputOptions { size: Some(64), normalize: Normalize::None };
+    let files = infer::list_images(&fixtures())?;
+    let images: Vec<_> = files.iter().map(|(_, p)| infer::images::load_image(p, &input).unwrap()).collect();
+    assert!(images.iter().all(|i| (i.width, i.height) == (64, 64)));
+    let x = infer::image_tensor(&images, Normalize::None, &Device::Cpu)?;
+    let logits = model.logits(&x)?.to_vec2::<f32>()?;
+    let pooled = model.features(&x)?.to_vec2::<f32>()?;
+
+    let (_, rows) = read_csv(&csv);
+    assert_eq!(rows.len(), 3);
+    for ((name, row), want) in rows.iter().zip(&logits) {
+        assert!(max_rel(row, want) < 1e-5, "{name}: {row:?} vs library {want:?}");
+    }
+    let (names, features) = infer::read_embeddings(&feats)?;
+    assert_eq!(names, ["a.png", "b.png", "sub/c.png"]);
+    assert_eq!(features.len(), 3);
+    for (got, want) in features.iter().zip(&pooled) {
+        assert_eq!(got.len(), 512);
+        assert!(max_rel(got, want) < 1e-5, "embedding differs from the library's pooled features");
+    }
+    Ok(())
+}
+
+#[test]
+fn grad_cam_matches_pytorch_hooks() -> R<()> {
+    let s = setup();
+    let model = infer::load_model(Arch::ResNet18, &s.weights, &Device::Cpu)?;
+    let g = golden();
+    let input = InputOptions { size: None, normalize: Normalize::ImageNet };
+    for (file, key) in [("a.png", "a"), ("b.png", "b"), ("sub/c.png", "c")] {
+        let img = infer::images::load_image(&fixtures().join(file), &input)?;
+        let x = infer::image_tensor(std::slice::from_ref(&img), Normalize::ImageNet, &Device::Cpu)?;
+        let cam = infer::grad_cam(&model, &x, Some(1))?;
+        assert_eq!(cam.class, 1);
+        let raw_want = &g[&format!("cam_raw.{key}")];
+        assert_eq!((cam.fh, cam.fw), raw_want.dims2()?, "{file}: feature map size");
+        let w_err = max_rel(&cam.weights, &g[&format!("cam_weights.{key}")].to_vec1::<f32>()?);
+        let raw_err = max_rel(&cam.raw, &raw_want.flatten_all()?.to_vec1::<f32>()?);
+        let map_want = &g[&format!("cam_map.{key}")];
+        assert_eq!((cam.height, cam.width), map_want.dims2()?);
+        let map_err = max_rel(&cam.map, &map_want.flatten_all()?.to_vec1::<f32>()?);
+        println!("{file}: weights {w_err:.2e}, raw {raw_err:.2e}, map {map_err:.2e}");
+        assert!(w_err < 1e-4 && raw_err < 1e-4 && map_err < 1e-3, "{file}");
+        assert!(cam.map.iter().all(|v| (0.0..=1.0).contains(v)));
+        // Without a class, the top logit is explained.
+        let top = infer::grad_cam(&model, &x, None)?;
+        let best = top.logits.iter().cloned().fold(f32::MIN, f32::max);
+        assert_eq!(top.logits[top.class], best);
+    }
+    Ok(())
+}
+
+#[test]
+fn cam_cli_writes_overlays() -> R<()> {
+    let s = setup();
+    let out_dir = s.root.join("cams");
+    let a = fixtures().join("a.png");
+    let c = fixtures().join("sub/c.png");
+    let out = mpcs(&[
+        "cam",
+        "--weights",
+        s.weights.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--class",
+        "2",
+        a.to_str().unwrap(),
+        c.to_str().unwrap(),
+    ]);
+    ok(&out);
+    for (name, src) in [("a.cam.png", &a), ("c.cam.png", &c)] {
+        let png = image::open(out_dir.join(name))?.to_rgb8();
+        let orig = image::open(src)?.to_rgb8();
+        assert_eq!(png.dimensions(), orig.dimensions(), "{name}: overlay at input size");
+        let changed = png.pixels().zip(orig.pixels()).filter(|(p, q)| p != q).count();
+        assert!(changed > png.len() / 3 / 2, "{name}: the heat map is drawn over the image");
+    }
+    // Keep the overlays for a person to look at when asked (MPCS_INFER_KEEP=dir).
+    if let Some(keep) = std::env::var_os("MPCS_INFER_KEEP") {
+        std::fs::create_dir_all(&keep)?;
+        for name in ["a.cam.png", "c.cam.png"] {
+            std::fs::copy(out_dir.join(name), Path::new(&keep).join(name))?;
+        }
+    }
+    // Out-of-range class: a user error.
+    let bad = mpcs(&[
+        "cam",
+        "--weights",
+        s.weights.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--class",
+        "7",
+        a.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("class 7 is out of range"));
+    Ok(())
+}
+
+#[test]
+fn grad_cam_peaks_where_the_evidence_is() -> R<()> {
+    // A red square in the bottom-right corner of a grey image. Class 0's fc row is set to d = A(square cell) −
+    // mean A(other cells) over the 512 channels of the last feature map A, so its logit grows with exactly the
+    // evidence that sits in the square; Grad-CAM's channel weights are then ∝ d and the map must peak there
+    // (Σ d_c A_c is larger in the square by |d|²). Catches transposed or flipped maps and wrong upsampling.
+    let (side, sq) = (128usize, 32usize);
+    let mut img = mpcs::loader::Rgb8::new(side, side);
+    for y in 0..side {
+        for x in 0..side {
+            let i = (y * side + x) * 3;
+            let px = if x >= side - sq && y >= side - sq { [220, 30, 40] } else { [128, 128, 128] };
+            img.data[i..i + 3].copy_from_slice(&px);
+        }
+    }
+    let x = infer::image_tensor(std::slice::from_ref(&img), Normalize::ImageNet, &Device::Cpu)?;
+
+    let dir = tempfile::tempdir()?;
+    let weights = dir.path().join("m.safetensors");
+    save_weights(Arch::ResNet18, Some(3), &weights)?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let net = ResNet::new(Arch::ResNet18, vb, Some(3), Dilation::None)?;
+    mpcs::nn::load_into(&varmap, &weights, false)?;
+    let a = net.feature_map_t(&x, false)?.squeeze(0)?; // (512, 4, 4): the square is cell (3, 3)
+    let (c, h, w) = a.dims3()?;
+    let a = a.reshape((c, h * w))?.to_vec2::<f32>()?;
+    let d: Vec<f32> =
+        a.iter().map(|ch| ch[h * w - 1] - ch[..h * w - 1].iter().sum::<f32>() / (h * w - 1) as f32).collect();
+    let fc = varmap.data().lock().unwrap()["fc.weight"].clone();
+    let mut rows = fc.as_tensor().to_vec2::<f32>()?;
+    rows[0] = d;
+    fc.set(&Tensor::new(rows, &Device::Cpu)?)?;
+    save(&varmap, &weights)?;
+
+    let model = infer::load_model(Arch::ResNet18, &weights, &Device::Cpu)?;
+    let cam = infer::grad_cam(&model, &x, Some(0))?;
+    let peak = cam.map.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    let (py, px) = (peak / side, peak % side);
+    let (mut inside, mut outside) = ((0f32, 0usize), (0f32, 0usize));
+    for (i, &v) in cam.map.iter().enumerate() {
+        let t = if i % side >= side - sq && i / side >= side - sq { &mut inside } else { &mut outside };
+        t.0 += v;
+        t.1 += 1;
+    }
+    let (mi, mo) = (inside.0 / inside.1 as f32, outside.0 / outside.1 as f32);
+    println!("peak at ({px}, {py}); mean map in the square {mi:.3}, elsewhere {mo:.3}");
+    assert!(px >= side - sq && py >= side - sq, "peak ({px}, {py}) outside the square");
+    assert!(mi > 3.0 * mo, "square {mi} vs rest {mo}");
+    Ok(())
+}
+
+#[test]
+fn clear_errors_for_bad_inputs() -> R<()> {
+    let s = setup();
+    let w = s.weights.to_str().unwrap();
+    let out = s.root.join("p.csv");
+    let o = out.to_str().unwrap();
+    let run = |images: &Path, extra: &[&str]| {
+        let r =
+            mpcs(&[&["predict", "--weights", w, "--images", images.to_str().unwrap(), "--out", o][..], extra].concat());
+        (r.status.code(), String::from_utf8_lossy(&r.stderr).into_owned())
+    };
+
+    let (code, msg) = run(&s.root.join("nope"), &[]);
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("no such folder"), "{msg}");
+
+    let empty = s.root.join("empty");
+    std::fs::create_dir_all(empty.join("deeper"))?;
+    std::fs::write(empty.join("notes.txt"), "x")?;
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&empty, empty.join("deeper/loop"))?; // a loop is walked once
+    let (code, msg) = run(&empty, &[]);
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("no images found"), "{msg}");
+
+    let broken = s.root.join("broken");
+    std::fs::create_dir_all(&broken)?;
+    std::fs::copy(fixtures().join("a.png"), broken.join("good.png"))?;
+    let bytes = std::fs::read(fixtures().join("b.png"))?;
+    std::fs::write(broken.join("cut.png"), &bytes[..bytes.len() / 2])?;
+    let (code, msg) = run(&broken, &[]);
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("cut.png") && msg.contains("cannot decode"), "{msg}");
+    assert!(!out.exists(), "no half-written CSV");
+
+    let (code, msg) = run(&fixtures(), &["--arch", "resnet34"]);
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("look like resnet18") && msg.contains("--arch resnet18"), "{msg}");
+
+    let (code, msg) = run(&fixtures(), &["--classes", "5"]);
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("3 outputs"), "{msg}");
+
+    let encoder = s.root.join("encoder.safetensors");
+    save_weights(Arch::ResNet18, None, &encoder)?;
+    let r = mpcs(&["predict", "--weights", encoder.to_str().unwrap(), "--images", FIX, "--out", o]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("mpcs embed"));
+    Ok(())
+}
+
+#[test]
+fn predict_reads_tiff_and_jpeg() -> R<()> {
+    // Other formats decode too (BreakHis is PNG, UCSB TIFF, BACH TIFF, many others JPEG).
+    let s = setup();
+    let dir = s.root.join("formats");
+    std::fs::create_dir_all(&dir)?;
+    let tif =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/ucsb_breast/ytma10_010704_benign1_ccd.tif");
+    std::fs::copy(&tif, dir.join("x.TIF"))?;
+    image::open(fixtures().join("a.png"))?.to_rgb8().save(dir.join("y.jpg"))?;
+    let csv = s.root.join("f.csv");
+    let args = ["predict", "--weights", s.weights.to_str().unwrap(), "--images", dir.to_str().unwrap()];
+    ok(&mpcs(&[&args[..], &["--out", csv.to_str().unwrap(), "--size", "32"]].concat()));
+    let (_, rows) = read_csv(&csv);
+    assert_eq!(rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), ["x.TIF", "y.jpg"]);
+    assert!(rows.iter().all(|r| r.1.len() == 3 && r.1.iter().all(|v| v.is_finite())));
+    Ok(())
+}

@@ -179,6 +179,23 @@ fn find_node(plan: &Plan, id: &str) -> Result<usize> {
 }
 
 /// `mpcs show NODE|KEY`: an entry's manifest and where its files and log are.
+/// `mpcs report EXP`: the results page (see `crate::results`).
+pub fn report(
+    experiment: &Path,
+    sets: &[String],
+    out: Option<PathBuf>,
+    cams: usize,
+    tsne_points: usize,
+    cache: &Cache,
+) -> Result<i32> {
+    let (exp, plan) = load(experiment, sets)?;
+    let out_dir = out.unwrap_or_else(|| crate::results::default_out_dir(&exp));
+    let opts = crate::results::ReportOptions { out_dir, cams, tsne_points };
+    let path = crate::results::write_report(&exp, &plan, cache, &opts)?;
+    println!("report: {}", path.display());
+    Ok(exit::OK)
+}
+
 pub fn show(target: &str, experiment: Option<&Path>, sets: &[String], json: bool, cache: &Cache) -> Result<i32> {
     let mut failure: Option<Record> = None;
     let key = if let Some(exp_path) = experiment {

@@ -22,6 +22,7 @@ pub mod optim;
 pub mod patchify;
 pub mod plan;
 pub mod report;
+pub mod results;
 pub mod split;
 pub mod stages;
 pub mod stain;

@@ -130,6 +130,23 @@ enum Command {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// One self-contained HTML page with an experiment's results: tables beside the paper's, loss curves,
+    /// confusion matrices, Grad-CAM overlays and a t-SNE map (written with its PNGs to results/<experiment>/).
+    Report {
+        experiment: PathBuf,
+        /// Output folder (default: results/<experiment name>)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Grad-CAM overlays to draw
+        #[arg(long, default_value_t = 4)]
+        cams: usize,
+        /// Most test images in the t-SNE map
+        #[arg(long, default_value_t = 400)]
+        tsne_points: usize,
+        /// Override a value of the experiment file, as for `run`
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Re-hash every cache entry and report any whose files no longer match their manifest.
     Verify {
         /// Delete corrupt entries so the next run recomputes them
@@ -245,6 +262,9 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
         }
         Command::Gc { experiments, sets, dry_run } => commands::gc(&experiments, &sets, dry_run, &cache()?),
         Command::Verify { remove } => commands::verify(remove, &cache()?),
+        Command::Report { experiment, out, cams, tsne_points, sets } => {
+            commands::report(&experiment, &sets, out, cams, tsne_points, &cache()?)
+        }
         Command::Stain { method, target, out, inputs } => commands::stain(&method, target.as_deref(), &inputs, &out),
         Command::Synth { dataset, out, seed, patients, size } => {
             commands::synth(&dataset, &out, seed, patients, size.as_deref())

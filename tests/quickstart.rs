@@ -105,6 +105,30 @@ fn reduced_quickstart_runs_end_to_end_and_its_table_holds_the_evaluations() {
     }
     assert!(dir.join("table.csv").exists() && dir.join("table.tex").exists());
 
+    // `mpcs report`: one self-contained page with the table, curves, confusion matrices, Grad-CAM and t-SNE.
+    let mut args = vec!["report", exp, "--out", "results", "--cams", "2", "--tsne-points", "60"];
+    args.extend(REDUCED);
+    let out = p.mpcs(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(p.path("results/report.html")).unwrap();
+    for label in ["Random init (RN-18)", "MPCS-FP (RN-18)", "Grad-CAM", "t-SNE", "Loss per epoch", "Confusion"] {
+        assert!(html.contains(label) || html.contains(&label.to_lowercase()), "the report lacks {label}");
+    }
+    let first_cell = md.lines().find(|l| l.starts_with("| MPCS-FP (RN-18) |")).unwrap().split('|').nth(2).unwrap();
+    assert!(html.contains(first_cell.trim()), "the report's table shows the table's numbers ({first_cell})");
+    // Pictures are inlined (no file or network request), at least: 6 loss curves, 4 confusion matrices,
+    // 2 Grad-CAM overlays and 2 t-SNE maps.
+    assert!(html.matches("src=\"data:image/png;base64,").count() >= 14);
+    assert!(!html.contains("src=\"http") && !html.contains("src=\"file"));
+    for f in ["cam_0.png", "cam_1.png", "tsne_class.png", "tsne_magnification.png"] {
+        assert!(p.path("results").join(f).exists(), "{f}");
+    }
+    if let Some(shot) = screenshot(&p.path("results/report.html"), &p.path("shot.png")) {
+        let img = image::open(&shot).unwrap().to_rgb8();
+        let colours: std::collections::HashSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+        assert!(colours.len() > 50, "the rendered report is blank ({} colours)", colours.len());
+    }
+
     // A fine-tuning parameter reruns every fine-tune node, their evaluations and the table only.
     let s = p.run_ok(exp, &with(&["--set", "stage.finetune.lr=0.002"]));
     assert_eq!(s.executed.iter().filter(|n| n.starts_with("finetune[")).count(), 16);

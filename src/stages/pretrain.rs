@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::train::{candle_device, input_of_kind, progress_reporter, weights_path, DATASET_KINDS};
+use super::train::{candle_device, input_of_kind, plot_loss_curve, progress_reporter, weights_path, DATASET_KINDS};
 use super::{log_line, ExecContext, StageFailure};
 use crate::error::Result;
 use crate::experiment::{Experiment, SourceText, StageDecl};
@@ -80,6 +80,14 @@ impl PretrainSpec {
         self.fold.or_else(|| node.matrix_value("fold").and_then(|v| v.to_string().parse().ok())).unwrap_or(0)
     }
 
+    pub(crate) fn fold_of(&self, node: &Node) -> u32 {
+        self.fold(node)
+    }
+
+    pub(crate) fn arch(&self) -> Arch {
+        self.arch.as_deref().and_then(|a| a.parse().ok()).unwrap_or(Arch::ResNet18)
+    }
+
     fn pair(&self, node: &Node) -> Option<PairMode> {
         let p = self.pair.clone().or_else(|| node.matrix_value("pair").map(|v| v.to_string()))?;
         parse_pair(&p)
@@ -131,6 +139,7 @@ impl PretrainSpec {
         let progress = progress_reporter(ctx, cfg.batch_size);
         let outcome = pretrain(&cfg, &progress).map_err(|e| StageFailure(e.to_string()))?;
         log_line(ctx, &format!("{outcome:?}"));
+        plot_loss_curve(ctx, "loss.jsonl", &["loss"]);
         Ok(serde_json::json!({
             "regions": outcome.regions,
             "epochs": outcome.epochs_done,

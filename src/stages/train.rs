@@ -26,7 +26,7 @@ use crate::train::{
 
 pub const VERSION: u32 = 1;
 
-pub(super) const DATASET_KINDS: &[&str] = &["synthetic", "stain_normalise", "download", "source", "patchify"];
+pub const DATASET_KINDS: &[&str] = &["synthetic", "stain_normalise", "download", "source", "patchify"];
 
 /// The keys of `finetune`, `linear_eval` and `evaluate` (each kind checks which of them it accepts).
 #[derive(Deserialize, Serialize, Clone, Default)]
@@ -174,12 +174,21 @@ impl TrainSpec {
         }
     }
 
-    fn arch(&self) -> Arch {
+    pub(crate) fn arch(&self) -> Arch {
         self.arch.as_deref().and_then(|a| a.parse().ok()).unwrap_or(Arch::ResNet18)
     }
 
     fn fold(&self, node: &Node) -> u32 {
         self.fold.or_else(|| node.matrix_value("fold").and_then(|v| v.to_string().parse().ok())).unwrap_or(0)
+    }
+
+    /// The fold and magnification a node trains on (for `mpcs report`).
+    pub(crate) fn fold_of(&self, node: &Node) -> u32 {
+        self.fold(node)
+    }
+
+    pub(crate) fn magnification_of(&self, node: &Node) -> Option<String> {
+        self.magnification(node)
     }
 
     /// `test_portion`, else the node's `portion` matrix value (a table with val and test columns).
@@ -324,6 +333,16 @@ pub(super) fn progress_reporter<'a>(ctx: &'a ExecContext<'_>, batch_size: usize)
     }
 }
 
+/// Draws an epoch log as `loss_curve.png` beside it. A picture that cannot be drawn is logged, not fatal: it
+/// must never cost a finished training run.
+pub(super) fn plot_loss_curve(ctx: &ExecContext<'_>, log: &str, fields: &[&str]) {
+    let drawn = crate::report::series_from_jsonl(&ctx.out.join(log), fields)
+        .and_then(|series| crate::report::loss_curve_png(&series, &ctx.out.join("loss_curve.png")));
+    if let Err(e) = drawn {
+        log_line(ctx, &format!("warning: no loss_curve.png ({e})"));
+    }
+}
+
 fn config_error(e: String) -> StageFailure {
     StageFailure(e)
 }
@@ -384,6 +403,7 @@ pub fn execute_finetune(spec: &TrainSpec, ctx: &ExecContext<'_>, freeze_encoder:
     let progress = progress_reporter(ctx, cfg.batch_size);
     let outcome = finetune(&cfg, &progress).map_err(|e| StageFailure(e.to_string()))?;
     log_line(ctx, &format!("{outcome:?}"));
+    plot_loss_curve(ctx, "metrics.jsonl", &["train_loss", "val_loss"]);
     Ok(serde_json::json!({
         "epochs": outcome.epochs_done,
         "best_epoch": outcome.best_epoch,
@@ -413,6 +433,11 @@ pub fn execute_evaluate(spec: &TrainSpec, ctx: &ExecContext<'_>) -> Result<Value
     }
     let outcome = evaluate(&cfg).map_err(|e| StageFailure(e.to_string()))?;
     log_line(ctx, &format!("accuracy {:.4} on {} images", outcome.report.accuracy, outcome.report.images));
+    if let Err(e) =
+        crate::report::confusion_png(&outcome.report.confusion, &outcome.class_names, &ctx.out.join("confusion.png"))
+    {
+        log_line(ctx, &format!("warning: no confusion.png ({e})"));
+    }
     let mut v = serde_json::to_value(&outcome.report).map_err(|e| StageFailure(e.to_string()))?;
     v["majority_rate"] = Value::from(outcome.majority_rate);
     if let Some(a) = outcome.image_wise_accuracy {

@@ -167,7 +167,8 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
                 .filter(|e| e.key(&spec.rows) == Some(rk.as_str()))
                 .filter(|e| col.filter.iter().all(|(k, v)| e.key(k) == Some(v.as_str())))
                 .collect();
-            let mut per_fold: BTreeMap<(u8, i64, String), Vec<(Option<String>, f64)>> = BTreeMap::new();
+            // Sorted by fold (numerically); the values a fold contributes (several for a mean column).
+            let mut per_fold: BTreeMap<(u8, i64, String), Vec<f64>> = BTreeMap::new();
             for e in &selected {
                 let fold = e.key(&spec.folds).unwrap_or("0");
                 let value = metric_value(&e.metrics, &col.metric).ok_or_else(|| {
@@ -178,11 +179,10 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
                         col.metric
                     )
                 })?;
-                let over = col.mean_over.as_ref().and_then(|k| e.key(k)).map(str::to_string);
-                per_fold.entry(natural(fold)).or_default().push((over, value));
+                per_fold.entry(natural(fold)).or_default().push(value);
             }
             let mut fold_values = Vec::new();
-            for ((_, _, _), vals) in per_fold {
+            for vals in per_fold.into_values() {
                 if col.mean_over.is_none() && vals.len() > 1 {
                     return Err(format!(
                         "column `{}`, row `{rk}`: {} evaluate results fall in one fold; add a `where` filter that \
@@ -191,7 +191,7 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
                         vals.len()
                     ));
                 }
-                fold_values.push(vals.iter().map(|(_, v)| v).sum::<f64>() / vals.len() as f64 * col.scale);
+                fold_values.push(vals.iter().sum::<f64>() / vals.len() as f64 * col.scale);
             }
             if fold_values.is_empty() {
                 cells.push(None);

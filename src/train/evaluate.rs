@@ -66,6 +66,8 @@ pub struct EvalOutcome {
     pub majority_rate: f64,
     /// Patch datasets (BACH): the share of source images whose patches' majority vote is right.
     pub image_wise_accuracy: Option<f64>,
+    /// Class names by label, from the fold's `class` column (`class <k>` for labels it does not name).
+    pub class_names: Vec<String>,
     pub metrics: PathBuf,
     pub predictions: PathBuf,
 }
@@ -127,6 +129,21 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalOutcome> {
     let report = metrics::evaluate(&preds, classes).map_err(TrainError::Config)?;
     let majority = report.per_class.iter().map(|c| c.support).max().unwrap_or(0);
     let majority_rate = majority as f64 / report.images.max(1) as f64;
+    let mut class_names: Vec<String> = (0..classes).map(|k| format!("class {k}")).collect();
+    for r in &rows {
+        if let (Some(slot), Ok(label)) = (class_names.get_mut(r.label as usize), cfg.labels.of(r, &cfg.fold_csv)) {
+            if label == r.label && !r.class.is_empty() {
+                *slot = r.class.clone();
+            }
+        }
+    }
+    if cfg.labels == LabelColumn::Subtype {
+        for (k, slot) in class_names.iter_mut().enumerate() {
+            if let Some(st) = crate::data::breakhis::SUBTYPES.iter().find(|s| s.subtype_label == k as u32) {
+                *slot = st.code.to_string();
+            }
+        }
+    }
     let image_wise_accuracy = patches.then(|| majority_vote_accuracy(&preds, &pred_sources, classes));
 
     std::fs::create_dir_all(&cfg.out_dir).map_err(TrainError::io(&cfg.out_dir))?;
@@ -140,7 +157,7 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalOutcome> {
     let text = serde_json::to_vec_pretty(&json).map_err(|e| TrainError::Config(e.to_string()))?;
     write_atomic(&predictions, csv.as_bytes())?;
     write_atomic(&metrics_path, &text)?;
-    Ok(EvalOutcome { report, majority_rate, image_wise_accuracy, metrics: metrics_path, predictions })
+    Ok(EvalOutcome { report, majority_rate, image_wise_accuracy, class_names, metrics: metrics_path, predictions })
 }
 
 /// Image-wise accuracy by majority vote over each source image's patches (METHOD.md, BACH). A tie goes to

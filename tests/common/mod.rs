@@ -192,3 +192,27 @@ pub fn make_old(path: &Path) {
     let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
     fs::File::options().write(true).open(path).unwrap().set_modified(old).unwrap();
 }
+
+/// Renders `html` in headless Chromium into `png` (1200×1600); `None`, with a notice, when there is no Chromium
+/// (CI installs it; see .ci/run).
+pub fn screenshot(html: &Path, png: &Path) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    let chromium = ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .flat_map(|n| std::env::split_paths(&path).map(move |d| d.join(n)))
+        .find(|p| p.is_file());
+    let Some(chromium) = chromium else {
+        println!("SKIPPED screenshot: no chromium on PATH (apt-get install chromium)");
+        return None;
+    };
+    let profile = png.with_extension("profile");
+    let out = Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,1600"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .expect("run chromium");
+    assert!(png.exists(), "no screenshot; chromium said:\n{}", String::from_utf8_lossy(&out.stderr));
+    Some(png.to_path_buf())
+}

@@ -211,6 +211,7 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
         rows.push(Row { key: rk.clone(), label, cells });
     }
     let folds = entries.iter().filter_map(|e| e.key(&spec.folds)).collect::<std::collections::BTreeSet<_>>().len();
+    let compared = rows.iter().flat_map(|r| &r.cells).flatten().any(|c| c.paper_mean.is_some());
     Ok(Table {
         title: spec.title.clone(),
         columns: spec.columns.iter().map(|c| c.name.clone()).collect(),
@@ -219,7 +220,13 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
         notes: format!(
             "mean ± std (population, ddof 0) over {} fold(s); accuracies in percent{}",
             folds.max(1),
-            if reference.is_some() { "; in brackets the paper's value and our difference" } else { "" }
+            match reference {
+                _ if compared => {
+                    "; in brackets the paper's value and our difference".to_string()
+                }
+                Some((name, _)) => format!("; no row label matches a method of the paper's `{name}` table"),
+                None => String::new(),
+            }
         ),
     })
 }

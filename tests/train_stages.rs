@@ -282,3 +282,38 @@ fn bach_style_patch_pipeline_runs_end_to_end() {
     .unwrap();
     assert!((t["rows"][0]["cells"][1]["mean"].as_f64().unwrap() - iw * 100.0).abs() < 1e-9);
 }
+
+/// Bad training input fails the node with a message that says what is wrong and what to do (exit 1), keeps the
+/// upstream entries, and publishes nothing for the node.
+#[test]
+fn bad_training_inputs_fail_the_node_clearly() {
+    let p = Project::new();
+    p.write("tiny.toml", EXP);
+    std::fs::write(p.path("junk.pth"), b"not weights").unwrap();
+    {
+        // A checkpoint of another architecture.
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
+        mpcs::nn::ResNet::new(mpcs::nn::Arch::ResNet34, vb, None, mpcs::nn::Dilation::None).unwrap();
+        mpcs::nn::weights::save(&vm, &p.path("resnet34.safetensors")).unwrap();
+    }
+    let cases: &[(&str, &[&str])] = &[
+        ("stage.finetune.batch_size=100000", &["batch_size 100000 exceeds the", "lower batch_size"]),
+        ("stage.finetune.train_portion=\"train_33\"", &["portion 'train_33' has no images", "train_60"]),
+        ("stage.finetune.weights=\"missing.pth\"", &["missing.pth is not a file"]),
+        ("stage.finetune.weights=\"junk.pth\"", &["junk.pth", "neither a PyTorch .pth"]),
+        ("stage.finetune.weights=\"resnet34.safetensors\"", &["resnet34"]),
+    ];
+    for (set, needles) in cases {
+        let out = p.run_raw("tiny.toml", &["--set", set]);
+        assert_eq!(out.status.code(), Some(1), "{set}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for n in *needles {
+            assert!(err.contains(n), "{set}: `{n}` not in\n{err}");
+        }
+        let s = parse_summary(&out);
+        assert!(s.failed.contains("finetune[fold=0]") && s.skipped.contains("evaluate[fold=0]"), "{set}: {s:?}");
+    }
+    // Only the data and the split were ever published.
+    assert_eq!(p.entries().len(), 2);
+}

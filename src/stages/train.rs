@@ -253,7 +253,15 @@ pub(super) fn weights_path(ctx: &ExecContext<'_>, weights: &str) -> Result<PathB
                 ctx.node.id
             )));
         }
-        return Ok(ctx.exp.resolve_path(weights));
+        let path = ctx.exp.resolve_path(weights);
+        if !path.is_file() {
+            return Err(StageFailure(format!(
+                "`weights = \"{weights}\"`: {} is not a file (a relative path is relative to the experiment file; \
+                 a stage name must be one of the node's inputs)",
+                path.display()
+            )));
+        }
+        return Ok(path);
     };
     let mut files: Vec<PathBuf> = walk_files(&input.path)
         .into_iter()

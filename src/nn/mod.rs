@@ -22,6 +22,7 @@
 //! ```
 
 pub mod batchnorm;
+pub mod conv;
 pub mod error;
 pub mod head;
 pub mod loss;

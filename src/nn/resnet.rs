@@ -6,9 +6,10 @@
 use std::str::FromStr;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, ModuleT, VarBuilder};
+use candle_nn::{Init, Linear, ModuleT, VarBuilder};
 
 use super::batchnorm::{into_candle, BatchNorm};
+use super::conv::conv2d;
 use super::error::{NnError, Result};
 use super::pool::max_pool2d_padded;
 
@@ -120,6 +121,22 @@ impl Dilation {
     }
 }
 
+/// A bias-free convolution (parameter `weight`, (out, in, k, k) as torchvision), run through
+/// [`conv2d`]: the im2col + GEMM fast path on the CPU, candle's convolution elsewhere.
+#[derive(Clone, Debug)]
+struct Conv2d {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+}
+
+impl Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight, self.stride, self.padding, self.dilation)
+    }
+}
+
 /// A bias-free convolution initialised as torchvision does
 /// (kaiming normal, mode fan_out, ReLU gain) when the var builder creates it.
 fn conv(
@@ -133,9 +150,8 @@ fn conv(
 ) -> Result<Conv2d> {
     let fan_out = (c_out * k * k) as f64;
     let init = Init::Randn { mean: 0.0, stdev: (2.0 / fan_out).sqrt() };
-    let w = vb.get_with_hints((c_out, c_in, k, k), "weight", init)?;
-    let cfg = Conv2dConfig { padding, stride, dilation, groups: 1, cudnn_fwd_algo: None };
-    Ok(Conv2d::new(w, None, cfg))
+    let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", init)?;
+    Ok(Conv2d { weight, stride, padding, dilation })
 }
 
 /// torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.

@@ -1,0 +1,136 @@
+//! Parity of the CPU fast paths in `mpcs::nn` (im2col + GEMM convolution, max pooling with
+//! argmax backward) against candle's own composed ops: values and gradients (input and weight)
+//! on random inputs with odd sizes, strides, padding, dilation 2 and 4, 1×1 and 7×7 kernels.
+
+use candle_core::{Device, Tensor, Var};
+use mpcs::nn::conv::{conv2d, conv2d_candle};
+
+type R<T> = anyhow::Result<T>;
+
+/// Largest |a - b| relative to the largest |b| (1 when b is all zeros).
+fn rel_err(a: &Tensor, b: &Tensor) -> R<f32> {
+    assert_eq!(a.dims(), b.dims());
+    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+    Ok(diff / scale)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    dil: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+const fn case(
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    dil: usize,
+) -> Case {
+    Case { n, c, h, w, o, k, stride, pad, dil }
+}
+
+const CASES: &[Case] = &[
+    case(2, 3, 13, 11, 5, 3, 1, 1, 1), // 3×3, odd sizes
+    case(3, 4, 17, 15, 6, 3, 2, 1, 1), // stride 2
+    case(2, 5, 19, 19, 4, 3, 1, 2, 2), // dilation 2 (torchvision's dilated ResNet)
+    case(2, 3, 23, 21, 4, 3, 1, 4, 4), // dilation 4
+    case(2, 3, 29, 27, 8, 7, 2, 3, 1), // the 7×7 stride-2 stem
+    case(3, 8, 9, 7, 5, 1, 1, 0, 1),   // pointwise: no im2col
+    case(3, 8, 9, 7, 5, 1, 2, 0, 1),   // 1×1 stride 2 (downsample)
+    case(2, 3, 6, 5, 4, 3, 1, 0, 1),   // no padding
+    case(33, 6, 3, 3, 5, 3, 1, 1, 1),  // tiny maps: several images per GEMM, with a remainder
+    case(30, 6, 3, 3, 5, 1, 1, 0, 1),  // pointwise, chunked, remainder of one image
+    case(30, 6, 4, 4, 5, 3, 2, 1, 1),  // stride 2 to a 2×2 map, chunked
+    case(2, 4, 5, 5, 3, 3, 3, 2, 2),   // stride 3 with dilation 2
+];
+
+#[test]
+fn conv2d_forward_matches_candle() -> R<()> {
+    let dev = Device::Cpu;
+    for c in CASES {
+        let x = Tensor::randn(0f32, 1f32, (c.n, c.c, c.h, c.w), &dev)?;
+        let w = Tensor::randn(0f32, 1f32, (c.o, c.c, c.k, c.k), &dev)?;
+        let fast = conv2d(&x, &w, c.stride, c.pad, c.dil)?;
+        let reference = conv2d_candle(&x, &w, c.stride, c.pad, c.dil)?;
+        let e = rel_err(&fast, &reference)?;
+        assert!(e < 1e-5, "{c:?}: forward relative error {e}");
+    }
+    Ok(())
+}
+
+/// Gradients of sum(conv(x, w) * r) for a random r, through both implementations.
+#[test]
+fn conv2d_gradients_match_candle() -> R<()> {
+    let dev = Device::Cpu;
+    for c in CASES {
+        let x0 = Tensor::randn(0f32, 1f32, (c.n, c.c, c.h, c.w), &dev)?;
+        let w0 = Tensor::randn(0f32, 1f32, (c.o, c.c, c.k, c.k), &dev)?;
+        let run = |fast: bool| -> R<(Tensor, Tensor, Tensor)> {
+            let x = Var::from_tensor(&x0)?;
+            let w = Var::from_tensor(&w0)?;
+            let y = if fast {
+                conv2d(x.as_tensor(), w.as_tensor(), c.stride, c.pad, c.dil)?
+            } else {
+                conv2d_candle(x.as_tensor(), w.as_tensor(), c.stride, c.pad, c.dil)?
+            };
+            Ok((x.as_tensor().clone(), w.as_tensor().clone(), y))
+        };
+        let (xf, wf, yf) = run(true)?;
+        let (xr, wr, yr) = run(false)?;
+        let r = Tensor::randn(0f32, 1f32, yf.dims(), &dev)?;
+        let gf = (yf * &r)?.sum_all()?.backward()?;
+        let gr = (yr * &r)?.sum_all()?.backward()?;
+        let e = rel_err(gf.get(&xf).expect("fast dx"), gr.get(&xr).expect("candle dx"))?;
+        assert!(e < 1e-5, "{c:?}: input-gradient relative error {e}");
+        let e = rel_err(gf.get(&wf).expect("fast dw"), gr.get(&wr).expect("candle dw"))?;
+        assert!(e < 1e-5, "{c:?}: weight-gradient relative error {e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn conv2d_input_without_gradient_still_gives_weight_gradient() -> R<()> {
+    // The stem's input (the image batch) tracks no gradient: the fast path skips its input
+    // gradient but must still give the weight's.
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 21, 19), &dev)?;
+    let w = Var::randn(0f32, 1f32, (6, 3, 7, 7), &dev)?;
+    let yf = conv2d(&x, w.as_tensor(), 2, 3, 1)?;
+    let yr = conv2d_candle(&x, w.as_tensor(), 2, 3, 1)?;
+    let r = Tensor::randn(0f32, 1f32, yf.dims(), &dev)?;
+    let gf = (yf * &r)?.sum_all()?.backward()?;
+    let gr = (yr * &r)?.sum_all()?.backward()?;
+    assert!(gf.get(&x).is_none());
+    let e = rel_err(gf.get(w.as_tensor()).expect("fast dw"), gr.get(w.as_tensor()).expect("candle dw"))?;
+    assert!(e < 1e-5, "weight-gradient relative error {e}");
+    Ok(())
+}
+
+#[test]
+fn conv2d_accepts_non_contiguous_input_and_rejects_bad_shapes() -> R<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 9, 11), &dev)?.transpose(2, 3)?; // (2, 3, 11, 9), strided
+    let w = Tensor::randn(0f32, 1f32, (4, 3, 3, 3), &dev)?;
+    let e = rel_err(&conv2d(&x, &w, 1, 1, 1)?, &conv2d_candle(&x.contiguous()?, &w, 1, 1, 1)?)?;
+    assert!(e < 1e-5, "strided input: relative error {e}");
+    // Channel mismatch and a kernel larger than the padded input are errors, not panics.
+    let w_bad = Tensor::randn(0f32, 1f32, (4, 5, 3, 3), &dev)?;
+    assert!(conv2d(&x, &w_bad, 1, 1, 1).is_err());
+    let w_big = Tensor::randn(0f32, 1f32, (4, 3, 15, 15), &dev)?;
+    assert!(conv2d(&x, &w_big, 1, 0, 1).is_err());
+    Ok(())
+}

@@ -134,3 +134,93 @@ fn conv2d_accepts_non_contiguous_input_and_rejects_bad_shapes() -> R<()> {
     assert!(conv2d(&x, &w_big, 1, 0, 1).is_err());
     Ok(())
 }
+
+// ---- max pool, ReLU, BatchNorm: fused CPU ops against candle's composed ops ----
+
+use candle_core::DType;
+use candle_nn::{VarBuilder, VarMap};
+use mpcs::nn::pool::{max_pool2d_composed, max_pool2d_padded};
+use mpcs::nn::relu::relu;
+use mpcs::nn::BatchNorm;
+
+#[test]
+fn max_pool_values_and_gradients_match_composed() -> R<()> {
+    let dev = Device::Cpu;
+    // (shape, kernel, stride, padding): the stem's 3/2/1 on odd and even sizes, and others.
+    let cases = [((2, 3, 9, 11), 3, 2, 1), ((2, 2, 8, 8), 3, 2, 1), ((1, 4, 7, 6), 2, 2, 0), ((2, 3, 10, 9), 3, 1, 1)];
+    for (shape, k, s, p) in cases {
+        // Random values have no ties, so both tie rules give the same gradient.
+        let x = Var::randn(0f32, 1f32, shape, &dev)?;
+        let yf = max_pool2d_padded(x.as_tensor(), k, s, p)?;
+        let yr = max_pool2d_composed(x.as_tensor(), k, s, p)?;
+        assert_eq!(rel_err(&yf, &yr)?, 0.0, "{shape:?} k{k} s{s} p{p}: values");
+        let r = Tensor::randn(0f32, 1f32, yf.dims(), &dev)?;
+        let gf = (yf * &r)?.sum_all()?.backward()?;
+        let gr = (yr * &r)?.sum_all()?.backward()?;
+        let e = rel_err(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap())?;
+        assert!(e < 1e-6, "{shape:?} k{k} s{s} p{p}: gradient relative error {e}");
+    }
+    // Ties (a constant input): PyTorch's rule, the whole gradient to the first maximum.
+    let x = Var::from_tensor(&Tensor::ones((1, 1, 4, 4), DType::F32, &dev)?)?;
+    let g = max_pool2d_padded(x.as_tensor(), 2, 2, 0)?.sum_all()?.backward()?;
+    let gx = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+    let expected = [1., 0., 1., 0., 0., 0., 0., 0., 1., 0., 1., 0., 0., 0., 0., 0.];
+    assert_eq!(gx, expected);
+    Ok(())
+}
+
+#[test]
+fn relu_values_and_gradient_match_candle() -> R<()> {
+    let dev = Device::Cpu;
+    let x = Var::randn(0f32, 1f32, (3, 4, 5, 7), &dev)?;
+    let yf = relu(x.as_tensor())?;
+    let yr = x.as_tensor().relu()?;
+    assert_eq!(rel_err(&yf, &yr)?, 0.0);
+    let r = Tensor::randn(0f32, 1f32, yf.dims(), &dev)?;
+    let gf = (yf * &r)?.sum_all()?.backward()?;
+    let gr = (yr * &r)?.sum_all()?.backward()?;
+    assert_eq!(rel_err(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap())?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn batchnorm_train_fused_matches_composed() -> R<()> {
+    let dev = Device::Cpu;
+    for shape in [vec![4usize, 5, 7, 3], vec![6, 5], vec![2, 5, 1, 1]] {
+        let x0 = (Tensor::randn(0f32, 2f32, shape.as_slice(), &dev)? + 0.7)?;
+        let r = Tensor::randn(0f32, 1f32, shape.as_slice(), &dev)?;
+        let (w0, b0) = (Tensor::randn(0f32, 1f32, 5, &dev)?, Tensor::randn(0f32, 1f32, 5, &dev)?);
+        let run = |fused: bool| -> R<(Tensor, Vec<Tensor>, Tensor, Tensor)> {
+            let vm = VarMap::new();
+            let bn = BatchNorm::new(5, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+            // Non-trivial affine parameters.
+            for (name, var) in vm.data().lock().unwrap().iter() {
+                match name.as_str() {
+                    "weight" => var.set(&w0)?,
+                    "bias" => var.set(&b0)?,
+                    _ => {}
+                }
+            }
+            let x = Var::from_tensor(&x0)?;
+            let y = if fused { bn.forward_train(x.as_tensor())? } else { bn.forward_train_composed(x.as_tensor())? };
+            let g = (&y * &r)?.sum_all()?.backward()?;
+            let data = vm.data().lock().unwrap();
+            let grads = vec![
+                g.get(x.as_tensor()).unwrap().clone(),
+                g.get(data["weight"].as_tensor()).unwrap().clone(),
+                g.get(data["bias"].as_tensor()).unwrap().clone(),
+            ];
+            Ok((y, grads, bn.running_mean().clone(), bn.running_var().clone()))
+        };
+        let (yf, gf, mf, vf) = run(true)?;
+        let (yr, gr, mr, vr) = run(false)?;
+        let e = rel_err(&yf, &yr)?;
+        assert!(e < 1e-5, "{shape:?}: values, relative error {e}");
+        for (name, (a, b)) in ["x", "weight", "bias"].iter().zip(gf.iter().zip(&gr)) {
+            let e = rel_err(a, b)?;
+            assert!(e < 1e-4, "{shape:?}: gradient of {name}, relative error {e}");
+        }
+        assert!(rel_err(&mf, &mr)? < 1e-6 && rel_err(&vf, &vr)? < 1e-6, "{shape:?}: running statistics");
+    }
+    Ok(())
+}

@@ -23,11 +23,13 @@
 
 pub mod batchnorm;
 pub mod conv;
+mod cpu;
 pub mod error;
 pub mod head;
 pub mod loss;
 pub mod pool;
 pub mod projector;
+pub mod relu;
 pub mod resnet;
 pub mod weights;
 

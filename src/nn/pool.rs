@@ -1,15 +1,95 @@
 //! Max pooling with padding (the ResNet stem's 3×3, stride 2, padding 1).
 //!
 //! candle's `max_pool2d` has no padding, and its backward pass only supports kernel == stride.
-//! This version pads with -inf (what PyTorch does implicitly) and takes the maximum over the
-//! kernel's shifted, strided views with `Tensor::maximum`, whose backward pass exists on every
-//! device. It is separable: first along the width, then along the height.
-//! On ties the gradient is split between the tied inputs (PyTorch gives all of it to the first);
-//! after a ReLU the only likely ties are zeros, whose gradient the ReLU discards anyway.
+//! For f32 on the CPU a custom op pools directly and, in the backward pass, sends each output's
+//! gradient to the first maximum of its window (PyTorch's rule; padding never wins).
+//! Elsewhere a composed version pads with -inf (what PyTorch does implicitly) and takes the
+//! maximum over the kernel's shifted, strided views with `Tensor::maximum`, whose backward pass
+//! exists on every device; it is separable (width, then height). On ties that version splits the
+//! gradient between the tied inputs; after a ReLU the only likely ties are zeros, whose gradient
+//! the ReLU discards anyway.
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
+use super::cpu::{f32_slice, fast_cpu_f32, internal, with_f32};
 use super::error::{NnError, Result};
+
+/// The 2-D max-pool custom op (f32, CPU).
+#[derive(Clone, Copy)]
+struct MaxPool {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl MaxPool {
+    fn out_size(&self, len: usize) -> usize {
+        (len + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    /// Visits every output position of one (h × w) plane with the flat input index of the first
+    /// maximum of its window.
+    fn for_each_argmax(&self, x: &[f32], h: usize, w: usize, mut visit: impl FnMut(usize, usize)) {
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        for oy in 0..oh {
+            let y0 = (oy * self.stride) as isize - self.padding as isize;
+            let (ya, yb) = (y0.max(0) as usize, ((y0 + self.kernel as isize) as usize).min(h));
+            for ox in 0..ow {
+                let x0 = (ox * self.stride) as isize - self.padding as isize;
+                let (xa, xb) = (x0.max(0) as usize, ((x0 + self.kernel as isize) as usize).min(w));
+                let mut best = ya * w + xa;
+                let mut best_v = x[best];
+                for iy in ya..yb {
+                    for (ix, &v) in x[iy * w + xa..iy * w + xb].iter().enumerate() {
+                        // Strictly greater: the first maximum in row-major order wins; NaN wins as in PyTorch.
+                        if v > best_v || (v.is_nan() && !best_v.is_nan()) {
+                            best_v = v;
+                            best = iy * w + xa + ix;
+                        }
+                    }
+                }
+                visit(oy * ow + ox, best);
+            }
+        }
+    }
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "mpcs-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        let mut y = vec![0f32; n * c * oh * ow];
+        for (plane, out) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow)) {
+            self.for_each_argmax(plane, h, w, |o, i| out[o] = plane[i]);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((n, c, oh, ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (_, _, h, w) = x.dims4()?;
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        let dy = dy.contiguous()?;
+        let dx = with_f32(x, |xs| {
+            with_f32(&dy, |g| {
+                let mut dx = vec![0f32; xs.len()];
+                for ((plane, gp), dp) in
+                    xs.chunks_exact(h * w).zip(g.chunks_exact(oh * ow)).zip(dx.chunks_exact_mut(h * w))
+                {
+                    self.for_each_argmax(plane, h, w, |o, i| dp[i] += gp[o]);
+                }
+                dx
+            })
+        })
+        .flatten()
+        .ok_or_else(|| internal(self.name()))?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
 
 /// Pads `dim` with `left`/`right` values of -inf.
 fn pad_neg_inf(x: &Tensor, dim: usize, left: usize, right: usize) -> Result<Tensor> {
@@ -61,6 +141,23 @@ fn max_pool_1d(x: &Tensor, dim: usize, kernel: usize, stride: usize, padding: us
 
 /// 2-D max pooling of an (N, C, H, W) tensor, differentiable for any kernel/stride/padding.
 pub fn max_pool2d_padded(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    if x.rank() != 4 {
+        return Err(NnError::InvalidInput(format!("max pool expects an (N, C, H, W) tensor, got {:?}", x.dims())));
+    }
+    let (h_in, w_in) = (x.dim(2)?, x.dim(3)?);
+    if kernel == 0 || stride == 0 || padding * 2 > kernel || h_in.min(w_in) + 2 * padding < kernel {
+        return Err(NnError::InvalidInput(format!(
+            "max pool: kernel {kernel}, stride {stride}, padding {padding} do not fit an input of {h_in}x{w_in}"
+        )));
+    }
+    if fast_cpu_f32(x) {
+        return Ok(x.contiguous()?.apply_op1(MaxPool { kernel, stride, padding })?);
+    }
+    max_pool2d_composed(x, kernel, stride, padding)
+}
+
+/// [`max_pool2d_padded`] through candle tensor ops on any device (ties split the gradient).
+pub fn max_pool2d_composed(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
     if x.rank() != 4 {
         return Err(NnError::InvalidInput(format!("max pool expects an (N, C, H, W) tensor, got {:?}", x.dims())));
     }

@@ -12,6 +12,7 @@ use super::batchnorm::{into_candle, BatchNorm};
 use super::conv::conv2d;
 use super::error::{NnError, Result};
 use super::pool::max_pool2d_padded;
+use super::relu::relu;
 
 /// The supported depths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -225,16 +226,16 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut y = relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
         y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
         if let Some((c3, b3)) = &self.conv3 {
-            y = b3.forward_t(&c3.forward(&y.relu()?)?, train)?;
+            y = b3.forward_t(&c3.forward(&relu(&y)?)?, train)?;
         }
         let identity = match &self.downsample {
             Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        Ok((y + identity)?.relu()?)
+        relu(&(y + identity)?)
     }
 }
 
@@ -330,7 +331,7 @@ impl ResNet {
                 x.dims()
             )));
         }
-        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut y = relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
         y = max_pool2d_padded(&y, 3, 2, 1)?;
         for layer in &self.layers {
             for block in layer {

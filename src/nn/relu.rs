@@ -1,0 +1,42 @@
+//! ReLU with a one-pass backward on the CPU.
+//!
+//! candle's ReLU backward builds `grad * (x >= 0).to_dtype()` plus an accumulation: four
+//! full-size temporaries per activation. Here the gradient is one masked copy (dy where y > 0).
+//! Same convention as PyTorch at 0 (gradient 0).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+use super::cpu::{f32_slice, fast_cpu_f32, internal, with_f32};
+use super::error::Result;
+
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "mpcs-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        Ok((CpuStorage::F32(x.iter().map(|&v| v.max(0.0)).collect()), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dy = dy.contiguous()?;
+        let dx = with_f32(y, |y| {
+            with_f32(&dy, |g| y.iter().zip(g).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }).collect::<Vec<f32>>())
+        })
+        .flatten()
+        .ok_or_else(|| internal(self.name()))?;
+        Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
+    }
+}
+
+/// max(x, 0), through the fused op for f32 CPU tensors, candle's `relu` otherwise.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if fast_cpu_f32(x) {
+        Ok(x.contiguous()?.apply_op1(Relu)?)
+    } else {
+        Ok(x.relu()?)
+    }
+}

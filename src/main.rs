@@ -136,6 +136,27 @@ enum Command {
         #[arg(long)]
         remove: bool,
     },
+    /// Measure CPU training throughput on synthetic input: `mpcs bench train --arch resnet18 --size 64`.
+    /// The last output line is `images_per_s=<number>`.
+    Bench {
+        /// What to measure (only `train`: forward, backward and Adam step per batch)
+        #[arg(value_parser = ["train"])]
+        what: String,
+        /// resnet18, resnet34, resnet50, resnet101 or resnet152
+        #[arg(long, default_value = "resnet18")]
+        arch: String,
+        /// Square input size in pixels
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Timed steps (after one warm-up step)
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// CPU threads (default: RAYON_NUM_THREADS, else all cores)
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -204,6 +225,9 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
         Command::Stain { method, target, out, inputs } => commands::stain(&method, target.as_deref(), &inputs, &out),
         Command::Synth { dataset, out, seed, patients, size } => {
             commands::synth(&dataset, &out, seed, patients, size.as_deref())
+        }
+        Command::Bench { what: _, arch, size, batch, steps, threads } => {
+            commands::bench(&arch, size, batch, steps, threads)
         }
     }
 }

@@ -140,7 +140,7 @@ fn conv2d_accepts_non_contiguous_input_and_rejects_bad_shapes() -> R<()> {
 use candle_core::DType;
 use candle_nn::{VarBuilder, VarMap};
 use mpcs::nn::pool::{max_pool2d_composed, max_pool2d_padded};
-use mpcs::nn::relu::relu;
+use mpcs::nn::relu::{add_relu, relu};
 use mpcs::nn::BatchNorm;
 
 #[test]
@@ -186,7 +186,13 @@ fn relu_values_and_gradient_match_candle() -> R<()> {
 #[test]
 fn batchnorm_train_fused_matches_composed() -> R<()> {
     let dev = Device::Cpu;
-    for shape in [vec![4usize, 5, 7, 3], vec![6, 5], vec![2, 5, 1, 1]] {
+    for (shape, with_relu) in [
+        (vec![4usize, 5, 7, 3], false),
+        (vec![6, 5], false),
+        (vec![2, 5, 1, 1], false),
+        (vec![4, 5, 7, 3], true),
+        (vec![6, 5], true),
+    ] {
         let x0 = (Tensor::randn(0f32, 2f32, shape.as_slice(), &dev)? + 0.7)?;
         let r = Tensor::randn(0f32, 1f32, shape.as_slice(), &dev)?;
         let (w0, b0) = (Tensor::randn(0f32, 1f32, 5, &dev)?, Tensor::randn(0f32, 1f32, 5, &dev)?);
@@ -202,7 +208,12 @@ fn batchnorm_train_fused_matches_composed() -> R<()> {
                 }
             }
             let x = Var::from_tensor(&x0)?;
-            let y = if fused { bn.forward_train(x.as_tensor())? } else { bn.forward_train_composed(x.as_tensor())? };
+            let y = match (fused, with_relu) {
+                (true, false) => bn.forward_train(x.as_tensor())?,
+                (true, true) => bn.forward_relu_t(x.as_tensor(), true)?,
+                (false, false) => bn.forward_train_composed(x.as_tensor())?,
+                (false, true) => bn.forward_train_composed(x.as_tensor())?.relu()?,
+            };
             let g = (&y * &r)?.sum_all()?.backward()?;
             let data = vm.data().lock().unwrap();
             let grads = vec![
@@ -215,12 +226,47 @@ fn batchnorm_train_fused_matches_composed() -> R<()> {
         let (yf, gf, mf, vf) = run(true)?;
         let (yr, gr, mr, vr) = run(false)?;
         let e = rel_err(&yf, &yr)?;
-        assert!(e < 1e-5, "{shape:?}: values, relative error {e}");
+        assert!(e < 1e-5, "{shape:?} relu {with_relu}: values, relative error {e}");
         for (name, (a, b)) in ["x", "weight", "bias"].iter().zip(gf.iter().zip(&gr)) {
             let e = rel_err(a, b)?;
-            assert!(e < 1e-4, "{shape:?}: gradient of {name}, relative error {e}");
+            assert!(e < 1e-4, "{shape:?} relu {with_relu}: gradient of {name}, relative error {e}");
         }
         assert!(rel_err(&mf, &mr)? < 1e-6 && rel_err(&vf, &vr)? < 1e-6, "{shape:?}: running statistics");
     }
+    Ok(())
+}
+
+#[test]
+fn add_relu_matches_candle() -> R<()> {
+    let dev = Device::Cpu;
+    let a = Var::randn(0f32, 1f32, (2, 3, 5, 4), &dev)?;
+    let b = Var::randn(0f32, 1f32, (2, 3, 5, 4), &dev)?;
+    let yf = add_relu(a.as_tensor(), b.as_tensor())?;
+    let yr = (a.as_tensor() + b.as_tensor())?.relu()?;
+    assert_eq!(rel_err(&yf, &yr)?, 0.0);
+    let r = Tensor::randn(0f32, 1f32, yf.dims(), &dev)?;
+    let gf = (yf * &r)?.sum_all()?.backward()?;
+    let gr = (yr * &r)?.sum_all()?.backward()?;
+    for v in [&a, &b] {
+        assert_eq!(rel_err(gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap())?, 0.0);
+    }
+    Ok(())
+}
+
+#[test]
+fn train_bench_reports_images_per_s_on_its_last_line() -> R<()> {
+    use mpcs::bench::{train_bench, TrainBenchOptions};
+    let opts = TrainBenchOptions { size: 32, batch: 2, steps: 2, ..Default::default() };
+    let mut out = Vec::new();
+    let ips = train_bench(&opts, &mut out)?;
+    let text = String::from_utf8(out)?;
+    let last = text.lines().last().unwrap();
+    let value: f64 = last.strip_prefix("images_per_s=").expect("last line is images_per_s=<n>").parse()?;
+    assert!(ips.is_finite() && ips > 0.0 && (value - ips).abs() <= 0.01 * ips, "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("step ")).count(), 2, "{text}");
+    // Bad options are errors that say what to change.
+    let bad = TrainBenchOptions { batch: 1, ..opts };
+    let err = train_bench(&bad, &mut Vec::new()).unwrap_err().to_string();
+    assert!(err.contains("--batch"), "{err}");
     Ok(())
 }

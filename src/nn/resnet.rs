@@ -12,7 +12,7 @@ use super::batchnorm::{into_candle, BatchNorm};
 use super::conv::conv2d;
 use super::error::{NnError, Result};
 use super::pool::max_pool2d_padded;
-use super::relu::relu;
+use super::relu::add_relu;
 
 /// The supported depths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -226,16 +226,18 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
-        y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
-        if let Some((c3, b3)) = &self.conv3 {
-            y = b3.forward_t(&c3.forward(&relu(&y)?)?, train)?;
-        }
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
+        let y = match &self.conv3 {
+            Some((c3, b3)) => {
+                b3.forward_t(&c3.forward(&self.bn2.forward_relu_t(&self.conv2.forward(&y)?, train)?)?, train)?
+            }
+            None => self.bn2.forward_t(&self.conv2.forward(&y)?, train)?,
+        };
         let identity = match &self.downsample {
             Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        relu(&(y + identity)?)
+        add_relu(&y, &identity)
     }
 }
 
@@ -331,7 +333,7 @@ impl ResNet {
                 x.dims()
             )));
         }
-        let mut y = relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
+        let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         y = max_pool2d_padded(&y, 3, 2, 1)?;
         for layer in &self.layers {
             for block in layer {

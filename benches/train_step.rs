@@ -23,6 +23,11 @@ use mpcs::bench::{measure_inference, measure_train_steps, TrainBenchOptions};
 use mpcs::loader::{geometry, AugmentConfig, ImageStore, Loader, LoaderConfig, Rgb8, Sample, Source};
 use mpcs::nn::{conv::conv2d, pool::max_pool2d_padded, Arch};
 
+// The allocator the `mpcs` binary uses too (src/main.rs): fewer page faults on the large
+// per-op activation buffers than glibc's malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BATCH: usize = 16;
 
 fn env_usize(name: &str, default: usize) -> usize {

@@ -13,6 +13,10 @@ use mpcs::error::{exit, Error};
 use mpcs::exec::devices::DeviceSpec;
 use mpcs::exec::progress::{Console, Reporter, Silent};
 
+// mimalloc: ~10% faster CPU training than glibc's malloc (benches/train_step.rs, notes/speed.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "mpcs",

@@ -270,3 +270,47 @@ fn train_bench_reports_images_per_s_on_its_last_line() -> R<()> {
     assert!(err.contains("--batch"), "{err}");
     Ok(())
 }
+
+#[test]
+fn batchnorm_eval_fused_matches_composed_ops() -> R<()> {
+    // Eval mode (running statistics): the fused op against the same formula in candle ops,
+    // values and gradients for x, weight and bias, with and without the ReLU.
+    let dev = Device::Cpu;
+    let shape = (3usize, 4usize, 5usize, 6usize);
+    let x0 = Tensor::randn(0f32, 1f32, shape, &dev)?;
+    let r = Tensor::randn(0f32, 1f32, shape, &dev)?;
+    let (rm, rv) = (Tensor::randn(0f32, 1f32, 4, &dev)?, (Tensor::rand(0f32, 1f32, 4, &dev)? + 0.5)?);
+    let (w0, b0) = (Tensor::randn(0f32, 1f32, 4, &dev)?, Tensor::randn(0f32, 1f32, 4, &dev)?);
+    for with_relu in [false, true] {
+        let vm = VarMap::new();
+        let bn = BatchNorm::new(4, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        {
+            let data = vm.data().lock().unwrap();
+            data["weight"].set(&w0)?;
+            data["bias"].set(&b0)?;
+            data["running_mean"].set(&rm)?;
+            data["running_var"].set(&rv)?;
+        }
+        let x = Var::from_tensor(&x0)?;
+        let data = vm.data().lock().unwrap();
+        let (w, b) = (data["weight"].as_tensor(), data["bias"].as_tensor());
+        let yf = if with_relu { bn.forward_relu_t(x.as_tensor(), false)? } else { bn.forward_eval(x.as_tensor())? };
+        let cs = (1usize, 4usize, 1usize, 1usize);
+        let scale = (w / (&rv + 1e-5)?.sqrt()?)?;
+        let yr = x
+            .as_tensor()
+            .broadcast_sub(&rm.reshape(cs)?)?
+            .broadcast_mul(&scale.reshape(cs)?)?
+            .broadcast_add(&b.reshape(cs)?)?;
+        let yr = if with_relu { yr.relu()? } else { yr };
+        let e = rel_err(&yf, &yr)?;
+        assert!(e < 1e-5, "relu {with_relu}: values, relative error {e}");
+        let gf = (yf * &r)?.sum_all()?.backward()?;
+        let gr = (yr * &r)?.sum_all()?.backward()?;
+        for (name, t) in [("x", x.as_tensor()), ("weight", w), ("bias", b)] {
+            let e = rel_err(gf.get(t).unwrap(), gr.get(t).unwrap())?;
+            assert!(e < 1e-4, "relu {with_relu}: gradient of {name}, relative error {e}");
+        }
+    }
+    Ok(())
+}

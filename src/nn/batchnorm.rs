@@ -140,6 +140,9 @@ impl BatchNorm {
                 return self.forward_train_fused(x, w, b, true);
             }
         }
+        if !train {
+            return self.eval_impl(x, true);
+        }
         super::relu::relu(&self.forward_t(x, train)?)
     }
 
@@ -155,6 +158,11 @@ impl BatchNorm {
     /// Evaluation mode: normalise with the running statistics, as one per-channel scale and shift
     /// (two full-size ops; the per-channel arithmetic is on C values).
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
+        self.eval_impl(x, false)
+    }
+
+    /// Evaluation mode, with a ReLU after it when `relu`: one fused op for f32 CPU tensors.
+    fn eval_impl(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let shape = self.channel_shape(x)?;
         let mean = self.running_mean.as_detached_tensor();
         let inv_std = (self.running_var.as_detached_tensor() + self.eps)?.sqrt()?.recip()?;
@@ -166,7 +174,17 @@ impl BatchNorm {
             }
             None => (inv_std.clone(), (mean.neg()? * inv_std)?),
         };
-        Ok(x.broadcast_mul(&scale.reshape(shape.as_slice())?)?.broadcast_add(&shift.reshape(shape.as_slice())?)?)
+        if fast_cpu_f32(x) && fast_cpu_f32(&scale) && fast_cpu_f32(&shift) {
+            let spatial = x.dims()[2..].iter().product::<usize>();
+            let op = ChannelAffine { spatial, relu };
+            return Ok(x.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, op)?);
+        }
+        let y = x.broadcast_mul(&scale.reshape(shape.as_slice())?)?.broadcast_add(&shift.reshape(shape.as_slice())?)?;
+        if relu {
+            Ok(y.relu()?)
+        } else {
+            Ok(y)
+        }
     }
 
     /// The CPU f32 training path: batch statistics in one loop, normalisation and affine in one
@@ -354,5 +372,100 @@ pub(crate) fn into_candle(e: NnError) -> candle_core::Error {
     match e {
         NnError::Candle(e) => e,
         e => candle_core::Error::Msg(e.to_string()),
+    }
+}
+
+/// y = x · scale[c] + shift[c] (then max(y, 0) when `relu`) for a contiguous (N, C, spatial) x:
+/// evaluation-mode batch-norm in one pass. Gradients flow to x, scale and shift (and from those,
+/// through candle's ops on C values, to the weight and bias), e.g. for Grad-CAM or fine-tuning
+/// with frozen statistics.
+struct ChannelAffine {
+    spatial: usize,
+    relu: bool,
+}
+
+impl CustomOp3 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "mpcs-channel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let (scale, shift) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
+        let c = scale.len();
+        let mut y = vec![0f32; x.len()];
+        for (i, (out, block)) in y.chunks_exact_mut(self.spatial).zip(x.chunks_exact(self.spatial)).enumerate() {
+            let (a, b) = (scale[i % c], shift[i % c]);
+            if self.relu {
+                for (o, &v) in out.iter_mut().zip(block) {
+                    *o = (v * a + b).max(0.0);
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(block) {
+                    *o = v * a + b;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let sc = scale.to_vec1::<f32>()?;
+        let c = sc.len();
+        let s = self.spatial;
+        let (want_dx, want_params) = (x.track_op(), scale.track_op() || shift.track_op());
+        let (dx, dscale, dshift) = with_f32(x, |xs| {
+            with_f32(y, |ys| {
+                with_f32(&dy, |g| {
+                    let mut dx = if want_dx { vec![0f32; xs.len()] } else { Vec::new() };
+                    let (mut dscale, mut dshift) = (vec![0f64; c], vec![0f64; c]);
+                    for i in 0..xs.len() / s {
+                        let ch = i % c;
+                        let r = i * s..(i + 1) * s;
+                        let (xb, yb, gb) = (&xs[r.clone()], &ys[r.clone()], &g[r.clone()]);
+                        let (mut a, mut b) = (0f32, 0f32);
+                        for j in 0..s {
+                            let gv = if self.relu && yb[j] <= 0.0 { 0.0 } else { gb[j] };
+                            if want_dx {
+                                dx[i * s + j] = gv * sc[ch];
+                            }
+                            a += gv * xb[j];
+                            b += gv;
+                        }
+                        dscale[ch] += a as f64;
+                        dshift[ch] += b as f64;
+                    }
+                    let to_f32 = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect::<Vec<f32>>();
+                    (dx, to_f32(dscale), to_f32(dshift))
+                })
+            })
+        })
+        .flatten()
+        .flatten()
+        .ok_or_else(|| internal(self.name()))?;
+        let dev = x.device();
+        let dx = if want_dx { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
+        let (ds, dh) = if want_params {
+            (Some(Tensor::from_vec(dscale, c, dev)?), Some(Tensor::from_vec(dshift, c, dev)?))
+        } else {
+            (None, None)
+        };
+        Ok((dx, ds, dh))
     }
 }

@@ -27,30 +27,10 @@ impl MaxPool {
         (len + 2 * self.padding - self.kernel) / self.stride + 1
     }
 
-    /// Visits every output position of one (h × w) plane with the flat input index of the first
-    /// maximum of its window.
-    fn for_each_argmax(&self, x: &[f32], h: usize, w: usize, mut visit: impl FnMut(usize, usize)) {
-        let (oh, ow) = (self.out_size(h), self.out_size(w));
-        for oy in 0..oh {
-            let y0 = (oy * self.stride) as isize - self.padding as isize;
-            let (ya, yb) = (y0.max(0) as usize, ((y0 + self.kernel as isize) as usize).min(h));
-            for ox in 0..ow {
-                let x0 = (ox * self.stride) as isize - self.padding as isize;
-                let (xa, xb) = (x0.max(0) as usize, ((x0 + self.kernel as isize) as usize).min(w));
-                let mut best = ya * w + xa;
-                let mut best_v = x[best];
-                for iy in ya..yb {
-                    for (ix, &v) in x[iy * w + xa..iy * w + xb].iter().enumerate() {
-                        // Strictly greater: the first maximum in row-major order wins; NaN wins as in PyTorch.
-                        if v > best_v || (v.is_nan() && !best_v.is_nan()) {
-                            best_v = v;
-                            best = iy * w + xa + ix;
-                        }
-                    }
-                }
-                visit(oy * ow + ox, best);
-            }
-        }
+    /// The input range `a..b` (clipped to `0..len`) of output index `o`'s window.
+    fn window(&self, o: usize, len: usize) -> (usize, usize) {
+        let start = (o * self.stride) as isize - self.padding as isize;
+        (start.max(0) as usize, ((start + self.kernel as isize) as usize).min(len))
     }
 }
 
@@ -64,27 +44,64 @@ impl CustomOp1 for MaxPool {
         let (n, c, h, w) = l.shape().dims4()?;
         let (oh, ow) = (self.out_size(h), self.out_size(w));
         let mut y = vec![0f32; n * c * oh * ow];
+        // Separable: the maximum over each window's columns for every input row, then over rows.
+        // The same values as the argmax scan of the backward pass, with fewer branches.
+        let mut rows = vec![f32::NEG_INFINITY; h * ow];
+        let col_ranges: Vec<(usize, usize)> = (0..ow).map(|o| self.window(o, w)).collect();
+        let row_ranges: Vec<(usize, usize)> = (0..oh).map(|o| self.window(o, h)).collect();
         for (plane, out) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow)) {
-            self.for_each_argmax(plane, h, w, |o, i| out[o] = plane[i]);
+            for (src, dst) in plane.chunks_exact(w).zip(rows.chunks_exact_mut(ow)) {
+                for (d, &(a, b)) in dst.iter_mut().zip(&col_ranges) {
+                    *d = src[a..b].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                }
+            }
+            for (dst, &(a, b)) in out.chunks_exact_mut(ow).zip(&row_ranges) {
+                dst.copy_from_slice(&rows[a * ow..(a + 1) * ow]);
+                for r in a + 1..b {
+                    for (d, &v) in dst.iter_mut().zip(&rows[r * ow..(r + 1) * ow]) {
+                        *d = d.max(v);
+                    }
+                }
+            }
         }
         Ok((CpuStorage::F32(y), Shape::from((n, c, oh, ow))))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (_, _, h, w) = x.dims4()?;
         let (oh, ow) = (self.out_size(h), self.out_size(w));
         let dy = dy.contiguous()?;
+        let col_ranges: Vec<(usize, usize)> = (0..ow).map(|o| self.window(o, w)).collect();
+        let row_ranges: Vec<(usize, usize)> = (0..oh).map(|o| self.window(o, h)).collect();
         let dx = with_f32(x, |xs| {
-            with_f32(&dy, |g| {
-                let mut dx = vec![0f32; xs.len()];
-                for ((plane, gp), dp) in
-                    xs.chunks_exact(h * w).zip(g.chunks_exact(oh * ow)).zip(dx.chunks_exact_mut(h * w))
-                {
-                    self.for_each_argmax(plane, h, w, |o, i| dp[i] += gp[o]);
-                }
-                dx
+            with_f32(y, |ys| {
+                with_f32(&dy, |g| {
+                    let mut dx = vec![0f32; xs.len()];
+                    let planes = xs.chunks_exact(h * w).zip(ys.chunks_exact(oh * ow)).zip(g.chunks_exact(oh * ow));
+                    for (((plane, yp), gp), dp) in planes.zip(dx.chunks_exact_mut(h * w)) {
+                        for (oy, &(ya, yb)) in row_ranges.iter().enumerate() {
+                            for (ox, &(xa, xb)) in col_ranges.iter().enumerate() {
+                                let o = oy * ow + ox;
+                                // The first input of the window (row-major) equal to the output is
+                                // PyTorch's argmax; a NaN output matches the window's first NaN.
+                                let target = yp[o];
+                                let hit = (ya..yb).find_map(|r| {
+                                    let row = &plane[r * w + xa..r * w + xb];
+                                    row.iter()
+                                        .position(|&v| v == target || (target.is_nan() && v.is_nan()))
+                                        .map(|i| r * w + xa + i)
+                                });
+                                if let Some(i) = hit {
+                                    dp[i] += gp[o];
+                                }
+                            }
+                        }
+                    }
+                    dx
+                })
             })
         })
+        .flatten()
         .flatten()
         .ok_or_else(|| internal(self.name()))?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))

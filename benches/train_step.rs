@@ -189,6 +189,9 @@ const JOBS: &[&str] =
     &["conv3x3", "conv1x1", "stem", "maxpool", "train-r18", "infer-r18", "train-r50", "infer-r50", "data"];
 
 fn main() -> anyhow::Result<()> {
+    if std::env::var_os("BENCH_PURGE").is_none() {
+        mpcs::bench::keep_freed_memory();
+    }
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let job = args.get(i + 1).ok_or_else(|| anyhow::anyhow!("--child needs a job name"))?;

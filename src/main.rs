@@ -164,6 +164,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    mpcs::bench::keep_freed_memory();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "info",

@@ -314,3 +314,20 @@ fn batchnorm_eval_fused_matches_composed_ops() -> R<()> {
     }
     Ok(())
 }
+
+#[test]
+fn empty_inputs_are_not_a_panic() -> R<()> {
+    // Zero-sized batches or planes take candle's ops (or give errors), never a panic.
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((0, 3, 8, 8), DType::F32, &dev)?;
+    let w = Tensor::zeros((4, 3, 3, 3), DType::F32, &dev)?;
+    let _ = conv2d(&x, &w, 1, 1, 1);
+    let _ = max_pool2d_padded(&Tensor::zeros((1, 2, 0, 4), DType::F32, &dev)?, 2, 2, 1);
+    let _ = relu(&Tensor::zeros((0, 2), DType::F32, &dev)?)?;
+    let vm = VarMap::new();
+    let bn = BatchNorm::new(2, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let empty = Tensor::zeros((1, 2, 0, 3), DType::F32, &dev)?;
+    let _ = bn.forward_eval(&empty);
+    assert!(bn.forward_train(&empty).is_err());
+    Ok(())
+}

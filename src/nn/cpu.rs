@@ -22,9 +22,13 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_c
     }
 }
 
-/// Whether the fused CPU kernels apply: f32, on the CPU, fast paths enabled.
+/// Whether the fused CPU kernels apply: f32, on the CPU, not empty (the kernels walk the data in
+/// per-plane chunks), fast paths enabled.
 pub(crate) fn fast_cpu_f32(t: &Tensor) -> bool {
-    super::conv::fast_paths_enabled() && t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+    super::conv::fast_paths_enabled()
+        && t.device().is_cpu()
+        && t.dtype() == candle_core::DType::F32
+        && t.elem_count() > 0
 }
 
 /// Wraps a candle error produced inside `bwd` (which must return candle's error type).

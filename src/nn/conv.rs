@@ -515,7 +515,8 @@ impl CustomOp2 for WeightGrad {
 /// `torch.nn.functional.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)`.
 /// f32 on the CPU takes the im2col + GEMM path; anything else candle's `conv2d`.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
-    let g = Geometry::new(x.dims(), w.dims(), stride, padding, dilation)?;
+    // Validates the shapes (clear errors instead of candle's) on every path.
+    Geometry::new(x.dims(), w.dims(), stride, padding, dilation)?;
     let fast =
         fast_paths_enabled() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32;
     if !fast || x.elem_count() == 0 || w.elem_count() == 0 {

@@ -496,3 +496,16 @@ pub fn cam(args: &InferArgs, images: &[PathBuf], out: &Path, class: Option<usize
     }
     Ok(exit::OK)
 }
+/// `mpcs bench train`: training-step throughput on synthetic input (see [`crate::bench`]); the last
+/// stdout line is `images_per_s=<number>`.
+pub fn bench(arch: &str, size: usize, batch: usize, steps: usize, threads: Option<usize>) -> Result<i32> {
+    use crate::bench::{train_bench, BenchError, TrainBenchOptions};
+    let arch = arch.parse().map_err(|e: crate::nn::NnError| Error::user(e.to_string()))?;
+    let opts = TrainBenchOptions { arch, size, batch, steps, warmup: 1, threads };
+    let mut out = std::io::stdout().lock();
+    match train_bench(&opts, &mut out) {
+        Ok(_) => Ok(exit::OK),
+        Err(e @ BenchError::Options(_)) => Err(Error::user(e.to_string())),
+        Err(e) => Err(Error::internal(e.to_string())),
+    }
+}

@@ -6,6 +6,7 @@
 //! `lineage` (states, why a node reruns, graph renderings). `stages` holds one file per stage kind.
 //! The binary (`src/main.rs`) is a thin CLI over `commands`.
 
+pub mod bench;
 pub mod cache;
 pub mod commands;
 pub mod data;

@@ -13,6 +13,10 @@ use mpcs::error::{exit, Error};
 use mpcs::exec::devices::DeviceSpec;
 use mpcs::exec::progress::{Console, Reporter, Silent};
 
+// mimalloc: ~10% faster CPU training than glibc's malloc (benches/train_step.rs, notes/speed.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "mpcs",
@@ -197,9 +201,31 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Measure CPU training throughput on synthetic input: `mpcs bench train --arch resnet18 --size 64`.
+    /// The last output line is `images_per_s=<number>`.
+    Bench {
+        /// What to measure (only `train`: forward, backward and Adam step per batch)
+        #[arg(value_parser = ["train"])]
+        what: String,
+        /// resnet18, resnet34, resnet50, resnet101 or resnet152
+        #[arg(long, default_value = "resnet18")]
+        arch: String,
+        /// Square input size in pixels
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Timed steps (after one warm-up step)
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// CPU threads (default: RAYON_NUM_THREADS, else all cores)
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 fn main() -> ExitCode {
+    mpcs::bench::keep_freed_memory();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "info",
@@ -274,5 +300,8 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
         }
         Command::Embed { model, images, out, batch } => commands::embed(&model, &images, &out, batch),
         Command::Cam { model, out, class, alpha, images } => commands::cam(&model, &images, &out, class, alpha),
+        Command::Bench { what: _, arch, size, batch, steps, threads } => {
+            commands::bench(&arch, size, batch, steps, threads)
+        }
     }
 }

@@ -5,9 +5,10 @@
 //! like PyTorch's buffer, so a saved state dict loads into PyTorch with `strict=True`, and
 //! (c) the parameter names and initial values follow `torch.nn.BatchNorm{1,2}d` exactly.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 
+use super::cpu::{f32_slice, fast_cpu_f32, internal, with_f32};
 use super::error::{NnError, Result};
 
 /// PyTorch's defaults: eps 1e-5, momentum 0.1.
@@ -91,6 +92,17 @@ impl BatchNorm {
     /// Training mode: normalise with the batch statistics (biased variance) and update the
     /// running statistics with momentum, using the unbiased variance as PyTorch does.
     pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some((w, b)), true) = (&self.weight_and_bias, fast_cpu_f32(x)) {
+            if fast_cpu_f32(w) && fast_cpu_f32(b) {
+                return self.forward_train_fused(x, w, b, false);
+            }
+        }
+        self.forward_train_composed(x)
+    }
+
+    /// [`BatchNorm::forward_train`] through candle tensor ops on any device and dtype (what non-CPU
+    /// tensors use; the reference the fused CPU path is tested against).
+    pub fn forward_train_composed(&self, x: &Tensor) -> Result<Tensor> {
         let shape = self.channel_shape(x)?;
         let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
         let count = x.elem_count() / self.num_features;
@@ -120,6 +132,20 @@ impl BatchNorm {
         self.affine(y, &shape)
     }
 
+    /// `relu(self.forward_t(x, train))`, fused into one op in CPU f32 training (the ResNet's
+    /// conv → bn → relu: one graph node and one pass fewer, forward and backward).
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let (true, Some((w, b))) = (train, &self.weight_and_bias) {
+            if fast_cpu_f32(x) && fast_cpu_f32(w) && fast_cpu_f32(b) {
+                return self.forward_train_fused(x, w, b, true);
+            }
+        }
+        if !train {
+            return self.eval_impl(x, true);
+        }
+        super::relu::relu(&self.forward_t(x, train)?)
+    }
+
     /// Training (batch statistics, running averages updated) or evaluation mode.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
@@ -129,13 +155,209 @@ impl BatchNorm {
         }
     }
 
-    /// Evaluation mode: normalise with the running statistics.
+    /// Evaluation mode: normalise with the running statistics, as one per-channel scale and shift
+    /// (two full-size ops; the per-channel arithmetic is on C values).
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
+        self.eval_impl(x, false)
+    }
+
+    /// Evaluation mode, with a ReLU after it when `relu`: one fused op for f32 CPU tensors.
+    fn eval_impl(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let shape = self.channel_shape(x)?;
-        let mean = self.running_mean.as_detached_tensor().reshape(shape.as_slice())?;
-        let std = (self.running_var.as_detached_tensor() + self.eps)?.sqrt()?.reshape(shape.as_slice())?;
-        let y = x.broadcast_sub(&mean)?.broadcast_div(&std)?;
-        self.affine(y, &shape)
+        let mean = self.running_mean.as_detached_tensor();
+        let inv_std = (self.running_var.as_detached_tensor() + self.eps)?.sqrt()?.recip()?;
+        let (scale, shift) = match &self.weight_and_bias {
+            Some((w, b)) => {
+                let scale = (w * inv_std)?;
+                let shift = (b - (&mean * &scale)?)?;
+                (scale, shift)
+            }
+            None => (inv_std.clone(), (mean.neg()? * inv_std)?),
+        };
+        if fast_cpu_f32(x) && fast_cpu_f32(&scale) && fast_cpu_f32(&shift) {
+            let spatial = x.dims()[2..].iter().product::<usize>();
+            let op = ChannelAffine { spatial, relu };
+            return Ok(x.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, op)?);
+        }
+        let y = x.broadcast_mul(&scale.reshape(shape.as_slice())?)?.broadcast_add(&shift.reshape(shape.as_slice())?)?;
+        if relu {
+            Ok(y.relu()?)
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// The CPU f32 training path: batch statistics in one loop, normalisation and affine in one
+    /// custom op whose backward pass gives dx, dweight and dbias in two passes over the data.
+    fn forward_train_fused(&self, x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
+        self.channel_shape(x)?;
+        let x = x.contiguous()?;
+        let c = self.num_features;
+        let count = x.elem_count() / c;
+        if count < 2 {
+            return Err(NnError::InvalidInput(format!(
+                "batch-norm in training mode needs more than one value per channel, got input {:?}",
+                x.dims()
+            )));
+        }
+        let spatial = x.dims()[2..].iter().product::<usize>();
+        let (mean, var) = with_f32(&x, |xs| channel_stats(xs, c, spatial)).ok_or_else(|| internal("batch-norm"))?;
+        let invstd: Vec<f32> = var.iter().map(|&v| (1.0 / (v + self.eps).sqrt()) as f32).collect();
+        let mean_f32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+
+        // Running statistics, in f32 as the tensor-op path computes them.
+        let m = self.momentum;
+        let unbias = count as f64 / (count as f64 - 1.0);
+        let old_mean = self.running_mean.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let old_var = self.running_var.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let new_mean: Vec<f32> =
+            old_mean.iter().zip(&mean_f32).map(|(&r, &v)| r * (1.0 - m) as f32 + v * m as f32).collect();
+        let new_var: Vec<f32> = old_var
+            .iter()
+            .zip(&var)
+            .map(|(&r, &v)| r * (1.0 - m) as f32 + (v as f32 * unbias as f32) * m as f32)
+            .collect();
+        let dev = x.device();
+        let dtype = self.running_mean.dtype();
+        self.running_mean.set(&Tensor::from_vec(new_mean, c, dev)?.to_dtype(dtype)?)?;
+        self.running_var.set(&Tensor::from_vec(new_var, c, dev)?.to_dtype(dtype)?)?;
+        let one = Tensor::ones((), DType::I64, dev)?;
+        self.num_batches_tracked.set(&(self.num_batches_tracked.as_tensor() + one)?)?;
+
+        Ok(x.apply_op3(&w.contiguous()?, &b.contiguous()?, BnTrain { mean: mean_f32, invstd, spatial, relu })?)
+    }
+}
+
+/// Per-channel mean and biased variance (two passes, f64 accumulation) of a contiguous
+/// (N, C, spatial) buffer.
+fn channel_stats(x: &[f32], c: usize, spatial: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut sum = vec![0f64; c];
+    for (i, block) in x.chunks_exact(spatial).enumerate() {
+        sum[i % c] += block.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    let count = (x.len() / c) as f64;
+    let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
+    let mut sq = vec![0f64; c];
+    for (i, block) in x.chunks_exact(spatial).enumerate() {
+        let m = mean[i % c];
+        sq[i % c] += block.iter().map(|&v| (v as f64 - m) * (v as f64 - m)).sum::<f64>();
+    }
+    (mean, sq.iter().map(|s| s / count).collect())
+}
+
+/// y = (x − mean) · invstd · weight + bias with the batch statistics fixed at construction,
+/// followed by max(y, 0) when `relu`.
+struct BnTrain {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    spatial: usize,
+    relu: bool,
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "mpcs-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let (w, b) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
+        let c = self.mean.len();
+        let mut y = vec![0f32; x.len()];
+        for (i, (out, block)) in y.chunks_exact_mut(self.spatial).zip(x.chunks_exact(self.spatial)).enumerate() {
+            let ch = i % c;
+            let scale = self.invstd[ch] * w[ch];
+            let shift = b[ch] - self.mean[ch] * scale;
+            if self.relu {
+                for (o, &v) in out.iter_mut().zip(block) {
+                    *o = (v * scale + shift).max(0.0);
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(block) {
+                    *o = v * scale + shift;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut dy = dy.contiguous()?;
+        if self.relu {
+            // Through the ReLU first: the gradient only passes where the output is positive.
+            let masked = with_f32(y, |ys| {
+                with_f32(&dy, |g| ys.iter().zip(g).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }).collect::<Vec<f32>>())
+            })
+            .flatten()
+            .ok_or_else(|| internal(self.name()))?;
+            dy = Tensor::from_vec(masked, y.shape(), y.device())?;
+        }
+        let c = self.mean.len();
+        let s = self.spatial;
+        let wv = w.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let need_dx = x.track_op();
+        let (dx, dw, db) = with_f32(x, |xs| {
+            with_f32(&dy, |g| {
+                // Pass 1: per channel Σdy and Σdy·x̂.
+                let mut sum_dy = vec![0f64; c];
+                let mut sum_dy_xhat = vec![0f64; c];
+                for (i, (xb, gb)) in xs.chunks_exact(s).zip(g.chunks_exact(s)).enumerate() {
+                    let ch = i % c;
+                    let (m, is) = (self.mean[ch], self.invstd[ch]);
+                    let (mut a, mut bsum) = (0f32, 0f32);
+                    for (&xv, &gv) in xb.iter().zip(gb) {
+                        a += gv;
+                        bsum += gv * (xv - m) * is;
+                    }
+                    sum_dy[ch] += a as f64;
+                    sum_dy_xhat[ch] += bsum as f64;
+                }
+                // Pass 2: dx = w·invstd·(dy − Σdy/M − x̂·Σdy·x̂/M).
+                let dx = need_dx.then(|| {
+                    let count = (xs.len() / c) as f64;
+                    let mut dx = vec![0f32; xs.len()];
+                    for (i, ((xb, gb), db)) in
+                        xs.chunks_exact(s).zip(g.chunks_exact(s)).zip(dx.chunks_exact_mut(s)).enumerate()
+                    {
+                        let ch = i % c;
+                        let (m, is) = (self.mean[ch], self.invstd[ch]);
+                        let k = wv[ch] * is;
+                        let mean_dy = (sum_dy[ch] / count) as f32;
+                        let mean_dy_xhat = (sum_dy_xhat[ch] / count) as f32;
+                        for ((d, &xv), &gv) in db.iter_mut().zip(xb).zip(gb) {
+                            let xhat = (xv - m) * is;
+                            *d = k * (gv - mean_dy - xhat * mean_dy_xhat);
+                        }
+                    }
+                    dx
+                });
+                let to_f32 = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect::<Vec<f32>>();
+                (dx, to_f32(sum_dy_xhat), to_f32(sum_dy))
+            })
+        })
+        .flatten()
+        .ok_or_else(|| internal(self.name()))?;
+        let dev = x.device();
+        let dx = match dx {
+            Some(dx) => Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            None => None,
+        };
+        Ok((dx, Some(Tensor::from_vec(dw, c, dev)?), Some(Tensor::from_vec(db, c, dev)?)))
     }
 }
 
@@ -150,5 +372,100 @@ pub(crate) fn into_candle(e: NnError) -> candle_core::Error {
     match e {
         NnError::Candle(e) => e,
         e => candle_core::Error::Msg(e.to_string()),
+    }
+}
+
+/// y = x · scale[c] + shift[c] (then max(y, 0) when `relu`) for a contiguous (N, C, spatial) x:
+/// evaluation-mode batch-norm in one pass. Gradients flow to x, scale and shift (and from those,
+/// through candle's ops on C values, to the weight and bias), e.g. for Grad-CAM or fine-tuning
+/// with frozen statistics.
+struct ChannelAffine {
+    spatial: usize,
+    relu: bool,
+}
+
+impl CustomOp3 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "mpcs-channel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let (scale, shift) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
+        let c = scale.len();
+        let mut y = vec![0f32; x.len()];
+        for (i, (out, block)) in y.chunks_exact_mut(self.spatial).zip(x.chunks_exact(self.spatial)).enumerate() {
+            let (a, b) = (scale[i % c], shift[i % c]);
+            if self.relu {
+                for (o, &v) in out.iter_mut().zip(block) {
+                    *o = (v * a + b).max(0.0);
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(block) {
+                    *o = v * a + b;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let sc = scale.to_vec1::<f32>()?;
+        let c = sc.len();
+        let s = self.spatial;
+        let (want_dx, want_params) = (x.track_op(), scale.track_op() || shift.track_op());
+        let (dx, dscale, dshift) = with_f32(x, |xs| {
+            with_f32(y, |ys| {
+                with_f32(&dy, |g| {
+                    let mut dx = if want_dx { vec![0f32; xs.len()] } else { Vec::new() };
+                    let (mut dscale, mut dshift) = (vec![0f64; c], vec![0f64; c]);
+                    for i in 0..xs.len() / s {
+                        let ch = i % c;
+                        let r = i * s..(i + 1) * s;
+                        let (xb, yb, gb) = (&xs[r.clone()], &ys[r.clone()], &g[r.clone()]);
+                        let (mut a, mut b) = (0f32, 0f32);
+                        for j in 0..s {
+                            let gv = if self.relu && yb[j] <= 0.0 { 0.0 } else { gb[j] };
+                            if want_dx {
+                                dx[i * s + j] = gv * sc[ch];
+                            }
+                            a += gv * xb[j];
+                            b += gv;
+                        }
+                        dscale[ch] += a as f64;
+                        dshift[ch] += b as f64;
+                    }
+                    let to_f32 = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect::<Vec<f32>>();
+                    (dx, to_f32(dscale), to_f32(dshift))
+                })
+            })
+        })
+        .flatten()
+        .flatten()
+        .ok_or_else(|| internal(self.name()))?;
+        let dev = x.device();
+        let dx = if want_dx { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
+        let (ds, dh) = if want_params {
+            (Some(Tensor::from_vec(dscale, c, dev)?), Some(Tensor::from_vec(dshift, c, dev)?))
+        } else {
+            (None, None)
+        };
+        Ok((dx, ds, dh))
     }
 }

@@ -2,6 +2,12 @@
 //! BatchNorm with PyTorch's train/eval semantics, the MPCS projector, the classification head,
 //! the contrastive losses, and weight import/export by torchvision names.
 //!
+//! For f32 tensors on the CPU the hot layers run as fused candle custom ops with hand-written
+//! backward passes: [`conv::conv2d`] (im2col + GEMM), max-pool, ReLU, add+ReLU and BatchNorm
+//! (+ReLU) in both modes; on other devices and dtypes the same functions use candle's composed ops.
+//! `MPCS_NN_REFERENCE=1` forces the composed ops everywhere (benchmarks' "before" figures).
+//! Figures: notes/speed.md; parity tests: tests/nn_fastconv.rs.
+//!
 //! Typical use (MPCS pretraining): one `VarMap`, the encoder under "encoder." and the projector
 //! under "projector.", ImageNet weights loaded into the encoder only, the trainable variables
 //! handed to the optimiser, the encoder saved as a plain torchvision state dict.
@@ -22,11 +28,14 @@
 //! ```
 
 pub mod batchnorm;
+pub mod conv;
+mod cpu;
 pub mod error;
 pub mod head;
 pub mod loss;
 pub mod pool;
 pub mod projector;
+pub mod relu;
 pub mod resnet;
 pub mod weights;
 

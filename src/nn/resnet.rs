@@ -6,11 +6,13 @@
 use std::str::FromStr;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, ModuleT, VarBuilder};
+use candle_nn::{Init, Linear, ModuleT, VarBuilder};
 
 use super::batchnorm::{into_candle, BatchNorm};
+use super::conv::conv2d;
 use super::error::{NnError, Result};
 use super::pool::max_pool2d_padded;
+use super::relu::add_relu;
 
 /// The supported depths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -120,6 +122,22 @@ impl Dilation {
     }
 }
 
+/// A bias-free convolution (parameter `weight`, (out, in, k, k) as torchvision), run through
+/// [`conv2d`]: the im2col + GEMM fast path on the CPU, candle's convolution elsewhere.
+#[derive(Clone, Debug)]
+struct Conv2d {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+}
+
+impl Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight, self.stride, self.padding, self.dilation)
+    }
+}
+
 /// A bias-free convolution initialised as torchvision does
 /// (kaiming normal, mode fan_out, ReLU gain) when the var builder creates it.
 fn conv(
@@ -133,9 +151,8 @@ fn conv(
 ) -> Result<Conv2d> {
     let fan_out = (c_out * k * k) as f64;
     let init = Init::Randn { mean: 0.0, stdev: (2.0 / fan_out).sqrt() };
-    let w = vb.get_with_hints((c_out, c_in, k, k), "weight", init)?;
-    let cfg = Conv2dConfig { padding, stride, dilation, groups: 1, cudnn_fwd_algo: None };
-    Ok(Conv2d::new(w, None, cfg))
+    let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", init)?;
+    Ok(Conv2d { weight, stride, padding, dilation })
 }
 
 /// torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
@@ -209,16 +226,18 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
-        if let Some((c3, b3)) = &self.conv3 {
-            y = b3.forward_t(&c3.forward(&y.relu()?)?, train)?;
-        }
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
+        let y = match &self.conv3 {
+            Some((c3, b3)) => {
+                b3.forward_t(&c3.forward(&self.bn2.forward_relu_t(&self.conv2.forward(&y)?, train)?)?, train)?
+            }
+            None => self.bn2.forward_t(&self.conv2.forward(&y)?, train)?,
+        };
         let identity = match &self.downsample {
             Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        Ok((y + identity)?.relu()?)
+        add_relu(&y, &identity)
     }
 }
 
@@ -314,7 +333,7 @@ impl ResNet {
                 x.dims()
             )));
         }
-        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         y = max_pool2d_padded(&y, 3, 2, 1)?;
         for layer in &self.layers {
             for block in layer {

@@ -1,0 +1,232 @@
+//! Training-step throughput on synthetic input (`mpcs bench train`, and benches/train_step.rs):
+//! a torchvision ResNet with a 10-class `fc`, cross-entropy, the project's Adam; per step the
+//! forward, backward and optimiser times. Synthetic data keeps the figure about the model alone
+//! (the loader has its own row in benches/train_step.rs).
+
+use std::io::Write;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::nn::{trainable_vars, Arch, Dilation, NnError, ResNet};
+use crate::optim::{Adam, AdamConfig, OptimError, Optimizer};
+
+/// Errors of the benchmarks.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("bench: {0}")]
+    Options(String),
+    #[error("bench: building or running the model failed: {0}")]
+    Nn(Box<NnError>),
+    #[error("bench: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("bench: optimiser step failed: {0}")]
+    Optim(#[from] OptimError),
+    #[error("bench: cannot write the report: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<NnError> for BenchError {
+    fn from(e: NnError) -> Self {
+        BenchError::Nn(Box::new(e))
+    }
+}
+
+/// What to run: `mpcs bench train --arch resnet18 --size 64 --batch 16 --steps 5 --threads 1`.
+#[derive(Clone, Debug)]
+pub struct TrainBenchOptions {
+    pub arch: Arch,
+    /// Square input side in pixels.
+    pub size: usize,
+    pub batch: usize,
+    /// Timed steps (after `warmup` untimed ones).
+    pub steps: usize,
+    pub warmup: usize,
+    /// CPU threads for candle and GEMM (sets RAYON_NUM_THREADS for this process); None keeps the
+    /// environment's setting.
+    pub threads: Option<usize>,
+}
+
+impl Default for TrainBenchOptions {
+    fn default() -> Self {
+        Self { arch: Arch::ResNet18, size: 64, batch: 16, steps: 5, warmup: 1, threads: None }
+    }
+}
+
+impl TrainBenchOptions {
+    fn validate(&self) -> Result<(), BenchError> {
+        if self.batch < 2 {
+            return Err(BenchError::Options(format!(
+                "--batch {} is too small: batch-norm in training mode needs at least 2",
+                self.batch
+            )));
+        }
+        if self.size < 32 {
+            return Err(BenchError::Options(format!("--size {} is too small for a ResNet; use 32 or more", self.size)));
+        }
+        if self.steps == 0 {
+            return Err(BenchError::Options("--steps must be at least 1".into()));
+        }
+        if self.threads == Some(0) {
+            return Err(BenchError::Options("--threads must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Seconds spent in each phase of one training step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepTimes {
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+}
+
+impl StepTimes {
+    pub fn total_s(&self) -> f64 {
+        self.forward_s + self.backward_s + self.optimizer_s
+    }
+}
+
+/// mimalloc's `mi_option_purge_delay` (the C enum's value in mimalloc 2 and 3).
+const MI_OPTION_PURGE_DELAY: i32 = 15;
+
+/// Tells mimalloc (the binaries' global allocator) never to return freed memory to the OS.
+/// Why: a training step frees and reallocates its activations (hundreds of MB for a ResNet-50 at
+/// 224) every step; with the default 10 ms purge delay each step faults them in again, and the
+/// kernel's page zeroing was half of a ResNet-50 inference profile. The resident size then stays at
+/// the peak, which a training process reaches every step anyway. Call it first thing in `main`.
+pub fn keep_freed_memory() {
+    extern "C" {
+        fn mi_option_set(option: i32, value: std::os::raw::c_long);
+    }
+    // Referencing the allocator type keeps the mimalloc library linked into every binary.
+    let _allocator = mimalloc::MiMalloc;
+    // SAFETY: mi_option_set only stores an integer option; any option/value pair is accepted.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
+const CLASSES: usize = 10;
+
+/// A model with a 10-class head, its Adam, a random batch and labels.
+struct Setup {
+    model: ResNet,
+    opt: Adam,
+    x: Tensor,
+    labels: Tensor,
+}
+
+fn setup(opts: &TrainBenchOptions) -> Result<Setup, BenchError> {
+    opts.validate()?;
+    if let Some(t) = opts.threads {
+        // candle reads the thread count from this variable at every op, gemm through candle's value.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let model = ResNet::new(opts.arch, vb, Some(CLASSES), Dilation::None)?;
+    let opt = Adam::new(trainable_vars(&varmap, ""), AdamConfig::default())?;
+    let x = Tensor::randn(0f32, 1f32, (opts.batch, 3, opts.size, opts.size), &dev)?;
+    let labels =
+        Tensor::from_vec((0..opts.batch as u32).map(|i| i % CLASSES as u32).collect::<Vec<_>>(), opts.batch, &dev)?;
+    Ok(Setup { model, opt, x, labels })
+}
+
+fn step(s: &mut Setup) -> Result<StepTimes, BenchError> {
+    let t0 = Instant::now();
+    let logits = s.model.forward_t(&s.x, true)?;
+    let loss = candle_nn::loss::cross_entropy(&logits, &s.labels)?;
+    // Reading the loss forces nothing extra on the CPU (ops are eager) but checks it is finite.
+    let value = loss.to_scalar::<f32>()?;
+    if !value.is_finite() {
+        return Err(BenchError::Options(format!("the loss became {value}; the model diverged")));
+    }
+    let t1 = Instant::now();
+    let grads = loss.backward()?;
+    let t2 = Instant::now();
+    s.opt.step(&grads)?;
+    drop(grads);
+    let t3 = Instant::now();
+    Ok(StepTimes {
+        forward_s: (t1 - t0).as_secs_f64(),
+        backward_s: (t2 - t1).as_secs_f64(),
+        optimizer_s: (t3 - t2).as_secs_f64(),
+    })
+}
+
+/// Runs `warmup` then `steps` training steps and returns the timed ones.
+pub fn measure_train_steps(opts: &TrainBenchOptions) -> Result<Vec<StepTimes>, BenchError> {
+    let mut s = setup(opts)?;
+    for _ in 0..opts.warmup {
+        step(&mut s)?;
+    }
+    (0..opts.steps).map(|_| step(&mut s)).collect()
+}
+
+/// Seconds per batch of forward-only inference (eval mode, no graph kept), averaged over `steps`.
+pub fn measure_inference(opts: &TrainBenchOptions) -> Result<f64, BenchError> {
+    let s = setup(opts)?;
+    let run = || -> Result<(), BenchError> {
+        let y = s.model.forward_t(&s.x.detach(), false)?;
+        y.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    };
+    for _ in 0..opts.warmup {
+        run()?;
+    }
+    let t = Instant::now();
+    for _ in 0..opts.steps {
+        run()?;
+    }
+    Ok(t.elapsed().as_secs_f64() / opts.steps as f64)
+}
+
+/// `mpcs bench train`: one line per timed step, then a summary; the LAST line is exactly
+/// `images_per_s=<number>` (training images per second over the timed steps). Returns that number.
+pub fn train_bench(opts: &TrainBenchOptions, out: &mut dyn Write) -> Result<f64, BenchError> {
+    let mut s = setup(opts)?;
+    writeln!(
+        out,
+        "bench train: {} {}x{} batch {}, {} thread(s), {} warm-up + {} timed step(s), Adam",
+        opts.arch,
+        opts.size,
+        opts.size,
+        opts.batch,
+        candle_core::utils::get_num_threads(),
+        opts.warmup,
+        opts.steps
+    )?;
+    for i in 0..opts.warmup {
+        let t = step(&mut s)?;
+        writeln!(out, "warm-up {}: {:.1} ms", i + 1, t.total_s() * 1e3)?;
+    }
+    let mut total = StepTimes::default();
+    for i in 0..opts.steps {
+        let t = step(&mut s)?;
+        writeln!(
+            out,
+            "step {}: forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms, {:.1} images/s",
+            i + 1,
+            t.forward_s * 1e3,
+            t.backward_s * 1e3,
+            t.optimizer_s * 1e3,
+            opts.batch as f64 / t.total_s()
+        )?;
+        total.forward_s += t.forward_s;
+        total.backward_s += t.backward_s;
+        total.optimizer_s += t.optimizer_s;
+    }
+    let n = opts.steps as f64;
+    let images_per_s = opts.batch as f64 * n / total.total_s();
+    writeln!(
+        out,
+        "mean: forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
+        total.forward_s / n * 1e3,
+        total.backward_s / n * 1e3,
+        total.optimizer_s / n * 1e3
+    )?;
+    writeln!(out, "images_per_s={images_per_s:.2}")?;
+    Ok(images_per_s)
+}

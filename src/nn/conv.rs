@@ -1,0 +1,556 @@
+//! A fast 2-D convolution for f32 tensors on the CPU: im2col + GEMM for the forward pass, GEMM +
+//! col2im for the input gradient and im2col + GEMM for the weight gradient.
+//!
+//! Why: candle 0.11 computes the input gradient of `conv2d` with a direct-loop `conv_transpose2d`
+//! that is 4-8× slower than PyTorch, and that single op dominated a ResNet training step on the
+//! CPU. Every product here goes through the `gemm` crate (the one candle's matmul uses).
+//! 1×1 stride-1 convolutions skip im2col: the input already is the column matrix.
+//! On other devices or dtypes [`conv2d`] falls back to candle's own `Tensor::conv2d`, so GPU
+//! training is unchanged. Only `groups = 1` (all that torchvision's ResNets use).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use gemm::Parallelism;
+
+use super::error::{NnError, Result};
+
+/// Convolution geometry for one call: input (n, c, h, w), weight (o, c, kh, kw).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    fn new(x: &[usize], k: &[usize], stride: usize, padding: usize, dilation: usize) -> Result<Self> {
+        let bad = |msg: String| Err(NnError::InvalidInput(msg));
+        if x.len() != 4 || k.len() != 4 {
+            return bad(format!("conv2d expects a (N, C, H, W) input and (O, C, KH, KW) weight, got {x:?} and {k:?}"));
+        }
+        if x[1] != k[1] {
+            return bad(format!("conv2d: the input has {} channels but the weight expects {}", x[1], k[1]));
+        }
+        if stride == 0 || dilation == 0 {
+            return bad(format!("conv2d: stride ({stride}) and dilation ({dilation}) must be at least 1"));
+        }
+        let span = |k: usize| dilation * (k - 1) + 1;
+        let (ph, pw) = (x[2] + 2 * padding, x[3] + 2 * padding);
+        if k[2] == 0 || k[3] == 0 || ph < span(k[2]) || pw < span(k[3]) {
+            return bad(format!(
+                "conv2d: kernel {}x{} with dilation {dilation} does not fit the padded input {ph}x{pw}",
+                k[2], k[3]
+            ));
+        }
+        Ok(Self {
+            n: x[0],
+            c: x[1],
+            h: x[2],
+            w: x[3],
+            o: k[0],
+            kh: k[2],
+            kw: k[3],
+            stride,
+            padding,
+            dilation,
+            oh: (ph - span(k[2])) / stride + 1,
+            ow: (pw - span(k[3])) / stride + 1,
+        })
+    }
+
+    /// Rows of the column matrix: c * kh * kw.
+    fn ckk(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Output positions per image.
+    fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// A 1×1, stride-1, unpadded convolution: the input image is its own column matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Images per GEMM: enough that the GEMM's column count (chunk * p) is not tiny (the deep
+    /// layers of a 64×64 ResNet have 2×2 maps), one image otherwise (less memory, and the result
+    /// lands in place without a scatter).
+    fn chunk(&self) -> usize {
+        const MIN_COLS: usize = 256;
+        MIN_COLS.div_ceil(self.p()).clamp(1, self.n.max(1))
+    }
+}
+
+/// false when the environment sets `MPCS_NN_REFERENCE=1`: every layer then runs through candle's
+/// own ops (the "before" column of the benchmarks; read once per process).
+pub fn fast_paths_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MPCS_NN_REFERENCE").map_or(true, |v| v.is_empty() || v == "0"))
+}
+
+fn parallelism() -> Parallelism {
+    let threads = candle_core::utils::get_num_threads();
+    if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// Row-major matrix view: data, row stride, column stride.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+// A BLAS-style signature: the sizes and the three matrices read best side by side.
+#[allow(clippy::too_many_arguments)]
+/// dst (m × n, row-major with row stride `dst_rs`) = a (m × k) · b (k × n), or += when `accumulate`.
+fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], dst_rs: usize, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Bounds the raw-pointer GEMM below relies on.
+    assert!(k == 0 || (a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs));
+    assert!(k == 0 || (b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs));
+    assert!(dst.len() >= (m - 1) * dst_rs + n);
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every index the GEMM touches inside the slices; `dst` is
+    // borrowed mutably and does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+/// Writes the column matrix of images `first..first + count` of `x` into `col`
+/// ((c·kh·kw) × (count·p), row-major): col[(ci, ki, kj), (img, oy, ox)] = x[img, ci, iy, ix]
+/// with iy = oy·s − pad + ki·d (zero outside the image).
+fn im2col(g: &Geometry, x: &[f32], first: usize, count: usize, col: &mut [f32]) {
+    let (p, cols) = (g.p(), count * g.p());
+    let img_len = g.c * g.h * g.w;
+    for ci in 0..g.c {
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = (ci * g.kh + ki) * g.kw + kj;
+                let dst_row = &mut col[row * cols..(row + 1) * cols];
+                let (ox_lo, ox_hi) = valid_range(g.ow, g.w, g.stride, g.padding, kj * g.dilation);
+                for img in 0..count {
+                    let plane = &x[(first + img) * img_len + ci * g.h * g.w..][..g.h * g.w];
+                    let dst_img = &mut dst_row[img * p..(img + 1) * p];
+                    for oy in 0..g.oh {
+                        let dst = &mut dst_img[oy * g.ow..(oy + 1) * g.ow];
+                        let iy = (oy * g.stride + ki * g.dilation) as isize - g.padding as isize;
+                        if iy < 0 || iy >= g.h as isize || ox_lo >= ox_hi {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        dst[..ox_lo].fill(0.0);
+                        dst[ox_hi..].fill(0.0);
+                        let ix0 = ox_lo * g.stride + kj * g.dilation - g.padding;
+                        if g.stride == 1 {
+                            dst[ox_lo..ox_hi].copy_from_slice(&src[ix0..ix0 + (ox_hi - ox_lo)]);
+                        } else {
+                            for (d, s) in dst[ox_lo..ox_hi].iter_mut().zip(src[ix0..].iter().step_by(g.stride)) {
+                                *d = *s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The inverse scatter of [`im2col`]: adds col's entries into dx (images `first..first + count`).
+fn col2im(g: &Geometry, col: &[f32], first: usize, count: usize, dx: &mut [f32]) {
+    let (p, cols) = (g.p(), count * g.p());
+    let img_len = g.c * g.h * g.w;
+    for ci in 0..g.c {
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = (ci * g.kh + ki) * g.kw + kj;
+                let src_row = &col[row * cols..(row + 1) * cols];
+                let (ox_lo, ox_hi) = valid_range(g.ow, g.w, g.stride, g.padding, kj * g.dilation);
+                if ox_lo >= ox_hi {
+                    continue;
+                }
+                for img in 0..count {
+                    let plane = &mut dx[(first + img) * img_len + ci * g.h * g.w..][..g.h * g.w];
+                    let src_img = &src_row[img * p..(img + 1) * p];
+                    for oy in 0..g.oh {
+                        let iy = (oy * g.stride + ki * g.dilation) as isize - g.padding as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let src = &src_img[oy * g.ow + ox_lo..oy * g.ow + ox_hi];
+                        let dst = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        let ix0 = ox_lo * g.stride + kj * g.dilation - g.padding;
+                        if g.stride == 1 {
+                            for (d, s) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                                *d += *s;
+                            }
+                        } else {
+                            for (d, s) in dst[ix0..].iter_mut().step_by(g.stride).zip(src) {
+                                *d += *s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Output columns `ox_lo..ox_hi` whose input column `ox·s − pad + offset` lies inside `0..w`.
+fn valid_range(ow: usize, w: usize, stride: usize, padding: usize, offset: usize) -> (usize, usize) {
+    // ix >= 0  ⇔  ox·s >= pad − offset
+    let lo = padding.saturating_sub(offset).div_ceil(stride);
+    // ix <= w − 1  ⇔  ox·s <= w − 1 + pad − offset
+    let hi = if w + padding > offset { ((w - 1 + padding - offset) / stride + 1).min(ow) } else { 0 };
+    (lo.min(ow), hi.max(lo.min(ow)))
+}
+
+/// Copies (o × (count·p)) chunk results into the (n, o, p) output, or gathers the reverse.
+fn scatter_chunk(g: &Geometry, chunk: &[f32], first: usize, count: usize, out: &mut [f32]) {
+    let (p, cols) = (g.p(), count * g.p());
+    for img in 0..count {
+        for oc in 0..g.o {
+            out[((first + img) * g.o + oc) * p..][..p].copy_from_slice(&chunk[oc * cols + img * p..][..p]);
+        }
+    }
+}
+
+fn gather_chunk(g: &Geometry, src: &[f32], first: usize, count: usize, chunk: &mut [f32]) {
+    let (p, cols) = (g.p(), count * g.p());
+    for img in 0..count {
+        for oc in 0..g.o {
+            chunk[oc * cols + img * p..][..p].copy_from_slice(&src[((first + img) * g.o + oc) * p..][..p]);
+        }
+    }
+}
+
+/// Forward: y (n, o, oh, ow) from x (n, c, h, w) and weight (o, c·kh·kw).
+fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
+    let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
+    let mut y = vec![0f32; g.n * g.o * p];
+    let wm = Mat { data: wt, rs: ckk, cs: 1 };
+    let mut col = if g.pointwise() { Vec::new() } else { vec![0f32; ckk * chunk * p] };
+    let mut tmp = if chunk > 1 { vec![0f32; g.o * chunk * p] } else { Vec::new() };
+    let mut first = 0;
+    while first < g.n {
+        let count = chunk.min(g.n - first);
+        let cols = count * p;
+        let b = if g.pointwise() && count == 1 {
+            Mat { data: &x[first * ckk * p..], rs: p, cs: 1 }
+        } else if g.pointwise() {
+            // Pointwise with several images: gather the images side by side (c × count·p).
+            gather_images(g, x, first, count, &mut col);
+            Mat { data: &col, rs: cols, cs: 1 }
+        } else {
+            im2col(g, x, first, count, &mut col);
+            Mat { data: &col, rs: cols, cs: 1 }
+        };
+        if count == 1 {
+            sgemm(g.o, cols, ckk, wm, b, &mut y[first * g.o * p..], p, false);
+        } else {
+            sgemm(g.o, cols, ckk, wm, b, &mut tmp, cols, false);
+            scatter_chunk(g, &tmp, first, count, &mut y);
+        }
+        first += count;
+    }
+    y
+}
+
+/// Input images `first..first + count` side by side: (c × count·p), for pointwise convolutions.
+fn gather_images(g: &Geometry, x: &[f32], first: usize, count: usize, col: &mut Vec<f32>) {
+    let (p, cols) = (g.p(), count * g.p());
+    col.resize(g.c * cols, 0.0);
+    for img in 0..count {
+        for ci in 0..g.c {
+            col[ci * cols + img * p..][..p].copy_from_slice(&x[((first + img) * g.c + ci) * p..][..p]);
+        }
+    }
+}
+
+/// Input gradient: dx (n, c, h, w) from dy (n, o, oh, ow) and weight (o, c·kh·kw).
+fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
+    let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
+    let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
+    // Wᵀ: (c·kh·kw) × o through strides, no copy.
+    let wtm = Mat { data: wt, rs: 1, cs: ckk };
+    let mut col = vec![0f32; if g.pointwise() && chunk == 1 { 0 } else { ckk * chunk * p }];
+    let mut tmp = if chunk > 1 { vec![0f32; g.o * chunk * p] } else { Vec::new() };
+    let mut first = 0;
+    while first < g.n {
+        let count = chunk.min(g.n - first);
+        let cols = count * p;
+        let b = if count == 1 {
+            Mat { data: &dy[first * g.o * p..], rs: p, cs: 1 }
+        } else {
+            gather_chunk(g, dy, first, count, &mut tmp);
+            Mat { data: &tmp, rs: cols, cs: 1 }
+        };
+        if g.pointwise() && count == 1 {
+            sgemm(ckk, cols, g.o, wtm, b, &mut dx[first * ckk * p..], p, false);
+        } else if g.pointwise() {
+            sgemm(ckk, cols, g.o, wtm, b, &mut col, cols, false);
+            for img in 0..count {
+                for ci in 0..g.c {
+                    dx[((first + img) * g.c + ci) * p..][..p].copy_from_slice(&col[ci * cols + img * p..][..p]);
+                }
+            }
+        } else {
+            sgemm(ckk, cols, g.o, wtm, b, &mut col, cols, false);
+            col2im(g, &col, first, count, &mut dx);
+        }
+        first += count;
+    }
+    dx
+}
+
+/// Weight gradient: dw (o, c·kh·kw) = Σ over images of dy_img (o × p) · col_imgᵀ (p × c·kh·kw).
+fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
+    let mut dw = vec![0f32; g.o * ckk];
+    let mut col = if g.pointwise() { Vec::new() } else { vec![0f32; ckk * chunk * p] };
+    let mut tmp = if chunk > 1 { vec![0f32; g.o * chunk * p] } else { Vec::new() };
+    let mut first = 0;
+    while first < g.n {
+        let count = chunk.min(g.n - first);
+        let cols = count * p;
+        let a = if count == 1 {
+            Mat { data: &dy[first * g.o * p..], rs: p, cs: 1 }
+        } else {
+            gather_chunk(g, dy, first, count, &mut tmp);
+            Mat { data: &tmp, rs: cols, cs: 1 }
+        };
+        // colᵀ: (count·p) × (c·kh·kw) through strides.
+        let b = if g.pointwise() && count == 1 {
+            Mat { data: &x[first * ckk * p..], rs: 1, cs: p }
+        } else {
+            if g.pointwise() {
+                gather_images(g, x, first, count, &mut col);
+            } else {
+                im2col(g, x, first, count, &mut col);
+            }
+            Mat { data: &col, rs: 1, cs: cols }
+        };
+        sgemm(g.o, ckk, cols, a, b, &mut dw, ckk, first > 0);
+        first += count;
+    }
+    dw
+}
+
+/// The contiguous f32 data of a CPU storage, or an error naming the op.
+fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: only f32 is supported on the CPU fast path, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: expects contiguous tensors"),
+    }
+}
+
+fn geometry(x: &[usize], k: &[usize], op: &Conv2dOp) -> candle_core::Result<Geometry> {
+    Geometry::new(x, k, op.stride, op.padding, op.dilation).map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+/// The differentiable convolution (x, weight) → y.
+#[derive(Clone, Copy, Debug)]
+struct Conv2dOp {
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "mpcs-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = geometry(l1.dims(), l2.dims(), self)?;
+        let y = forward(&g, f32_data(s1, l1, self.name())?, f32_data(s2, l2, self.name())?);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        // An input that tracks no gradient (the image batch into the stem) needs no input gradient:
+        // skipping it saves the largest col2im of the network.
+        let dx = if x.track_op() {
+            Some(dy.apply_op2_no_bwd(w, &InputGrad { op: *self, x_dims: x.dims4()? })?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&dy, &WeightGrad { op: *self, w_dims: w.dims4()? })?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// (dy, weight) → dx.
+struct InputGrad {
+    op: Conv2dOp,
+    x_dims: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "mpcs-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = self.x_dims;
+        let g = geometry(&[n, c, h, w], l2.dims(), &self.op)?;
+        if l1.dims() != [g.n, g.o, g.oh, g.ow] {
+            candle_core::bail!(
+                "{}: gradient shape {:?} does not match the output {:?}",
+                self.name(),
+                l1.dims(),
+                (g.n, g.o, g.oh, g.ow)
+            );
+        }
+        let dx = input_grad(&g, f32_data(s1, l1, self.name())?, f32_data(s2, l2, self.name())?);
+        Ok((CpuStorage::F32(dx), Shape::from(self.x_dims)))
+    }
+}
+
+/// (x, dy) → dweight.
+struct WeightGrad {
+    op: Conv2dOp,
+    w_dims: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "mpcs-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (o, c, kh, kw) = self.w_dims;
+        let g = geometry(l1.dims(), &[o, c, kh, kw], &self.op)?;
+        if l2.dims() != [g.n, g.o, g.oh, g.ow] {
+            candle_core::bail!(
+                "{}: gradient shape {:?} does not match the output {:?}",
+                self.name(),
+                l2.dims(),
+                (g.n, g.o, g.oh, g.ow)
+            );
+        }
+        let dw = weight_grad(&g, f32_data(s1, l1, self.name())?, f32_data(s2, l2, self.name())?);
+        Ok((CpuStorage::F32(dw), Shape::from(self.w_dims)))
+    }
+}
+
+/// `groups = 1` convolution of x (N, C, H, W) with weight (O, C, KH, KW), no bias, as
+/// `torch.nn.functional.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)`.
+/// f32 on the CPU takes the im2col + GEMM path; anything else candle's `conv2d`.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
+    // Validates the shapes (clear errors instead of candle's) on every path.
+    Geometry::new(x.dims(), w.dims(), stride, padding, dilation)?;
+    let fast =
+        fast_paths_enabled() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    if !fast || x.elem_count() == 0 || w.elem_count() == 0 {
+        return Ok(x.conv2d(w, padding, stride, dilation, 1)?);
+    }
+    let op = Conv2dOp { stride, padding, dilation };
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+}
+
+/// candle's own convolution (the reference the fast path is tested against, and the GPU path).
+pub fn conv2d_candle(x: &Tensor, w: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
+    Ok(x.conv2d(w, padding, stride, dilation, 1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_range_matches_brute_force() {
+        for w in 1..9 {
+            for s in 1..4 {
+                for pad in 0..4 {
+                    for off in 0..7 {
+                        let ow = 12;
+                        let (lo, hi) = valid_range(ow, w, s, pad, off);
+                        for ox in 0..ow {
+                            let ix = (ox * s + off) as isize - pad as isize;
+                            let inside = ix >= 0 && ix < w as isize;
+                            assert_eq!(inside, ox >= lo && ox < hi, "w {w} s {s} pad {pad} off {off} ox {ox}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Parity of the CPU fast paths in `mpcs::nn` (im2col + GEMM convolution, max pooling with
+//! argmax backward) against candle's own composed ops: values and gradients (input and weight)
+//! on random inputs with odd sizes, strides, padding, dilation 2 and 4, 1×1 and 7×7 kernels.
+
+use candle_core::{Device, Tensor, Var};
+use mpcs::nn::conv::{conv2d, conv2d_candle};
+
+type R<T> = anyhow::Result<T>;
+
+/// Largest |a - b| relative to the largest |b| (1 when b is all zeros).
+fn rel_err(a: &Tensor, b: &Tensor) -> R<f32> {
+    assert_eq!(a.dims(), b.dims());
+    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+    Ok(diff / scale)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    dil: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+const fn case(
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    dil: usize,
+) -> Case {
+    Case { n, c, h, w, o, k, stride, pad, dil }
+}
+
+const CASES: &[Case] = &[
+    case(2, 3, 13, 11, 5, 3, 1, 1, 1), // 3×3, odd sizes
+    case(3, 4, 17, 15, 6, 3, 2, 1, 1), // stride 2
+    case(2, 5, 19, 19, 4, 3, 1, 2, 2), // dilation 2 (torchvision's dilated ResNet)
+    case(2, 3, 23, 21, 4, 3, 1, 4, 4), // dilation 4
+    case(2, 3, 29, 27, 8, 7, 2, 3, 1), // the 7×7 stride-2 stem
+    case(3, 8, 9, 7, 5, 1, 1, 0, 1),   // pointwise: no im2col
+    case(3, 8, 9, 7, 5, 1, 2, 0, 1),   // 1×1 stride 2 (downsample)
+    case(2, 3, 6, 5, 4, 3, 1, 0, 1),   // no padding
+    case(33, 6, 3, 3, 5, 3, 1, 1, 1),  // tiny maps: several images per GEMM, with a remainder
+    case(30, 6, 3, 3, 5, 1, 1, 0, 1),  // pointwise, chunked, remainder of one image
+    case(30, 6, 4, 4, 5, 3, 2, 1, 1),  // stride 2 to a 2×2 map, chunked
+    case(2, 4, 5, 5, 3, 3, 3, 2, 2),   // stride 3 with dilation 2
+];
+
+#[test]
+fn conv2d_forward_matches_candle() -> R<()> {
+    let dev = Device::Cpu;
+    for c in CASES {
+        let x = Tensor::randn(0f32, 1f32, (c.n, c.c, c.h, c.w), &dev)?;
+        let w = Tensor::randn(0f32, 1f32, (c.o, c.c, c.k, c.k), &dev)?;
+        let fast = conv2d(&x, &w, c.stride, c.pad, c.dil)?;
+        let reference = conv2d_candle(&x, &w, c.stride, c.pad, c.dil)?;
+        let e = rel_err(&fast, &reference)?;
+        assert!(e < 1e-5, "{c:?}: forward relative error {e}");
+    }
+    Ok(())
+}
+
+/// Gradients of sum(conv(x, w) * r) for a random r, through both implementations.
+#[test]
+fn conv2d_gradients_match_candle() -> R<()> {
+    let dev = Device::Cpu;
+    for c in CASES {
+        let x0 = Tensor::randn(0f32, 1f32, (c.n, c.c, c.h, c.w), &dev)?;
+        let w0 = Tensor::randn(0f32, 1f32, (c.o, c.c, c.k, c.k), &dev)?;
+        let run = |fast: bool| -> R<(Tensor, Tensor, Tensor)> {
+            let x = Var::from_tensor(&x0)?;
+            let w = Var::from_tensor(&w0)?;
+            let y = if fast {
+                conv2d(x.as_tensor(), w.as_tensor(), c.stride, c.pad, c.dil)?
+            } else {
+                conv2d_candle(x.as_tensor(), w.as_tensor(), c.stride, c.pad, c.dil)?
+            };
+            Ok((x.as_tensor().clone(), w.as_tensor().clone(), y))
+        };
+        let (xf, wf, yf) = run(true)?;
+        let (xr, wr, yr) = run(false)?;
+        let r = Tensor::randn(0f32, 1f32, yf.dims(), &dev)?;
+        let gf = (yf * &r)?.sum_all()?.backward()?;
+        let gr = (yr * &r)?.sum_all()?.backward()?;
+        let e = rel_err(gf.get(&xf).expect("fast dx"), gr.get(&xr).expect("candle dx"))?;
+        assert!(e < 1e-5, "{c:?}: input-gradient relative error {e}");
+        let e = rel_err(gf.get(&wf).expect("fast dw"), gr.get(&wr).expect("candle dw"))?;
+        assert!(e < 1e-5, "{c:?}: weight-gradient relative error {e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn conv2d_input_without_gradient_still_gives_weight_gradient() -> R<()> {
+    // The stem's input (the image batch) tracks no gradient: the fast path skips its input
+    // gradient but must still give the weight's.
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 21, 19), &dev)?;
+    let w = Var::randn(0f32, 1f32, (6, 3, 7, 7), &dev)?;
+    let yf = conv2d(&x, w.as_tensor(), 2, 3, 1)?;
+    let yr = conv2d_candle(&x, w.as_tensor(), 2, 3, 1)?;
+    let r = Tensor::randn(0f32, 1f32, yf.dims(), &dev)?;
+    let gf = (yf * &r)?.sum_all()?.backward()?;
+    let gr = (yr * &r)?.sum_all()?.backward()?;
+    assert!(gf.get(&x).is_none());
+    let e = rel_err(gf.get(w.as_tensor()).expect("fast dw"), gr.get(w.as_tensor()).expect("candle dw"))?;
+    assert!(e < 1e-5, "weight-gradient relative error {e}");
+    Ok(())
+}
+
+#[test]
+fn conv2d_accepts_non_contiguous_input_and_rejects_bad_shapes() -> R<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 9, 11), &dev)?.transpose(2, 3)?; // (2, 3, 11, 9), strided
+    let w = Tensor::randn(0f32, 1f32, (4, 3, 3, 3), &dev)?;
+    let e = rel_err(&conv2d(&x, &w, 1, 1, 1)?, &conv2d_candle(&x.contiguous()?, &w, 1, 1, 1)?)?;
+    assert!(e < 1e-5, "strided input: relative error {e}");
+    // Channel mismatch and a kernel larger than the padded input are errors, not panics.
+    let w_bad = Tensor::randn(0f32, 1f32, (4, 5, 3, 3), &dev)?;
+    assert!(conv2d(&x, &w_bad, 1, 1, 1).is_err());
+    let w_big = Tensor::randn(0f32, 1f32, (4, 3, 15, 15), &dev)?;
+    assert!(conv2d(&x, &w_big, 1, 0, 1).is_err());
+    Ok(())
+}
+
+// ---- max pool, ReLU, BatchNorm: fused CPU ops against candle's composed ops ----
+
+use candle_core::DType;
+use candle_nn::{VarBuilder, VarMap};
+use mpcs::nn::pool::{max_pool2d_composed, max_pool2d_padded};
+use mpcs::nn::relu::{add_relu, relu};
+use mpcs::nn::BatchNorm;
+
+#[test]
+fn max_pool_values_and_gradients_match_composed() -> R<()> {
+    let dev = Device::Cpu;
+    // (shape, kernel, stride, padding): the stem's 3/2/1 on odd and even sizes, and others.
+    let cases = [((2, 3, 9, 11), 3, 2, 1), ((2, 2, 8, 8), 3, 2, 1), ((1, 4, 7, 6), 2, 2, 0), ((2, 3, 10, 9), 3, 1, 1)];
+    for (shape, k, s, p) in cases {
+        // Random values have no ties, so both tie rules give the same gradient.
+        let x = Var::randn(0f32, 1f32, shape, &dev)?;
+        let yf = max_pool2d_padded(x.as_tensor(), k, s, p)?;
+        let yr = max_pool2d_composed(x.as_tensor(), k, s, p)?;
+        assert_eq!(rel_err(&yf, &yr)?, 0.0, "{shape:?} k{k} s{s} p{p}: values");
+        let r = Tensor::randn(0f32, 1f32, yf.dims(), &dev)?;
+        let gf = (yf * &r)?.sum_all()?.backward()?;
+        let gr = (yr * &r)?.sum_all()?.backward()?;
+        let e = rel_err(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap())?;
+        assert!(e < 1e-6, "{shape:?} k{k} s{s} p{p}: gradient relative error {e}");
+    }
+    // Ties (a constant input): PyTorch's rule, the whole gradient to the first maximum.
+    let x = Var::from_tensor(&Tensor::ones((1, 1, 4, 4), DType::F32, &dev)?)?;
+    let g = max_pool2d_padded(x.as_tensor(), 2, 2, 0)?.sum_all()?.backward()?;
+    let gx = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+    let expected = [1., 0., 1., 0., 0., 0., 0., 0., 1., 0., 1., 0., 0., 0., 0., 0.];
+    assert_eq!(gx, expected);
+    Ok(())
+}
+
+#[test]
+fn relu_values_and_gradient_match_candle() -> R<()> {
+    let dev = Device::Cpu;
+    let x = Var::randn(0f32, 1f32, (3, 4, 5, 7), &dev)?;
+    let yf = relu(x.as_tensor())?;
+    let yr = x.as_tensor().relu()?;
+    assert_eq!(rel_err(&yf, &yr)?, 0.0);
+    let r = Tensor::randn(0f32, 1f32, yf.dims(), &dev)?;
+    let gf = (yf * &r)?.sum_all()?.backward()?;
+    let gr = (yr * &r)?.sum_all()?.backward()?;
+    assert_eq!(rel_err(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap())?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn batchnorm_train_fused_matches_composed() -> R<()> {
+    let dev = Device::Cpu;
+    for (shape, with_relu) in [
+        (vec![4usize, 5, 7, 3], false),
+        (vec![6, 5], false),
+        (vec![2, 5, 1, 1], false),
+        (vec![4, 5, 7, 3], true),
+        (vec![6, 5], true),
+    ] {
+        let x0 = (Tensor::randn(0f32, 2f32, shape.as_slice(), &dev)? + 0.7)?;
+        let r = Tensor::randn(0f32, 1f32, shape.as_slice(), &dev)?;
+        let (w0, b0) = (Tensor::randn(0f32, 1f32, 5, &dev)?, Tensor::randn(0f32, 1f32, 5, &dev)?);
+        let run = |fused: bool| -> R<(Tensor, Vec<Tensor>, Tensor, Tensor)> {
+            let vm = VarMap::new();
+            let bn = BatchNorm::new(5, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+            // Non-trivial affine parameters.
+            for (name, var) in vm.data().lock().unwrap().iter() {
+                match name.as_str() {
+                    "weight" => var.set(&w0)?,
+                    "bias" => var.set(&b0)?,
+                    _ => {}
+                }
+            }
+            let x = Var::from_tensor(&x0)?;
+            let y = match (fused, with_relu) {
+                (true, false) => bn.forward_train(x.as_tensor())?,
+                (true, true) => bn.forward_relu_t(x.as_tensor(), true)?,
+                (false, false) => bn.forward_train_composed(x.as_tensor())?,
+                (false, true) => bn.forward_train_composed(x.as_tensor())?.relu()?,
+            };
+            let g = (&y * &r)?.sum_all()?.backward()?;
+            let data = vm.data().lock().unwrap();
+            let grads = vec![
+                g.get(x.as_tensor()).unwrap().clone(),
+                g.get(data["weight"].as_tensor()).unwrap().clone(),
+                g.get(data["bias"].as_tensor()).unwrap().clone(),
+            ];
+            Ok((y, grads, bn.running_mean().clone(), bn.running_var().clone()))
+        };
+        let (yf, gf, mf, vf) = run(true)?;
+        let (yr, gr, mr, vr) = run(false)?;
+        let e = rel_err(&yf, &yr)?;
+        assert!(e < 1e-5, "{shape:?} relu {with_relu}: values, relative error {e}");
+        for (name, (a, b)) in ["x", "weight", "bias"].iter().zip(gf.iter().zip(&gr)) {
+            let e = rel_err(a, b)?;
+            assert!(e < 1e-4, "{shape:?} relu {with_relu}: gradient of {name}, relative error {e}");
+        }
+        assert!(rel_err(&mf, &mr)? < 1e-6 && rel_err(&vf, &vr)? < 1e-6, "{shape:?}: running statistics");
+    }
+    Ok(())
+}
+
+#[test]
+fn add_relu_matches_candle() -> R<()> {
+    let dev = Device::Cpu;
+    let a = Var::randn(0f32, 1f32, (2, 3, 5, 4), &dev)?;
+    let b = Var::randn(0f32, 1f32, (2, 3, 5, 4), &dev)?;
+    let yf = add_relu(a.as_tensor(), b.as_tensor())?;
+    let yr = (a.as_tensor() + b.as_tensor())?.relu()?;
+    assert_eq!(rel_err(&yf, &yr)?, 0.0);
+    let r = Tensor::randn(0f32, 1f32, yf.dims(), &dev)?;
+    let gf = (yf * &r)?.sum_all()?.backward()?;
+    let gr = (yr * &r)?.sum_all()?.backward()?;
+    for v in [&a, &b] {
+        assert_eq!(rel_err(gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap())?, 0.0);
+    }
+    Ok(())
+}
+
+#[test]
+fn train_bench_reports_images_per_s_on_its_last_line() -> R<()> {
+    use mpcs::bench::{train_bench, TrainBenchOptions};
+    let opts = TrainBenchOptions { size: 32, batch: 2, steps: 2, ..Default::default() };
+    let mut out = Vec::new();
+    let ips = train_bench(&opts, &mut out)?;
+    let text = String::from_utf8(out)?;
+    let last = text.lines().last().unwrap();
+    let value: f64 = last.strip_prefix("images_per_s=").expect("last line is images_per_s=<n>").parse()?;
+    assert!(ips.is_finite() && ips > 0.0 && (value - ips).abs() <= 0.01 * ips, "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("step ")).count(), 2, "{text}");
+    // Bad options are errors that say what to change.
+    let bad = TrainBenchOptions { batch: 1, ..opts };
+    let err = train_bench(&bad, &mut Vec::new()).unwrap_err().to_string();
+    assert!(err.contains("--batch"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn batchnorm_eval_fused_matches_composed_ops() -> R<()> {
+    // Eval mode (running statistics): the fused op against the same formula in candle ops,
+    // values and gradients for x, weight and bias, with and without the ReLU.
+    let dev = Device::Cpu;
+    let shape = (3usize, 4usize, 5usize, 6usize);
+    let x0 = Tensor::randn(0f32, 1f32, shape, &dev)?;
+    let r = Tensor::randn(0f32, 1f32, shape, &dev)?;
+    let (rm, rv) = (Tensor::randn(0f32, 1f32, 4, &dev)?, (Tensor::rand(0f32, 1f32, 4, &dev)? + 0.5)?);
+    let (w0, b0) = (Tensor::randn(0f32, 1f32, 4, &dev)?, Tensor::randn(0f32, 1f32, 4, &dev)?);
+    for with_relu in [false, true] {
+        let vm = VarMap::new();
+        let bn = BatchNorm::new(4, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        {
+            let data = vm.data().lock().unwrap();
+            data["weight"].set(&w0)?;
+            data["bias"].set(&b0)?;
+            data["running_mean"].set(&rm)?;
+            data["running_var"].set(&rv)?;
+        }
+        let x = Var::from_tensor(&x0)?;
+        let data = vm.data().lock().unwrap();
+        let (w, b) = (data["weight"].as_tensor(), data["bias"].as_tensor());
+        let yf = if with_relu { bn.forward_relu_t(x.as_tensor(), false)? } else { bn.forward_eval(x.as_tensor())? };
+        let cs = (1usize, 4usize, 1usize, 1usize);
+        let scale = (w / (&rv + 1e-5)?.sqrt()?)?;
+        let yr = x
+            .as_tensor()
+            .broadcast_sub(&rm.reshape(cs)?)?
+            .broadcast_mul(&scale.reshape(cs)?)?
+            .broadcast_add(&b.reshape(cs)?)?;
+        let yr = if with_relu { yr.relu()? } else { yr };
+        let e = rel_err(&yf, &yr)?;
+        assert!(e < 1e-5, "relu {with_relu}: values, relative error {e}");
+        let gf = (yf * &r)?.sum_all()?.backward()?;
+        let gr = (yr * &r)?.sum_all()?.backward()?;
+        for (name, t) in [("x", x.as_tensor()), ("weight", w), ("bias", b)] {
+            let e = rel_err(gf.get(t).unwrap(), gr.get(t).unwrap())?;
+            assert!(e < 1e-4, "relu {with_relu}: gradient of {name}, relative error {e}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn empty_inputs_are_not_a_panic() -> R<()> {
+    // Zero-sized batches or planes take candle's ops (or give errors), never a panic.
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((0, 3, 8, 8), DType::F32, &dev)?;
+    let w = Tensor::zeros((4, 3, 3, 3), DType::F32, &dev)?;
+    let _ = conv2d(&x, &w, 1, 1, 1);
+    let _ = max_pool2d_padded(&Tensor::zeros((1, 2, 0, 4), DType::F32, &dev)?, 2, 2, 1);
+    let _ = relu(&Tensor::zeros((0, 2), DType::F32, &dev)?)?;
+    let vm = VarMap::new();
+    let bn = BatchNorm::new(2, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let empty = Tensor::zeros((1, 2, 0, 3), DType::F32, &dev)?;
+    let _ = bn.forward_eval(&empty);
+    assert!(bn.forward_train(&empty).is_err());
+    Ok(())
+}

@@ -1,11 +1,21 @@
 //! The README's main command, `mpcs run experiments/quickstart.toml`, reduced with `--set` to seconds (tiny
-//! images, one epoch) but with the same DAG: synthetic BreakHis → Macenko → split → MPCS pretraining (FP, OP,
+//! images, one epoch, 2 of its 3 folds and 2 of its 4 magnifications) but with the same stages: synthetic BreakHis → Macenko → split → MPCS pretraining (FP, OP,
 //! RP) → fine-tuning (random and each MPCS backbone) × folds × magnifications → evaluation → table.
 
 mod common;
 use common::*;
 
 const REDUCED: &[&str] = &[
+    "--set",
+    "stage.pretrain.matrix.fold=[0, 1]",
+    "--set",
+    "stage.finetune.matrix.fold=[0, 1]",
+    "--set",
+    "stage.finetune.matrix.magnification=[\"200X\", \"400X\"]",
+    "--set",
+    "stage.evaluate.matrix.fold=[0, 1]",
+    "--set",
+    "stage.evaluate.matrix.magnification=[\"200X\", \"400X\"]",
     "--set",
     "stage.breakhis.patients=12",
     "--set",

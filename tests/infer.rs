@@ -26,39 +26,9 @@ fn golden() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(p, &Device::Cpu).expect("golden file")
 }
 
-// ---- det_init: mirror of scripts/nn/detinit.py (as in tests/nn.rs) ----
-
-fn fnv1a(name: &str) -> u32 {
-    let mut h: u32 = 0x811C9DC5;
-    for b in name.bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x01000193);
-    }
-    h
-}
-
-fn det_values(name: &str, shape: &[usize]) -> Vec<f32> {
-    let n: usize = shape.iter().product();
-    let seed = fnv1a(name);
-    let c_w = |fan_in: usize| ((6.0f64 / fan_in as f64).sqrt() / 1000.0) as f32;
-    (0..n)
-        .map(|i| {
-            let mut h = seed ^ (i as u32).wrapping_mul(0x9E3779B1);
-            h ^= h >> 16;
-            h = h.wrapping_mul(0x85EBCA6B);
-            h ^= h >> 13;
-            h = h.wrapping_mul(0xC2B2AE35);
-            h ^= h >> 16;
-            let u = ((h % 2001) as i32 - 1000) as f32;
-            match shape.len() {
-                2 | 4 => u * c_w(shape[1..].iter().product()),
-                _ if name.ends_with("running_var") => (u + 1000.0) * ((0.25f64 / 1000.0) as f32) + 1.0,
-                _ if name.ends_with("weight") => u * ((0.1f64 / 1000.0) as f32) + 1.0,
-                _ => u * ((0.1f64 / 1000.0) as f32),
-            }
-        })
-        .collect()
-}
+#[path = "common/detinit.rs"]
+mod detinit;
+use detinit::det_values;
 
 /// Saves a det_init `arch` with `classes` outputs (None: encoder only) to `path`.
 fn save_weights(arch: Arch, classes: Option<usize>, path: &Path) -> R<()> {

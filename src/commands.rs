@@ -421,9 +421,19 @@ pub struct InferArgs {
     /// Input scaling after /255: none (as MPCS trains) or imagenet (torchvision mean/std)
     #[arg(long, default_value = "none")]
     pub normalize: String,
+    /// 8 or 16 for a dilated ResNet (the BACH / breast-cell encoder), as the model was trained
+    #[arg(long)]
+    pub output_stride: Option<usize>,
 }
 
 impl InferArgs {
+    fn dilation(&self) -> Result<crate::nn::Dilation> {
+        match self.output_stride {
+            None => Ok(crate::nn::Dilation::None),
+            Some(os) => crate::nn::Dilation::from_output_stride(os).map_err(|e| Error::user(e.to_string())),
+        }
+    }
+
     fn resolve(&self) -> Result<(crate::nn::Arch, crate::infer::InputOptions)> {
         use crate::loader::Normalize;
         let normalize = match self.normalize.as_str() {
@@ -464,6 +474,7 @@ pub fn predict(args: &InferArgs, images: &Path, out: &Path, classes: Option<usiz
     let (arch, input) = args.resolve()?;
     let mut opts = crate::infer::PredictOptions::new(arch, args.weights.clone(), images.into(), out.into());
     opts.input = input;
+    opts.dilation = args.dilation()?;
     opts.classes = classes;
     opts.batch_size = batch;
     let t0 = Instant::now();
@@ -477,6 +488,7 @@ pub fn embed(args: &InferArgs, images: &Path, out: &Path, batch: usize) -> Resul
     let (arch, input) = args.resolve()?;
     let mut opts = crate::infer::EmbedOptions::new(arch, args.weights.clone(), images.into(), out.into());
     opts.input = input;
+    opts.dilation = args.dilation()?;
     opts.batch_size = batch;
     let t0 = Instant::now();
     let (_, n, d) = crate::infer::embed(&opts).map_err(infer_error)?;
@@ -489,6 +501,7 @@ pub fn cam(args: &InferArgs, images: &[PathBuf], out: &Path, class: Option<usize
     let (arch, input) = args.resolve()?;
     let mut opts = crate::infer::CamOptions::new(arch, args.weights.clone(), images.to_vec(), out.into());
     opts.input = input;
+    opts.dilation = args.dilation()?;
     opts.class = class;
     opts.alpha = alpha;
     for (png, class) in crate::infer::cam_files(&opts).map_err(infer_error)? {

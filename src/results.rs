@@ -192,6 +192,7 @@ struct Trained {
     id: String,
     weights: PathBuf,
     arch: crate::nn::Arch,
+    dilation: crate::nn::Dilation,
     size: usize,
     rows: Vec<FoldRow>,
     root: PathBuf,
@@ -201,11 +202,19 @@ struct Trained {
 fn trained(exp: &Experiment, plan: &Plan, done: &[Done], i: usize, weights_file: &str) -> Result<Trained> {
     let node = &plan.nodes[i];
     let out_of = |j: usize| done.iter().find(|d| d.index == j).map(|d| d.out.clone());
-    let (arch, size, fold, magnification, weights_stage) = match &exp.stages[node.stage].spec {
-        StageSpec::Finetune(t) | StageSpec::LinearEval(t) => {
-            (t.arch(), t.size.unwrap_or(64), t.fold_of(node), t.magnification_of(node), t.weights.clone())
+    let (arch, dilation, size, fold, magnification, weights_stage) = match &exp.stages[node.stage].spec {
+        StageSpec::Finetune(t) | StageSpec::LinearEval(t) => (
+            t.arch(),
+            t.dilation().unwrap_or(crate::nn::Dilation::None),
+            t.size.unwrap_or(64),
+            t.fold_of(node),
+            t.magnification_of(node),
+            t.weights.clone(),
+        ),
+        // Pretraining uses the plain encoder.
+        StageSpec::Pretrain(p) => {
+            (p.arch(), crate::nn::Dilation::None, p.size.unwrap_or(64), p.fold_of(node), None, p.weights.clone())
         }
-        StageSpec::Pretrain(p) => (p.arch(), p.size.unwrap_or(64), p.fold_of(node), None, p.weights.clone()),
         _ => return Err(Error::internal("not a training node")),
     };
     let mut root = None;
@@ -237,7 +246,7 @@ fn trained(exp: &Experiment, plan: &Plan, done: &[Done], i: usize, weights_file:
         .collect();
     let (test, _) = expand_patches(&root, test, false).map_err(report_err)?;
     let weights = out_of(i).map(|o| o.join(weights_file)).unwrap_or_default();
-    Ok(Trained { id: node.id.clone(), weights, arch, size, rows: test, root })
+    Ok(Trained { id: node.id.clone(), weights, arch, dilation, size, rows: test, root })
 }
 
 fn grad_cams(exp: &Experiment, plan: &Plan, done: &[Done], opts: &ReportOptions) -> Result<Option<Section>> {
@@ -254,7 +263,8 @@ fn grad_cams(exp: &Experiment, plan: &Plan, done: &[Done], opts: &ReportOptions)
         .or(finetunes.first().copied());
     let (Some(i), true) = (pick, opts.cams > 0) else { return Ok(None) };
     let t = trained(exp, plan, done, i, "model.safetensors")?;
-    let model = crate::infer::load_model(t.arch, &t.weights, &candle_core::Device::Cpu).map_err(report_err)?;
+    let model =
+        crate::infer::load_model_with(t.arch, t.dilation, &t.weights, &candle_core::Device::Cpu).map_err(report_err)?;
     // Balanced over classes, the first images of each in file order (deterministic).
     let mut by_class: BTreeMap<u32, Vec<&FoldRow>> = BTreeMap::new();
     for r in &t.rows {
@@ -309,7 +319,8 @@ fn tsne_maps(exp: &Experiment, plan: &Plan, done: &[Done], opts: &ReportOptions)
         .or_else(|| done.iter().find(|d| kind_of(d.index) == "finetune").map(|d| (d.index, "model.safetensors")));
     let (Some((i, file)), true) = (pick, opts.tsne_points > 1) else { return Ok(None) };
     let t = trained(exp, plan, done, i, file)?;
-    let model = crate::infer::load_model(t.arch, &t.weights, &candle_core::Device::Cpu).map_err(report_err)?;
+    let model =
+        crate::infer::load_model_with(t.arch, t.dilation, &t.weights, &candle_core::Device::Cpu).map_err(report_err)?;
     // Evenly spaced over the test rows, so every class and magnification is represented.
     let step = t.rows.len().div_ceil(opts.tsne_points).max(1);
     let rows: Vec<&FoldRow> = t.rows.iter().step_by(step).collect();

@@ -367,3 +367,29 @@ fn predict_reads_tiff_and_jpeg() -> R<()> {
     assert!(rows.iter().all(|r| r.1.len() == 3 && r.1.iter().all(|v| v.is_finite())));
     Ok(())
 }
+
+/// `--output-stride` builds the dilated ResNet the BACH / breast-cell models were trained as: same weights,
+/// different outputs; a stride the dilated ResNet does not have is a usage error.
+#[test]
+fn output_stride_selects_the_dilated_network() -> R<()> {
+    let dir = tempfile::tempdir()?;
+    let w = dir.path().join("r50.safetensors");
+    save_weights(Arch::ResNet50, Some(4), &w)?;
+    let run = |extra: &[&str], out: &str| {
+        let out = dir.path().join(out);
+        let mut args = vec!["predict", "--weights", w.to_str().unwrap(), "--images", FIX, "--size", "32"];
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        (mpcs(&args), out)
+    };
+    let (plain, plain_csv) = run(&[], "plain.csv");
+    let (dilated, dilated_csv) = run(&["--output-stride", "8"], "dilated.csv");
+    assert!(plain.status.success() && dilated.status.success(), "{}", String::from_utf8_lossy(&dilated.stderr));
+    let (a, b) = (std::fs::read_to_string(plain_csv)?, std::fs::read_to_string(dilated_csv)?);
+    assert_eq!(a.lines().count(), b.lines().count());
+    assert_ne!(a, b, "dilation must change what the network computes");
+    let (bad, _) = run(&["--output-stride", "5"], "bad.csv");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains('5'));
+    Ok(())
+}

@@ -12,7 +12,7 @@ use candle_core::{Device, IndexOp, Tensor, Var};
 
 use super::error::{InferError, Result};
 use super::images::{image_tensor, load_image, write_atomic, InputOptions};
-use super::model::{load_model, Model};
+use super::model::{load_model_with, Model};
 use crate::loader::Rgb8;
 use crate::nn::Arch;
 use image::ImageEncoder;
@@ -147,6 +147,8 @@ pub fn overlay(img: &Rgb8, map: &[f32], alpha: f32) -> Rgb8 {
 #[derive(Clone, Debug)]
 pub struct CamOptions {
     pub arch: Arch,
+    /// Dilated last stages, as the model was trained (default none).
+    pub dilation: crate::nn::Dilation,
     /// Weights with a classifier (a fine-tuned `model.safetensors` or a torchvision checkpoint).
     pub weights: PathBuf,
     pub images: Vec<PathBuf>,
@@ -163,6 +165,7 @@ pub struct CamOptions {
 impl CamOptions {
     pub fn new(arch: Arch, weights: PathBuf, images: Vec<PathBuf>, out: PathBuf) -> Self {
         CamOptions {
+            dilation: crate::nn::Dilation::None,
             arch,
             weights,
             images,
@@ -194,7 +197,7 @@ pub fn cam_files(opts: &CamOptions) -> Result<Vec<(PathBuf, usize)>> {
         }
         names.push(out);
     }
-    let model = load_model(opts.arch, &opts.weights, &opts.device)?;
+    let model = load_model_with(opts.arch, opts.dilation, &opts.weights, &opts.device)?;
     if model.fc.is_none() {
         return Err(InferError::NoHead { path: opts.weights.clone() });
     }

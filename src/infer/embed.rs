@@ -10,12 +10,14 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use super::error::{InferError, Result};
 use super::images::{list_images, run_batches, write_atomic, InputOptions};
-use super::model::load_model;
+use super::model::load_model_with;
 use crate::nn::Arch;
 
 #[derive(Clone, Debug)]
 pub struct EmbedOptions {
     pub arch: Arch,
+    /// Dilated last stages, as the model was trained (default none).
+    pub dilation: crate::nn::Dilation,
     /// Any torchvision-named ResNet weights; a classifier in them is loaded but not used.
     pub weights: PathBuf,
     pub images: PathBuf,
@@ -27,14 +29,23 @@ pub struct EmbedOptions {
 
 impl EmbedOptions {
     pub fn new(arch: Arch, weights: PathBuf, images: PathBuf, out: PathBuf) -> Self {
-        EmbedOptions { arch, weights, images, out, input: InputOptions::default(), batch_size: 16, device: Device::Cpu }
+        EmbedOptions {
+            arch,
+            dilation: crate::nn::Dilation::None,
+            weights,
+            images,
+            out,
+            input: InputOptions::default(),
+            batch_size: 16,
+            device: Device::Cpu,
+        }
     }
 }
 
 /// Writes the features file and returns (its path, number of images, feature width).
 pub fn embed(opts: &EmbedOptions) -> Result<(PathBuf, usize, usize)> {
     let files = list_images(&opts.images)?;
-    let model = load_model(opts.arch, &opts.weights, &opts.device)?;
+    let model = load_model_with(opts.arch, opts.dilation, &opts.weights, &opts.device)?;
     let rows = run_batches(&files, &opts.input, opts.batch_size, &opts.device, |x| {
         Ok(model.features(x)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
     })?;

@@ -16,5 +16,5 @@ pub use cam::{cam_files, grad_cam, jet, overlay, Cam, CamOptions};
 pub use embed::{embed, read_embeddings, EmbedOptions};
 pub use error::{InferError, Result};
 pub use images::{image_tensor, list_images, InputOptions};
-pub use model::{load_model, Model};
+pub use model::{load_model, load_model_with, Model};
 pub use predict::{predict, PredictOptions};

@@ -24,6 +24,12 @@ pub struct Model {
 /// `model.safetensors`). The number of outputs comes from `fc.weight`'s shape; every tensor must match
 /// (strict), so weights of another depth are refused with the depth they look like.
 pub fn load_model(arch: Arch, weights: &Path, device: &Device) -> Result<Model> {
+    load_model_with(arch, Dilation::None, weights, device)
+}
+
+/// [`load_model`] for a dilated ResNet (the paper's BACH / breast-cell encoder: output stride 8 or 16). The
+/// weights are the same tensors; the dilation changes what the network computes, so it must match training.
+pub fn load_model_with(arch: Arch, dilation: Dilation, weights: &Path, device: &Device) -> Result<Model> {
     let tensors = read_tensors(weights)?;
     match detect_arch(tensors.keys().map(String::as_str)) {
         None => return Err(InferError::NotResNet { path: weights.to_path_buf() }),
@@ -43,7 +49,7 @@ pub fn load_model(arch: Arch, weights: &Path, device: &Device) -> Result<Model> 
     drop(tensors);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let net = ResNet::new(arch, vb.clone(), None, Dilation::None)?;
+    let net = ResNet::new(arch, vb.clone(), None, dilation)?;
     // Head with dropout 0 is exactly torchvision's `fc` (Linear) under the same names.
     let fc = (outputs > 0).then(|| Head::new(vb.pp("fc"), net.feature_dim(), outputs, 0.0)).transpose()?;
     load_into_with(&varmap, weights, &LoadOptions::default())?;

@@ -7,12 +7,14 @@ use candle_core::Device;
 
 use super::error::{InferError, Result};
 use super::images::{list_images, run_batches, write_atomic, InputOptions};
-use super::model::load_model;
+use super::model::load_model_with;
 use crate::nn::Arch;
 
 #[derive(Clone, Debug)]
 pub struct PredictOptions {
     pub arch: Arch,
+    /// Dilated last stages, as the model was trained (default none).
+    pub dilation: crate::nn::Dilation,
     pub weights: PathBuf,
     /// Folder of images, searched recursively.
     pub images: PathBuf,
@@ -27,6 +29,7 @@ pub struct PredictOptions {
 impl PredictOptions {
     pub fn new(arch: Arch, weights: PathBuf, images: PathBuf, out: PathBuf) -> Self {
         PredictOptions {
+            dilation: crate::nn::Dilation::None,
             arch,
             weights,
             images,
@@ -52,7 +55,7 @@ pub(crate) fn csv_field(s: &str) -> String {
 /// outputs in f32's shortest round-trip form. Returns the CSV's path.
 pub fn predict(opts: &PredictOptions) -> Result<PathBuf> {
     let files = list_images(&opts.images)?;
-    let model = load_model(opts.arch, &opts.weights, &opts.device)?;
+    let model = load_model_with(opts.arch, opts.dilation, &opts.weights, &opts.device)?;
     if model.fc.is_none() {
         return Err(InferError::NoHead { path: opts.weights.clone() });
     }

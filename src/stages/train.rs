@@ -135,7 +135,7 @@ impl TrainSpec {
         Ok(())
     }
 
-    fn dilation(&self) -> std::result::Result<Dilation, String> {
+    pub(crate) fn dilation(&self) -> std::result::Result<Dilation, String> {
         match self.output_stride {
             None => Ok(Dilation::None),
             Some(os) => Dilation::from_output_stride(os).map_err(|e| e.to_string()),

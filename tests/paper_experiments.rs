@@ -136,3 +136,88 @@ fn wacv_breast_cell_graph_shows_a_missing_dataset_and_the_run_says_how_to_fix_it
     assert!(err.contains("does not exist") && err.contains("--set stage.breast_cell.path=DIR"), "{err}");
     assert!(!p.path("cache/v1/entries").exists() || p.entries().is_empty());
 }
+
+/// The paper's own file, run end to end on a local copy: a BreakHis-layout archive (synthetic, packed with tar)
+/// and ImageNet-layout ResNet-50 weights, given as `file://` URLs with the weights' digest re-pinned; the matrix
+/// and sizes are cut down with `--set` so it takes seconds. Download + digest + unpack, the split, ResNet-50
+/// pretraining from the weights, fine-tuning (ImageNet row from `weights`, MPCS rows from their backbones),
+/// evaluation, and the table with the paper's values beside ours.
+#[test]
+fn wacv_table2_runs_end_to_end_on_a_local_copy() {
+    use sha2::Digest;
+    let p = Project::new();
+    let root = p.path("BreaKHis_v1_root");
+    let opts = mpcs::data::synth::SynthOptions {
+        patients: Some(16),
+        size: Some((70, 46)),
+        ..mpcs::data::synth::SynthOptions::new(mpcs::data::Dataset::BreakHis, 3)
+    };
+    mpcs::data::synth::generate_with(&opts, &root).unwrap();
+    let archive = p.path("BreaKHis_v1.tar.gz");
+    let tar = std::process::Command::new("tar")
+        .args(["czf", archive.to_str().unwrap(), "-C", root.to_str().unwrap(), "."])
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let weights = p.path("resnet50-imagenet.safetensors");
+    {
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
+        mpcs::nn::ResNet::new(mpcs::nn::Arch::ResNet50, vb, Some(1000), mpcs::nn::Dilation::None).unwrap();
+        mpcs::train::seeded_init(&vm, 1).unwrap();
+        mpcs::nn::weights::save(&vm, &weights).unwrap();
+    }
+    let sha = format!("{:x}", sha2::Sha256::digest(std::fs::read(&weights).unwrap()));
+    let sets = [
+        format!("stage.breakhis.url=\"file://{}\"", archive.display()),
+        format!("stage.imagenet.url=\"file://{}\"", weights.display()),
+        format!("stage.imagenet.sha256=\"{sha}\""),
+        "stage.pretrain.matrix.fold=[0]".into(),
+        "stage.finetune.matrix.fold=[0]".into(),
+        "stage.evaluate.matrix.fold=[0]".into(),
+        "stage.finetune.matrix.magnification=[\"200X\"]".into(),
+        "stage.evaluate.matrix.magnification=[\"200X\"]".into(),
+        "stage.pretrain.epochs=1".into(),
+        "stage.pretrain.size=32".into(),
+        "stage.pretrain.batch_size=4".into(),
+        "stage.pretrain.projector_hidden=64".into(),
+        "stage.finetune.epochs=1".into(),
+        "stage.finetune.size=32".into(),
+        "stage.finetune.batch_size=4".into(),
+        "stage.evaluate.size=32".into(),
+    ];
+    let mut args: Vec<&str> = Vec::new();
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let exp = repo_exp("wacv_table2.toml");
+    let s = p.run_ok(&exp, &args);
+    assert_eq!(s.executed.len(), 1 + 1 + 1 + 3 + 4 + 4 + 1, "{:?}", s.executed);
+
+    let show = |node: &str| {
+        let mut a = vec!["show", node, "--exp", exp.as_str(), "--json"];
+        a.extend(args.iter().copied());
+        serde_json::from_slice::<serde_json::Value>(&p.mpcs(&a).stdout).unwrap()
+    };
+    // The ImageNet row started from the downloaded weights, the MPCS rows from their backbones.
+    let log = |node: &str| {
+        let key = show(node)["key"].as_str().unwrap().to_string();
+        std::fs::read_to_string(p.path("cache/v1/entries").join(&key[..2]).join(&key).join("log.txt")).unwrap()
+    };
+    assert!(log("finetune[fold=0,magnification=200X,init=imagenet]").contains("resnet50-imagenet.safetensors"));
+    assert!(log("finetune[fold=0,magnification=200X,init=OP]").contains("backbone.safetensors"));
+    assert!(log("pretrain[fold=0,pair=OP]").contains("resnet50-imagenet.safetensors"));
+    // The table has the paper's rows and its reported values beside ours.
+    let table = show("table");
+    let t: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(std::path::Path::new(table["path"].as_str().unwrap()).join("table.json")).unwrap(),
+    )
+    .unwrap();
+    let labels: Vec<&str> = t["rows"].as_array().unwrap().iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["ImageNet (RN-50)", "MPCS-FP (RN-50)", "MPCS-OP (RN-50)", "MPCS-RP (RN-50)"]);
+    // MPCS-OP (RN-50), image_200X: the paper reports 92.45 ± 3.77.
+    let cell = &t["rows"][2]["cells"][2];
+    assert_eq!(t["columns"][2], "image_200X");
+    assert_eq!(cell["paper_mean"], 92.45);
+    assert!((cell["diff"].as_f64().unwrap() - (cell["mean"].as_f64().unwrap() - 92.45)).abs() < 1e-9);
+}

@@ -136,6 +136,7 @@ impl PretrainSpec {
         }
         cfg.device = candle_device(ctx)?;
         cfg.seed = ctx.node.seed;
+        log_line(ctx, &format!("initial encoder weights: {:?} (none = seeded random)", cfg.init));
         let progress = progress_reporter(ctx, cfg.batch_size);
         let outcome = pretrain(&cfg, &progress).map_err(|e| StageFailure(e.to_string()))?;
         log_line(ctx, &format!("{outcome:?}"));

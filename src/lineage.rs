@@ -65,8 +65,8 @@ pub fn assess(exp: &Experiment, plan: &Plan, cache: &Cache) -> Result<Assessment
     for &i in &plan.order {
         let node = &plan.nodes[i];
         let decl = &exp.stages[node.stage];
-        let status = if let Some(src) = decl.spec.as_source().filter(|s| s.resolve(exp, decl).is_err()) {
-            let _ = src;
+        let missing = decl.spec.as_source().is_some_and(|s| s.resolve(exp, decl).is_err());
+        let status = if missing {
             NodeStatus { state: State::Missing, key: None, action: None, digest: None }
         } else if let Some(src) = decl.spec.as_source() {
             let (path, digest, changed) =

@@ -207,13 +207,13 @@ fn trained(exp: &Experiment, plan: &Plan, done: &[Done], i: usize, weights_file:
             t.arch(),
             t.dilation().unwrap_or(crate::nn::Dilation::None),
             t.size.unwrap_or(64),
-            t.fold_of(node),
-            t.magnification_of(node),
+            t.fold(node),
+            t.magnification(node),
             t.weights.clone(),
         ),
         // Pretraining uses the plain encoder.
         StageSpec::Pretrain(p) => {
-            (p.arch(), crate::nn::Dilation::None, p.size.unwrap_or(64), p.fold_of(node), None, p.weights.clone())
+            (p.arch(), crate::nn::Dilation::None, p.size.unwrap_or(64), p.fold(node), None, p.weights.clone())
         }
         _ => return Err(Error::internal("not a training node")),
     };

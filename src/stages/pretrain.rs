@@ -76,12 +76,8 @@ impl PretrainSpec {
         Ok(())
     }
 
-    fn fold(&self, node: &Node) -> u32 {
+    pub(crate) fn fold(&self, node: &Node) -> u32 {
         self.fold.or_else(|| node.matrix_value("fold").and_then(|v| v.to_string().parse().ok())).unwrap_or(0)
-    }
-
-    pub(crate) fn fold_of(&self, node: &Node) -> u32 {
-        self.fold(node)
     }
 
     pub(crate) fn arch(&self) -> Arch {

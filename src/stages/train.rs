@@ -178,17 +178,9 @@ impl TrainSpec {
         self.arch.as_deref().and_then(|a| a.parse().ok()).unwrap_or(Arch::ResNet18)
     }
 
-    fn fold(&self, node: &Node) -> u32 {
+    /// The fold a node trains on: `fold`, else its `fold` matrix value.
+    pub(crate) fn fold(&self, node: &Node) -> u32 {
         self.fold.or_else(|| node.matrix_value("fold").and_then(|v| v.to_string().parse().ok())).unwrap_or(0)
-    }
-
-    /// The fold and magnification a node trains on (for `mpcs report`).
-    pub(crate) fn fold_of(&self, node: &Node) -> u32 {
-        self.fold(node)
-    }
-
-    pub(crate) fn magnification_of(&self, node: &Node) -> Option<String> {
-        self.magnification(node)
     }
 
     /// `test_portion`, else the node's `portion` matrix value (a table with val and test columns).
@@ -196,7 +188,7 @@ impl TrainSpec {
         self.test_portion.clone().or_else(|| node.matrix_value("portion").map(|v| v.to_string()))
     }
 
-    fn magnification(&self, node: &Node) -> Option<String> {
+    pub(crate) fn magnification(&self, node: &Node) -> Option<String> {
         self.magnification.clone().or_else(|| node.matrix_value("magnification").map(|v| v.to_string()))
     }
 
@@ -351,29 +343,25 @@ pub(super) fn plot_loss_curve(ctx: &ExecContext<'_>, log: &str, fields: &[&str])
     }
 }
 
-fn config_error(e: String) -> StageFailure {
-    StageFailure(e)
-}
-
 /// `finetune` (`freeze_encoder` false) and `linear_eval` (true).
 pub fn execute_finetune(spec: &TrainSpec, ctx: &ExecContext<'_>, freeze_encoder: bool) -> Result<Value, StageFailure> {
     let split = input_of_kind(ctx, &["split"], &[], "a split")?;
     let weights_stage: Vec<&str> = spec.weights.as_deref().into_iter().collect();
-    let data = input_of_kind(ctx, super::train::DATASET_KINDS, &weights_stage, "the dataset")?;
+    let data = input_of_kind(ctx, DATASET_KINDS, &weights_stage, "the dataset")?;
     let fold_csv = split.join(format!("fold_{}.csv", spec.fold(ctx.node)));
     let mut cfg = FinetuneConfig::new(data, &fold_csv, ctx.out, &ctx.scratch);
     cfg.magnification = spec.magnification(ctx.node);
     cfg.arch = spec.arch();
-    cfg.dilation = spec.dilation().map_err(config_error)?;
-    cfg.objective = spec.objective().map_err(config_error)?;
-    cfg.labels = spec.labels().map_err(config_error)?;
+    cfg.dilation = spec.dilation().map_err(StageFailure)?;
+    cfg.objective = spec.objective().map_err(StageFailure)?;
+    cfg.labels = spec.labels().map_err(StageFailure)?;
     cfg.freeze_encoder = freeze_encoder;
     cfg.image_size = spec.size.unwrap_or(cfg.image_size);
     cfg.batch_size = spec.batch_size.unwrap_or(cfg.batch_size);
     cfg.epochs = spec.epochs.unwrap_or(cfg.epochs);
     cfg.lr = spec.lr.unwrap_or(cfg.lr);
     cfg.weight_decay = spec.weight_decay.unwrap_or(cfg.weight_decay);
-    cfg.optimizer = spec.optimizer().map_err(config_error)?;
+    cfg.optimizer = spec.optimizer().map_err(StageFailure)?;
     cfg.augment = spec.augment.unwrap_or(cfg.augment);
     cfg.dropout = spec.dropout.unwrap_or(cfg.dropout);
     cfg.plateau_patience = spec.plateau_patience.unwrap_or(cfg.plateau_patience);
@@ -430,9 +418,9 @@ pub fn execute_evaluate(spec: &TrainSpec, ctx: &ExecContext<'_>) -> Result<Value
     let mut cfg = EvalConfig::new(data, &fold_csv, &model, ctx.out);
     cfg.magnification = spec.magnification(ctx.node);
     cfg.arch = spec.arch();
-    cfg.dilation = spec.dilation().map_err(config_error)?;
-    cfg.objective = spec.objective().map_err(config_error)?;
-    cfg.labels = spec.labels().map_err(config_error)?;
+    cfg.dilation = spec.dilation().map_err(StageFailure)?;
+    cfg.objective = spec.objective().map_err(StageFailure)?;
+    cfg.labels = spec.labels().map_err(StageFailure)?;
     cfg.image_size = spec.size.unwrap_or(cfg.image_size);
     cfg.batch_size = spec.batch_size.unwrap_or(cfg.batch_size);
     cfg.device = candle_device(ctx)?;

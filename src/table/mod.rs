@@ -23,7 +23,8 @@ pub struct ColumnSpec {
     pub metric: String,
     /// Matrix values (or `stage` = the evaluate stage's name) the node must have.
     pub filter: BTreeMap<String, String>,
-    /// Average a fold's values over this matrix key first (a "mean" column).
+    /// A "mean" column: a fold's several matching results (one per value of this matrix key) are averaged
+    /// first. Without it, a fold must match exactly one result.
     pub mean_over: Option<String>,
     /// Multiplier for display (100 for accuracies in percent).
     pub scale: f64,

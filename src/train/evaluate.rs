@@ -129,18 +129,21 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalOutcome> {
     let report = metrics::evaluate(&preds, classes).map_err(TrainError::Config)?;
     let majority = report.per_class.iter().map(|c| c.support).max().unwrap_or(0);
     let majority_rate = majority as f64 / report.images.max(1) as f64;
+    // Class names by label: the fold's `class` column names the `label` classes; subtypes have their codes.
     let mut class_names: Vec<String> = (0..classes).map(|k| format!("class {k}")).collect();
-    for r in &rows {
-        if let (Some(slot), Ok(label)) = (class_names.get_mut(r.label as usize), cfg.labels.of(r, &cfg.fold_csv)) {
-            if label == r.label && !r.class.is_empty() {
-                *slot = r.class.clone();
+    match cfg.labels {
+        LabelColumn::Label => {
+            for r in rows.iter().filter(|r| !r.class.is_empty()) {
+                if let Some(slot) = class_names.get_mut(r.label as usize) {
+                    slot.clone_from(&r.class);
+                }
             }
         }
-    }
-    if cfg.labels == LabelColumn::Subtype {
-        for (k, slot) in class_names.iter_mut().enumerate() {
-            if let Some(st) = crate::data::breakhis::SUBTYPES.iter().find(|s| s.subtype_label == k as u32) {
-                *slot = st.code.to_string();
+        LabelColumn::Subtype => {
+            for st in crate::data::breakhis::SUBTYPES {
+                if let Some(slot) = class_names.get_mut(st.subtype_label as usize) {
+                    *slot = st.code.to_string();
+                }
             }
         }
     }

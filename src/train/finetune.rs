@@ -444,7 +444,6 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
         state.lr = opt.lr();
         state.stopped = stop;
         state.weights = checkpoint::weights_name(epoch);
-        write_jsonl(&metrics_path, &state.history)?;
         checkpoint::save(&cfg.scratch_dir, &varmap, &state)?;
         epochs_run += 1;
         progress(TrainEvent::Epoch { epoch, line });

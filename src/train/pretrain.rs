@@ -264,7 +264,6 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
         state.epochs_done = epoch;
         state.lr = opt.lr();
         state.weights = checkpoint::weights_name(epoch);
-        write_jsonl(&losses, &state.history)?;
         checkpoint::save(&cfg.scratch_dir, &varmap, &state)?;
         epochs_run += 1;
         progress(TrainEvent::Epoch { epoch, line });

@@ -190,8 +190,9 @@ const JOBS: &[&str] =
 
 fn main() -> anyhow::Result<()> {
     if std::env::var_os("BENCH_PURGE").is_none() {
-        mpcs::bench::keep_freed_memory();
+        mpcs::runtime::keep_freed_memory();
     }
+    mpcs::runtime::one_cpu_thread_pool();
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let job = args.get(i + 1).ok_or_else(|| anyhow::anyhow!("--child needs a job name"))?;

@@ -89,24 +89,6 @@ impl StepTimes {
     }
 }
 
-/// mimalloc's `mi_option_purge_delay` (the C enum's value in mimalloc 2 and 3).
-const MI_OPTION_PURGE_DELAY: i32 = 15;
-
-/// Tells mimalloc (the binaries' global allocator) never to return freed memory to the OS.
-/// Why: a training step frees and reallocates its activations (hundreds of MB for a ResNet-50 at
-/// 224) every step; with the default 10 ms purge delay each step faults them in again, and the
-/// kernel's page zeroing was half of a ResNet-50 inference profile. The resident size then stays at
-/// the peak, which a training process reaches every step anyway. Call it first thing in `main`.
-pub fn keep_freed_memory() {
-    extern "C" {
-        fn mi_option_set(option: i32, value: std::os::raw::c_long);
-    }
-    // Referencing the allocator type keeps the mimalloc library linked into every binary.
-    let _allocator = mimalloc::MiMalloc;
-    // SAFETY: mi_option_set only stores an integer option; any option/value pair is accepted.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
-}
-
 const CLASSES: usize = 10;
 
 /// A model with a 10-class head, its Adam, a random batch and labels.

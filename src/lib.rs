@@ -24,6 +24,7 @@ pub mod patchify;
 pub mod plan;
 pub mod report;
 pub mod results;
+pub mod runtime;
 pub mod split;
 pub mod stages;
 pub mod stain;

@@ -225,7 +225,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    mpcs::bench::keep_freed_memory();
+    mpcs::runtime::configure();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "info",

@@ -44,18 +44,20 @@ const fn case(
 }
 
 const CASES: &[Case] = &[
-    case(2, 3, 13, 11, 5, 3, 1, 1, 1), // 3×3, odd sizes
-    case(3, 4, 17, 15, 6, 3, 2, 1, 1), // stride 2
-    case(2, 5, 19, 19, 4, 3, 1, 2, 2), // dilation 2 (torchvision's dilated ResNet)
-    case(2, 3, 23, 21, 4, 3, 1, 4, 4), // dilation 4
-    case(2, 3, 29, 27, 8, 7, 2, 3, 1), // the 7×7 stride-2 stem
-    case(3, 8, 9, 7, 5, 1, 1, 0, 1),   // pointwise: no im2col
-    case(3, 8, 9, 7, 5, 1, 2, 0, 1),   // 1×1 stride 2 (downsample)
-    case(2, 3, 6, 5, 4, 3, 1, 0, 1),   // no padding
-    case(33, 6, 3, 3, 5, 3, 1, 1, 1),  // tiny maps: several images per GEMM, with a remainder
-    case(30, 6, 3, 3, 5, 1, 1, 0, 1),  // pointwise, chunked, remainder of one image
-    case(30, 6, 4, 4, 5, 3, 2, 1, 1),  // stride 2 to a 2×2 map, chunked
-    case(2, 4, 5, 5, 3, 3, 3, 2, 2),   // stride 3 with dilation 2
+    case(2, 3, 13, 11, 5, 3, 1, 1, 1),  // 3×3, odd sizes
+    case(3, 4, 17, 15, 6, 3, 2, 1, 1),  // stride 2
+    case(2, 5, 19, 19, 4, 3, 1, 2, 2),  // dilation 2 (torchvision's dilated ResNet)
+    case(2, 3, 23, 21, 4, 3, 1, 4, 4),  // dilation 4
+    case(2, 3, 29, 27, 8, 7, 2, 3, 1),  // the 7×7 stride-2 stem
+    case(3, 8, 9, 7, 5, 1, 1, 0, 1),    // pointwise: no im2col
+    case(3, 8, 9, 7, 5, 1, 2, 0, 1),    // 1×1 stride 2 (downsample)
+    case(2, 3, 6, 5, 4, 3, 1, 0, 1),    // no padding
+    case(33, 6, 3, 3, 5, 3, 1, 1, 1),   // tiny maps: several images per GEMM, with a remainder
+    case(30, 6, 3, 3, 5, 1, 1, 0, 1),   // pointwise, chunked, remainder of one image
+    case(30, 6, 4, 4, 5, 3, 2, 1, 1),   // stride 2 to a 2×2 map, chunked
+    case(2, 4, 5, 5, 3, 3, 3, 2, 2),    // stride 3 with dilation 2
+    case(7, 3, 17, 16, 5, 3, 1, 1, 1),  // one image per GEMM, 7 images: uneven parts of the batch
+    case(9, 16, 16, 16, 6, 1, 1, 0, 1), // pointwise, one image per GEMM, several parts
 ];
 
 #[test]
@@ -329,5 +331,105 @@ fn empty_inputs_are_not_a_panic() -> R<()> {
     let empty = Tensor::zeros((1, 2, 0, 3), DType::F32, &dev)?;
     let _ = bn.forward_eval(&empty);
     assert!(bn.forward_train(&empty).is_err());
+    Ok(())
+}
+
+/// Loss, input gradient and weight gradient of sum(conv(x, w) * r), as raw f32 values.
+fn conv_step(c: &Case, x0: &Tensor, w0: &Tensor, r: &Tensor) -> R<Vec<Vec<f32>>> {
+    let x = Var::from_tensor(x0)?;
+    let w = Var::from_tensor(w0)?;
+    let y = conv2d(x.as_tensor(), w.as_tensor(), c.stride, c.pad, c.dil)?;
+    let g = (&y * r)?.sum_all()?.backward()?;
+    let flat = |t: &Tensor| -> R<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    Ok(vec![flat(&y)?, flat(g.get(x.as_tensor()).expect("dx"))?, flat(g.get(w.as_tensor()).expect("dw"))?])
+}
+
+/// The batch is shared between threads in parts, but how it is split into GEMMs and how partial
+/// weight gradients are summed depend on the shapes only: results are bit-identical under 1, 2
+/// and 3 threads (so `--jobs` or a machine's core count never changes a cached result).
+#[test]
+fn conv2d_results_do_not_depend_on_the_thread_count() -> R<()> {
+    let dev = Device::Cpu;
+    for c in CASES {
+        let x = Tensor::randn(0f32, 1f32, (c.n, c.c, c.h, c.w), &dev)?;
+        let w = Tensor::randn(0f32, 1f32, (c.o, c.c, c.k, c.k), &dev)?;
+        let y_dims = conv2d(&x, &w, c.stride, c.pad, c.dil)?.dims().to_vec();
+        let r = Tensor::randn(0f32, 1f32, y_dims, &dev)?;
+        let run = |threads: usize| -> R<Vec<Vec<f32>>> {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+            pool.install(|| conv_step(c, &x, &w, &r))
+        };
+        let one = run(1)?;
+        for threads in [2, 3] {
+            let many = run(threads)?;
+            for (what, (a, b)) in ["output", "input gradient", "weight gradient"].iter().zip(one.iter().zip(&many)) {
+                let same = a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{c:?}: {what} differs between 1 and {threads} threads");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A whole ResNet-18 training step (every fast kernel: convolution parts, BatchNorm statistics
+/// and backward, max-pool, ReLU, add+ReLU, plus candle's own ops) gives bit-identical loss,
+/// gradients and BatchNorm running statistics under 1 and 2 threads.
+#[test]
+fn resnet_training_step_does_not_depend_on_the_thread_count() -> R<()> {
+    use candle_nn::{VarBuilder, VarMap};
+    use mpcs::nn::{Arch, Dilation, ResNet};
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1f32, (6, 3, 64, 64), &dev)?;
+    let labels = Tensor::new(&[0u32, 1, 2, 3, 4, 0], &dev)?;
+    let init = {
+        let varmap = VarMap::new();
+        ResNet::new(
+            Arch::ResNet18,
+            VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &dev),
+            Some(5),
+            Dilation::None,
+        )?;
+        let mut data =
+            varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().copy())).collect::<Vec<_>>();
+        data.sort_by(|a, b| a.0.cmp(&b.0));
+        data.into_iter().map(|(k, t)| Ok((k, t?))).collect::<R<Vec<_>>>()?
+    };
+    let run = |threads: usize| -> R<Vec<(String, Vec<f32>)>> {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+        pool.install(|| {
+            let varmap = VarMap::new();
+            let model = ResNet::new(
+                Arch::ResNet18,
+                VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &dev),
+                Some(5),
+                Dilation::None,
+            )?;
+            for (name, t) in &init {
+                varmap.data().lock().unwrap()[name].set(t)?;
+            }
+            let loss = candle_nn::loss::cross_entropy(&model.forward_t(&x, true)?, &labels)?;
+            let grads = loss.backward()?;
+            let mut out = vec![("loss".to_string(), vec![loss.to_scalar::<f32>()?])];
+            let vars = varmap.data().lock().unwrap();
+            let mut names: Vec<&String> = vars.keys().collect();
+            names.sort();
+            for name in names {
+                let v = &vars[name];
+                out.push((
+                    format!("{name} value"),
+                    v.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+                ));
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    out.push((format!("{name} gradient"), g.flatten_all()?.to_vec1()?));
+                }
+            }
+            Ok(out)
+        })
+    };
+    let (one, two) = (run(1)?, run(2)?);
+    assert!(one.len() > 100, "expected the values and gradients of every variable, got {}", one.len());
+    for ((name, a), (_, b)) in one.iter().zip(&two) {
+        assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} differs between 1 and 2 threads");
+    }
     Ok(())
 }

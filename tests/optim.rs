@@ -376,3 +376,56 @@ fn in_place_updates_are_seen_by_the_next_backward_pass() {
         assert!((a - b).abs() < 1e-6, "{a} vs {b}");
     }
 }
+
+/// Parameters of several hundred thousand values are updated in parallel pieces (the fused path
+/// splits them between rayon's threads): the result is bit-identical under 1 and 3 threads and
+/// agrees with the tensor-op path, and a NaN deep inside a large gradient is still caught.
+#[test]
+fn large_parameters_update_in_parallel_pieces_exactly() {
+    let dev = Device::Cpu;
+    let n = 200_001; // several pieces, the last one short
+    let init = Tensor::randn(0f32, 1f32, n, &dev).unwrap();
+    let grads: Vec<Tensor> = (0..3).map(|_| Tensor::randn(0f32, 1f32, n, &dev).unwrap()).collect();
+    type MakeOne = fn(Var, bool) -> Box<dyn Optimizer>;
+    let makers: [(&str, MakeOne); 2] = [
+        ("adam", |v, t| adam(vec![v], t, AdamConfig { lr: 1e-2, weight_decay: 1e-4, ..Default::default() })),
+        ("sgd", |v, t| {
+            sgd(vec![v], t, SgdConfig { lr: 1e-2, momentum: 0.9, weight_decay: 1e-4, ..Default::default() })
+        }),
+    ];
+    for (name, make) in makers {
+        let run = |threads: usize, tensor_ops: bool| -> Vec<f32> {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let var = Var::from_tensor(&init).unwrap();
+                let mut opt = make(var.clone(), tensor_ops);
+                for g in &grads {
+                    let mut gs = GradStore::default();
+                    gs.insert(&var, g.clone());
+                    opt.step(&gs).unwrap();
+                }
+                flat(var.as_tensor())
+            })
+        };
+        let one = run(1, false);
+        let three = run(3, false);
+        assert!(one.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: 1 vs 3 threads differ");
+        let reference = run(1, true);
+        for (j, (a, b)) in three.iter().zip(&reference).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{name}[{j}]: fused {a}, tensor ops {b}");
+        }
+        assert_ne!(one, flat(&init), "{name}: nothing was updated");
+    }
+    // The finiteness check runs in pieces too.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    pool.install(|| {
+        let var = Var::from_tensor(&init).unwrap();
+        let mut opt = adam(vec![var.clone()], false, AdamConfig::default());
+        let mut bad = flat(&grads[0]);
+        bad[150_000] = f32::NAN;
+        let mut gs = GradStore::default();
+        gs.insert(&var, Tensor::from_vec(bad, n, &dev).unwrap());
+        assert!(matches!(opt.step(&gs), Err(OptimError::NonFiniteGrad { index: 0, .. })));
+        assert_eq!(flat(var.as_tensor()), flat(&init), "a failed step changed the parameter");
+    });
+}

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 
-use super::cpu::{f32_slice, fast_cpu_f32, internal, with_f32};
+use super::cpu::{f32_slice, fast_cpu_f32, internal, par_chunks, par_map, with_f32};
 use super::error::{NnError, Result};
 
 /// PyTorch's defaults: eps 1e-5, momentum 0.1.
@@ -228,19 +228,31 @@ impl BatchNorm {
     }
 }
 
+/// Plane `i` (`len` values) of a contiguous buffer.
+fn plane(v: &[f32], i: usize, len: usize) -> &[f32] {
+    &v[i * len..(i + 1) * len]
+}
+
 /// Per-channel mean and biased variance (two passes, f64 accumulation) of a contiguous
-/// (N, C, spatial) buffer.
+/// (N, C, spatial) buffer. Planes are summed in parallel and their sums added in plane order, so
+/// the result does not depend on the thread count.
 fn channel_stats(x: &[f32], c: usize, spatial: usize) -> (Vec<f64>, Vec<f64>) {
+    let planes = x.len() / spatial;
+    let plane = |i: usize| &x[i * spatial..(i + 1) * spatial];
+    let plane_sums = par_map(planes, spatial, |i| plane(i).iter().map(|&v| v as f64).sum::<f64>());
     let mut sum = vec![0f64; c];
-    for (i, block) in x.chunks_exact(spatial).enumerate() {
-        sum[i % c] += block.iter().map(|&v| v as f64).sum::<f64>();
+    for (i, s) in plane_sums.iter().enumerate() {
+        sum[i % c] += s;
     }
     let count = (x.len() / c) as f64;
     let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
-    let mut sq = vec![0f64; c];
-    for (i, block) in x.chunks_exact(spatial).enumerate() {
+    let plane_sq = par_map(planes, spatial, |i| {
         let m = mean[i % c];
-        sq[i % c] += block.iter().map(|&v| (v as f64 - m) * (v as f64 - m)).sum::<f64>();
+        plane(i).iter().map(|&v| (v as f64 - m) * (v as f64 - m)).sum::<f64>()
+    });
+    let mut sq = vec![0f64; c];
+    for (i, s) in plane_sq.iter().enumerate() {
+        sq[i % c] += s;
     }
     (mean, sq.iter().map(|s| s / count).collect())
 }
@@ -272,10 +284,11 @@ impl CustomOp3 for BnTrain {
         let (w, b) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
         let c = self.mean.len();
         let mut y = vec![0f32; x.len()];
-        for (i, (out, block)) in y.chunks_exact_mut(self.spatial).zip(x.chunks_exact(self.spatial)).enumerate() {
+        par_chunks(&mut y, self.spatial, |i, out| {
             let ch = i % c;
             let scale = self.invstd[ch] * w[ch];
             let shift = b[ch] - self.mean[ch] * scale;
+            let block = &x[i * self.spatial..];
             if self.relu {
                 for (o, &v) in out.iter_mut().zip(block) {
                     *o = (v * scale + shift).max(0.0);
@@ -285,7 +298,7 @@ impl CustomOp3 for BnTrain {
                     *o = v * scale + shift;
                 }
             }
-        }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -297,59 +310,59 @@ impl CustomOp3 for BnTrain {
         y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut dy = dy.contiguous()?;
-        if self.relu {
-            // Through the ReLU first: the gradient only passes where the output is positive.
-            let masked = with_f32(y, |ys| {
-                with_f32(&dy, |g| ys.iter().zip(g).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }).collect::<Vec<f32>>())
-            })
-            .flatten()
-            .ok_or_else(|| internal(self.name()))?;
-            dy = Tensor::from_vec(masked, y.shape(), y.device())?;
-        }
+        let dy = dy.contiguous()?;
         let c = self.mean.len();
         let s = self.spatial;
         let wv = w.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let need_dx = x.track_op();
+        let relu = self.relu;
         let (dx, dw, db) = with_f32(x, |xs| {
-            with_f32(&dy, |g| {
-                // Pass 1: per channel Σdy and Σdy·x̂.
-                let mut sum_dy = vec![0f64; c];
-                let mut sum_dy_xhat = vec![0f64; c];
-                for (i, (xb, gb)) in xs.chunks_exact(s).zip(g.chunks_exact(s)).enumerate() {
-                    let ch = i % c;
-                    let (m, is) = (self.mean[ch], self.invstd[ch]);
-                    let (mut a, mut bsum) = (0f32, 0f32);
-                    for (&xv, &gv) in xb.iter().zip(gb) {
-                        a += gv;
-                        bsum += gv * (xv - m) * is;
-                    }
-                    sum_dy[ch] += a as f64;
-                    sum_dy_xhat[ch] += bsum as f64;
-                }
-                // Pass 2: dx = w·invstd·(dy − Σdy/M − x̂·Σdy·x̂/M).
-                let dx = need_dx.then(|| {
-                    let count = (xs.len() / c) as f64;
-                    let mut dx = vec![0f32; xs.len()];
-                    for (i, ((xb, gb), db)) in
-                        xs.chunks_exact(s).zip(g.chunks_exact(s)).zip(dx.chunks_exact_mut(s)).enumerate()
-                    {
+            with_f32(y, |ys| {
+                with_f32(&dy, |g| {
+                    // The gradient through the ReLU (when fused): it only passes where y > 0.
+                    let grad = |y: f32, g: f32| if relu && y <= 0.0 { 0.0 } else { g };
+                    // Pass 1: per plane Σdy and Σdy·x̂ (in parallel), added per channel in order.
+                    let plane_sums = par_map(xs.len() / s, s, |i| {
                         let ch = i % c;
                         let (m, is) = (self.mean[ch], self.invstd[ch]);
-                        let k = wv[ch] * is;
-                        let mean_dy = (sum_dy[ch] / count) as f32;
-                        let mean_dy_xhat = (sum_dy_xhat[ch] / count) as f32;
-                        for ((d, &xv), &gv) in db.iter_mut().zip(xb).zip(gb) {
-                            let xhat = (xv - m) * is;
-                            *d = k * (gv - mean_dy - xhat * mean_dy_xhat);
+                        let (mut a, mut bsum) = (0f32, 0f32);
+                        for ((&xv, &yv), &gv) in plane(xs, i, s).iter().zip(plane(ys, i, s)).zip(plane(g, i, s)) {
+                            let gv = grad(yv, gv);
+                            a += gv;
+                            bsum += gv * (xv - m) * is;
                         }
+                        (a, bsum)
+                    });
+                    let mut sum_dy = vec![0f64; c];
+                    let mut sum_dy_xhat = vec![0f64; c];
+                    for (i, &(a, bsum)) in plane_sums.iter().enumerate() {
+                        sum_dy[i % c] += a as f64;
+                        sum_dy_xhat[i % c] += bsum as f64;
                     }
-                    dx
-                });
-                let to_f32 = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect::<Vec<f32>>();
-                (dx, to_f32(sum_dy_xhat), to_f32(sum_dy))
+                    // Pass 2: dx = w·invstd·(dy − Σdy/M − x̂·Σdy·x̂/M).
+                    let dx = need_dx.then(|| {
+                        let count = (xs.len() / c) as f64;
+                        let mut dx = vec![0f32; xs.len()];
+                        par_chunks(&mut dx, s, |i, db| {
+                            let ch = i % c;
+                            let (m, is) = (self.mean[ch], self.invstd[ch]);
+                            let k = wv[ch] * is;
+                            let mean_dy = (sum_dy[ch] / count) as f32;
+                            let mean_dy_xhat = (sum_dy_xhat[ch] / count) as f32;
+                            let planes = plane(xs, i, s).iter().zip(plane(ys, i, s)).zip(plane(g, i, s));
+                            for (d, ((&xv, &yv), &gv)) in db.iter_mut().zip(planes) {
+                                let xhat = (xv - m) * is;
+                                *d = k * (grad(yv, gv) - mean_dy - xhat * mean_dy_xhat);
+                            }
+                        });
+                        dx
+                    });
+                    let to_f32 = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect::<Vec<f32>>();
+                    (dx, to_f32(sum_dy_xhat), to_f32(sum_dy))
+                })
             })
         })
+        .flatten()
         .flatten()
         .ok_or_else(|| internal(self.name()))?;
         let dev = x.device();
@@ -402,8 +415,9 @@ impl CustomOp3 for ChannelAffine {
         let (scale, shift) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
         let c = scale.len();
         let mut y = vec![0f32; x.len()];
-        for (i, (out, block)) in y.chunks_exact_mut(self.spatial).zip(x.chunks_exact(self.spatial)).enumerate() {
+        par_chunks(&mut y, self.spatial, |i, out| {
             let (a, b) = (scale[i % c], shift[i % c]);
+            let block = &x[i * self.spatial..];
             if self.relu {
                 for (o, &v) in out.iter_mut().zip(block) {
                     *o = (v * a + b).max(0.0);
@@ -413,7 +427,7 @@ impl CustomOp3 for ChannelAffine {
                     *o = v * a + b;
                 }
             }
-        }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -11,6 +11,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use gemm::Parallelism;
+use rayon::prelude::*;
+use std::cell::Cell;
+use std::ops::Range;
 
 use super::error::{NnError, Result};
 
@@ -98,13 +101,74 @@ pub fn fast_paths_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("MPCS_NN_REFERENCE").map_or(true, |v| v.is_empty() || v == "0"))
 }
 
-fn parallelism() -> Parallelism {
-    let threads = candle_core::utils::get_num_threads();
-    if threads > 1 {
-        Parallelism::Rayon(threads)
+/// How a GEMM inside one part of the batch may use threads: the threads the parts leave over.
+fn inner_parallelism(threads: usize, parts: usize) -> Parallelism {
+    let per_part = threads / parts.max(1);
+    if per_part > 1 {
+        Parallelism::Rayon(per_part)
     } else {
         Parallelism::None
     }
+}
+
+/// Splits images `0..n` into at most `max_parts` contiguous ranges of whole chunks (`g.chunk()`
+/// images per GEMM). The chunks depend on the geometry alone, so every GEMM sees the same operands
+/// whatever the thread count: only which thread runs it changes.
+fn image_parts(g: &Geometry, max_parts: usize) -> Vec<Range<usize>> {
+    let chunk = g.chunk();
+    let chunks = g.n.div_ceil(chunk);
+    let parts = max_parts.clamp(1, chunks.max(1));
+    (0..parts).map(|i| (i * chunks / parts * chunk).min(g.n)..((i + 1) * chunks / parts * chunk).min(g.n)).collect()
+}
+
+/// The most partial weight gradients one call sums (a fixed number, not the thread count, so the
+/// sum's rounding is the same on every machine and under every `--jobs`).
+const WEIGHT_GRAD_PARTS: usize = 4;
+
+/// Runs `f(images, out)` for each part of the batch in parallel, `out` being the part's slice of
+/// `buf` (`per_image` values per image).
+fn for_each_part(
+    parts: &[Range<usize>],
+    buf: &mut [f32],
+    per_image: usize,
+    f: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) {
+    if let [only] = parts {
+        return f(only.clone(), buf);
+    }
+    // Only reached with several threads (parts ≤ threads).
+    let mut slices = Vec::with_capacity(parts.len());
+    let mut rest = buf;
+    for r in parts {
+        let (head, tail) = rest.split_at_mut(r.len() * per_image);
+        slices.push((r.clone(), head));
+        rest = tail;
+    }
+    slices.into_par_iter().for_each(|(r, out)| f(r, out));
+}
+
+thread_local! {
+    /// Per-thread scratch for column matrices and chunk results: reused from call to call, so the
+    /// largest temporaries of a step are neither allocated nor zeroed again.
+    static COL: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static TMP: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's two scratch buffers of at least `col_len` and `tmp_len` values
+/// (contents unspecified). Taken out of the thread-local while in use: a nested call (rayon may run
+/// another part on this thread while a GEMM waits) simply gets fresh buffers.
+fn with_scratch<R>(col_len: usize, tmp_len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    let (mut col, mut tmp) = (COL.take(), TMP.take());
+    if col.len() < col_len {
+        col.resize(col_len, 0.0);
+    }
+    if tmp.len() < tmp_len {
+        tmp.resize(tmp_len, 0.0);
+    }
+    let r = f(&mut col[..col_len], &mut tmp[..tmp_len]);
+    COL.set(col);
+    TMP.set(tmp);
+    r
 }
 
 /// Row-major matrix view: data, row stride, column stride.
@@ -118,7 +182,17 @@ struct Mat<'a> {
 // A BLAS-style signature: the sizes and the three matrices read best side by side.
 #[allow(clippy::too_many_arguments)]
 /// dst (m × n, row-major with row stride `dst_rs`) = a (m × k) · b (k × n), or += when `accumulate`.
-fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], dst_rs: usize, accumulate: bool) {
+fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    par: Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -156,43 +230,57 @@ fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], dst_rs: 
             false,
             false,
             false,
-            parallelism(),
+            par,
         )
     }
 }
 
 /// Writes the column matrix of images `first..first + count` of `x` into `col`
 /// ((c·kh·kw) × (count·p), row-major): col[(ci, ki, kj), (img, oy, ox)] = x[img, ci, iy, ix]
-/// with iy = oy·s − pad + ki·d (zero outside the image).
-fn im2col(g: &Geometry, x: &[f32], first: usize, count: usize, col: &mut [f32]) {
+/// with iy = oy·s − pad + ki·d (zero outside the image). With `par`, the channels are shared
+/// between threads (for a chunk that has the whole call to itself).
+fn im2col(g: &Geometry, x: &[f32], first: usize, count: usize, col: &mut [f32], par: bool) {
+    let rows_per_channel = g.kh * g.kw * count * g.p();
+    let col = &mut col[..g.c * rows_per_channel];
+    if par {
+        col.par_chunks_mut(rows_per_channel)
+            .enumerate()
+            .for_each(|(ci, rows)| im2col_channel(g, x, first, count, ci, rows));
+    } else {
+        for (ci, rows) in col.chunks_mut(rows_per_channel).enumerate() {
+            im2col_channel(g, x, first, count, ci, rows);
+        }
+    }
+}
+
+/// The kh·kw rows of channel `ci` of [`im2col`]'s column matrix.
+fn im2col_channel(g: &Geometry, x: &[f32], first: usize, count: usize, ci: usize, rows: &mut [f32]) {
     let (p, cols) = (g.p(), count * g.p());
     let img_len = g.c * g.h * g.w;
-    for ci in 0..g.c {
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let row = (ci * g.kh + ki) * g.kw + kj;
-                let dst_row = &mut col[row * cols..(row + 1) * cols];
-                let (ox_lo, ox_hi) = valid_range(g.ow, g.w, g.stride, g.padding, kj * g.dilation);
-                for img in 0..count {
-                    let plane = &x[(first + img) * img_len + ci * g.h * g.w..][..g.h * g.w];
-                    let dst_img = &mut dst_row[img * p..(img + 1) * p];
-                    for oy in 0..g.oh {
-                        let dst = &mut dst_img[oy * g.ow..(oy + 1) * g.ow];
-                        let iy = (oy * g.stride + ki * g.dilation) as isize - g.padding as isize;
-                        if iy < 0 || iy >= g.h as isize || ox_lo >= ox_hi {
-                            dst.fill(0.0);
-                            continue;
-                        }
-                        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                        dst[..ox_lo].fill(0.0);
-                        dst[ox_hi..].fill(0.0);
-                        let ix0 = ox_lo * g.stride + kj * g.dilation - g.padding;
-                        if g.stride == 1 {
-                            dst[ox_lo..ox_hi].copy_from_slice(&src[ix0..ix0 + (ox_hi - ox_lo)]);
-                        } else {
-                            for (d, s) in dst[ox_lo..ox_hi].iter_mut().zip(src[ix0..].iter().step_by(g.stride)) {
-                                *d = *s;
-                            }
+    for ki in 0..g.kh {
+        for kj in 0..g.kw {
+            let row = ki * g.kw + kj;
+            let dst_row = &mut rows[row * cols..(row + 1) * cols];
+            let (ox_lo, ox_hi) = valid_range(g.ow, g.w, g.stride, g.padding, kj * g.dilation);
+            for img in 0..count {
+                let plane = &x[(first + img) * img_len + ci * g.h * g.w..][..g.h * g.w];
+                let dst_img = &mut dst_row[img * p..(img + 1) * p];
+                for oy in 0..g.oh {
+                    let dst = &mut dst_img[oy * g.ow..(oy + 1) * g.ow];
+                    let iy = (oy * g.stride + ki * g.dilation) as isize - g.padding as isize;
+                    if iy < 0 || iy >= g.h as isize || ox_lo >= ox_hi {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    dst[..ox_lo].fill(0.0);
+                    dst[ox_hi..].fill(0.0);
+                    let ix0 = ox_lo * g.stride + kj * g.dilation - g.padding;
+                    if g.stride == 1 {
+                        dst[ox_lo..ox_hi].copy_from_slice(&src[ix0..ix0 + (ox_hi - ox_lo)]);
+                    } else {
+                        for (d, s) in dst[ox_lo..ox_hi].iter_mut().zip(src[ix0..].iter().step_by(g.stride)) {
+                            *d = *s;
                         }
                     }
                 }
@@ -201,8 +289,9 @@ fn im2col(g: &Geometry, x: &[f32], first: usize, count: usize, col: &mut [f32]) 
     }
 }
 
-/// The inverse scatter of [`im2col`]: adds col's entries into dx (images `first..first + count`).
-fn col2im(g: &Geometry, col: &[f32], first: usize, count: usize, dx: &mut [f32]) {
+/// The inverse scatter of [`im2col`]: adds col's entries into dx, whose image 0 is image `first`
+/// of the chunk (`count` images).
+fn col2im(g: &Geometry, col: &[f32], count: usize, dx: &mut [f32]) {
     let (p, cols) = (g.p(), count * g.p());
     let img_len = g.c * g.h * g.w;
     for ci in 0..g.c {
@@ -215,7 +304,7 @@ fn col2im(g: &Geometry, col: &[f32], first: usize, count: usize, dx: &mut [f32])
                     continue;
                 }
                 for img in 0..count {
-                    let plane = &mut dx[(first + img) * img_len + ci * g.h * g.w..][..g.h * g.w];
+                    let plane = &mut dx[img * img_len + ci * g.h * g.w..][..g.h * g.w];
                     let src_img = &src_row[img * p..(img + 1) * p];
                     for oy in 0..g.oh {
                         let iy = (oy * g.stride + ki * g.dilation) as isize - g.padding as isize;
@@ -250,135 +339,170 @@ fn valid_range(ow: usize, w: usize, stride: usize, padding: usize, offset: usize
     (lo.min(ow), hi.max(lo.min(ow)))
 }
 
-/// Copies (o × (count·p)) chunk results into the (n, o, p) output, or gathers the reverse.
-fn scatter_chunk(g: &Geometry, chunk: &[f32], first: usize, count: usize, out: &mut [f32]) {
-    let (p, cols) = (g.p(), count * g.p());
+/// Copies a (rows × (count·p)) chunk matrix into `count` images of `rows` planes of p values
+/// (`out` starts at the chunk's first image), or gathers the reverse.
+fn scatter_chunk(rows: usize, p: usize, count: usize, chunk: &[f32], out: &mut [f32]) {
+    let cols = count * p;
     for img in 0..count {
-        for oc in 0..g.o {
-            out[((first + img) * g.o + oc) * p..][..p].copy_from_slice(&chunk[oc * cols + img * p..][..p]);
+        for r in 0..rows {
+            out[(img * rows + r) * p..][..p].copy_from_slice(&chunk[r * cols + img * p..][..p]);
         }
     }
 }
 
-fn gather_chunk(g: &Geometry, src: &[f32], first: usize, count: usize, chunk: &mut [f32]) {
-    let (p, cols) = (g.p(), count * g.p());
+fn gather_chunk(rows: usize, p: usize, count: usize, src: &[f32], chunk: &mut [f32]) {
+    let cols = count * p;
     for img in 0..count {
-        for oc in 0..g.o {
-            chunk[oc * cols + img * p..][..p].copy_from_slice(&src[((first + img) * g.o + oc) * p..][..p]);
+        for r in 0..rows {
+            chunk[r * cols + img * p..][..p].copy_from_slice(&src[(img * rows + r) * p..][..p]);
         }
     }
+}
+
+/// The chunks (first image, image count) of a part of the batch.
+fn chunks_of(g: &Geometry, images: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
+    let chunk = g.chunk();
+    images.clone().step_by(chunk).map(move |first| (first, chunk.min(images.end - first)))
 }
 
 /// Forward: y (n, o, oh, ow) from x (n, c, h, w) and weight (o, c·kh·kw).
 fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
-    let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
-    let mut y = vec![0f32; g.n * g.o * p];
-    let wm = Mat { data: wt, rs: ckk, cs: 1 };
-    let mut col = if g.pointwise() { Vec::new() } else { vec![0f32; ckk * chunk * p] };
-    let mut tmp = if chunk > 1 { vec![0f32; g.o * chunk * p] } else { Vec::new() };
-    let mut first = 0;
-    while first < g.n {
-        let count = chunk.min(g.n - first);
-        let cols = count * p;
-        let b = if g.pointwise() && count == 1 {
-            Mat { data: &x[first * ckk * p..], rs: p, cs: 1 }
-        } else if g.pointwise() {
-            // Pointwise with several images: gather the images side by side (c × count·p).
-            gather_images(g, x, first, count, &mut col);
-            Mat { data: &col, rs: cols, cs: 1 }
-        } else {
-            im2col(g, x, first, count, &mut col);
-            Mat { data: &col, rs: cols, cs: 1 }
-        };
-        if count == 1 {
-            sgemm(g.o, cols, ckk, wm, b, &mut y[first * g.o * p..], p, false);
-        } else {
-            sgemm(g.o, cols, ckk, wm, b, &mut tmp, cols, false);
-            scatter_chunk(g, &tmp, first, count, &mut y);
-        }
-        first += count;
-    }
+    let per_image = g.o * g.p();
+    let mut y = vec![0f32; g.n * per_image];
+    let threads = rayon::current_num_threads();
+    let parts = image_parts(g, threads);
+    let par = inner_parallelism(threads, parts.len());
+    for_each_part(&parts, &mut y, per_image, |images, out| forward_part(g, x, wt, images, out, par));
     y
 }
 
-/// Input images `first..first + count` side by side: (c × count·p), for pointwise convolutions.
-fn gather_images(g: &Geometry, x: &[f32], first: usize, count: usize, col: &mut Vec<f32>) {
-    let (p, cols) = (g.p(), count * g.p());
-    col.resize(g.c * cols, 0.0);
-    for img in 0..count {
-        for ci in 0..g.c {
-            col[ci * cols + img * p..][..p].copy_from_slice(&x[((first + img) * g.c + ci) * p..][..p]);
+/// [`forward`] for the images of one part; `out` holds their outputs.
+fn forward_part(g: &Geometry, x: &[f32], wt: &[f32], images: Range<usize>, out: &mut [f32], par: Parallelism) {
+    let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
+    let wm = Mat { data: wt, rs: ckk, cs: 1 };
+    let col_len = if g.pointwise() && chunk == 1 { 0 } else { ckk * chunk * p };
+    let tmp_len = if chunk > 1 { g.o * chunk * p } else { 0 };
+    let base = images.start;
+    with_scratch(col_len, tmp_len, |col, tmp| {
+        for (first, count) in chunks_of(g, images) {
+            let cols = count * p;
+            let b = if g.pointwise() && count == 1 {
+                Mat { data: &x[first * ckk * p..], rs: p, cs: 1 }
+            } else if g.pointwise() {
+                // Pointwise with several images: the images side by side (c × count·p).
+                gather_chunk(g.c, p, count, &x[first * g.c * p..], col);
+                Mat { data: col, rs: cols, cs: 1 }
+            } else {
+                im2col(g, x, first, count, col, !matches!(par, Parallelism::None));
+                Mat { data: col, rs: cols, cs: 1 }
+            };
+            let dst = &mut out[(first - base) * g.o * p..];
+            if count == 1 {
+                sgemm(g.o, cols, ckk, wm, b, dst, p, false, par);
+            } else {
+                sgemm(g.o, cols, ckk, wm, b, tmp, cols, false, par);
+                scatter_chunk(g.o, p, count, tmp, dst);
+            }
         }
-    }
+    });
 }
 
 /// Input gradient: dx (n, c, h, w) from dy (n, o, oh, ow) and weight (o, c·kh·kw).
 fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
-    let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
-    let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
-    // Wᵀ: (c·kh·kw) × o through strides, no copy.
-    let wtm = Mat { data: wt, rs: 1, cs: ckk };
-    let mut col = vec![0f32; if g.pointwise() && chunk == 1 { 0 } else { ckk * chunk * p }];
-    let mut tmp = if chunk > 1 { vec![0f32; g.o * chunk * p] } else { Vec::new() };
-    let mut first = 0;
-    while first < g.n {
-        let count = chunk.min(g.n - first);
-        let cols = count * p;
-        let b = if count == 1 {
-            Mat { data: &dy[first * g.o * p..], rs: p, cs: 1 }
-        } else {
-            gather_chunk(g, dy, first, count, &mut tmp);
-            Mat { data: &tmp, rs: cols, cs: 1 }
-        };
-        if g.pointwise() && count == 1 {
-            sgemm(ckk, cols, g.o, wtm, b, &mut dx[first * ckk * p..], p, false);
-        } else if g.pointwise() {
-            sgemm(ckk, cols, g.o, wtm, b, &mut col, cols, false);
-            for img in 0..count {
-                for ci in 0..g.c {
-                    dx[((first + img) * g.c + ci) * p..][..p].copy_from_slice(&col[ci * cols + img * p..][..p]);
-                }
-            }
-        } else {
-            sgemm(ckk, cols, g.o, wtm, b, &mut col, cols, false);
-            col2im(g, &col, first, count, &mut dx);
-        }
-        first += count;
-    }
+    let per_image = g.c * g.h * g.w;
+    let mut dx = vec![0f32; g.n * per_image];
+    let threads = rayon::current_num_threads();
+    let parts = image_parts(g, threads);
+    let par = inner_parallelism(threads, parts.len());
+    for_each_part(&parts, &mut dx, per_image, |images, out| input_grad_part(g, dy, wt, images, out, par));
     dx
 }
 
-/// Weight gradient: dw (o, c·kh·kw) = Σ over images of dy_img (o × p) · col_imgᵀ (p × c·kh·kw).
-fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+/// [`input_grad`] for the images of one part; `dx` holds their gradients (zero on entry).
+fn input_grad_part(g: &Geometry, dy: &[f32], wt: &[f32], images: Range<usize>, dx: &mut [f32], par: Parallelism) {
     let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
-    let mut dw = vec![0f32; g.o * ckk];
-    let mut col = if g.pointwise() { Vec::new() } else { vec![0f32; ckk * chunk * p] };
-    let mut tmp = if chunk > 1 { vec![0f32; g.o * chunk * p] } else { Vec::new() };
-    let mut first = 0;
-    while first < g.n {
-        let count = chunk.min(g.n - first);
-        let cols = count * p;
-        let a = if count == 1 {
-            Mat { data: &dy[first * g.o * p..], rs: p, cs: 1 }
-        } else {
-            gather_chunk(g, dy, first, count, &mut tmp);
-            Mat { data: &tmp, rs: cols, cs: 1 }
-        };
-        // colᵀ: (count·p) × (c·kh·kw) through strides.
-        let b = if g.pointwise() && count == 1 {
-            Mat { data: &x[first * ckk * p..], rs: 1, cs: p }
-        } else {
-            if g.pointwise() {
-                gather_images(g, x, first, count, &mut col);
+    // Wᵀ: (c·kh·kw) × o through strides, no copy.
+    let wtm = Mat { data: wt, rs: 1, cs: ckk };
+    let col_len = if g.pointwise() && chunk == 1 { 0 } else { ckk * chunk * p };
+    let tmp_len = if chunk > 1 { g.o * chunk * p } else { 0 };
+    let (base, img_len) = (images.start, g.c * g.h * g.w);
+    with_scratch(col_len, tmp_len, |col, tmp| {
+        for (first, count) in chunks_of(g, images) {
+            let cols = count * p;
+            let b = if count == 1 {
+                Mat { data: &dy[first * g.o * p..], rs: p, cs: 1 }
             } else {
-                im2col(g, x, first, count, &mut col);
+                gather_chunk(g.o, p, count, &dy[first * g.o * p..], tmp);
+                Mat { data: tmp, rs: cols, cs: 1 }
+            };
+            let dst = &mut dx[(first - base) * img_len..];
+            if g.pointwise() && count == 1 {
+                sgemm(ckk, cols, g.o, wtm, b, dst, p, false, par);
+            } else if g.pointwise() {
+                sgemm(ckk, cols, g.o, wtm, b, col, cols, false, par);
+                scatter_chunk(g.c, p, count, col, dst);
+            } else {
+                sgemm(ckk, cols, g.o, wtm, b, col, cols, false, par);
+                col2im(g, col, count, dst);
             }
-            Mat { data: &col, rs: 1, cs: cols }
-        };
-        sgemm(g.o, ckk, cols, a, b, &mut dw, ckk, first > 0);
-        first += count;
+        }
+    });
+}
+
+/// Weight gradient: dw (o, c·kh·kw) = Σ over images of dy_img (o × p) · col_imgᵀ (p × c·kh·kw).
+/// Up to [`WEIGHT_GRAD_PARTS`] parts of the batch each sum their own partial gradient in
+/// parallel; the partials are then added in order.
+fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let len = g.o * g.ckk();
+    let threads = rayon::current_num_threads();
+    let parts = image_parts(g, WEIGHT_GRAD_PARTS);
+    let par = inner_parallelism(threads, parts.len());
+    let mut partials = vec![0f32; parts.len() * len];
+    let part = |(dw, images): (&mut [f32], &Range<usize>)| weight_grad_part(g, x, dy, images.clone(), dw, par);
+    if threads == 1 || parts.len() == 1 {
+        partials.chunks_mut(len).zip(&parts).for_each(part);
+    } else {
+        partials.par_chunks_mut(len).zip(parts.par_iter()).for_each(part);
     }
-    dw
+    let (dw, rest) = partials.split_at_mut(len);
+    for partial in rest.chunks_exact(len) {
+        for (d, s) in dw.iter_mut().zip(partial) {
+            *d += *s;
+        }
+    }
+    partials.truncate(len);
+    partials
+}
+
+/// The weight gradient of the images of one part, written into `dw`.
+fn weight_grad_part(g: &Geometry, x: &[f32], dy: &[f32], images: Range<usize>, dw: &mut [f32], par: Parallelism) {
+    let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
+    let col_len = if g.pointwise() && chunk == 1 { 0 } else { ckk * chunk * p };
+    let tmp_len = if chunk > 1 { g.o * chunk * p } else { 0 };
+    let start = images.start;
+    with_scratch(col_len, tmp_len, |col, tmp| {
+        for (first, count) in chunks_of(g, images) {
+            let cols = count * p;
+            let a = if count == 1 {
+                Mat { data: &dy[first * g.o * p..], rs: p, cs: 1 }
+            } else {
+                gather_chunk(g.o, p, count, &dy[first * g.o * p..], tmp);
+                Mat { data: tmp, rs: cols, cs: 1 }
+            };
+            // colᵀ: (count·p) × (c·kh·kw) through strides.
+            let b = if g.pointwise() && count == 1 {
+                Mat { data: &x[first * ckk * p..], rs: 1, cs: p }
+            } else {
+                if g.pointwise() {
+                    gather_chunk(g.c, p, count, &x[first * g.c * p..], col);
+                } else {
+                    im2col(g, x, first, count, col, !matches!(par, Parallelism::None));
+                }
+                Mat { data: col, rs: 1, cs: cols }
+            };
+            sgemm(g.o, ckk, cols, a, b, dw, ckk, first > start, par);
+        }
+    });
 }
 
 /// The contiguous f32 data of a CPU storage, or an error naming the op.

@@ -2,6 +2,7 @@
 //! (which compute gradients in plain loops instead of chains of tensor ops).
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
+use rayon::prelude::*;
 
 /// Runs `f` on the tensor's contiguous f32 data, or returns None when the tensor is not a
 /// contiguous f32 CPU tensor.
@@ -34,4 +35,74 @@ pub(crate) fn fast_cpu_f32(t: &Tensor) -> bool {
 /// Wraps a candle error produced inside `bwd` (which must return candle's error type).
 pub(crate) fn internal(op: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!("{op}: gradient is not a contiguous f32 CPU tensor"))
+}
+
+/// Fewest values one parallel task handles: below this, handing work to another thread costs more
+/// than it saves (the deep layers of a small ResNet have 2×2 maps).
+const MIN_TASK_LEN: usize = 1 << 14;
+
+/// Runs `f(i, chunk)` for each `len`-value chunk of `out` (the last may be shorter), sharing the
+/// chunks between rayon's threads. Each chunk is computed the same way whichever thread runs it.
+pub(crate) fn par_chunks(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    let len = len.max(1);
+    if !worth_splitting(out.len()) {
+        return out.chunks_mut(len).enumerate().for_each(|(i, chunk)| f(i, chunk));
+    }
+    let min = MIN_TASK_LEN.div_ceil(len);
+    out.par_chunks_mut(len).enumerate().with_min_len(min).for_each(|(i, chunk)| f(i, chunk));
+}
+
+/// `f(i)` for `i` in `0..count` (each covering `len` values), in parallel, collected in order, for
+/// per-plane partial sums that the caller then adds up in a fixed order.
+pub(crate) fn par_map<T: Send>(count: usize, len: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    if !worth_splitting(count * len) {
+        return (0..count).map(f).collect();
+    }
+    let min = MIN_TASK_LEN.div_ceil(len.max(1));
+    (0..count).into_par_iter().with_min_len(min).map(f).collect()
+}
+
+/// Whether `total` values are worth sharing between threads: not with one thread (handing work
+/// to rayon's pool still costs a wake-up), nor for less than two tasks' worth.
+pub(crate) fn worth_splitting(total: usize) -> bool {
+    total >= 2 * MIN_TASK_LEN && rayon::current_num_threads() > 1
+}
+
+/// Elements per task of the flat (shape-blind) element-wise kernels.
+pub(crate) const FLAT_CHUNK: usize = 1 << 14;
+
+/// `g` where `y > 0`, else 0: the gradient through a ReLU whose output is `y` (PyTorch's
+/// convention at 0).
+pub(crate) fn relu_grad(y: &[f32], g: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0f32; y.len()];
+    par_chunks(&mut dx, FLAT_CHUNK, |i, out| {
+        let at = i * FLAT_CHUNK;
+        for ((d, &y), &g) in out.iter_mut().zip(&y[at..]).zip(&g[at..]) {
+            *d = if y > 0.0 { g } else { 0.0 };
+        }
+    });
+    dx
+}
+
+/// `f(a)` for every element, in parallel.
+pub(crate) fn par_map_values(a: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    par_chunks(&mut out, FLAT_CHUNK, |i, o| {
+        for (o, &v) in o.iter_mut().zip(&a[i * FLAT_CHUNK..]) {
+            *o = f(v);
+        }
+    });
+    out
+}
+
+/// `f(a, b)` for every pair of elements, in parallel.
+pub(crate) fn par_zip_values(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    par_chunks(&mut out, FLAT_CHUNK, |i, o| {
+        let at = i * FLAT_CHUNK;
+        for ((o, &x), &y) in o.iter_mut().zip(&a[at..]).zip(&b[at..]) {
+            *o = f(x, y);
+        }
+    });
+    out
 }

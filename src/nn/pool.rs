@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::cpu::{f32_slice, fast_cpu_f32, internal, with_f32};
+use super::cpu::{f32_slice, fast_cpu_f32, internal, par_chunks, with_f32};
 use super::error::{NnError, Result};
 
 /// The 2-D max-pool custom op (f32, CPU).
@@ -46,10 +46,12 @@ impl CustomOp1 for MaxPool {
         let mut y = vec![0f32; n * c * oh * ow];
         // Separable: the maximum over each window's columns for every input row, then over rows.
         // The same values as the argmax scan of the backward pass, with fewer branches.
-        let mut rows = vec![f32::NEG_INFINITY; h * ow];
         let col_ranges: Vec<(usize, usize)> = (0..ow).map(|o| self.window(o, w)).collect();
         let row_ranges: Vec<(usize, usize)> = (0..oh).map(|o| self.window(o, h)).collect();
-        for (plane, out) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow)) {
+        // Planes in parallel; each task keeps its row maxima (h × ow) in a small buffer.
+        par_chunks(&mut y, oh * ow, |i, out| {
+            let plane = &x[i * h * w..(i + 1) * h * w];
+            let mut rows = vec![f32::NEG_INFINITY; h * ow];
             for (src, dst) in plane.chunks_exact(w).zip(rows.chunks_exact_mut(ow)) {
                 for (d, &(a, b)) in dst.iter_mut().zip(&col_ranges) {
                     *d = src[a..b].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -63,7 +65,7 @@ impl CustomOp1 for MaxPool {
                     }
                 }
             }
-        }
+        });
         Ok((CpuStorage::F32(y), Shape::from((n, c, oh, ow))))
     }
 
@@ -77,8 +79,9 @@ impl CustomOp1 for MaxPool {
             with_f32(y, |ys| {
                 with_f32(&dy, |g| {
                     let mut dx = vec![0f32; xs.len()];
-                    let planes = xs.chunks_exact(h * w).zip(ys.chunks_exact(oh * ow)).zip(g.chunks_exact(oh * ow));
-                    for (((plane, yp), gp), dp) in planes.zip(dx.chunks_exact_mut(h * w)) {
+                    par_chunks(&mut dx, h * w, |i, dp| {
+                        let plane = &xs[i * h * w..(i + 1) * h * w];
+                        let (yp, gp) = (&ys[i * oh * ow..(i + 1) * oh * ow], &g[i * oh * ow..(i + 1) * oh * ow]);
                         for (oy, &(ya, yb)) in row_ranges.iter().enumerate() {
                             for (ox, &(xa, xb)) in col_ranges.iter().enumerate() {
                                 let o = oy * ow + ox;
@@ -96,7 +99,7 @@ impl CustomOp1 for MaxPool {
                                 }
                             }
                         }
-                    }
+                    });
                     dx
                 })
             })

@@ -6,7 +6,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use super::cpu::{f32_slice, fast_cpu_f32, internal, with_f32};
+use super::cpu::{f32_slice, fast_cpu_f32, internal, par_map_values, par_zip_values, relu_grad, with_f32};
 use super::error::Result;
 
 struct Relu;
@@ -18,16 +18,12 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, self.name())?;
-        Ok((CpuStorage::F32(x.iter().map(|&v| v.max(0.0)).collect()), l.shape().clone()))
+        Ok((CpuStorage::F32(par_map_values(x, |v| v.max(0.0))), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let dy = dy.contiguous()?;
-        let dx = with_f32(y, |y| {
-            with_f32(&dy, |g| y.iter().zip(g).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }).collect::<Vec<f32>>())
-        })
-        .flatten()
-        .ok_or_else(|| internal(self.name()))?;
+        let dx = with_f32(y, |y| with_f32(&dy, |g| relu_grad(y, g))).flatten().ok_or_else(|| internal(self.name()))?;
         Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
     }
 }
@@ -61,7 +57,7 @@ impl CustomOp2 for AddRelu {
             candle_core::bail!("{}: shapes differ: {:?} and {:?}", self.name(), l1.dims(), l2.dims());
         }
         let (a, b) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
-        Ok((CpuStorage::F32(a.iter().zip(b).map(|(&a, &b)| (a + b).max(0.0)).collect()), l1.shape().clone()))
+        Ok((CpuStorage::F32(par_zip_values(a, b, |a, b| (a + b).max(0.0))), l1.shape().clone()))
     }
 
     fn bwd(
@@ -72,11 +68,7 @@ impl CustomOp2 for AddRelu {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let g = with_f32(y, |y| {
-            with_f32(&dy, |g| y.iter().zip(g).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }).collect::<Vec<f32>>())
-        })
-        .flatten()
-        .ok_or_else(|| internal(self.name()))?;
+        let g = with_f32(y, |y| with_f32(&dy, |g| relu_grad(y, g))).flatten().ok_or_else(|| internal(self.name()))?;
         let g = Tensor::from_vec(g, y.shape(), y.device())?;
         Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
     }

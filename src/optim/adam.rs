@@ -132,16 +132,18 @@ impl Optimizer for Adam {
                     // 1 - beta in f64 first, as PyTorch does: 1 - 0.999f32 is off by 5e-5 relative.
                     let (w1, w2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
                     kernel::update_in_place(&e.var, &g, |p, g| {
-                        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                            let mut x = *p;
-                            if shrink != 1.0 {
-                                x *= shrink;
+                        kernel::par_update(p, g, m, v, |p, g, m, v| {
+                            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                                let mut x = *p;
+                                if shrink != 1.0 {
+                                    x *= shrink;
+                                }
+                                let g = g + l2 * x;
+                                *m += w1 * (g - *m);
+                                *v = b2 * *v + w2 * (g * g);
+                                *p = x - ss * (*m / (v.sqrt() / bc2s + eps));
                             }
-                            let g = g + l2 * x;
-                            *m += w1 * (g - *m);
-                            *v = b2 * *v + w2 * (g * g);
-                            *p = x - ss * (*m / (v.sqrt() / bc2s + eps));
-                        }
+                        })
                     })?;
                 }
                 Moments::Tensors { m, v } => {

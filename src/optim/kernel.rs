@@ -5,8 +5,43 @@
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 use super::Result;
+
+/// Elements per parallel task of the element-wise update loops (rayon splits larger tensors).
+pub(crate) const CHUNK: usize = 1 << 15;
+
+/// Runs `f` on matching `CHUNK`-element pieces of the parameter, its gradient and two state
+/// buffers (`a` and `b`, each either as long as the parameter or empty for state an optimiser does
+/// not keep), in parallel for large tensors. Element-wise updates give the same values however the
+/// pieces are shared out.
+pub(crate) fn par_update(
+    p: &mut [f32],
+    g: &[f32],
+    a: &mut [f32],
+    b: &mut [f32],
+    f: impl Fn(&mut [f32], &[f32], &mut [f32], &mut [f32]) + Sync + Send,
+) {
+    if p.len() <= CHUNK || rayon::current_num_threads() == 1 {
+        return f(p, g, a, b);
+    }
+    let pieces = p.len().div_ceil(CHUNK);
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(pieces_of(a, pieces))
+        .zip(pieces_of(b, pieces))
+        .for_each(|(((p, g), a), b)| f(p, g, a, b));
+}
+
+/// `v` in `CHUNK`-element pieces, or `count` empty pieces when `v` is empty.
+fn pieces_of(v: &mut [f32], count: usize) -> Vec<&mut [f32]> {
+    if v.is_empty() {
+        (0..count).map(|_| Default::default()).collect()
+    } else {
+        v.chunks_mut(CHUNK).collect()
+    }
+}
 
 /// Runs the closure on the contiguous f32 data of `param` (mutable) and `grad` (read-only).
 struct InPlace<F>(RefCell<F>);
@@ -57,7 +92,16 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result
 /// Whether every element of the f32 tensor `g` is finite. On the CPU one read pass; elsewhere `g - g`
 /// summed (0 for finite values, NaN otherwise, and no overflow unlike a plain sum).
 pub(crate) fn all_finite(g: &Tensor) -> Result<bool> {
-    if let Some(ok) = with_cpu_f32(g, |s| s.iter().all(|x| x.is_finite()))? {
+    // No early exit inside a chunk, so the check vectorises; chunks in parallel.
+    let finite = |s: &[f32]| s.iter().fold(true, |ok, x| ok & x.is_finite());
+    let check = |s: &[f32]| {
+        if s.len() <= CHUNK || rayon::current_num_threads() == 1 {
+            s.chunks(CHUNK).all(finite)
+        } else {
+            s.par_chunks(CHUNK).all(finite)
+        }
+    };
+    if let Some(ok) = with_cpu_f32(g, check)? {
         return Ok(ok);
     }
     let z = g.sub(g)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;

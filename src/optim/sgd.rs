@@ -110,24 +110,26 @@ impl Optimizer for Sgd {
                 // One pass: reads p, g (and buf), writes p (and buf); no tensor op.
                 let (lr, wd, mu, keep) = (c.lr as f32, wd as f32, c.momentum as f32, (1.0 - c.dampening) as f32);
                 let nesterov = c.nesterov;
-                let mut buf = match buf {
+                let buf = match buf {
                     Buffer::Cpu(b) => Some(b),
                     _ => None,
                 };
-                kernel::update_in_place(&e.var, &g, |p, g| match buf.as_deref_mut() {
-                    None => {
-                        for (p, &g) in p.iter_mut().zip(g) {
-                            *p -= lr * (g + wd * *p);
+                let b = buf.map(|b| b.as_mut_slice()).unwrap_or_default();
+                kernel::update_in_place(&e.var, &g, |p, g| {
+                    kernel::par_update(p, g, b, &mut [], |p, g, b, _| {
+                        if b.is_empty() {
+                            for (p, &g) in p.iter_mut().zip(g) {
+                                *p -= lr * (g + wd * *p);
+                            }
+                        } else {
+                            for ((p, &g), b) in p.iter_mut().zip(g).zip(b.iter_mut()) {
+                                let d = g + wd * *p;
+                                *b = if first { d } else { mu * *b + keep * d };
+                                let d = if nesterov { d + mu * *b } else { *b };
+                                *p -= lr * d;
+                            }
                         }
-                    }
-                    Some(b) => {
-                        for ((p, &g), b) in p.iter_mut().zip(g).zip(b.iter_mut()) {
-                            let d = g + wd * *p;
-                            *b = if first { d } else { mu * *b + keep * d };
-                            let d = if nesterov { d + mu * *b } else { *b };
-                            *p -= lr * d;
-                        }
-                    }
+                    })
                 })?;
                 continue;
             }

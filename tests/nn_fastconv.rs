@@ -58,6 +58,9 @@ const CASES: &[Case] = &[
     case(2, 4, 5, 5, 3, 3, 3, 2, 2),    // stride 3 with dilation 2
     case(7, 3, 17, 16, 5, 3, 1, 1, 1),  // one image per GEMM, 7 images: uneven parts of the batch
     case(9, 16, 16, 16, 6, 1, 1, 0, 1), // pointwise, one image per GEMM, several parts
+    case(5, 4, 1, 1, 3, 3, 1, 1, 1),    // same-size 3×3 on a 1×1 map: only the centre tap is inside
+    case(3, 2, 2, 5, 3, 3, 1, 1, 1),    // same-size on a wide 2×5 map
+    case(2, 3, 2, 3, 4, 3, 1, 2, 2),    // dilation 2 on a map smaller than the dilated kernel
 ];
 
 #[test]

@@ -85,6 +85,11 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
 
+    /// Stride 1 with an output as large as the input: see [`Shift`].
+    fn same_size(&self) -> bool {
+        self.stride == 1 && self.oh == self.h && self.ow == self.w
+    }
+
     /// Images per GEMM: enough that the GEMM's column count (chunk * p) is not tiny (the deep
     /// layers of a 64×64 ResNet have 2×2 maps), one image otherwise (less memory, and the result
     /// lands in place without a scatter).
@@ -257,6 +262,19 @@ fn im2col(g: &Geometry, x: &[f32], first: usize, count: usize, col: &mut [f32], 
 fn im2col_channel(g: &Geometry, x: &[f32], first: usize, count: usize, ci: usize, rows: &mut [f32]) {
     let (p, cols) = (g.p(), count * g.p());
     let img_len = g.c * g.h * g.w;
+    if g.same_size() {
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let shift = Shift::new(g, ki, kj);
+                let row = ki * g.kw + kj;
+                for img in 0..count {
+                    let plane = &x[(first + img) * img_len + ci * p..][..p];
+                    shift.copy(g, plane, &mut rows[row * cols + img * p..][..p]);
+                }
+            }
+        }
+        return;
+    }
     for ki in 0..g.kh {
         for kj in 0..g.kw {
             let row = ki * g.kw + kj;
@@ -291,9 +309,24 @@ fn im2col_channel(g: &Geometry, x: &[f32], first: usize, count: usize, ci: usize
 
 /// The inverse scatter of [`im2col`]: adds col's entries into dx, whose image 0 is image `first`
 /// of the chunk (`count` images).
-fn col2im(g: &Geometry, col: &[f32], count: usize, dx: &mut [f32]) {
+fn col2im(g: &Geometry, col: &mut [f32], count: usize, dx: &mut [f32]) {
     let (p, cols) = (g.p(), count * g.p());
     let img_len = g.c * g.h * g.w;
+    if g.same_size() {
+        for ci in 0..g.c {
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let shift = Shift::new(g, ki, kj);
+                    let row = (ci * g.kh + ki) * g.kw + kj;
+                    for img in 0..count {
+                        let plane = &mut dx[img * img_len + ci * p..][..p];
+                        shift.add_back(g, &mut col[row * cols + img * p..][..p], plane);
+                    }
+                }
+            }
+        }
+        return;
+    }
     for ci in 0..g.c {
         for ki in 0..g.kh {
             for kj in 0..g.kw {
@@ -325,6 +358,87 @@ fn col2im(g: &Geometry, col: &[f32], count: usize, dx: &mut [f32]) {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// One kernel tap (ki, kj) of a "same-size" convolution (stride 1, output as large as the input,
+/// e.g. every 3×3 convolution with padding 1 and every dilated one with padding = dilation): its
+/// column-matrix row is the input plane shifted by `offset` positions, with zeros where the tap
+/// falls outside the image. So one contiguous copy replaces a copy per output row (a 16×16 map
+/// made 16 `memcpy` calls of 16 values); the values that the flat shift wraps around from the
+/// neighbouring row land exactly in the border columns, which are then zeroed.
+struct Shift {
+    /// Input index − output index: (ki·d − pad)·w + (kj·d − pad).
+    offset: isize,
+    /// Output rows `rows.0..rows.1` have their input row inside the image.
+    rows: (usize, usize),
+    /// Output columns `cols.0..cols.1` have their input column inside the image.
+    cols: (usize, usize),
+}
+
+impl Shift {
+    fn new(g: &Geometry, ki: usize, kj: usize) -> Self {
+        let dy = (ki * g.dilation) as isize - g.padding as isize;
+        let dx = (kj * g.dilation) as isize - g.padding as isize;
+        let span = |len: usize, d: isize| {
+            ((-d).clamp(0, len as isize) as usize, (len as isize - d).clamp(0, len as isize) as usize)
+        };
+        let (rows, cols) = (span(g.h, dy), span(g.w, dx));
+        Self { offset: dy * g.w as isize + dx, rows, cols: if cols.0 < cols.1 { cols } else { (0, 0) } }
+    }
+
+    /// The output positions `a..b` whose flat input index `q + offset` lies inside the plane,
+    /// within the output rows that are inside the image.
+    fn flat_range(&self, g: &Geometry) -> (usize, usize) {
+        let (q0, q1) = (self.rows.0 * g.w, self.rows.1 * g.w);
+        let a = (q0 as isize).max(-self.offset) as usize;
+        let b = (q1 as isize).min((g.h * g.w) as isize - self.offset).max(a as isize) as usize;
+        (a.min(q1), b.min(q1).max(a.min(q1)))
+    }
+
+    /// Zeroes the output positions whose input is outside the image: rows above and below, and
+    /// the border columns of the rows in between.
+    fn zero_outside(&self, g: &Geometry, dst: &mut [f32]) {
+        let w = g.w;
+        dst[..self.rows.0 * w].fill(0.0);
+        dst[self.rows.1 * w..].fill(0.0);
+        // Border columns (as many as the padding, usually 1) one strided column at a time: a
+        // per-row fill would be a `memset` call for one or two values.
+        let inside = &mut dst[self.rows.0 * w..self.rows.1 * w];
+        if inside.is_empty() {
+            return;
+        }
+        for col in (0..self.cols.0).chain(self.cols.1..w) {
+            for v in inside[col..].iter_mut().step_by(w) {
+                *v = 0.0;
+            }
+        }
+    }
+
+    /// dst (one image's row of the column matrix) from the input plane.
+    fn copy(&self, g: &Geometry, plane: &[f32], dst: &mut [f32]) {
+        let (a, b) = self.flat_range(g);
+        if a < b {
+            let s = (a as isize + self.offset) as usize;
+            dst[a..b].copy_from_slice(&plane[s..s + (b - a)]);
+        }
+        // Positions of the inside rows not covered by the flat copy are border columns too.
+        dst[self.rows.0 * g.w..a.max(self.rows.0 * g.w)].fill(0.0);
+        dst[b.min(self.rows.1 * g.w).max(self.rows.0 * g.w)..self.rows.1 * g.w].fill(0.0);
+        self.zero_outside(g, dst);
+    }
+
+    /// The reverse of [`Shift::copy`]: adds src's entries for inside positions into the plane
+    /// (src's border entries are zeroed first, so the flat add brings nothing in from them).
+    fn add_back(&self, g: &Geometry, src: &mut [f32], plane: &mut [f32]) {
+        self.zero_outside(g, src);
+        let (a, b) = self.flat_range(g);
+        if a < b {
+            let s = (a as isize + self.offset) as usize;
+            for (d, v) in plane[s..s + (b - a)].iter_mut().zip(&src[a..b]) {
+                *d += *v;
             }
         }
     }

@@ -151,7 +151,7 @@ pub fn measure_train_steps(opts: &TrainBenchOptions) -> Result<Vec<StepTimes>, B
 pub fn measure_inference(opts: &TrainBenchOptions) -> Result<f64, BenchError> {
     let s = setup(opts)?;
     let run = || -> Result<(), BenchError> {
-        let y = s.model.forward_t(&s.x.detach(), false)?;
+        let y = crate::nn::no_grad(|| s.model.forward_t(&s.x, false))?;
         y.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     };

@@ -436,3 +436,27 @@ fn resnet_training_step_does_not_depend_on_the_thread_count() -> R<()> {
     }
     Ok(())
 }
+
+/// Inference under `no_grad` gives the same logits bit for bit, records no graph (so activations
+/// are freed layer by layer), and restores gradient recording afterwards, also after a panic.
+#[test]
+fn no_grad_inference_matches_and_records_no_graph() -> R<()> {
+    use candle_nn::{VarBuilder, VarMap};
+    use mpcs::nn::{grad_enabled, no_grad, Arch, Dilation, ResNet};
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &dev);
+    let model = ResNet::new(Arch::ResNet18, vb, Some(3), Dilation::None)?;
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 40, 40), &dev)?;
+    let tracked = model.features_t(&x, false)?;
+    assert!(tracked.track_op(), "a plain eval forward records the graph (the weights are variables)");
+    let free = no_grad(|| model.features_t(&x, false))?;
+    assert!(!free.track_op(), "no_grad must not record a graph");
+    let (a, b) = (tracked.flatten_all()?.to_vec1::<f32>()?, free.flatten_all()?.to_vec1::<f32>()?);
+    assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "no_grad changed the features");
+    assert!(grad_enabled());
+    let caught = std::panic::catch_unwind(|| no_grad(|| panic!("inside no_grad")));
+    assert!(caught.is_err());
+    assert!(grad_enabled(), "gradient recording not restored after a panic");
+    Ok(())
+}

@@ -14,7 +14,7 @@ use super::error::{InferError, Result};
 use super::images::{image_tensor, load_image, write_atomic, InputOptions};
 use super::model::{load_model_with, Model};
 use crate::loader::Rgb8;
-use crate::nn::Arch;
+use crate::nn::{no_grad, Arch};
 use image::ImageEncoder;
 
 /// One image's Grad-CAM.
@@ -44,7 +44,7 @@ pub fn grad_cam(model: &Model, x: &Tensor, class: Option<usize>) -> Result<Cam> 
     if n != 1 {
         return Err(InferError::Usage(format!("Grad-CAM takes one image at a time, got a batch of {n}")));
     }
-    let a = Var::from_tensor(&model.net.feature_map_t(x, false)?.detach())?;
+    let a = Var::from_tensor(&no_grad(|| model.net.feature_map_t(x, false))?)?;
     let logits = fc.forward_t(&a.as_tensor().mean((2, 3))?, false)?;
     let logit_values = logits.i(0)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
     let class = match class {

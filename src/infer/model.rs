@@ -7,7 +7,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::error::{InferError, Result};
 use crate::nn::weights::{detect_arch, read_tensors};
-use crate::nn::{load_into_with, Arch, Dilation, Head, LoadOptions, ResNet};
+use crate::nn::{load_into_with, no_grad, Arch, Dilation, Head, LoadOptions, ResNet};
 
 /// Encoder + optional linear classifier `fc`, in eval mode (BatchNorm running statistics).
 pub struct Model {
@@ -59,7 +59,7 @@ pub fn load_model_with(arch: Arch, dilation: Dilation, weights: &Path, device: &
 impl Model {
     /// Raw outputs (N, outputs) of an (N, 3, H, W) batch.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let f = self.net.features_t(x, false)?;
+        let f = no_grad(|| self.net.features_t(x, false))?;
         match &self.fc {
             Some(fc) => Ok(fc.forward_t(&f, false)?),
             None => Err(InferError::Usage("the model has no classifier".into())),
@@ -68,6 +68,6 @@ impl Model {
 
     /// Globally average-pooled encoder features (N, feature_dim).
     pub fn features(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.net.features_t(x, false)?)
+        Ok(no_grad(|| self.net.features_t(x, false))?)
     }
 }

@@ -163,6 +163,14 @@ impl BatchNorm {
 
     /// Evaluation mode, with a ReLU after it when `relu`: one fused op for f32 CPU tensors.
     fn eval_impl(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        if !super::grad_enabled() && (x.track_op() || self.weight_and_bias.as_ref().is_some_and(|(w, _)| w.track_op()))
+        {
+            let detached = Self {
+                weight_and_bias: self.weight_and_bias.as_ref().map(|(w, b)| (w.detach(), b.detach())),
+                ..self.clone()
+            };
+            return detached.eval_impl(&x.detach(), relu);
+        }
         let shape = self.channel_shape(x)?;
         let mean = self.running_mean.as_detached_tensor();
         let inv_std = (self.running_var.as_detached_tensor() + self.eps)?.sqrt()?.recip()?;

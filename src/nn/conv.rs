@@ -758,9 +758,15 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize, dilation: u
     let fast =
         fast_paths_enabled() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32;
     if !fast || x.elem_count() == 0 || w.elem_count() == 0 {
+        if !super::grad_enabled() {
+            return Ok(x.detach().conv2d(&w.detach(), padding, stride, dilation, 1)?);
+        }
         return Ok(x.conv2d(w, padding, stride, dilation, 1)?);
     }
     let op = Conv2dOp { stride, padding, dilation };
+    if !super::grad_enabled() {
+        return Ok(x.detach().contiguous()?.apply_op2_no_bwd(&w.detach().contiguous()?, &op)?);
+    }
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
 }
 

@@ -31,6 +31,7 @@ pub mod batchnorm;
 pub mod conv;
 mod cpu;
 pub mod error;
+mod grad;
 pub mod head;
 pub mod loss;
 pub mod pool;
@@ -41,6 +42,7 @@ pub mod weights;
 
 pub use batchnorm::BatchNorm;
 pub use error::{NnError, Result};
+pub use grad::{grad_enabled, no_grad};
 pub use head::Head;
 pub use loss::{mpcs_loss, nt_xent_symmetric, TEMPERATURE};
 pub use projector::{l2_normalize, Projector};

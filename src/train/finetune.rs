@@ -14,7 +14,7 @@ use super::error::{Result, TrainError};
 use super::fold::{expand_patches, read_fold, select, FoldRow, LabelColumn};
 use super::{finite, step_err, to_tensor, write_atomic, TrainEvent};
 use crate::loader::{AugmentConfig, ImageStore, Loader, LoaderConfig, Normalize, Sample, Source};
-use crate::nn::{weights, Arch, Dilation, Head, ResNet};
+use crate::nn::{no_grad, weights, Arch, Dilation, Head, ResNet};
 use crate::optim::{
     Adam, AdamConfig, EarlyStopping, Mode, Optimizer, PlateauConfig, ReduceLrOnPlateau, Sgd, SgdConfig,
 };
@@ -188,8 +188,12 @@ impl Classifier {
     }
 
     pub fn logits(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let features =
-            if self.frozen { self.net.features_t(x, false)?.detach() } else { self.net.features_t(x, train)? };
+        // A frozen encoder, and any evaluation-mode pass, records no graph (see `nn::no_grad`).
+        let features = if self.frozen || !train {
+            no_grad(|| self.net.features_t(x, false))?
+        } else {
+            self.net.features_t(x, true)?
+        };
         Ok(self.head.forward_t(&features, train)?)
     }
 

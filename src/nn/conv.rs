@@ -297,8 +297,11 @@ fn im2col_channel(g: &Geometry, x: &[f32], first: usize, count: usize, ci: usize
                     if g.stride == 1 {
                         dst[ox_lo..ox_hi].copy_from_slice(&src[ix0..ix0 + (ox_hi - ox_lo)]);
                     } else {
-                        for (d, s) in dst[ox_lo..ox_hi].iter_mut().zip(src[ix0..].iter().step_by(g.stride)) {
-                            *d = *s;
+                        // Indexing a slice bounded up front vectorises; a `step_by` iterator did not.
+                        let n = ox_hi - ox_lo;
+                        let src = &src[ix0..ix0 + (n - 1) * g.stride + 1];
+                        for (i, d) in dst[ox_lo..ox_hi].iter_mut().enumerate() {
+                            *d = src[i * g.stride];
                         }
                     }
                 }

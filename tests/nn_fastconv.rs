@@ -437,23 +437,39 @@ fn resnet_training_step_does_not_depend_on_the_thread_count() -> R<()> {
     Ok(())
 }
 
-/// Inference under `no_grad` gives the same logits bit for bit, records no graph (so activations
-/// are freed layer by layer), and restores gradient recording afterwards, also after a panic.
+/// Inference under `no_grad` (where each convolution applies its BatchNorm, and the last one of
+/// a block the residual add + ReLU, as it writes its output) gives the same features bit for bit
+/// as the unfused evaluation-mode forward, for basic and bottleneck blocks and the dilated
+/// ResNet; it records no graph (so activations are freed layer by layer), and gradient recording
+/// comes back afterwards, also after a panic.
 #[test]
 fn no_grad_inference_matches_and_records_no_graph() -> R<()> {
     use candle_nn::{VarBuilder, VarMap};
     use mpcs::nn::{grad_enabled, no_grad, Arch, Dilation, ResNet};
     let dev = Device::Cpu;
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &dev);
-    let model = ResNet::new(Arch::ResNet18, vb, Some(3), Dilation::None)?;
-    let x = Tensor::randn(0f32, 1f32, (2, 3, 40, 40), &dev)?;
-    let tracked = model.features_t(&x, false)?;
-    assert!(tracked.track_op(), "a plain eval forward records the graph (the weights are variables)");
-    let free = no_grad(|| model.features_t(&x, false).map_err(anyhow::Error::from))?;
-    assert!(!free.track_op(), "no_grad must not record a graph");
-    let (a, b) = (tracked.flatten_all()?.to_vec1::<f32>()?, free.flatten_all()?.to_vec1::<f32>()?);
-    assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "no_grad changed the features");
+    for (arch, dilation, size) in
+        [(Arch::ResNet18, Dilation::None, 40), (Arch::ResNet50, Dilation::from_output_stride(8)?, 24)]
+    {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &dev);
+        let model = ResNet::new(arch, vb, Some(3), dilation)?;
+        // Non-trivial running statistics and affine parameters, so the folded BatchNorm matters.
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.ends_with("running_var") || name.ends_with("weight") && name.contains("bn") {
+                var.set(&(Tensor::rand(0.5f32, 1.5f32, var.shape(), &dev)?))?;
+            } else if name.ends_with("running_mean") || name.ends_with("bias") && name.contains("bn") {
+                var.set(&(Tensor::randn(0f32, 0.2f32, var.shape(), &dev)?))?;
+            }
+        }
+        let x = Tensor::randn(0f32, 1f32, (2, 3, size, size), &dev)?;
+        let tracked = model.features_t(&x, false)?;
+        assert!(tracked.track_op(), "a plain eval forward records the graph (the weights are variables)");
+        let free = no_grad(|| model.features_t(&x, false).map_err(anyhow::Error::from))?;
+        assert!(!free.track_op(), "no_grad must not record a graph");
+        let (a, b) = (tracked.flatten_all()?.to_vec1::<f32>()?, free.flatten_all()?.to_vec1::<f32>()?);
+        assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "{arch:?}: no_grad changed the features");
+        assert!(a.iter().any(|&v| v != 0.0), "{arch:?}: all features are zero; the comparison says nothing");
+    }
     assert!(grad_enabled());
     let caught = std::panic::catch_unwind(|| no_grad(|| panic!("inside no_grad")));
     assert!(caught.is_err());

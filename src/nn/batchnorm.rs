@@ -161,6 +161,22 @@ impl BatchNorm {
         self.eval_impl(x, false)
     }
 
+    /// Evaluation mode as one per-channel scale and shift (C values each):
+    /// y = x · scale + shift with scale = weight / sqrt(running_var + eps) and
+    /// shift = bias − running_mean · scale.
+    pub fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let mean = self.running_mean.as_detached_tensor();
+        let inv_std = (self.running_var.as_detached_tensor() + self.eps)?.sqrt()?.recip()?;
+        Ok(match &self.weight_and_bias {
+            Some((w, b)) => {
+                let scale = (w * inv_std)?;
+                let shift = (b - (&mean * &scale)?)?;
+                (scale, shift)
+            }
+            None => (inv_std.clone(), (mean.neg()? * inv_std)?),
+        })
+    }
+
     /// Evaluation mode, with a ReLU after it when `relu`: one fused op for f32 CPU tensors.
     fn eval_impl(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         if !super::grad_enabled() && (x.track_op() || self.weight_and_bias.as_ref().is_some_and(|(w, _)| w.track_op()))
@@ -172,16 +188,7 @@ impl BatchNorm {
             return detached.eval_impl(&x.detach(), relu);
         }
         let shape = self.channel_shape(x)?;
-        let mean = self.running_mean.as_detached_tensor();
-        let inv_std = (self.running_var.as_detached_tensor() + self.eps)?.sqrt()?.recip()?;
-        let (scale, shift) = match &self.weight_and_bias {
-            Some((w, b)) => {
-                let scale = (w * inv_std)?;
-                let shift = (b - (&mean * &scale)?)?;
-                (scale, shift)
-            }
-            None => (inv_std.clone(), (mean.neg()? * inv_std)?),
-        };
+        let (scale, shift) = self.eval_scale_shift()?;
         if fast_cpu_f32(x) && fast_cpu_f32(&scale) && fast_cpu_f32(&shift) {
             let spatial = x.dims()[2..].iter().product::<usize>();
             let op = ChannelAffine { spatial, relu };

@@ -483,18 +483,68 @@ fn chunks_of(g: &Geometry, images: Range<usize>) -> impl Iterator<Item = (usize,
 }
 
 /// Forward: y (n, o, oh, ow) from x (n, c, h, w) and weight (o, c·kh·kw).
+/// A per-output-channel `y·scale + shift` (then `max(·, 0)` when `relu`) applied to each chunk of
+/// a convolution's output right after its GEMM, while it is still in cache: evaluation-mode
+/// BatchNorm(+ReLU) fused into the convolution for inference (one pass over the activations and
+/// one buffer fewer per layer).
+/// With `residual`, a ResNet block's whole tail: `max(y·scale + shift + identity, 0)`.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    scale: &'a [f32],
+    shift: &'a [f32],
+    /// The block's identity branch, shaped like the whole output.
+    residual: Option<&'a [f32]>,
+    relu: bool,
+}
+
+impl Epilogue<'_> {
+    /// Applies to the (o, p) outputs of images `first..first + count`, held in `out`.
+    fn apply(&self, out: &mut [f32], first: usize, count: usize, o: usize, p: usize) {
+        let len = count * o * p;
+        let residual = self.residual.map(|r| &r[first * o * p..][..len]);
+        for (i, plane) in out[..len].chunks_exact_mut(p).enumerate() {
+            let (a, b) = (self.scale[i % o], self.shift[i % o]);
+            match (residual, self.relu) {
+                (Some(r), _) => {
+                    // The order of the unfused ops (affine, then add + ReLU): the same rounding.
+                    for (v, &r) in plane.iter_mut().zip(&r[i * p..(i + 1) * p]) {
+                        *v = ((*v * a + b) + r).max(0.0);
+                    }
+                }
+                (None, true) => plane.iter_mut().for_each(|v| *v = (*v * a + b).max(0.0)),
+                (None, false) => plane.iter_mut().for_each(|v| *v = *v * a + b),
+            }
+        }
+    }
+}
+
 fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
+    forward_with(g, x, wt, None)
+}
+
+/// [`forward`], with an epilogue applied to each chunk of the output.
+fn forward_with(g: &Geometry, x: &[f32], wt: &[f32], post: Option<Epilogue>) -> Vec<f32> {
     let per_image = g.o * g.p();
     let mut y = vec![0f32; g.n * per_image];
     let threads = rayon::current_num_threads();
     let parts = image_parts(g, threads);
     let par = inner_parallelism(threads, parts.len());
-    for_each_part(&parts, &mut y, per_image, |images, out| forward_part(g, x, wt, images, out, par));
+    for_each_part(&parts, &mut y, per_image, |images, out| forward_part(g, x, wt, images, out, par, post));
     y
 }
 
 /// [`forward`] for the images of one part; `out` holds their outputs.
-fn forward_part(g: &Geometry, x: &[f32], wt: &[f32], images: Range<usize>, out: &mut [f32], par: Parallelism) {
+// The GEMM's operands and the part's range and threads read best side by side.
+#[allow(clippy::too_many_arguments)]
+fn forward_part(
+    g: &Geometry,
+    x: &[f32],
+    wt: &[f32],
+    images: Range<usize>,
+    out: &mut [f32],
+    par: Parallelism,
+    post: Option<Epilogue>,
+) {
     let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
     let wm = Mat { data: wt, rs: ckk, cs: 1 };
     let col_len = if g.pointwise() && chunk == 1 { 0 } else { ckk * chunk * p };
@@ -519,6 +569,9 @@ fn forward_part(g: &Geometry, x: &[f32], wt: &[f32], images: Range<usize>, out: 
             } else {
                 sgemm(g.o, cols, ckk, wm, b, tmp, cols, false, par);
                 scatter_chunk(g.o, p, count, tmp, dst);
+            }
+            if let Some(post) = post {
+                post.apply(dst, first, count, g.o, p);
             }
         }
     });
@@ -771,6 +824,64 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize, dilation: u
         return Ok(x.detach().contiguous()?.apply_op2_no_bwd(&w.detach().contiguous()?, &op)?);
     }
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+}
+
+/// `conv2d(x, w)` followed by a per-output-channel `y·scale + shift`, plus `residual` when given,
+/// and `max(·, 0)` when `relu` (always with a residual): an evaluation-mode BatchNorm(+ReLU) after
+/// a convolution, or a ResNet block's tail. Inside [`crate::nn::no_grad`] on the CPU fast path it
+/// is one fused pass (see `Epilogue`) that records no graph; elsewhere the convolution followed by
+/// broadcast ops.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_channel_affine(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    scale: &Tensor,
+    shift: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    let g = Geometry::new(x.dims(), w.dims(), stride, padding, dilation)?;
+    let relu = relu || residual.is_some();
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    let shapes_ok = scale.dims() == [g.o]
+        && shift.dims() == [g.o]
+        && residual.is_none_or(|r| r.dims() == [g.n, g.o, g.oh, g.ow] && f32_cpu(r));
+    let fast = fast_paths_enabled() && [x, w, scale, shift].into_iter().all(f32_cpu) && shapes_ok;
+    if fast && !super::grad_enabled() && x.elem_count() > 0 && w.elem_count() > 0 {
+        let (x, w) = (x.detach().contiguous()?, w.detach().contiguous()?);
+        let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);
+        let residual = residual.map(|r| r.contiguous()).transpose()?;
+        let bad = || NnError::InvalidInput("conv2d: expected contiguous f32 CPU tensors".into());
+        let y = super::cpu::with_f32(&x, |xs| {
+            super::cpu::with_f32(&w, |ws| {
+                let run = |r: Option<&[f32]>| {
+                    let post = Epilogue { scale: &scale, shift: &shift, residual: r, relu };
+                    forward_with(&g, xs, ws, Some(post))
+                };
+                match &residual {
+                    Some(r) => super::cpu::with_f32(r, |rs| run(Some(rs))),
+                    None => Some(run(None)),
+                }
+            })
+        })
+        .flatten()
+        .flatten()
+        .ok_or_else(bad)?;
+        return Ok(Tensor::from_vec(y, (g.n, g.o, g.oh, g.ow), x.device())?);
+    }
+    let y = conv2d(x, w, stride, padding, dilation)?;
+    let (scale, shift) =
+        if super::grad_enabled() { (scale.clone(), shift.clone()) } else { (scale.detach(), shift.detach()) };
+    let shape = (1, g.o, 1, 1);
+    let y = y.broadcast_mul(&scale.reshape(shape)?)?.broadcast_add(&shift.reshape(shape)?)?;
+    let y = match residual {
+        Some(r) => (y + r)?,
+        None => y,
+    };
+    Ok(if relu { y.relu()? } else { y })
 }
 
 /// candle's own convolution (the reference the fast path is tested against, and the GPU path).

@@ -9,8 +9,9 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Init, Linear, ModuleT, VarBuilder};
 
 use super::batchnorm::{into_candle, BatchNorm};
-use super::conv::conv2d;
+use super::conv::{conv2d, conv2d_channel_affine};
 use super::error::{NnError, Result};
+use super::grad::grad_enabled;
 use super::pool::max_pool2d_padded;
 use super::relu::add_relu;
 
@@ -136,6 +137,32 @@ impl Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         conv2d(x, &self.weight, self.stride, self.padding, self.dilation)
     }
+
+    /// `bn(self(x))`, then a ReLU when `relu`. In evaluation mode without gradients the
+    /// BatchNorm is applied by the convolution itself as it writes its output (inference;
+    /// [`super::no_grad`]).
+    fn forward_bn(&self, x: &Tensor, bn: &BatchNorm, train: bool, relu: bool) -> Result<Tensor> {
+        if !train && !grad_enabled() {
+            let (scale, shift) = bn.eval_scale_shift()?;
+            return conv2d_channel_affine(
+                x,
+                &self.weight,
+                self.stride,
+                self.padding,
+                self.dilation,
+                &scale,
+                &shift,
+                None,
+                relu,
+            );
+        }
+        let y = self.forward(x)?;
+        if relu {
+            bn.forward_relu_t(&y, train)
+        } else {
+            bn.forward_t(&y, train)
+        }
+    }
 }
 
 /// A bias-free convolution initialised as torchvision does
@@ -226,18 +253,45 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
+        if !train && !grad_enabled() {
+            return self.forward_inference(x);
+        }
+        let y = self.conv1.forward_bn(x, &self.bn1, train, true)?;
         let y = match &self.conv3 {
-            Some((c3, b3)) => {
-                b3.forward_t(&c3.forward(&self.bn2.forward_relu_t(&self.conv2.forward(&y)?, train)?)?, train)?
-            }
-            None => self.bn2.forward_t(&self.conv2.forward(&y)?, train)?,
+            Some((c3, b3)) => c3.forward_bn(&self.conv2.forward_bn(&y, &self.bn2, train, true)?, b3, train, false)?,
+            None => self.conv2.forward_bn(&y, &self.bn2, train, false)?,
         };
         let identity = match &self.downsample {
-            Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train)?,
+            Some(d) => d.conv.forward_bn(x, &d.bn, train, false)?,
             None => x.clone(),
         };
         add_relu(&y, &identity)
+    }
+
+    /// Evaluation mode without gradients: every BatchNorm, and the block's closing
+    /// add + ReLU, applied by the convolutions as they write their outputs.
+    fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        let identity = match &self.downsample {
+            Some(d) => d.conv.forward_bn(x, &d.bn, false, false)?,
+            None => x.clone(),
+        };
+        let y = self.conv1.forward_bn(x, &self.bn1, false, true)?;
+        let (last, last_bn, y) = match &self.conv3 {
+            Some((c3, b3)) => (c3, b3, self.conv2.forward_bn(&y, &self.bn2, false, true)?),
+            None => (&self.conv2, &self.bn2, y),
+        };
+        let (scale, shift) = last_bn.eval_scale_shift()?;
+        conv2d_channel_affine(
+            &y,
+            &last.weight,
+            last.stride,
+            last.padding,
+            last.dilation,
+            &scale,
+            &shift,
+            Some(&identity),
+            true,
+        )
     }
 }
 
@@ -333,7 +387,7 @@ impl ResNet {
                 x.dims()
             )));
         }
-        let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
+        let mut y = self.conv1.forward_bn(x, &self.bn1, train, true)?;
         y = max_pool2d_padded(&y, 3, 2, 1)?;
         for layer in &self.layers {
             for block in layer {

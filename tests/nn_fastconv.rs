@@ -198,7 +198,15 @@ fn batchnorm_train_fused_matches_composed() -> R<()> {
         (vec![4, 5, 7, 3], true),
         (vec![6, 5], true),
     ] {
-        let x0 = (Tensor::randn(0f32, 2f32, shape.as_slice(), &dev)? + 0.7)?;
+        let x0 = if shape == [2, 5, 1, 1] {
+            // Two values per channel: the exact input gradient is 0 and the computed one is
+            // rounding noise times 1/std, so the two values must not be close (random ones were,
+            // now and then, and the test failed by chance).
+            let v = [0.3f32, -1.2, 2.0, 0.5, -0.7, 2.9, 1.4, -1.1, 3.3, 1.8];
+            Tensor::from_slice(&v, shape.as_slice(), &dev)?
+        } else {
+            (Tensor::randn(0f32, 2f32, shape.as_slice(), &dev)? + 0.7)?
+        };
         let r = Tensor::randn(0f32, 1f32, shape.as_slice(), &dev)?;
         let (w0, b0) = (Tensor::randn(0f32, 1f32, 5, &dev)?, Tensor::randn(0f32, 1f32, 5, &dev)?);
         let run = |fused: bool| -> R<(Tensor, Vec<Tensor>, Tensor, Tensor)> {

@@ -297,15 +297,49 @@ fn im2col_channel(g: &Geometry, x: &[f32], first: usize, count: usize, ci: usize
                     if g.stride == 1 {
                         dst[ox_lo..ox_hi].copy_from_slice(&src[ix0..ix0 + (ox_hi - ox_lo)]);
                     } else {
-                        // Indexing a slice bounded up front vectorises; a `step_by` iterator did not.
-                        let n = ox_hi - ox_lo;
-                        let src = &src[ix0..ix0 + (n - 1) * g.stride + 1];
-                        for (i, d) in dst[ox_lo..ox_hi].iter_mut().enumerate() {
-                            *d = src[i * g.stride];
-                        }
+                        gather_strided(&mut dst[ox_lo..ox_hi], &src[ix0..], g.stride);
                     }
                 }
             }
+        }
+    }
+}
+
+/// dst[i] = src[i·stride]. Stride 2 (every strided convolution of a ResNet) as pairs, which
+/// the compiler vectorises with shuffles; an index `i·stride` with a run-time stride kept a bounds
+/// check and one scalar copy per value.
+fn gather_strided(dst: &mut [f32], src: &[f32], stride: usize) {
+    let n = dst.len();
+    if n == 0 {
+        return;
+    }
+    if stride == 2 {
+        let pairs = &src[..2 * (n - 1)];
+        for (d, pair) in dst[..n - 1].iter_mut().zip(pairs.chunks_exact(2)) {
+            *d = pair[0];
+        }
+        dst[n - 1] = src[2 * (n - 1)];
+    } else {
+        for (d, s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+            *d = *s;
+        }
+    }
+}
+
+/// dst[i·stride] += src[i], the reverse of [`gather_strided`] (stride 2 as pairs, likewise).
+fn scatter_add_strided(dst: &mut [f32], src: &[f32], stride: usize) {
+    let n = src.len();
+    if n == 0 {
+        return;
+    }
+    if stride == 2 {
+        for (pair, s) in dst[..2 * (n - 1)].chunks_exact_mut(2).zip(src) {
+            pair[0] += *s;
+        }
+        dst[2 * (n - 1)] += src[n - 1];
+    } else {
+        for (d, s) in dst.iter_mut().step_by(stride).zip(src) {
+            *d += *s;
         }
     }
 }
@@ -355,9 +389,7 @@ fn col2im(g: &Geometry, col: &mut [f32], count: usize, dx: &mut [f32]) {
                                 *d += *s;
                             }
                         } else {
-                            for (d, s) in dst[ix0..].iter_mut().step_by(g.stride).zip(src) {
-                                *d += *s;
-                            }
+                            scatter_add_strided(&mut dst[ix0..], src, g.stride);
                         }
                     }
                 }

@@ -508,6 +508,26 @@ fn gather_chunk(rows: usize, p: usize, count: usize, src: &[f32], chunk: &mut [f
     }
 }
 
+/// Scratch lengths of a part's loop: the column matrix (none for one-image pointwise chunks)
+/// and the chunk results of several images.
+fn scratch_lens(g: &Geometry) -> (usize, usize) {
+    let (p, chunk) = (g.p(), g.chunk());
+    let col = if g.pointwise() && chunk == 1 { 0 } else { g.ckk() * chunk * p };
+    (col, if chunk > 1 { g.o * chunk * p } else { 0 })
+}
+
+/// dy of images `first..first + count` as an (o × count·p) matrix: read in place for one image,
+/// gathered into `tmp` for several.
+fn dy_chunk<'a>(g: &Geometry, dy: &'a [f32], first: usize, count: usize, tmp: &'a mut [f32]) -> Mat<'a> {
+    let p = g.p();
+    if count == 1 {
+        Mat { data: &dy[first * g.o * p..], rs: p, cs: 1 }
+    } else {
+        gather_chunk(g.o, p, count, &dy[first * g.o * p..], tmp);
+        Mat { data: tmp, rs: count * p, cs: 1 }
+    }
+}
+
 /// The chunks (first image, image count) of a part of the batch.
 fn chunks_of(g: &Geometry, images: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
     let chunk = g.chunk();
@@ -577,10 +597,9 @@ fn forward_part(
     par: Parallelism,
     post: Option<Epilogue>,
 ) {
-    let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
+    let (p, ckk) = (g.p(), g.ckk());
     let wm = Mat { data: wt, rs: ckk, cs: 1 };
-    let col_len = if g.pointwise() && chunk == 1 { 0 } else { ckk * chunk * p };
-    let tmp_len = if chunk > 1 { g.o * chunk * p } else { 0 };
+    let (col_len, tmp_len) = scratch_lens(g);
     let base = images.start;
     with_scratch(col_len, tmp_len, |col, tmp| {
         for (first, count) in chunks_of(g, images) {
@@ -622,21 +641,15 @@ fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
 
 /// [`input_grad`] for the images of one part; `dx` holds their gradients (zero on entry).
 fn input_grad_part(g: &Geometry, dy: &[f32], wt: &[f32], images: Range<usize>, dx: &mut [f32], par: Parallelism) {
-    let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
+    let (p, ckk) = (g.p(), g.ckk());
     // Wᵀ: (c·kh·kw) × o through strides, no copy.
     let wtm = Mat { data: wt, rs: 1, cs: ckk };
-    let col_len = if g.pointwise() && chunk == 1 { 0 } else { ckk * chunk * p };
-    let tmp_len = if chunk > 1 { g.o * chunk * p } else { 0 };
+    let (col_len, tmp_len) = scratch_lens(g);
     let (base, img_len) = (images.start, g.c * g.h * g.w);
     with_scratch(col_len, tmp_len, |col, tmp| {
         for (first, count) in chunks_of(g, images) {
             let cols = count * p;
-            let b = if count == 1 {
-                Mat { data: &dy[first * g.o * p..], rs: p, cs: 1 }
-            } else {
-                gather_chunk(g.o, p, count, &dy[first * g.o * p..], tmp);
-                Mat { data: tmp, rs: cols, cs: 1 }
-            };
+            let b = dy_chunk(g, dy, first, count, tmp);
             let dst = &mut dx[(first - base) * img_len..];
             if g.pointwise() && count == 1 {
                 sgemm(ckk, cols, g.o, wtm, b, dst, p, false, par);
@@ -678,19 +691,13 @@ fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
 
 /// The weight gradient of the images of one part, written into `dw`.
 fn weight_grad_part(g: &Geometry, x: &[f32], dy: &[f32], images: Range<usize>, dw: &mut [f32], par: Parallelism) {
-    let (p, ckk, chunk) = (g.p(), g.ckk(), g.chunk());
-    let col_len = if g.pointwise() && chunk == 1 { 0 } else { ckk * chunk * p };
-    let tmp_len = if chunk > 1 { g.o * chunk * p } else { 0 };
+    let (p, ckk) = (g.p(), g.ckk());
+    let (col_len, tmp_len) = scratch_lens(g);
     let start = images.start;
     with_scratch(col_len, tmp_len, |col, tmp| {
         for (first, count) in chunks_of(g, images) {
             let cols = count * p;
-            let a = if count == 1 {
-                Mat { data: &dy[first * g.o * p..], rs: p, cs: 1 }
-            } else {
-                gather_chunk(g.o, p, count, &dy[first * g.o * p..], tmp);
-                Mat { data: tmp, rs: cols, cs: 1 }
-            };
+            let a = dy_chunk(g, dy, first, count, tmp);
             // colᵀ: (count·p) × (c·kh·kw) through strides.
             let b = if g.pointwise() && count == 1 {
                 Mat { data: &x[first * ckk * p..], rs: 1, cs: p }

@@ -8,7 +8,7 @@
 # Prints the rows of benches/train_step.rs and scripts/bench/bench_torch.py as they come.
 set -euo pipefail
 cargo bench --bench train_step --no-run >/dev/null 2>&1
-bench=$(ls -t target/release/deps/train_step-* | grep -v '\.d$' | head -1)
+bench=$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/train_step-* | grep -v '\.d$' | head -1)
 threads=${THREADS:-1 2}
 run() { # jobs reps
   for rep in $(seq "$2"); do

@@ -14,14 +14,7 @@ fn repo_exp(name: &str) -> String {
 
 /// Node id → (stage, deps).
 fn graph(p: &Project, exp: &str, extra: &[&str]) -> BTreeMap<String, (String, BTreeSet<String>)> {
-    let mut args = vec!["graph", exp, "--format", "json"];
-    args.extend_from_slice(extra);
-    let out = p.mpcs(&args);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["nodes"]
-        .as_array()
-        .unwrap()
+    p.graph_nodes(exp, extra)
         .iter()
         .map(|n| {
             let deps = n["deps"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_string()).collect();

@@ -272,6 +272,27 @@ fn channel_stats(x: &[f32], c: usize, spatial: usize) -> (Vec<f64>, Vec<f64>) {
     (mean, sq.iter().map(|s| s / count).collect())
 }
 
+/// y = x · scale[c] + shift[c] for a contiguous (N, C, spatial) x, then max(y, 0) when `relu`:
+/// the forward pass of both BatchNorm modes, planes in parallel.
+fn channel_affine(x: &[f32], spatial: usize, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
+    let c = scale.len();
+    let mut y = vec![0f32; x.len()];
+    par_chunks(&mut y, spatial, |i, out| {
+        let (a, b) = (scale[i % c], shift[i % c]);
+        let block = &x[i * spatial..];
+        if relu {
+            for (o, &v) in out.iter_mut().zip(block) {
+                *o = (v * a + b).max(0.0);
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(block) {
+                *o = v * a + b;
+            }
+        }
+    });
+    y
+}
+
 /// y = (x − mean) · invstd · weight + bias with the batch statistics fixed at construction,
 /// followed by max(y, 0) when `relu`.
 struct BnTrain {
@@ -297,23 +318,9 @@ impl CustomOp3 for BnTrain {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, self.name())?;
         let (w, b) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
-        let c = self.mean.len();
-        let mut y = vec![0f32; x.len()];
-        par_chunks(&mut y, self.spatial, |i, out| {
-            let ch = i % c;
-            let scale = self.invstd[ch] * w[ch];
-            let shift = b[ch] - self.mean[ch] * scale;
-            let block = &x[i * self.spatial..];
-            if self.relu {
-                for (o, &v) in out.iter_mut().zip(block) {
-                    *o = (v * scale + shift).max(0.0);
-                }
-            } else {
-                for (o, &v) in out.iter_mut().zip(block) {
-                    *o = v * scale + shift;
-                }
-            }
-        });
+        let scale: Vec<f32> = self.invstd.iter().zip(w).map(|(&is, &w)| is * w).collect();
+        let shift: Vec<f32> = b.iter().zip(&self.mean).zip(&scale).map(|((&b, &m), &a)| b - m * a).collect();
+        let y = channel_affine(x, self.spatial, &scale, &shift, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -428,21 +435,7 @@ impl CustomOp3 for ChannelAffine {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, self.name())?;
         let (scale, shift) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
-        let c = scale.len();
-        let mut y = vec![0f32; x.len()];
-        par_chunks(&mut y, self.spatial, |i, out| {
-            let (a, b) = (scale[i % c], shift[i % c]);
-            let block = &x[i * self.spatial..];
-            if self.relu {
-                for (o, &v) in out.iter_mut().zip(block) {
-                    *o = (v * a + b).max(0.0);
-                }
-            } else {
-                for (o, &v) in out.iter_mut().zip(block) {
-                    *o = v * a + b;
-                }
-            }
-        });
+        let y = channel_affine(x, self.spatial, scale, shift, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -8,13 +8,13 @@
 //! On other devices or dtypes [`conv2d`] falls back to candle's own `Tensor::conv2d`, so GPU
 //! training is unchanged. Only `groups = 1` (all that torchvision's ResNets use).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::ops::Range;
 
+use super::cpu::f32_slice;
 use super::error::{NnError, Result};
 
 /// Convolution geometry for one call: input (n, c, h, w), weight (o, c, kh, kw).
@@ -714,15 +714,12 @@ fn weight_grad_part(g: &Geometry, x: &[f32], dy: &[f32], images: Range<usize>, d
     });
 }
 
-/// The contiguous f32 data of a CPU storage, or an error naming the op.
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: only f32 is supported on the CPU fast path, got {:?}", s.dtype())
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: expects contiguous tensors"),
+/// The output gradient handed to a backward op must have the convolution's output shape.
+fn check_output_grad(op: &str, dims: &[usize], g: &Geometry) -> candle_core::Result<()> {
+    if dims != [g.n, g.o, g.oh, g.ow] {
+        candle_core::bail!("{op}: gradient shape {dims:?} does not match the output {:?}", (g.n, g.o, g.oh, g.ow));
     }
+    Ok(())
 }
 
 fn geometry(x: &[usize], k: &[usize], op: &Conv2dOp) -> candle_core::Result<Geometry> {
@@ -750,7 +747,7 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = geometry(l1.dims(), l2.dims(), self)?;
-        let y = forward(&g, f32_data(s1, l1, self.name())?, f32_data(s2, l2, self.name())?);
+        let y = forward(&g, f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
@@ -798,15 +795,8 @@ impl CustomOp2 for InputGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = self.x_dims;
         let g = geometry(&[n, c, h, w], l2.dims(), &self.op)?;
-        if l1.dims() != [g.n, g.o, g.oh, g.ow] {
-            candle_core::bail!(
-                "{}: gradient shape {:?} does not match the output {:?}",
-                self.name(),
-                l1.dims(),
-                (g.n, g.o, g.oh, g.ow)
-            );
-        }
-        let dx = input_grad(&g, f32_data(s1, l1, self.name())?, f32_data(s2, l2, self.name())?);
+        check_output_grad(self.name(), l1.dims(), &g)?;
+        let dx = input_grad(&g, f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
         Ok((CpuStorage::F32(dx), Shape::from(self.x_dims)))
     }
 }
@@ -831,15 +821,8 @@ impl CustomOp2 for WeightGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (o, c, kh, kw) = self.w_dims;
         let g = geometry(l1.dims(), &[o, c, kh, kw], &self.op)?;
-        if l2.dims() != [g.n, g.o, g.oh, g.ow] {
-            candle_core::bail!(
-                "{}: gradient shape {:?} does not match the output {:?}",
-                self.name(),
-                l2.dims(),
-                (g.n, g.o, g.oh, g.ow)
-            );
-        }
-        let dw = weight_grad(&g, f32_data(s1, l1, self.name())?, f32_data(s2, l2, self.name())?);
+        check_output_grad(self.name(), l2.dims(), &g)?;
+        let dw = weight_grad(&g, f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
         Ok((CpuStorage::F32(dw), Shape::from(self.w_dims)))
     }
 }

@@ -1,6 +1,7 @@
 //! Direct access to the f32 data of contiguous CPU tensors, for the fused layers' backward passes
 //! (which compute gradients in plain loops instead of chains of tensor ops).
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -16,7 +17,9 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> 
 
 /// The contiguous f32 slice of a CPU storage (for `cpu_fwd`), or an error naming the op.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { candle_core::bail!("{op}: only f32 is supported on the CPU fast path") };
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: only f32 is supported on the CPU fast path, got {:?}", s.dtype())
+    };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("{op}: expects a contiguous tensor"),

@@ -253,45 +253,23 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train && !grad_enabled() {
-            return self.forward_inference(x);
-        }
         let y = self.conv1.forward_bn(x, &self.bn1, train, true)?;
-        let y = match &self.conv3 {
-            Some((c3, b3)) => c3.forward_bn(&self.conv2.forward_bn(&y, &self.bn2, train, true)?, b3, train, false)?,
-            None => self.conv2.forward_bn(&y, &self.bn2, train, false)?,
+        let (last, last_bn, y) = match &self.conv3 {
+            Some((c3, b3)) => (c3, b3, self.conv2.forward_bn(&y, &self.bn2, train, true)?),
+            None => (&self.conv2, &self.bn2, y),
         };
         let identity = match &self.downsample {
             Some(d) => d.conv.forward_bn(x, &d.bn, train, false)?,
             None => x.clone(),
         };
-        add_relu(&y, &identity)
-    }
-
-    /// Evaluation mode without gradients: every BatchNorm, and the block's closing
-    /// add + ReLU, applied by the convolutions as they write their outputs.
-    fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
-        let identity = match &self.downsample {
-            Some(d) => d.conv.forward_bn(x, &d.bn, false, false)?,
-            None => x.clone(),
-        };
-        let y = self.conv1.forward_bn(x, &self.bn1, false, true)?;
-        let (last, last_bn, y) = match &self.conv3 {
-            Some((c3, b3)) => (c3, b3, self.conv2.forward_bn(&y, &self.bn2, false, true)?),
-            None => (&self.conv2, &self.bn2, y),
-        };
-        let (scale, shift) = last_bn.eval_scale_shift()?;
-        conv2d_channel_affine(
-            &y,
-            &last.weight,
-            last.stride,
-            last.padding,
-            last.dilation,
-            &scale,
-            &shift,
-            Some(&identity),
-            true,
-        )
+        if !train && !grad_enabled() {
+            // Inference: the last convolution applies its BatchNorm and the closing add + ReLU
+            // as it writes its output.
+            let (scale, shift) = last_bn.eval_scale_shift()?;
+            let (w, stride, pad, dil) = (&last.weight, last.stride, last.padding, last.dilation);
+            return conv2d_channel_affine(&y, w, stride, pad, dil, &scale, &shift, Some(&identity), true);
+        }
+        add_relu(&last.forward_bn(&y, last_bn, train, false)?, &identity)
     }
 }
 

@@ -78,14 +78,19 @@ impl Project {
         keys
     }
 
-    /// `mpcs graph EXP --format json` as (id → state).
-    pub fn states(&self, exp: &str) -> std::collections::BTreeMap<String, String> {
-        let out = self.mpcs(&["graph", exp, "--format", "json"]);
+    /// The `nodes` of `mpcs graph EXP --format json [EXTRA...]`; fails the test if the command does.
+    pub fn graph_nodes(&self, exp: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["graph", exp, "--format", "json"];
+        args.extend_from_slice(extra);
+        let out = self.mpcs(&args);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["nodes"]
-            .as_array()
-            .unwrap()
+        v["nodes"].as_array().unwrap().clone()
+    }
+
+    /// `mpcs graph EXP --format json` as (id → state).
+    pub fn states(&self, exp: &str) -> std::collections::BTreeMap<String, String> {
+        self.graph_nodes(exp, &[])
             .iter()
             .map(|n| (n["id"].as_str().unwrap().to_string(), n["state"].as_str().unwrap().to_string()))
             .collect()

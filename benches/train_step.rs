@@ -12,6 +12,7 @@
 //! - forward-only inference (eval mode) of the same;
 //! - single layers at ResNet-50 shapes, batch 16: 3×3 conv 64→64 at 56×56, 1×1 conv 256→64 at
 //!   56×56, the 7×7/s2 stem on 224×224, max-pool 3×3/s2/p1 on 64×112×112; forward and forward+backward;
+//! - every convolution shape of ResNet-18 at 64×64 as inference runs it (`convs-r18`);
 //! - the data pipeline: PNGs decoded once into an ImageStore, then MPCS augmentation and batching.
 
 use std::process::Command;
@@ -130,6 +131,48 @@ fn layer(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every convolution shape of ResNet-18 at 64×64 (batch 16), forward only as inference runs it
+/// (`no_grad`, with its evaluation-mode BatchNorm + ReLU fused): ms per call, and how many such
+/// calls the network makes. `MPCS_NN_LANES=0` gives the im2col + GEMM figures for comparison.
+fn r18_convs() -> anyhow::Result<()> {
+    use mpcs::nn::conv::conv2d_channel_affine;
+    let dev = Device::Cpu;
+    // (input channels, input size, output channels, kernel, stride, padding, calls per forward)
+    let shapes = [
+        (3, 64, 64, 7, 2, 3, 1),
+        (64, 16, 64, 3, 1, 1, 4),
+        (64, 16, 128, 3, 2, 1, 1),
+        (64, 16, 128, 1, 2, 0, 1),
+        (128, 8, 128, 3, 1, 1, 3),
+        (128, 8, 256, 3, 2, 1, 1),
+        (128, 8, 256, 1, 2, 0, 1),
+        (256, 4, 256, 3, 1, 1, 3),
+        (256, 4, 512, 3, 2, 1, 1),
+        (256, 4, 512, 1, 2, 0, 1),
+        (512, 2, 512, 3, 1, 1, 3),
+    ];
+    let iters = env_usize("BENCH_CONV_ITERS", 100);
+    let mut total = 0.0;
+    for (c, size, o, k, stride, pad, calls) in shapes {
+        let x = Tensor::randn(0f32, 1f32, (BATCH, c, size, size), &dev)?;
+        let w = Tensor::randn(0f32, 0.05f32, (o, c, k, k), &dev)?;
+        let scale = Tensor::ones(o, candle_core::DType::F32, &dev)?;
+        let shift = Tensor::zeros(o, candle_core::DType::F32, &dev)?;
+        let ms = 1e3
+            * time(iters, || {
+                mpcs::nn::no_grad(|| {
+                    conv2d_channel_affine(&x, &w, stride, pad, 1, &scale, &shift, None, true)
+                        .map_err(anyhow::Error::from)
+                })?;
+                Ok(())
+            })?;
+        total += ms * calls as f64;
+        println!("conv  {c:3}->{o:3} {k}x{k}/s{stride} on {size:2}x{size:<2}: {ms:7.3} ms x{calls}");
+    }
+    println!("conv  resnet18 64x64 b{BATCH}, all convolutions: {total:7.2} ms");
+    Ok(())
+}
+
 fn data(threads: usize) -> anyhow::Result<()> {
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loader/breakhis_small.png");
     let img = image::open(&fixture)?.to_rgb8();
@@ -181,12 +224,13 @@ fn child(job: &str) -> anyhow::Result<()> {
         "infer-r18" => infer(Arch::ResNet18, 64, r18_steps),
         "infer-r50" => infer(Arch::ResNet50, 224, r50_steps),
         "data" => data(threads),
+        "convs-r18" => r18_convs(),
         l => layer(l),
     }
 }
 
 const JOBS: &[&str] =
-    &["conv3x3", "conv1x1", "stem", "maxpool", "train-r18", "infer-r18", "train-r50", "infer-r50", "data"];
+    &["conv3x3", "conv1x1", "stem", "maxpool", "convs-r18", "train-r18", "infer-r18", "train-r50", "infer-r50", "data"];
 
 fn main() -> anyhow::Result<()> {
     if std::env::var_os("BENCH_PURGE").is_none() {

@@ -61,6 +61,14 @@ const CASES: &[Case] = &[
     case(5, 4, 1, 1, 3, 3, 1, 1, 1),    // same-size 3×3 on a 1×1 map: only the centre tap is inside
     case(3, 2, 2, 5, 3, 3, 1, 1, 1),    // same-size on a wide 2×5 map
     case(2, 3, 2, 3, 4, 3, 1, 2, 2),    // dilation 2 on a map smaller than the dilated kernel
+    // The batch-in-lanes path (maps of 8×8 or less, 16+ channels, 8+ images):
+    case(16, 16, 8, 8, 13, 3, 1, 1, 1), // 16 full lanes; 13 channels: panels of 6, 6 and 1
+    case(21, 20, 4, 4, 7, 3, 1, 1, 1),  // a group of 16 and one of 5 (the 8-lane kernel)
+    case(9, 16, 7, 5, 6, 3, 2, 1, 1),   // stride 2 on an odd map, 9 lanes
+    case(12, 17, 6, 6, 5, 3, 1, 2, 2),  // dilation 2
+    case(8, 16, 2, 2, 6, 3, 1, 1, 1),   // 2×2 map: 4 of 9 taps inside per position
+    case(8, 16, 2, 2, 5, 3, 1, 3, 1),   // padding past the kernel's reach: positions with no tap inside
+    case(10, 24, 5, 5, 8, 5, 1, 2, 1),  // 5×5 kernel
 ];
 
 #[test]
@@ -390,8 +398,9 @@ fn resnet_training_step_does_not_depend_on_the_thread_count() -> R<()> {
     use candle_nn::{VarBuilder, VarMap};
     use mpcs::nn::{Arch, Dilation, ResNet};
     let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1f32, (6, 3, 64, 64), &dev)?;
-    let labels = Tensor::new(&[0u32, 1, 2, 3, 4, 0], &dev)?;
+    // 8 images: the 8×8 and smaller stages take the batch-in-lanes convolution.
+    let x = Tensor::randn(0f32, 1f32, (8, 3, 64, 64), &dev)?;
+    let labels = Tensor::new(&[0u32, 1, 2, 3, 4, 0, 1, 2], &dev)?;
     let init = {
         let varmap = VarMap::new();
         ResNet::new(
@@ -469,7 +478,8 @@ fn no_grad_inference_matches_and_records_no_graph() -> R<()> {
                 var.set(&(Tensor::randn(0f32, 0.2f32, var.shape(), &dev)?))?;
             }
         }
-        let x = Tensor::randn(0f32, 1f32, (2, 3, size, size), &dev)?;
+        // 9 images: the small maps take the batch-in-lanes path, with 7 lanes unused.
+        let x = Tensor::randn(0f32, 1f32, (9, 3, size, size), &dev)?;
         let tracked = model.features_t(&x, false)?;
         assert!(tracked.track_op(), "a plain eval forward records the graph (the weights are variables)");
         let free = no_grad(|| model.features_t(&x, false).map_err(anyhow::Error::from))?;

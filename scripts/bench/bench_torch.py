@@ -7,7 +7,8 @@ Run by hand (not in CI). Each configuration runs in a child process so its peak 
 Rows: train step (forward, backward, Adam) of ResNet-18 64x64 and ResNet-50 224x224, batch 16;
 forward-only inference (eval, no_grad); single layers at ResNet-50 shapes, forward and
 forward+backward (3x3 conv 64->64 56x56, 1x1 conv 256->64 56x56, the 7x7/s2 stem on 224x224,
-max-pool 3x3/s2/p1 on 64x112x112).
+max-pool 3x3/s2/p1 on 64x112x112); every convolution shape of ResNet-18 at 64x64 as eval inference
+runs it (convs-r18).
 """
 import os
 import resource
@@ -87,6 +88,33 @@ def child(job):
             )
         return
 
+    if job == "convs-r18":
+        # Every convolution shape of ResNet-18 at 64x64, as eval inference runs it: conv, BN, ReLU.
+        shapes = [(3, 64, 64, 7, 2, 3, 1), (64, 16, 64, 3, 1, 1, 4), (64, 16, 128, 3, 2, 1, 1),
+                  (64, 16, 128, 1, 2, 0, 1), (128, 8, 128, 3, 1, 1, 3), (128, 8, 256, 3, 2, 1, 1),
+                  (128, 8, 256, 1, 2, 0, 1), (256, 4, 256, 3, 1, 1, 3), (256, 4, 512, 3, 2, 1, 1),
+                  (256, 4, 512, 1, 2, 0, 1), (512, 2, 512, 3, 1, 1, 3)]
+        iters = env_int("BENCH_CONV_ITERS", 100)
+        total = 0.0
+        with torch.no_grad():
+            for c, size, o, k, stride, pad, calls in shapes:
+                x = torch.randn(BATCH, c, size, size)
+                w = torch.randn(o, c, k, k) * 0.05
+                bn = torch.nn.BatchNorm2d(o).eval()
+
+                def run():
+                    F.relu(bn(F.conv2d(x, w, stride=stride, padding=pad)))
+
+                run()
+                t = time.perf_counter()
+                for _ in range(iters):
+                    run()
+                ms = (time.perf_counter() - t) / iters * 1e3
+                total += ms * calls
+                print(f"conv  {c:3}->{o:3} {k}x{k}/s{stride} on {size:2}x{size:<2}: {ms:7.3f} ms x{calls}")
+        print(f"conv  resnet18 64x64 b{BATCH}, all convolutions: {total:7.2f} ms")
+        return
+
     shapes = {
         "conv3x3": ((BATCH, 64, 56, 56), ((64, 64, 3, 3), 1, 1)),
         "conv1x1": ((BATCH, 256, 56, 56), ((64, 256, 1, 1), 1, 0)),
@@ -130,7 +158,7 @@ def child(job):
     )
 
 
-JOBS = ["conv3x3", "conv1x1", "stem", "maxpool", "train-r18", "infer-r18", "train-r50", "infer-r50"]
+JOBS = ["conv3x3", "conv1x1", "stem", "maxpool", "convs-r18", "train-r18", "infer-r18", "train-r50", "infer-r50"]
 
 
 def main():

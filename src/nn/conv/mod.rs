@@ -15,6 +15,8 @@ use std::cell::Cell;
 use std::ops::Range;
 
 use super::cpu::f32_slice;
+
+mod lanes;
 use super::error::{NnError, Result};
 
 /// Convolution geometry for one call: input (n, c, h, w), weight (o, c, kh, kw).
@@ -576,9 +578,12 @@ fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
 
 /// [`forward`], with an epilogue applied to each chunk of the output.
 fn forward_with(g: &Geometry, x: &[f32], wt: &[f32], post: Option<Epilogue>) -> Vec<f32> {
+    let threads = rayon::current_num_threads();
+    if lanes::suits(g) {
+        return lanes::forward(g, x, wt, threads, post);
+    }
     let per_image = g.o * g.p();
     let mut y = vec![0f32; g.n * per_image];
-    let threads = rayon::current_num_threads();
     let parts = image_parts(g, threads);
     let par = inner_parallelism(threads, parts.len());
     for_each_part(&parts, &mut y, per_image, |images, out| forward_part(g, x, wt, images, out, par, post));

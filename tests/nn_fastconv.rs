@@ -61,14 +61,15 @@ const CASES: &[Case] = &[
     case(5, 4, 1, 1, 3, 3, 1, 1, 1),    // same-size 3×3 on a 1×1 map: only the centre tap is inside
     case(3, 2, 2, 5, 3, 3, 1, 1, 1),    // same-size on a wide 2×5 map
     case(2, 3, 2, 3, 4, 3, 1, 2, 2),    // dilation 2 on a map smaller than the dilated kernel
-    // The batch-in-lanes path (maps of 8×8 or less, 16+ channels, 8+ images):
-    case(16, 16, 8, 8, 13, 3, 1, 1, 1), // 16 full lanes; 13 channels: panels of 6, 6 and 1
-    case(21, 20, 4, 4, 7, 3, 1, 1, 1),  // a group of 16 and one of 5 (the 8-lane kernel)
+    // The batch-in-lanes path (maps of 8×8 or less, 16+ channels, 8+ images), and for stride 1
+    // with 16+ output channels its input gradient too:
+    case(16, 16, 8, 8, 19, 3, 1, 1, 1), // 16 full lanes; 19 channels: panels of 6, 6, 6 and 1
+    case(21, 20, 4, 4, 17, 3, 1, 1, 1), // a group of 16 and one of 5 (the 8-lane kernel)
     case(9, 16, 7, 5, 6, 3, 2, 1, 1),   // stride 2 on an odd map, 9 lanes
-    case(12, 17, 6, 6, 5, 3, 1, 2, 2),  // dilation 2
-    case(8, 16, 2, 2, 6, 3, 1, 1, 1),   // 2×2 map: 4 of 9 taps inside per position
+    case(12, 17, 6, 6, 16, 3, 1, 2, 2), // dilation 2
+    case(8, 16, 2, 2, 16, 3, 1, 1, 1),  // 2×2 map: 4 of 9 taps inside per position
     case(8, 16, 2, 2, 5, 3, 1, 3, 1),   // padding past the kernel's reach: positions with no tap inside
-    case(10, 24, 5, 5, 8, 5, 1, 2, 1),  // 5×5 kernel
+    case(10, 24, 5, 5, 18, 5, 1, 2, 1), // 5×5 kernel
 ];
 
 #[test]

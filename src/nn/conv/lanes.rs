@@ -126,9 +126,48 @@ impl PackedWeights {
         Self { data, depth }
     }
 
+    /// The weight of the input gradient of a stride-1 convolution (see [`input_grad`]): rows are
+    /// the original input channels, row ci holding, for each (output channel, tap), the value of
+    /// the kernel flipped in both axes: w'[ci, (oc, t)] = w[oc, ci, taps − 1 − t].
+    fn transposed_flipped(g: &Geometry, wt: &[f32]) -> Self {
+        let taps = g.kh * g.kw;
+        let depth = g.o * taps;
+        let mut data = vec![0f32; g.c.div_ceil(NR) * depth * NR];
+        par_chunks(&mut data, depth * NR, |j, panel| {
+            let rows = NR.min(g.c - j * NR);
+            for (oc, out) in panel.chunks_exact_mut(taps * NR).enumerate() {
+                // The NR input channels' kernels of output channel oc: one contiguous block.
+                let block = &wt[(oc * g.c + j * NR) * taps..][..rows * taps];
+                if let (Ok(block), true) = (<&[f32; 9 * NR]>::try_from(block), taps == 9) {
+                    // Full panels of 3×3 kernels (nearly all of them) with fixed sizes: the
+                    // compiler unrolls the transposition without bounds checks.
+                    flip_transpose::<9>(block, out.try_into().expect("9 taps of NR values"));
+                } else {
+                    {
+                        for (t, out) in out.chunks_exact_mut(NR).enumerate() {
+                            for (r, o) in out[..rows].iter_mut().enumerate() {
+                                *o = block[r * taps + taps - 1 - t];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Self { data, depth }
+    }
+
     /// Panel j from weight row `k0` (= tap for channel 0) on.
     fn panel(&self, j: usize, k0: usize) -> *const f32 {
         self.data[(j * self.depth + k0) * NR..].as_ptr()
+    }
+}
+
+/// out[t·NR + r] = block[r·TAPS + TAPS − 1 − t]: NR kernels of TAPS taps, flipped and transposed.
+fn flip_transpose<const TAPS: usize>(block: &[f32; 9 * NR], out: &mut [f32; 9 * NR]) {
+    for t in 0..TAPS {
+        for r in 0..NR {
+            out[t * NR + r] = block[r * TAPS + TAPS - 1 - t];
+        }
     }
 }
 
@@ -142,14 +181,34 @@ unsafe impl Sync for OutPtr {}
 
 /// y (n, o, oh, ow) from x (n, c, h, w) and weight (o, c·kh·kw), with the epilogue applied.
 pub(super) fn forward(g: &Geometry, x: &[f32], wt: &[f32], threads: usize, post: Option<Epilogue>) -> Vec<f32> {
+    forward_packed(g, x, &PackedWeights::new(g, wt), threads, post)
+}
+
+/// The input gradient dx (n, c, h, w) of a stride-1 convolution from dy (n, o, oh, ow), when the
+/// lane path suits it: it is itself a stride-1 convolution of dy, with the kernel transposed
+/// (input and output channels swapped) and flipped, and padding d·(k − 1) − pad. None otherwise
+/// (strided, non-square or over-padded kernels, or large maps), for im2col's GEMM + col2im.
+pub(super) fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32], threads: usize) -> Option<Vec<f32>> {
+    let reach = g.dilation * (g.kh - 1);
+    if g.stride != 1 || g.kh != g.kw || g.padding > reach || !available() {
+        return None;
+    }
+    let gt = Geometry::new(&[g.n, g.o, g.oh, g.ow], &[g.c, g.o, g.kh, g.kw], 1, reach - g.padding, g.dilation).ok()?;
+    if !suits(&gt) || (gt.oh, gt.ow) != (g.h, g.w) {
+        return None;
+    }
+    Some(forward_packed(&gt, dy, &PackedWeights::transposed_flipped(g, wt), threads, None))
+}
+
+/// [`forward`] with the weight already packed.
+fn forward_packed(g: &Geometry, x: &[f32], w: &PackedWeights, threads: usize, post: Option<Epilogue>) -> Vec<f32> {
     let p = g.p();
-    let w = PackedWeights::new(g, wt);
     let mut y = vec![0f32; g.n * g.o * p];
     with_scratch(g.c * channel_stride(g), g.o * p * LANES, |xt, yt| {
         for first in (0..g.n).step_by(LANES) {
             let images = first..(first + LANES).min(g.n);
             transpose_in(g, x, images.clone(), xt);
-            let group = Group { g, w: &w, xt, lanes: images.len() };
+            let group = Group { g, w, xt, lanes: images.len() };
             let out = OutPtr(yt.as_mut_ptr());
             // Threads share the output channels: each then reads only its part of the weights
             // (a 3×3 512→512 layer has 9 MB of them, more than a core's L2).

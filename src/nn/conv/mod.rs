@@ -635,9 +635,12 @@ fn forward_part(
 
 /// Input gradient: dx (n, c, h, w) from dy (n, o, oh, ow) and weight (o, c·kh·kw).
 fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
+    let threads = rayon::current_num_threads();
+    if let Some(dx) = lanes::input_grad(g, dy, wt, threads) {
+        return dx;
+    }
     let per_image = g.c * g.h * g.w;
     let mut dx = vec![0f32; g.n * per_image];
-    let threads = rayon::current_num_threads();
     let parts = image_parts(g, threads);
     let par = inner_parallelism(threads, parts.len());
     for_each_part(&parts, &mut dx, per_image, |images, out| input_grad_part(g, dy, wt, images, out, par));

@@ -4,6 +4,7 @@
 #
 #   scripts/bench/alternate.sh                       # ResNet-18 3 times, ResNet-50 twice, layers once; 1 and 2 threads
 #   REPS=5 THREADS=1 JOBS=infer-r18 scripts/bench/alternate.sh
+#   LANES_OFF=1 JOBS=convs-r18 scripts/bench/alternate.sh   # also mpcs with MPCS_NN_LANES=0 each time
 #
 # Prints the rows of benches/train_step.rs and scripts/bench/bench_torch.py as they come.
 set -euo pipefail
@@ -15,6 +16,10 @@ run() { # jobs reps
     for t in $threads; do
       echo "== $1, run $rep, $t thread(s)"
       BENCH_THREADS=$t BENCH_JOBS=$1 "$bench" --bench | grep -v '^=='
+      if [ -n "${LANES_OFF:-}" ]; then # the same binary without the batch-in-lanes convolutions
+        echo "(MPCS_NN_LANES=0)"
+        MPCS_NN_LANES=0 BENCH_THREADS=$t BENCH_JOBS=$1 "$bench" --bench | grep -v '^=='
+      fi
       BENCH_THREADS=$t BENCH_JOBS=$1 python3 scripts/bench/bench_torch.py | grep -v '^=='
     done
   done

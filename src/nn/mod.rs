@@ -3,7 +3,7 @@
 //! the contrastive losses, and weight import/export by torchvision names.
 //!
 //! For f32 tensors on the CPU the hot layers run as fused candle custom ops with hand-written
-//! backward passes: [`conv::conv2d`] (im2col + GEMM), max-pool, ReLU, add+ReLU and BatchNorm
+//! backward passes: [`conv::conv2d`] (im2col + GEMM; the batch in the vector lanes on small maps), max-pool, ReLU, add+ReLU and BatchNorm
 //! (+ReLU) in both modes; on other devices and dtypes the same functions use candle's composed ops.
 //! `MPCS_NN_REFERENCE=1` forces the composed ops everywhere (benchmarks' "before" figures).
 //! Figures: notes/speed.md; parity tests: tests/nn_fastconv.rs.

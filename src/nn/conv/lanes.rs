@@ -138,12 +138,11 @@ impl PackedWeights {
             for (oc, out) in panel.chunks_exact_mut(taps * NR).enumerate() {
                 // The NR input channels' kernels of output channel oc: one contiguous block.
                 let block = &wt[(oc * g.c + j * NR) * taps..][..rows * taps];
-                if let (Ok(block), true) = (<&[f32; 9 * NR]>::try_from(block), taps == 9) {
+                match (<&[f32; 9 * NR]>::try_from(block), <&mut [f32; 9 * NR]>::try_from(&mut *out)) {
                     // Full panels of 3×3 kernels (nearly all of them) with fixed sizes: the
                     // compiler unrolls the transposition without bounds checks.
-                    flip_transpose::<9>(block, out.try_into().expect("9 taps of NR values"));
-                } else {
-                    {
+                    (Ok(block), Ok(out)) if taps == 9 => flip_transpose_3x3(block, out),
+                    _ => {
                         for (t, out) in out.chunks_exact_mut(NR).enumerate() {
                             for (r, o) in out[..rows].iter_mut().enumerate() {
                                 *o = block[r * taps + taps - 1 - t];
@@ -162,16 +161,16 @@ impl PackedWeights {
     }
 }
 
-/// out[t·NR + r] = block[r·TAPS + TAPS − 1 − t]: NR kernels of TAPS taps, flipped and transposed.
-fn flip_transpose<const TAPS: usize>(block: &[f32; 9 * NR], out: &mut [f32; 9 * NR]) {
-    for t in 0..TAPS {
+/// out[t·NR + r] = block[r·9 + 8 − t]: NR 3×3 kernels, flipped and transposed.
+fn flip_transpose_3x3(block: &[f32; 9 * NR], out: &mut [f32; 9 * NR]) {
+    for t in 0..9 {
         for r in 0..NR {
-            out[t * NR + r] = block[r * TAPS + TAPS - 1 - t];
+            out[t * NR + r] = block[r * 9 + 8 - t];
         }
     }
 }
 
-/// The transposed output shared by the threads of one group: each writes its own positions.
+/// The transposed output shared by the threads of one group: each writes its own channels.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: threads write disjoint channel ranges of the buffer (see `Group::tiles`), which

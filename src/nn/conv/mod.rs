@@ -5,6 +5,8 @@
 //! that is 4-8× slower than PyTorch, and that single op dominated a ResNet training step on the
 //! CPU. Every product here goes through the `gemm` crate (the one candle's matmul uses).
 //! 1×1 stride-1 convolutions skip im2col: the input already is the column matrix.
+//! On maps of 8×8 or less (x86-64) the forward pass and the stride-1 input gradient instead put
+//! the batch in the vector lanes and skip the taps in the zero padding (`conv/lanes.rs`).
 //! On other devices or dtypes [`conv2d`] falls back to candle's own `Tensor::conv2d`, so GPU
 //! training is unchanged. Only `groups = 1` (all that torchvision's ResNets use).
 

@@ -42,3 +42,53 @@ pub fn one_cpu_thread_pool() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
+
+thread_local! {
+    /// The CPU threads the work started on this thread may use (see [`with_cpu_threads`]).
+    static CPU_THREADS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// How many threads the CPU kernels (convolutions, BatchNorm, optimisers, loaders) started from
+/// this thread share their work between: the budget [`with_cpu_threads`] set for it, else the size
+/// of rayon's pool (all cores, or `RAYON_NUM_THREADS`). Results never depend on it.
+pub fn cpu_threads() -> usize {
+    CPU_THREADS.with(|t| t.get()).unwrap_or_else(rayon::current_num_threads).max(1)
+}
+
+/// Runs `f` with a CPU-thread budget of `threads` for the kernels it starts on this thread (1: they
+/// run on this thread alone, without handing work to rayon's pool). The runner gives each node its
+/// share of the cores while several run at once: two nodes that each split every kernel between
+/// both cores of a 2-core machine made four busy threads fight for two cores (notes/speed.md).
+pub fn with_cpu_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CPU_THREADS.with(|t| t.set(self.0));
+        }
+    }
+    let _restore = Restore(CPU_THREADS.with(|t| t.replace(Some(threads.max(1)))));
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_thread_budget_applies_inside_and_is_restored_after_a_panic() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        pool.install(|| {
+            // Inside a pool's worker without a budget: the pool's size.
+            assert_eq!(cpu_threads(), 3);
+            with_cpu_threads(1, || {
+                assert_eq!(cpu_threads(), 1);
+                with_cpu_threads(2, || assert_eq!(cpu_threads(), 2));
+                assert_eq!(cpu_threads(), 1, "a nested budget is restored");
+            });
+            assert_eq!(cpu_threads(), 3);
+            let caught = std::panic::catch_unwind(|| with_cpu_threads(1, || panic!("inside the budget")));
+            assert!(caught.is_err());
+            assert_eq!(cpu_threads(), 3, "the budget outlived a panic");
+        });
+    }
+}

@@ -294,9 +294,11 @@ pub fn run(
                         .collect();
                     let tx = tx.clone();
                     let processes = &processes;
+                    let threads = cpu_share(opts.jobs, running, ready.len());
                     scope.spawn(move || {
-                        let r =
-                            execute_node(exp, plan, cache, i, key, action, inputs, device, cancel, processes, reporter);
+                        let r = crate::runtime::with_cpu_threads(threads, || {
+                            execute_node(exp, plan, cache, i, key, action, inputs, device, cancel, processes, reporter)
+                        });
                         let _ = tx.send((i, r));
                     });
                 }
@@ -435,6 +437,19 @@ fn note_record(
     });
 }
 
+/// CPU threads for a node launched now: the cores (rayon's pool) shared between the nodes that
+/// will run at once (`running`, this one included, plus those still waiting, at most `jobs`).
+/// A share fixed at launch: a node that started beside others keeps its share after they finish.
+/// With `RAYON_NUM_THREADS` set, every node gets that many, as before.
+fn cpu_share(jobs: usize, running: usize, waiting: usize) -> usize {
+    let pool = rayon::current_num_threads();
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return pool;
+    }
+    let at_once = (running + waiting).clamp(1, jobs.max(1));
+    (pool / at_once).max(1)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn execute_node(
     exp: &Experiment,
@@ -523,5 +538,25 @@ fn execute_node(
             }
             Ok(NodeResult::Failed { message, log: Some(log) })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_share;
+
+    #[test]
+    fn nodes_running_at_once_share_the_cores() {
+        if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+            return; // the user's setting then applies to every node
+        }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        pool.install(|| {
+            assert_eq!(cpu_share(4, 1, 0), 4, "alone: all cores");
+            assert_eq!(cpu_share(1, 1, 9), 4, "--jobs 1: all cores");
+            assert_eq!(cpu_share(2, 1, 5), 2, "two at once");
+            assert_eq!(cpu_share(4, 2, 1), 1, "three at once: 4 / 3 rounded down");
+            assert_eq!(cpu_share(8, 8, 0), 1, "never below one thread");
+        });
     }
 }

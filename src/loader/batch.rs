@@ -60,7 +60,8 @@ pub struct LoaderConfig {
     /// Drop the last batch when it is smaller than `batch_size`.
     pub drop_last: bool,
     pub seed: u64,
-    /// Worker threads for augmentation; 0 = one per core.
+    /// Worker threads for augmentation; 0 = the CPU threads of the caller
+    /// ([`crate::runtime::cpu_threads`]: one per core, or the node's share while several run).
     pub threads: usize,
     /// Batches built ahead of the consumer (bounded channel), at least 1.
     pub prefetch: usize,
@@ -141,11 +142,12 @@ impl Loader {
                 )));
             }
         }
+        let threads = if cfg.threads == 0 { crate::runtime::cpu_threads() } else { cfg.threads };
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(cfg.threads)
+            .num_threads(threads)
             .thread_name(|i| format!("mpcs-loader-{i}"))
             .build()
-            .map_err(|e| LoaderError::BadConfig(format!("cannot start {} loader threads: {e}", cfg.threads)))?;
+            .map_err(|e| LoaderError::BadConfig(format!("cannot start {threads} loader threads: {e}")))?;
         Ok(Loader { inner: Arc::new(Inner { store, samples, cfg, paired, pool }) })
     }
 

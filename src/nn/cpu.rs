@@ -68,7 +68,7 @@ pub(crate) fn par_map<T: Send>(count: usize, len: usize, f: impl Fn(usize) -> T 
 /// Whether `total` values are worth sharing between threads: not with one thread (handing work
 /// to rayon's pool still costs a wake-up), nor for less than two tasks' worth.
 pub(crate) fn worth_splitting(total: usize) -> bool {
-    total >= 2 * MIN_TASK_LEN && rayon::current_num_threads() > 1
+    total >= 2 * MIN_TASK_LEN && crate::runtime::cpu_threads() > 1
 }
 
 /// Elements per task of the flat (shape-blind) element-wise kernels.

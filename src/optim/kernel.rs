@@ -23,7 +23,7 @@ pub(crate) fn par_update(
     b: &mut [f32],
     f: impl Fn(&mut [f32], &[f32], &mut [f32], &mut [f32]) + Sync + Send,
 ) {
-    if p.len() <= CHUNK || rayon::current_num_threads() == 1 {
+    if p.len() <= CHUNK || crate::runtime::cpu_threads() == 1 {
         return f(p, g, a, b);
     }
     let pieces = p.len().div_ceil(CHUNK);
@@ -95,7 +95,7 @@ pub(crate) fn all_finite(g: &Tensor) -> Result<bool> {
     // No early exit inside a chunk, so the check vectorises; chunks in parallel.
     let finite = |s: &[f32]| s.iter().fold(true, |ok, x| ok & x.is_finite());
     let check = |s: &[f32]| {
-        if s.len() <= CHUNK || rayon::current_num_threads() == 1 {
+        if s.len() <= CHUNK || crate::runtime::cpu_threads() == 1 {
             s.chunks(CHUNK).all(finite)
         } else {
             s.par_chunks(CHUNK).all(finite)

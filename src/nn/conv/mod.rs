@@ -580,7 +580,7 @@ fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
 
 /// [`forward`], with an epilogue applied to each chunk of the output.
 fn forward_with(g: &Geometry, x: &[f32], wt: &[f32], post: Option<Epilogue>) -> Vec<f32> {
-    let threads = rayon::current_num_threads();
+    let threads = crate::runtime::cpu_threads();
     if lanes::suits(g) {
         return lanes::forward(g, x, wt, threads, post);
     }
@@ -637,7 +637,7 @@ fn forward_part(
 
 /// Input gradient: dx (n, c, h, w) from dy (n, o, oh, ow) and weight (o, c·kh·kw).
 fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
-    let threads = rayon::current_num_threads();
+    let threads = crate::runtime::cpu_threads();
     if let Some(dx) = lanes::input_grad(g, dy, wt, threads) {
         return dx;
     }
@@ -679,7 +679,7 @@ fn input_grad_part(g: &Geometry, dy: &[f32], wt: &[f32], images: Range<usize>, d
 /// parallel; the partials are then added in order.
 fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let len = g.o * g.ckk();
-    let threads = rayon::current_num_threads();
+    let threads = crate::runtime::cpu_threads();
     let parts = image_parts(g, WEIGHT_GRAD_PARTS);
     let par = inner_parallelism(threads, parts.len());
     let mut partials = vec![0f32; parts.len() * len];

@@ -1,6 +1,7 @@
-//! Process-wide CPU runtime settings that the binaries (`mpcs`, the benchmarks) apply first thing
-//! in `main`, before any thread exists: how freed memory is kept and which thread pool runs the
-//! parallel CPU work.
+//! CPU runtime settings: the process-wide ones that the binaries (`mpcs`, the benchmarks) apply
+//! first thing in `main`, before any thread exists (how freed memory is kept, which thread pool
+//! runs the parallel CPU work), and the per-thread budget of CPU threads that the runner gives each
+//! node ([`with_cpu_threads`]).
 
 /// Both settings below; call it first thing in `main`.
 pub fn configure() {

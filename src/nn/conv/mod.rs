@@ -17,9 +17,9 @@ use std::cell::Cell;
 use std::ops::Range;
 
 use super::cpu::f32_slice;
+use super::error::{NnError, Result};
 
 mod lanes;
-use super::error::{NnError, Result};
 
 /// Convolution geometry for one call: input (n, c, h, w), weight (o, c, kh, kw).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,4 +1,5 @@
-//! The forward convolution of small feature maps with the batch in the vector lanes.
+//! The forward convolution of small feature maps, and the input gradient of the stride-1 ones,
+//! with the batch in the vector lanes.
 //!
 //! Why: im2col + GEMM multiplies the zero padding too. On a 4×4 map a 3×3 kernel reaches outside
 //! the image for 31 % of its taps, on a 2×2 map for 56 % (ResNet-18 at 64×64 has 8×8, 4×4 and 2×2
@@ -6,7 +7,7 @@
 //! input of (up to) 16 images is transposed once so that one (channel, row, column) holds the 16
 //! images side by side. A tile of the output is then one output position × 16 images × 6 output
 //! channels, and every kernel tap is one call of gemm's f32 micro-kernel that reads the 16 lanes
-//! straight from the transposed input (k = input channels, a constant stride) with no packing.
+//! straight from the transposed input (k = input channels, a constant stride) without packing it.
 //! Taps that fall into the padding for a position are skipped: the same position is outside for
 //! every image of the tile.
 //!
@@ -284,12 +285,11 @@ impl Group<'_> {
                 tap_range(ox, g.stride, g.padding, g.dilation, g.kw, g.w),
             )
         };
-        let range = 0..p;
         for j in panels {
             let n = NR.min(g.o - j * NR);
             let k = kernel(m, n);
             // Positions whose every tap is in the padding (only with padding ≥ the kernel's reach).
-            for pos in range.clone() {
+            for pos in 0..p {
                 let ((ki0, ki1), (kj0, kj1)) = taps_of(pos);
                 if ki0 == ki1 || kj0 == kj1 {
                     for r in 0..n {
@@ -301,7 +301,7 @@ impl Group<'_> {
             for ki in 0..g.kh {
                 for kj in 0..g.kw {
                     let rhs = self.w.panel(j, ki * g.kw + kj);
-                    for pos in range.clone() {
+                    for pos in 0..p {
                         let ((ki0, ki1), (kj0, kj1)) = taps_of(pos);
                         if !(ki0..ki1).contains(&ki) || !(kj0..kj1).contains(&kj) {
                             continue;
@@ -313,8 +313,8 @@ impl Group<'_> {
                         // The first valid tap of a position overwrites its tile; later ones add.
                         let status = if (ki, kj) == (ki0, kj0) { 0 } else { 1 };
                         // SAFETY: the kernel reads m ≤ 16 lanes at lhs + ci·channel_stride for ci < c
-                        // (inside xt: (iy, ix) is inside the map), n × c weights of the panel,
-                        // and writes m lanes × n channels of this position's tile in yt
+                        // (inside xt: (iy, ix) is inside the map), n values at rhs + ci·taps·NR
+                        // for ci < c (inside panel j), and writes m lanes × n channels of this position's tile in yt
                         // (channels j·NR.. < o); threads own disjoint channels.
                         unsafe {
                             k(

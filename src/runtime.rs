@@ -61,13 +61,23 @@ pub fn cpu_threads() -> usize {
 /// share of the cores while several run at once: two nodes that each split every kernel between
 /// both cores of a 2-core machine made four busy threads fight for two cores (notes/speed.md).
 pub fn with_cpu_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<usize>);
-    impl Drop for Restore {
+    with_thread_local(&CPU_THREADS, Some(threads.max(1)), f)
+}
+
+/// Runs `f` with the thread-local `key` set to `value`, and its previous value back afterwards,
+/// also when `f` panics: a per-thread setting scoped to a closure (`nn::no_grad` uses it too).
+pub(crate) fn with_thread_local<T: Copy + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<std::cell::Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
         fn drop(&mut self) {
-            CPU_THREADS.with(|t| t.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(CPU_THREADS.with(|t| t.replace(Some(threads.max(1)))));
+    let _restore = Restore(key, key.with(|c| c.replace(value)));
     f()
 }
 

@@ -294,7 +294,13 @@ pub fn run(
                         .collect();
                     let tx = tx.clone();
                     let processes = &processes;
-                    let threads = cpu_share(opts.jobs, running, ready.len());
+                    // With RAYON_NUM_THREADS set, every node gets that many, as before.
+                    let pool = rayon::current_num_threads();
+                    let threads = if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+                        pool
+                    } else {
+                        cpu_share(pool, opts.jobs, running, ready.len())
+                    };
                     scope.spawn(move || {
                         let r = crate::runtime::with_cpu_threads(threads, || {
                             execute_node(exp, plan, cache, i, key, action, inputs, device, cancel, processes, reporter)
@@ -437,17 +443,12 @@ fn note_record(
     });
 }
 
-/// CPU threads for a node launched now: the cores (rayon's pool) shared between the nodes that
-/// will run at once (`running`, this one included, plus those still waiting, at most `jobs`).
-/// A share fixed at launch: a node that started beside others keeps its share after they finish.
-/// With `RAYON_NUM_THREADS` set, every node gets that many, as before.
-fn cpu_share(jobs: usize, running: usize, waiting: usize) -> usize {
-    let pool = rayon::current_num_threads();
-    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
-        return pool;
-    }
+/// CPU threads for a node launched now: the `cores` shared between the nodes that will run at
+/// once (`running`, this one included, plus those still waiting, at most `jobs`). A share fixed
+/// at launch: a node that started beside others keeps its share after they finish.
+fn cpu_share(cores: usize, jobs: usize, running: usize, waiting: usize) -> usize {
     let at_once = (running + waiting).clamp(1, jobs.max(1));
-    (pool / at_once).max(1)
+    (cores / at_once).max(1)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -547,16 +548,10 @@ mod tests {
 
     #[test]
     fn nodes_running_at_once_share_the_cores() {
-        if std::env::var_os("RAYON_NUM_THREADS").is_some() {
-            return; // the user's setting then applies to every node
-        }
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
-        pool.install(|| {
-            assert_eq!(cpu_share(4, 1, 0), 4, "alone: all cores");
-            assert_eq!(cpu_share(1, 1, 9), 4, "--jobs 1: all cores");
-            assert_eq!(cpu_share(2, 1, 5), 2, "two at once");
-            assert_eq!(cpu_share(4, 2, 1), 1, "three at once: 4 / 3 rounded down");
-            assert_eq!(cpu_share(8, 8, 0), 1, "never below one thread");
-        });
+        assert_eq!(cpu_share(4, 4, 1, 0), 4, "alone: all cores");
+        assert_eq!(cpu_share(4, 1, 1, 9), 4, "--jobs 1: all cores");
+        assert_eq!(cpu_share(4, 2, 1, 5), 2, "two at once");
+        assert_eq!(cpu_share(4, 4, 2, 1), 1, "three at once: 4 / 3 rounded down");
+        assert_eq!(cpu_share(4, 8, 8, 0), 1, "never below one thread");
     }
 }

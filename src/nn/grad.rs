@@ -21,12 +21,5 @@ pub fn grad_enabled() -> bool {
 /// `torch.no_grad()`): for inference, evaluation and frozen encoders. The previous state comes
 /// back afterwards, also when `f` panics.
 pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            ENABLED.set(self.0);
-        }
-    }
-    let _restore = Restore(ENABLED.replace(false));
-    f()
+    crate::runtime::with_thread_local(&ENABLED, false, f)
 }

@@ -12,16 +12,13 @@ use crate::cache::{maintenance, Cache};
 use crate::error::{did_you_mean, exit, Error, Result};
 use crate::exec::devices::{self, DeviceSpec};
 use crate::exec::progress::Reporter;
-use crate::exec::{self, RunOptions};
-use crate::experiment::Experiment;
+use crate::exec::{self, Project, RunOptions};
 use crate::lineage::{self, State};
 use crate::plan::Plan;
 
-/// Loads, validates and expands an experiment.
-pub fn load(path: &Path, sets: &[String]) -> Result<(Experiment, Plan)> {
-    let exp = Experiment::load(path, sets)?;
-    let plan = Plan::build(&exp)?;
-    Ok((exp, plan))
+/// Loads, validates and expands an experiment with the built-in stage kinds.
+pub fn load(path: &Path, sets: &[String]) -> Result<Project> {
+    Project::load(path, sets, crate::stages::builtin())
 }
 
 pub struct RunArgs<'a> {
@@ -37,14 +34,15 @@ pub struct RunArgs<'a> {
 /// `cache_dir` is opened only once the experiment is valid, so a bad file leaves no trace.
 pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel: &Arc<AtomicBool>) -> Result<i32> {
     let t0 = Instant::now();
-    let (exp, plan) = load(args.experiment, args.sets)?;
+    let project = load(args.experiment, args.sets)?;
     let gpus = devices::discover(&args.devices)?;
     let cache = &Cache::open(cache_dir)?;
     if args.dry_run {
-        return dry_run(&exp, &plan, cache, &gpus, args.json);
+        return dry_run(&project, cache, &gpus, args.json);
     }
     let opts = RunOptions { jobs: args.jobs, gpus, keep_going: args.keep_going, grace: Duration::from_secs(5) };
-    let summary = exec::run(&exp, &plan, cache, &opts, reporter, cancel)?;
+    let summary = exec::run(&project, cache, &opts, reporter, cancel)?;
+    let (exp, plan) = (&project.exp, &project.plan);
     let secs = t0.elapsed().as_secs_f64();
     for f in &summary.failed {
         eprintln!("FAILED {}: {}", f.node, f.message);
@@ -65,7 +63,7 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
     // The results people came for: every table the run produced (or found cached), with its path.
     if !args.json {
         for (i, node) in plan.nodes.iter().enumerate() {
-            let (Some(out), "table") = (&summary.outputs[i], exp.stages[node.stage].spec.kind()) else { continue };
+            let (Some(out), "table") = (&summary.outputs[i], exp.stages[node.stage].kind.as_str()) else { continue };
             let md = out.join("table.md");
             if let Ok(text) = std::fs::read_to_string(&md) {
                 println!("\n{text}\ntable of `{}`: {} (also .csv, .tex, .json)", node.id, md.display());
@@ -93,8 +91,9 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
     })
 }
 
-fn dry_run(exp: &Experiment, plan: &Plan, cache: &Cache, gpus: &[String], json: bool) -> Result<i32> {
-    let a = lineage::assess(exp, plan, cache)?;
+fn dry_run(project: &Project, cache: &Cache, gpus: &[String], json: bool) -> Result<i32> {
+    let (exp, plan) = (&project.exp, &project.plan);
+    let a = lineage::assess(project, cache)?;
     let mut would = Vec::new();
     let mut cached = Vec::new();
     for &i in &plan.order {
@@ -111,7 +110,7 @@ fn dry_run(exp: &Experiment, plan: &Plan, cache: &Cache, gpus: &[String], json: 
         } else {
             format!("gpu×{}", decl.gpus)
         };
-        let reason = lineage::short_reason(exp, plan, &a, i);
+        let reason = lineage::short_reason(project, &a, i);
         would.push(
             serde_json::json!({"id": node.id, "state": a.nodes[i].state.as_str(), "device": device, "reason": reason}),
         );
@@ -153,19 +152,19 @@ pub fn graph(
     why: Option<&str>,
     cache_dir: &Path,
 ) -> Result<i32> {
-    let (exp, plan) = load(experiment, sets)?;
+    let project = load(experiment, sets)?;
     let cache = &Cache::open(cache_dir)?;
-    let a = lineage::assess(&exp, &plan, cache)?;
+    let a = lineage::assess(&project, cache)?;
     if let Some(node) = why {
-        let i = find_node(&plan, node)?;
-        print!("{}", lineage::why(&exp, &plan, &a, cache, i));
+        let i = find_node(&project.plan, node)?;
+        print!("{}", lineage::why(&project, &a, cache, i));
         return Ok(exit::OK);
     }
     let out = match format {
-        GraphFormat::Text => lineage::render_text(&exp, &plan, &a),
-        GraphFormat::Dot => lineage::render_dot(&exp, &plan, &a),
-        GraphFormat::Mermaid => lineage::render_mermaid(&exp, &plan, &a),
-        GraphFormat::Json => lineage::render_json(&exp, &plan, &a) + "\n",
+        GraphFormat::Text => lineage::render_text(&project, &a),
+        GraphFormat::Dot => lineage::render_dot(&project, &a),
+        GraphFormat::Mermaid => lineage::render_mermaid(&project, &a),
+        GraphFormat::Json => lineage::render_json(&project, &a) + "\n",
     };
     print!("{out}");
     Ok(exit::OK)
@@ -188,10 +187,10 @@ pub fn report(
     tsne_points: usize,
     cache: &Cache,
 ) -> Result<i32> {
-    let (exp, plan) = load(experiment, sets)?;
-    let out_dir = out.unwrap_or_else(|| crate::results::default_out_dir(&exp));
+    let project = load(experiment, sets)?;
+    let out_dir = out.unwrap_or_else(|| crate::results::default_out_dir(&project.exp));
     let opts = crate::results::ReportOptions { out_dir, cams, tsne_points };
-    let path = crate::results::write_report(&exp, &plan, cache, &opts)?;
+    let path = crate::results::write_report(&project, cache, &opts)?;
     println!("report: {}", path.display());
     Ok(exit::OK)
 }
@@ -199,12 +198,12 @@ pub fn report(
 pub fn show(target: &str, experiment: Option<&Path>, sets: &[String], json: bool, cache: &Cache) -> Result<i32> {
     let mut failure: Option<Record> = None;
     let key = if let Some(exp_path) = experiment {
-        let (exp, plan) = load(exp_path, sets)?;
-        let i = find_node(&plan, target)?;
-        let a = lineage::assess(&exp, &plan, cache)?;
+        let project = load(exp_path, sets)?;
+        let i = find_node(&project.plan, target)?;
+        let a = lineage::assess(&project, cache)?;
         match (&a.nodes[i].state, &a.nodes[i].key) {
-            (State::Cached, Some(k)) if exp.stages[plan.nodes[i].stage].spec.as_source().is_none() => k.clone(),
-            _ => match a.last.get(&plan.nodes[i].id) {
+            (State::Cached, Some(k)) if project.source_of(i).is_none() => k.clone(),
+            _ => match a.last.get(&project.plan.nodes[i].id) {
                 Some(r) => {
                     failure = Some(r.clone());
                     r.key.clone()
@@ -307,10 +306,10 @@ pub fn gc(experiments: &[PathBuf], sets: &[String], dry_run: bool, cache: &Cache
     }
     let mut keep = HashSet::new();
     for path in experiments {
-        let (exp, plan) = load(path, sets)?;
-        let a = lineage::assess(&exp, &plan, cache)?;
+        let project = load(path, sets)?;
+        let a = lineage::assess(&project, cache)?;
         for (i, st) in a.nodes.iter().enumerate() {
-            if exp.stages[plan.nodes[i].stage].spec.as_source().is_none() {
+            if project.source_of(i).is_none() {
                 if let Some(k) = &st.key {
                     keep.insert(k.clone());
                 }

@@ -1,120 +1,20 @@
 //! Lineage: the state of every node against the cache (`mpcs graph`, `mpcs run --dry-run`), and why a node
 //! would rerun (`mpcs graph --why NODE`), compared with the journal's record of its last run.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 
-use serde::Serialize;
 use serde_json::Value;
 
-use crate::cache::journal::{Journal, Record, Status};
+use crate::cache::journal::Status;
 use crate::cache::Cache;
-use crate::error::Result;
-use crate::experiment::Experiment;
+pub use crate::exec::resolve::{assess, Assessment, NodeStatus, State};
+use crate::exec::Project;
 use crate::plan::key::Action;
-use crate::plan::{action_for, Plan};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum State {
-    /// Its entry is in the cache (a source: unchanged since last run).
-    Cached,
-    /// It would execute (a source: it changed).
-    WillRun,
-    /// An upstream node will run first, so its key is not known yet.
-    Blocked,
-    /// It failed last time with this very key and would run again.
-    Failed,
-    /// A source whose path does not exist (yet): the graph still shows what depends on it; a run stops.
-    Missing,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Cached => "cached",
-            State::WillRun => "will-run",
-            State::Blocked => "blocked",
-            State::Failed => "failed",
-            State::Missing => "missing",
-        }
-    }
-}
-
-pub struct NodeStatus {
-    pub state: State,
-    pub key: Option<String>,
-    pub action: Option<Action>,
-    pub digest: Option<String>,
-}
-
-pub struct Assessment {
-    pub nodes: Vec<NodeStatus>,
-    pub last: HashMap<String, Record>,
-    pub source_paths: HashMap<usize, PathBuf>,
-}
-
-/// Works out every node's state without running anything.
-pub fn assess(exp: &Experiment, plan: &Plan, cache: &Cache) -> Result<Assessment> {
-    let last = Journal::open(cache, &exp.name).load()?;
-    let n = plan.nodes.len();
-    let mut digests: Vec<Option<String>> = vec![None; n];
-    let mut nodes: Vec<Option<NodeStatus>> = (0..n).map(|_| None).collect();
-    let mut source_paths = HashMap::new();
-    for &i in &plan.order {
-        let node = &plan.nodes[i];
-        let decl = &exp.stages[node.stage];
-        let missing = decl.spec.as_source().is_some_and(|s| s.resolve(exp, decl).is_err());
-        let status = if missing {
-            NodeStatus { state: State::Missing, key: None, action: None, digest: None }
-        } else if let Some(src) = decl.spec.as_source() {
-            let (path, digest, changed) =
-                src.fingerprint(exp, decl, cache, last.get(&node.id).and_then(|r| r.digest.as_deref()))?;
-            source_paths.insert(i, path);
-            digests[i] = Some(digest.clone());
-            NodeStatus {
-                state: if changed { State::WillRun } else { State::Cached },
-                key: Some(digest[..32].to_string()),
-                action: None,
-                digest: Some(digest),
-            }
-        } else {
-            match action_for(exp, plan, i, &digests) {
-                None => NodeStatus { state: State::Blocked, key: None, action: None, digest: None },
-                Some(action) => {
-                    let key = action.key();
-                    match cache.lookup(&key)? {
-                        Some(m) => {
-                            digests[i] = Some(m.output_digest.clone());
-                            NodeStatus {
-                                state: State::Cached,
-                                key: Some(key),
-                                action: Some(action),
-                                digest: Some(m.output_digest),
-                            }
-                        }
-                        None => {
-                            let failed = last.get(&node.id).is_some_and(|r| r.status == Status::Failed && r.key == key);
-                            NodeStatus {
-                                state: if failed { State::Failed } else { State::WillRun },
-                                key: Some(key),
-                                action: Some(action),
-                                digest: None,
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        nodes[i] = Some(status);
-    }
-    let nodes = nodes.into_iter().map(|s| s.expect("every node is assessed in topological order")).collect();
-    Ok(Assessment { nodes, last, source_paths })
-}
 
 /// One line: why a node is in its state (for listings and dry runs).
-pub fn short_reason(exp: &Experiment, plan: &Plan, a: &Assessment, i: usize) -> String {
+pub fn short_reason(p: &Project, a: &Assessment, i: usize) -> String {
+    let (exp, plan) = (&p.exp, &p.plan);
     let node = &plan.nodes[i];
     let st = &a.nodes[i];
     match st.state {
@@ -135,7 +35,7 @@ pub fn short_reason(exp: &Experiment, plan: &Plan, a: &Assessment, i: usize) -> 
             format!("source path does not exist; point it at the data with --set stage.{name}.path=DIR")
         }
         State::WillRun => {
-            if exp.stages[node.stage].spec.as_source().is_some() {
+            if p.source_of(i).is_some() {
                 return if a.last.contains_key(&node.id) { "source changed".into() } else { "new source".into() };
             }
             match (a.last.get(&node.id), &st.action) {
@@ -154,15 +54,16 @@ pub fn short_reason(exp: &Experiment, plan: &Plan, a: &Assessment, i: usize) -> 
 }
 
 /// A full explanation of a node's state: what differs from its last recorded run.
-pub fn why(exp: &Experiment, plan: &Plan, a: &Assessment, cache: &Cache, i: usize) -> String {
+pub fn why(p: &Project, a: &Assessment, cache: &Cache, i: usize) -> String {
+    let (exp, plan) = (&p.exp, &p.plan);
     let node = &plan.nodes[i];
     let decl = &exp.stages[node.stage];
     let st = &a.nodes[i];
     let mut out = String::new();
-    let _ = writeln!(out, "{} ({}): {}", node.id, decl.spec.kind(), st.state.as_str());
+    let _ = writeln!(out, "{} ({}): {}", node.id, decl.kind, st.state.as_str());
     let last = a.last.get(&node.id);
 
-    if let Some(src) = decl.spec.as_source() {
+    if let Some(src) = p.source_of(i) {
         let _ = writeln!(
             out,
             "  source {}",
@@ -184,7 +85,7 @@ pub fn why(exp: &Experiment, plan: &Plan, a: &Assessment, cache: &Cache, i: usiz
 
     match st.state {
         State::Missing => {
-            let _ = writeln!(out, "  {}", short_reason(exp, plan, a, i));
+            let _ = writeln!(out, "  {}", short_reason(p, a, i));
         }
         State::Blocked => {
             let _ = writeln!(out, "  its key is not known yet: these inputs will run first and may change:");
@@ -195,15 +96,15 @@ pub fn why(exp: &Experiment, plan: &Plan, a: &Assessment, cache: &Cache, i: usiz
                         "    {} ({}): {}",
                         plan.nodes[j].id,
                         a.nodes[j].state.as_str(),
-                        short_reason(exp, plan, a, j)
+                        short_reason(p, a, j)
                     );
                 }
             }
-            let roots = root_causes(plan, a, i);
+            let roots = root_causes(p, a, i);
             if !roots.is_empty() {
                 let _ = writeln!(out, "  root cause(s) upstream:");
                 for r in roots {
-                    let _ = writeln!(out, "    {}: {}", plan.nodes[r].id, short_reason(exp, plan, a, r));
+                    let _ = writeln!(out, "    {}: {}", plan.nodes[r].id, short_reason(p, a, r));
                 }
             }
             let _ = writeln!(out, "  (if an upstream node reproduces identical output, this node stays cached)");
@@ -274,7 +175,8 @@ pub fn why(exp: &Experiment, plan: &Plan, a: &Assessment, cache: &Cache, i: usiz
 }
 
 /// The nearest upstream nodes that will run although all their own inputs are settled.
-fn root_causes(plan: &Plan, a: &Assessment, i: usize) -> Vec<usize> {
+fn root_causes(p: &Project, a: &Assessment, i: usize) -> Vec<usize> {
+    let plan = &p.plan;
     let mut roots = Vec::new();
     let mut seen = vec![false; plan.nodes.len()];
     let mut stack: Vec<usize> = plan.nodes[i].inputs.clone();
@@ -307,16 +209,25 @@ pub fn action_diff(old: &Action, new: &Action) -> Vec<String> {
     }
     let flat_old = flatten(&old.params);
     let flat_new = flatten(&new.params);
+    // A value the experiment does not write changed because mpcs's default for it did.
+    let default = |k: &str| {
+        let top = k.split('.').next().unwrap_or(k);
+        if new.defaults.iter().any(|d| d == top) {
+            " (default)"
+        } else {
+            ""
+        }
+    };
     for (k, v) in &flat_old {
         match flat_new.get(k) {
             None => out.push(format!("{k}: {} → (removed)", show(v))),
-            Some(nv) if nv != v => out.push(format!("{k}: {} → {}", show(v), show(nv))),
+            Some(nv) if nv != v => out.push(format!("{k}: {} → {}{}", show(v), show(nv), default(k))),
             _ => {}
         }
     }
     for (k, v) in &flat_new {
         if !flat_old.contains_key(k) {
-            out.push(format!("{k}: (unset) → {}", show(v)));
+            out.push(format!("{k}: (unset) → {}{}", show(v), default(k)));
         }
     }
     let old_in: BTreeMap<&str, &str> = old.inputs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
@@ -368,7 +279,8 @@ fn short(digest: &str) -> String {
 }
 
 /// `mpcs graph --format json`: `{"nodes":[{"id","kind","state","key","deps":[ids]}]}`.
-pub fn render_json(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
+pub fn render_json(p: &Project, a: &Assessment) -> String {
+    let (exp, plan) = (&p.exp, &p.plan);
     let nodes: Vec<Value> = plan
         .order
         .iter()
@@ -378,7 +290,7 @@ pub fn render_json(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
             serde_json::json!({
                 "id": n.id,
                 "stage": decl.name,
-                "kind": decl.spec.kind(),
+                "kind": decl.kind,
                 "state": a.nodes[i].state.as_str(),
                 "key": a.nodes[i].key,
                 "gpus": decl.gpus,
@@ -390,7 +302,8 @@ pub fn render_json(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
 }
 
 /// `mpcs graph` as text: stages in order, each node with its state and reason.
-pub fn render_text(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
+pub fn render_text(p: &Project, a: &Assessment) -> String {
+    let (exp, plan) = (&p.exp, &p.plan);
     let mut out = String::new();
     let count = |s: State| a.nodes.iter().filter(|n| n.state == s).count();
     let _ = writeln!(
@@ -410,7 +323,7 @@ pub fn render_text(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
             out,
             "\n{} ({}{}){}",
             stage.name,
-            stage.spec.kind(),
+            stage.kind,
             if stage.gpus > 0 { format!(", gpus={}", stage.gpus) } else { String::new() },
             if from.is_empty() { String::new() } else { format!(" ← {}", from.join(", ")) }
         );
@@ -426,7 +339,7 @@ pub fn render_text(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
             let detail = if st.state == State::Cached {
                 st.key.as_deref().map(|k| k[..12].to_string()).unwrap_or_default()
             } else {
-                short_reason(exp, plan, a, i)
+                short_reason(p, a, i)
             };
             let _ = writeln!(out, "  {mark} {:<44} {:<9} {detail}", plan.nodes[i].id, st.state.as_str());
         }
@@ -444,7 +357,8 @@ fn color(s: State) -> &'static str {
     }
 }
 
-pub fn render_dot(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
+pub fn render_dot(p: &Project, a: &Assessment) -> String {
+    let (exp, plan) = (&p.exp, &p.plan);
     let mut out = format!(
         "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, style=filled, fontname=\"monospace\"];\n",
         exp.name
@@ -468,7 +382,8 @@ pub fn render_dot(exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
     out
 }
 
-pub fn render_mermaid(_exp: &Experiment, plan: &Plan, a: &Assessment) -> String {
+pub fn render_mermaid(p: &Project, a: &Assessment) -> String {
+    let plan = &p.plan;
     let mut out = String::from("flowchart LR\n");
     for s in [State::Cached, State::WillRun, State::Blocked, State::Failed] {
         let _ = writeln!(out, "  classDef {} fill:{};", s.as_str().replace('-', "_"), color(s));

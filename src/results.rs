@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 
 use crate::cache::Cache;
 use crate::error::{Error, Result};
+use crate::exec::Project;
 use crate::experiment::Experiment;
-use crate::lineage::{self, State};
+use crate::lineage::{self, Assessment, State};
 use crate::loader::Normalize;
-use crate::plan::Plan;
 use crate::report::{Figure, Provenance, Report, Section, Table};
-use crate::stages::StageSpec;
+use crate::stages::pretrain::PretrainStageConfig;
+use crate::stages::train::{TrainConfig, DATASET_KINDS};
 use crate::train::{expand_patches, read_fold, FoldRow};
 
 pub struct ReportOptions {
@@ -48,9 +49,9 @@ fn report_err(e: impl std::fmt::Display) -> Error {
 
 /// The nodes of `stage kind` that agree with the first one on every matrix key except `vary` (one per row of a
 /// table, e.g. one per initialisation at fold 0 and the first magnification).
-fn one_per(plan: &Plan, done: &[Done], exp: &Experiment, kind: &str, vary: &str) -> Vec<usize> {
-    let of_kind: Vec<&Done> =
-        done.iter().filter(|d| exp.stages[plan.nodes[d.index].stage].spec.kind() == kind).collect();
+fn one_per(p: &Project, done: &[Done], kind: &str, vary: &str) -> Vec<usize> {
+    let plan = &p.plan;
+    let of_kind: Vec<&Done> = done.iter().filter(|d| p.kind_of(d.index) == kind).collect();
     let Some(first) = of_kind.first() else { return Vec::new() };
     let fixed: Vec<&(String, crate::experiment::MatrixValue)> =
         plan.nodes[first.index].matrix.iter().filter(|(k, _)| k != vary).collect();
@@ -62,12 +63,13 @@ fn one_per(plan: &Plan, done: &[Done], exp: &Experiment, kind: &str, vary: &str)
 }
 
 /// Builds and writes the report; returns the HTML file's path.
-pub fn write_report(exp: &Experiment, plan: &Plan, cache: &Cache, opts: &ReportOptions) -> Result<PathBuf> {
-    let a = lineage::assess(exp, plan, cache)?;
+pub fn write_report(p: &Project, cache: &Cache, opts: &ReportOptions) -> Result<PathBuf> {
+    let (exp, plan) = (&p.exp, &p.plan);
+    let a = lineage::assess(p, cache)?;
     let done: Vec<Done> = plan
         .order
         .iter()
-        .filter(|&&i| a.nodes[i].state == State::Cached && exp.stages[plan.nodes[i].stage].spec.as_source().is_none())
+        .filter(|&&i| a.nodes[i].state == State::Cached && p.source_of(i).is_none())
         .filter_map(|&i| a.nodes[i].key.as_ref().map(|k| Done { index: i, out: cache.entry_dir(k).join("out") }))
         .collect();
     let out_of = |i: usize| done.iter().find(|d| d.index == i).map(|d| d.out.clone());
@@ -77,7 +79,7 @@ pub fn write_report(exp: &Experiment, plan: &Plan, cache: &Cache, opts: &ReportO
 
     // Tables.
     let mut tables = Vec::new();
-    for d in done.iter().filter(|d| exp.stages[plan.nodes[d.index].stage].spec.kind() == "table") {
+    for d in done.iter().filter(|d| p.kind_of(d.index) == "table") {
         let text = std::fs::read(d.out.join("table.json")).map_err(|e| Error::io("cannot read", &d.out, e))?;
         let t: serde_json::Value = serde_json::from_slice(&text).map_err(report_err)?;
         let columns: Vec<String> =
@@ -111,7 +113,7 @@ pub fn write_report(exp: &Experiment, plan: &Plan, cache: &Cache, opts: &ReportO
     let mut curves = Vec::new();
     for kind in ["pretrain", "finetune", "linear_eval"] {
         let vary = if kind == "pretrain" { "pair" } else { "init" };
-        for i in one_per(plan, &done, exp, kind, vary) {
+        for i in one_per(p, &done, kind, vary) {
             if let Some(out) = out_of(i) {
                 if let Ok(f) = Figure::from_file(&out.join("loss_curve.png"), &plan.nodes[i].id) {
                     curves.push(f);
@@ -130,7 +132,7 @@ pub fn write_report(exp: &Experiment, plan: &Plan, cache: &Cache, opts: &ReportO
         });
     }
     let mut confusions = Vec::new();
-    for i in one_per(plan, &done, exp, "evaluate", "init") {
+    for i in one_per(p, &done, "evaluate", "init") {
         if let Some(out) = out_of(i) {
             if let Ok(f) = Figure::from_file(&out.join("confusion.png"), &plan.nodes[i].id) {
                 confusions.push(f);
@@ -147,12 +149,12 @@ pub fn write_report(exp: &Experiment, plan: &Plan, cache: &Cache, opts: &ReportO
     }
 
     // Grad-CAM of a fine-tuned model (an MPCS-initialised one when there is one).
-    match grad_cams(exp, plan, &done, opts) {
+    match grad_cams(p, &a, &done, opts) {
         Ok(Some(s)) => sections.push(s),
         Ok(None) => {}
         Err(e) => notes.push(format!("Grad-CAM skipped: {e}")),
     }
-    match tsne_maps(exp, plan, &done, opts) {
+    match tsne_maps(p, &a, &done, opts) {
         Ok(Some(s)) => sections.push(s),
         Ok(None) => {}
         Err(e) => notes.push(format!("t-SNE skipped: {e}")),
@@ -199,21 +201,24 @@ struct Trained {
 }
 
 /// Finds a training node's data: the dataset and split inputs, the fold's test rows (original patches only).
-fn trained(exp: &Experiment, plan: &Plan, done: &[Done], i: usize, weights_file: &str) -> Result<Trained> {
+fn trained(p: &Project, a: &Assessment, done: &[Done], i: usize, weights_file: &str) -> Result<Trained> {
+    let (exp, plan) = (&p.exp, &p.plan);
     let node = &plan.nodes[i];
     let out_of = |j: usize| done.iter().find(|d| d.index == j).map(|d| d.out.clone());
-    let (arch, dilation, size, fold, magnification, weights_stage) = match &exp.stages[node.stage].spec {
-        StageSpec::Finetune(t) | StageSpec::LinearEval(t) => (
-            t.arch(),
-            t.dilation().unwrap_or(crate::nn::Dilation::None),
-            t.size.unwrap_or(64),
-            t.fold(node),
-            t.magnification(node),
-            t.weights.clone(),
-        ),
+    // The node's resolved config, as its key and manifest record it.
+    let params = a.nodes[i].action.as_ref().map(|act| act.params.clone()).unwrap_or_default();
+    let config = serde_json::Value::Object(params.into_iter().collect());
+    let bad = |e: serde_json::Error| Error::internal(format!("the config of `{}` does not parse: {e}", node.id));
+    let (arch, dilation, size, fold, magnification, weights_stage) = match p.kind_of(i) {
+        "finetune" | "linear_eval" => {
+            let c: TrainConfig = serde_json::from_value(config).map_err(bad)?;
+            let dilation = crate::nn::Dilation::from_output_stride(c.model.output_stride).map_err(report_err)?;
+            (c.model.arch, dilation, c.model.size, c.model.fold, c.model.magnification, c.weights_stage)
+        }
         // Pretraining uses the plain encoder.
-        StageSpec::Pretrain(p) => {
-            (p.arch(), crate::nn::Dilation::None, p.size.unwrap_or(64), p.fold(node), None, p.weights.clone())
+        "pretrain" => {
+            let c: PretrainStageConfig = serde_json::from_value(config).map_err(bad)?;
+            (c.arch, crate::nn::Dilation::None, c.size, c.fold, None, c.weights_stage)
         }
         _ => return Err(Error::internal("not a training node")),
     };
@@ -221,15 +226,14 @@ fn trained(exp: &Experiment, plan: &Plan, done: &[Done], i: usize, weights_file:
     let mut split = None;
     for &j in &node.inputs {
         let decl = &exp.stages[plan.nodes[j].stage];
-        let kind = decl.spec.kind();
-        let path = if decl.spec.as_source().is_some() {
-            decl.spec.as_source().and_then(|s| s.resolve(exp, decl).ok())
-        } else {
-            out_of(j)
+        let kind = decl.kind.as_str();
+        let path = match p.source_of(j) {
+            Some(s) => s.resolve(exp, decl).ok(),
+            None => out_of(j),
         };
         if kind == "split" {
             split = path;
-        } else if crate::stages::train::DATASET_KINDS.contains(&kind) && Some(&decl.name) != weights_stage.as_ref() {
+        } else if DATASET_KINDS.contains(&kind) && Some(&decl.name) != weights_stage.as_ref() {
             root = path;
         }
     }
@@ -249,9 +253,9 @@ fn trained(exp: &Experiment, plan: &Plan, done: &[Done], i: usize, weights_file:
     Ok(Trained { id: node.id.clone(), weights, arch, dilation, size, rows: test, root })
 }
 
-fn grad_cams(exp: &Experiment, plan: &Plan, done: &[Done], opts: &ReportOptions) -> Result<Option<Section>> {
-    let finetunes: Vec<usize> =
-        done.iter().map(|d| d.index).filter(|&i| exp.stages[plan.nodes[i].stage].spec.kind() == "finetune").collect();
+fn grad_cams(p: &Project, a: &Assessment, done: &[Done], opts: &ReportOptions) -> Result<Option<Section>> {
+    let plan = &p.plan;
+    let finetunes: Vec<usize> = done.iter().map(|d| d.index).filter(|&i| p.kind_of(i) == "finetune").collect();
     let pick = finetunes
         .iter()
         .copied()
@@ -262,7 +266,7 @@ fn grad_cams(exp: &Experiment, plan: &Plan, done: &[Done], opts: &ReportOptions)
         })
         .or(finetunes.first().copied());
     let (Some(i), true) = (pick, opts.cams > 0) else { return Ok(None) };
-    let t = trained(exp, plan, done, i, "model.safetensors")?;
+    let t = trained(p, a, done, i, crate::stages::train::MODEL_FILE)?;
     let model =
         crate::infer::load_model_with(t.arch, t.dilation, &t.weights, &candle_core::Device::Cpu).map_err(report_err)?;
     // Balanced over classes, the first images of each in file order (deterministic).
@@ -310,15 +314,15 @@ fn grad_cams(exp: &Experiment, plan: &Plan, done: &[Done], opts: &ReportOptions)
     }))
 }
 
-fn tsne_maps(exp: &Experiment, plan: &Plan, done: &[Done], opts: &ReportOptions) -> Result<Option<Section>> {
-    let kind_of = |i: usize| exp.stages[plan.nodes[i].stage].spec.kind();
+fn tsne_maps(p: &Project, a: &Assessment, done: &[Done], opts: &ReportOptions) -> Result<Option<Section>> {
+    let kind_of = |i: usize| p.kind_of(i);
     let pick = done
         .iter()
         .find(|d| kind_of(d.index) == "pretrain")
         .map(|d| (d.index, "backbone.safetensors"))
         .or_else(|| done.iter().find(|d| kind_of(d.index) == "finetune").map(|d| (d.index, "model.safetensors")));
     let (Some((i, file)), true) = (pick, opts.tsne_points > 1) else { return Ok(None) };
-    let t = trained(exp, plan, done, i, file)?;
+    let t = trained(p, a, done, i, file)?;
     let model =
         crate::infer::load_model_with(t.arch, t.dilation, &t.weights, &candle_core::Device::Cpu).map_err(report_err)?;
     // Evenly spaced over the test rows, so every class and magnification is represented.

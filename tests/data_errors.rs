@@ -18,7 +18,7 @@ fn expect_node_failure(p: &Project, node: &str, needles: &[&str]) {
         assert!(err.contains(n), "expected `{n}` in:\n{err}");
     }
     assert_eq!(before, p.entries(), "nothing was published");
-    let tmp: Vec<_> = std::fs::read_dir(p.path("cache/v1/tmp")).unwrap().collect();
+    let tmp: Vec<_> = std::fs::read_dir(p.path("cache/v2/tmp")).unwrap().collect();
     assert!(tmp.is_empty(), "no staging left: {tmp:?}");
 }
 
@@ -94,6 +94,6 @@ fn path_traversal_archive_is_refused() {
     p.write("exp.toml", &format!("[stage.dl]\nkind = \"download\"\nurl = \"{url}\"\n"));
     expect_node_failure(&p, "dl", &["evil.txt"]);
     assert!(
-        !p.path("evil.txt").exists() && !p.path("cache/evil.txt").exists() && !p.path("cache/v1/evil.txt").exists()
+        !p.path("evil.txt").exists() && !p.path("cache/evil.txt").exists() && !p.path("cache/v2/evil.txt").exists()
     );
 }

@@ -127,7 +127,7 @@ fn wacv_breast_cell_graph_shows_a_missing_dataset_and_the_run_says_how_to_fix_it
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not exist") && err.contains("--set stage.breast_cell.path=DIR"), "{err}");
-    assert!(!p.path("cache/v1/entries").exists() || p.entries().is_empty());
+    assert!(!p.path("cache/v2/entries").exists() || p.entries().is_empty());
 }
 
 /// The paper's own file, run end to end on a local copy: a BreakHis-layout archive (synthetic, packed with tar)
@@ -195,7 +195,7 @@ fn wacv_table2_runs_end_to_end_on_a_local_copy() {
     // The ImageNet row started from the downloaded weights, the MPCS rows from their backbones.
     let log = |node: &str| {
         let key = show(node)["key"].as_str().unwrap().to_string();
-        std::fs::read_to_string(p.path("cache/v1/entries").join(&key[..2]).join(&key).join("log.txt")).unwrap()
+        std::fs::read_to_string(p.path("cache/v2/entries").join(&key[..2]).join(&key).join("log.txt")).unwrap()
     };
     assert!(log("finetune[fold=0,magnification=200X,init=imagenet]").contains("resnet50-imagenet.safetensors"));
     assert!(log("finetune[fold=0,magnification=200X,init=OP]").contains("backbone.safetensors"));

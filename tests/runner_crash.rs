@@ -82,7 +82,7 @@ fn kill_9_at_random_moments_then_rerun_completes_without_repeating_work() {
     assert_eq!(last.executed.len() + last.cached.len(), 26);
     assert!(last.executed.is_disjoint(&cached_before), "no completed node executed again");
     // No debris: every staging directory of a killed run was cleaned when its key was taken again.
-    let tmp: Vec<_> = std::fs::read_dir(p.path("cache/v1/tmp")).unwrap().collect();
+    let tmp: Vec<_> = std::fs::read_dir(p.path("cache/v2/tmp")).unwrap().collect();
     assert!(tmp.is_empty(), "stale staging dirs: {tmp:?}");
     assert!(p.mpcs(&["verify"]).status.success());
     assert!(p.run_ok("crash.toml", &[]).executed.is_empty());
@@ -144,5 +144,5 @@ fn interrupt_stops_cleanly_and_publishes_nothing_half_done() {
     let s = parse_summary(&out);
     assert!(s.executed.iter().all(|n| n == "raw"), "nothing finished in 0.4 s: {:?}", s.executed);
     assert!(p.entries().is_empty(), "nothing half-done was published");
-    assert!(std::fs::read_dir(p.path("cache/v1/tmp")).unwrap().next().is_none(), "staging cleaned");
+    assert!(std::fs::read_dir(p.path("cache/v2/tmp")).unwrap().next().is_none(), "staging cleaned");
 }

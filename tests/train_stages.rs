@@ -100,7 +100,7 @@ size = 16
 "#;
 
 fn state_epochs(p: &Project) -> Option<u64> {
-    let dir = p.path("cache/v1/scratch");
+    let dir = p.path("cache/v2/scratch");
     for e in std::fs::read_dir(dir).ok()?.flatten() {
         if let Ok(text) = std::fs::read(e.path().join("state.json")) {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) {

@@ -39,6 +39,36 @@ pub struct Record {
     pub error: Option<String>,
 }
 
+impl Record {
+    /// A node that succeeded (or was found cached) with output `digest`.
+    pub fn ok(node: &str, key: String, action: Action, digest: &str) -> Record {
+        Record {
+            node: node.to_string(),
+            status: Status::Ok,
+            key,
+            action,
+            digest: Some(digest.to_string()),
+            time_unix: now_unix(),
+            log: None,
+            error: None,
+        }
+    }
+
+    /// A node that failed, with the log of the attempt.
+    pub fn failed(node: &str, action: Action, log: Option<&std::path::Path>, error: &str) -> Record {
+        Record {
+            node: node.to_string(),
+            status: Status::Failed,
+            key: action.key(),
+            action,
+            digest: None,
+            time_unix: now_unix(),
+            log: log.map(|p| p.to_string_lossy().into_owned()),
+            error: Some(error.to_string()),
+        }
+    }
+}
+
 pub struct Journal {
     path: PathBuf,
     lock_path: PathBuf,

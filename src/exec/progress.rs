@@ -16,10 +16,9 @@ pub enum Outcome {
 }
 
 pub enum Event<'a> {
-    /// After the cache was consulted: how many nodes exist and how many are already cached.
+    /// Once the sources are fingerprinted: how many nodes the run has.
     Planned {
         total: usize,
-        cached: usize,
     },
     Started {
         node: &'a str,
@@ -86,7 +85,7 @@ impl Reporter for Console {
     fn event(&self, event: Event<'_>) {
         let Some(b) = &self.bars else {
             match event {
-                Event::Planned { total, .. } => tracing::info!("{total} nodes"),
+                Event::Planned { total } => tracing::info!("{total} nodes"),
                 Event::Started { node, device } => tracing::info!("start  {node} on {device}"),
                 Event::Progress { .. } => {}
                 Event::Finished { node, outcome, seconds } => match outcome {
@@ -100,7 +99,7 @@ impl Reporter for Console {
             return;
         };
         match event {
-            Event::Planned { total, .. } => {
+            Event::Planned { total } => {
                 b.overall.set_length(total as u64);
             }
             Event::Started { node, device } => {

@@ -1,8 +1,8 @@
 //! Experiment files: TOML → a typed, validated [`Experiment`].
 //!
 //! Every stage table has a few keys common to all kinds (`kind`, `from`, `matrix`, `gpus`, `description`), read
-//! here, and the rest is deserialised by serde into the kind's own struct with unknown keys rejected
-//! (`crate::stages`). All errors point at file, line and column.
+//! here; the rest of the table goes, with its spans, to the kind's parser that the caller passes in
+//! (`crate::exec::Project` passes the registry's), which rejects unknown keys. All errors point at file, line and column.
 
 mod source;
 pub mod template;
@@ -20,7 +20,6 @@ pub use source::SourceText;
 use source::{Override, OVERRIDE_TABLE};
 
 use crate::error::{did_you_mean, Error, Result};
-use crate::stages::StageSpec;
 use template::Template;
 
 /// Keys every stage may have, whatever its kind.
@@ -43,7 +42,10 @@ pub struct Experiment {
 /// One `[stage.NAME]` table.
 pub struct StageDecl {
     pub name: String,
-    pub spec: StageSpec,
+    /// The stage kind's name (checked against the kinds the caller knows).
+    pub kind: String,
+    /// The kind's own keys written in the table (for telling written values from defaults).
+    pub written: Vec<String>,
     pub refs: Vec<Reference>,
     /// Matrix keys in declaration order with their values.
     pub matrix: Vec<(String, Vec<MatrixValue>)>,
@@ -114,18 +116,29 @@ struct Header {
 
 impl Experiment {
     /// Reads and validates `path`, applying `--set KEY.PATH=VALUE` overrides first.
-    pub fn load(path: &Path, sets: &[String]) -> Result<Experiment> {
+    /// `kinds` parses a stage's own keys (everything but the common keys) by kind name; the parsed specs come
+    /// back beside the experiment, one per stage.
+    pub fn load<S>(path: &Path, sets: &[String], kinds: &mut dyn BodyParser<S>) -> Result<(Experiment, Vec<S>)> {
         let (source, overrides) = SourceText::load(path, sets)?;
-        Self::parse(source, overrides)
+        Self::parse(source, overrides, kinds)
     }
 
     /// Parses experiment text (for tests and generated experiments).
-    pub fn from_str(path: &Path, text: &str, sets: &[String]) -> Result<Experiment> {
+    pub fn from_str<S>(
+        path: &Path,
+        text: &str,
+        sets: &[String],
+        kinds: &mut dyn BodyParser<S>,
+    ) -> Result<(Experiment, Vec<S>)> {
         let (source, overrides) = SourceText::from_parts(path, text.to_string(), sets)?;
-        Self::parse(source, overrides)
+        Self::parse(source, overrides, kinds)
     }
 
-    fn parse(source: SourceText, overrides: Vec<Override>) -> Result<Experiment> {
+    fn parse<S>(
+        source: SourceText,
+        overrides: Vec<Override>,
+        kinds: &mut dyn BodyParser<S>,
+    ) -> Result<(Experiment, Vec<S>)> {
         let text: &str = &source.text;
         let mut root = DeTable::parse(text).map_err(|e| source.toml_error(&e, "(not valid TOML)", &[]))?.into_inner();
         apply_overrides(&source, &mut root, &overrides)?;
@@ -166,13 +179,13 @@ impl Experiment {
         }
 
         let mut stages = Vec::new();
+        let mut specs = Vec::new();
         for (name, value) in stage_tables {
-            stages.push(parse_stage(&source, name, value)?);
+            let (decl, spec) = parse_stage(&source, name, value, kinds)?;
+            stages.push(decl);
+            specs.push(spec);
         }
         validate_references(&source, &stages)?;
-        for stage in &stages {
-            stage.spec.validate(stage, &stages, &source)?;
-        }
         check_cycles(&source, &stages)?;
 
         let dir = source.path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -181,7 +194,7 @@ impl Experiment {
         let name = header.name.unwrap_or_else(|| {
             source.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "experiment".into())
         });
-        Ok(Experiment {
+        let exp = Experiment {
             path: source.path.clone(),
             dir,
             name,
@@ -189,7 +202,8 @@ impl Experiment {
             seed: header.seed.unwrap_or(0),
             stages,
             source,
-        })
+        };
+        Ok((exp, specs))
     }
 
     pub fn stage(&self, name: &str) -> Option<&StageDecl> {
@@ -246,11 +260,21 @@ fn apply_overrides(source: &SourceText, root: &mut DeTable<'_>, overrides: &[Ove
     Ok(())
 }
 
-fn parse_stage(
+/// Parses the kind-specific keys of a stage table (the engine's registry).
+pub trait BodyParser<S> {
+    /// Every kind's name.
+    fn kinds(&self) -> Vec<&'static str>;
+    /// The spec of a stage of kind `kind` from its own keys.
+    fn parse(&mut self, kind: &str, body: Spanned<DeValue<'_>>) -> Result<S, toml::de::Error>;
+}
+
+fn parse_stage<S>(
     source: &SourceText,
     name: Spanned<std::borrow::Cow<'_, str>>,
     value: Spanned<DeValue<'_>>,
-) -> Result<StageDecl> {
+    parser: &mut dyn BodyParser<S>,
+) -> Result<(StageDecl, S)> {
+    let kinds = parser.kinds();
     let name_span = name.span();
     let name = name.into_inner().into_owned();
     if !is_identifier(&name) {
@@ -274,16 +298,16 @@ fn parse_stage(
             return Err(source.error(
                 name_span,
                 format!("stage `{name}` has no `kind`"),
-                Some(format!("add kind = \"...\"; known kinds: {}", StageSpec::KINDS.join(", "))),
+                Some(format!("add kind = \"...\"; known kinds: {}", kinds.join(", "))),
             ))
         }
     };
-    if !StageSpec::KINDS.contains(&kind.get_ref().as_str()) {
+    if !kinds.contains(&kind.get_ref().as_str()) {
         let mut hint = String::new();
-        if let Some(s) = did_you_mean(kind.get_ref(), StageSpec::KINDS.iter().copied()) {
+        if let Some(s) = did_you_mean(kind.get_ref(), kinds.iter().copied()) {
             hint.push_str(&format!("did you mean `{s}`? "));
         }
-        hint.push_str(&format!("known kinds: {}", StageSpec::KINDS.join(", ")));
+        hint.push_str(&format!("known kinds: {}", kinds.join(", ")));
         return Err(source.error(kind.span(), format!("unknown stage kind `{}`", kind.get_ref()), Some(hint)));
     }
 
@@ -312,10 +336,13 @@ fn parse_stage(
         ),
     };
 
+    let written: Vec<String> = table.keys().map(|k| k.get_ref().to_string()).collect();
     let context = format!("in stage `{name}` (kind `{}`)", kind.get_ref());
-    let spec = StageSpec::parse(kind.get_ref(), Spanned::new(table_span, DeValue::Table(table)))
+    let spec = parser
+        .parse(kind.get_ref(), Spanned::new(table_span, DeValue::Table(table)))
         .map_err(|e| source.toml_error(&e, &context, COMMON_KEYS))?;
-    Ok(StageDecl { name, spec, refs, matrix, gpus, description, span: name_span })
+    let decl = StageDecl { name, kind: kind.into_inner(), written, refs, matrix, gpus, description, span: name_span };
+    Ok((decl, spec))
 }
 
 fn parse_refs(source: &SourceText, stage: &str, v: Spanned<DeValue<'_>>) -> Result<Vec<Reference>> {

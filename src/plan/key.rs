@@ -1,7 +1,7 @@
 //! Action keys: what a node computes, hashed.
 //!
-//! key = blake3 over a canonical encoding of (kind, stage-kind version, parameters, and the *output digests* of
-//! the inputs). Keying on the inputs' outputs rather than their keys gives early cut-off: an upstream node that
+//! key = blake3 over a canonical encoding of (kind, stage-kind version, the node's *resolved* parameters — every
+//! default filled in by its kind — and the *output digests* of the inputs). Keying on the inputs' outputs rather than their keys gives early cut-off: an upstream node that
 //! reruns and reproduces identical bytes changes no key downstream. Parameter tables are encoded with sorted keys
 //! (their order in the file must not matter); lists keep their order (it does matter). Changing this encoding is
 //! a cache-format change: bump `ENCODING` and the golden keys in the tests together.
@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-const ENCODING: &[u8] = b"mpcs-action-v1\0";
+const ENCODING: &[u8] = b"mpcs-action-v2\0";
 
 /// Everything that determines a node's output.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -21,6 +21,14 @@ pub struct Action {
     pub params: BTreeMap<String, Value>,
     /// (input node id, that input's output digest), in the node's input order.
     pub inputs: Vec<(String, String)>,
+    /// Which `params` were defaults rather than written in the experiment: shown by `--why`, not hashed (writing
+    /// a default out changes nothing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub defaults: Vec<String>,
+    /// Where files named in the experiment are on this machine (their content digests are in `params`): handed
+    /// to the stage, not hashed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub locations: BTreeMap<String, Value>,
 }
 
 impl Action {
@@ -120,14 +128,21 @@ mod tests {
 
     fn action(params: Value) -> Action {
         let params = params.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        Action { kind: "command".into(), version: 1, params, inputs: vec![("raw".into(), "ab".repeat(16))] }
+        Action {
+            kind: "command".into(),
+            version: 1,
+            params,
+            inputs: vec![("raw".into(), "ab".repeat(16))],
+            defaults: Vec::new(),
+            locations: BTreeMap::new(),
+        }
     }
 
     /// Pinned literal key: if this changes, the cache format changed; bump ENCODING deliberately.
     #[test]
     fn golden_key() {
         let a = action(json!({"lr": 0.001, "run": ["sh", "-c", "x"], "fold": 2}));
-        assert_eq!(a.key(), "a4074e79f4bcf3941edf8dde4109ca27");
+        assert_eq!(a.key(), "c8ab320a9f48e430edd51dfe062018f6");
     }
 
     #[test]
@@ -153,5 +168,10 @@ mod tests {
         let k2 = a.key();
         a.version = 1;
         assert_ne!(k2, a.key(), "the stage version is part of the key");
+        let k = a.key();
+        a.defaults = vec!["lr".into()];
+        assert_eq!(a.key(), k, "which values were defaults is not part of the key");
+        a.locations.insert("target".into(), json!("/data/t.png"));
+        assert_eq!(a.key(), k, "where files are is not part of the key");
     }
 }

@@ -7,9 +7,11 @@
 
 pub mod key;
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 
 use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::Direction;
 
 use crate::error::{Error, Result};
 use crate::experiment::{Experiment, MatrixValue};
@@ -37,7 +39,6 @@ pub struct Plan {
     pub graph: DiGraph<usize, ()>,
     /// Node indices in a topological order (inputs before consumers, stable within a stage).
     pub order: Vec<usize>,
-    pub children: Vec<Vec<usize>>,
     /// Length of the longest path from the node to a sink, counted in nodes (the scheduler's priority).
     pub priority: Vec<u32>,
     by_id: HashMap<String, usize>,
@@ -123,44 +124,32 @@ impl Plan {
         }
 
         let mut graph = DiGraph::<usize, ()>::with_capacity(nodes.len(), nodes.len() * 2);
-        let idx: Vec<NodeIndex> = (0..nodes.len()).map(|i| graph.add_node(i)).collect();
-        let mut children = vec![Vec::new(); nodes.len()];
+        for i in 0..nodes.len() {
+            graph.add_node(i);
+        }
         for (ni, n) in nodes.iter().enumerate() {
             for &i in &n.inputs {
-                graph.add_edge(idx[i], idx[ni], ());
-                children[i].push(ni);
+                graph.add_edge(NodeIndex::new(i), NodeIndex::new(ni), ());
             }
         }
-        // Kahn's algorithm, smallest node index first: inputs before consumers, and otherwise the order of the
-        // file (stage by stage, matrix order), so listings are stable. Stage cycles were rejected while parsing.
-        let mut indegree: Vec<usize> = nodes.iter().map(|n| n.inputs.len()).collect();
-        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<usize>> =
-            (0..nodes.len()).filter(|&i| indegree[i] == 0).map(std::cmp::Reverse).collect();
-        let mut order = Vec::with_capacity(nodes.len());
-        while let Some(std::cmp::Reverse(i)) = heap.pop() {
-            order.push(i);
-            for &c in &children[i] {
-                indegree[c] -= 1;
-                if indegree[c] == 0 {
-                    heap.push(std::cmp::Reverse(c));
-                }
-            }
-        }
-        if order.len() != nodes.len() {
-            return Err(Error::internal("the node graph has a cycle although the stage graph has none"));
-        }
-        let mut priority = vec![1u32; nodes.len()];
-        for &n in order.iter().rev() {
-            priority[n] = 1 + children[n].iter().map(|&c| priority[c]).max().unwrap_or(0);
-        }
+        let order = topological_order(&graph).map_err(|cycle| {
+            let ids: Vec<&str> = cycle.iter().map(|&i| nodes[i].id.as_str()).collect();
+            Error::user(format!("the nodes form a cycle: {}", ids.join(" → ")))
+        })?;
+        let priority = longest_remaining_paths(&graph, &order);
         let by_id = nodes.iter().enumerate().map(|(i, n)| (n.id.clone(), i)).collect();
-        Ok(Plan { nodes, graph, order, children, priority, by_id })
+        Ok(Plan { nodes, graph, order, priority, by_id })
     }
 
     /// Finds a node by id, tolerating spaces after commas and around `=`.
     pub fn find(&self, id: &str) -> Option<usize> {
         let normalised: String = id.chars().filter(|c| !c.is_whitespace()).collect();
         self.by_id.get(&normalised).copied()
+    }
+
+    /// The nodes that read node `i`'s output.
+    pub fn consumers(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        self.graph.neighbors_directed(NodeIndex::new(i), Direction::Outgoing).map(|n| n.index())
     }
 
     /// All node ids, for "did you mean" hints.
@@ -175,6 +164,46 @@ fn node_id(stage: &str, combo: &[(String, MatrixValue)]) -> String {
     }
     let parts: Vec<String> = combo.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!("{stage}[{}]", parts.join(","))
+}
+
+/// Kahn's algorithm over the graph, smallest node index first: inputs before consumers, and otherwise the
+/// order of the file (stage by stage, matrix order), so listings are stable. On a cycle, returns one (the
+/// stage graph is checked for cycles while parsing, so this guards the node expansion).
+fn topological_order(graph: &DiGraph<usize, ()>) -> Result<Vec<usize>, Vec<usize>> {
+    let n = graph.node_count();
+    let mut indegree: Vec<usize> =
+        graph.node_indices().map(|v| graph.neighbors_directed(v, Direction::Incoming).count()).collect();
+    let mut heap: BinaryHeap<Reverse<usize>> = (0..n).filter(|&i| indegree[i] == 0).map(Reverse).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(Reverse(i)) = heap.pop() {
+        order.push(i);
+        for c in graph.neighbors_directed(NodeIndex::new(i), Direction::Outgoing) {
+            indegree[c.index()] -= 1;
+            if indegree[c.index()] == 0 {
+                heap.push(Reverse(c.index()));
+            }
+        }
+    }
+    if order.len() == n {
+        return Ok(order);
+    }
+    let scc = petgraph::algo::tarjan_scc(graph).into_iter().find(|c| c.len() > 1 || graph.contains_edge(c[0], c[0]));
+    let mut cycle: Vec<usize> = scc.unwrap_or_default().into_iter().map(|v| v.index()).collect();
+    cycle.sort();
+    if let Some(&first) = cycle.first() {
+        cycle.push(first);
+    }
+    Err(cycle)
+}
+
+/// For each node, the number of nodes on the longest path from it to a sink (the scheduler's priority).
+fn longest_remaining_paths(graph: &DiGraph<usize, ()>, order: &[usize]) -> Vec<u32> {
+    let mut priority = vec![1u32; order.len()];
+    for &n in order.iter().rev() {
+        let below = graph.neighbors_directed(NodeIndex::new(n), Direction::Outgoing).map(|c| priority[c.index()]).max();
+        priority[n] = 1 + below.unwrap_or(0);
+    }
+    priority
 }
 
 /// Seed of a node: blake3 of the experiment seed and the node id, reduced to 32 bits.
@@ -204,22 +233,6 @@ fn cartesian(matrix: &[(String, Vec<MatrixValue>)]) -> Vec<Vec<(String, MatrixVa
     out
 }
 
-/// The action of node `i`, given the output digests of its inputs (all must be known).
-pub fn action_for(exp: &Experiment, plan: &Plan, i: usize, digests: &[Option<String>]) -> Option<key::Action> {
-    let node = &plan.nodes[i];
-    let decl = &exp.stages[node.stage];
-    let mut inputs = Vec::with_capacity(node.inputs.len());
-    for &j in &node.inputs {
-        inputs.push((plan.nodes[j].id.clone(), digests[j].clone()?));
-    }
-    Some(key::Action {
-        kind: decl.spec.kind().to_string(),
-        version: decl.spec.version(),
-        params: decl.spec.key_params(exp, decl, node),
-        inputs,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +244,20 @@ mod tests {
         assert_ne!(a, node_seed(47, "finetune[fold=1]"));
         assert_ne!(a, node_seed(48, "finetune[fold=0]"));
         assert!(a < 1 << 32, "fits every RNG's seed type");
+    }
+
+    #[test]
+    fn order_priorities_and_cycles_come_from_the_graph() {
+        // 0 → 1 → 3, 0 → 2, 2 → 3; 4 alone.
+        let mut g = DiGraph::<usize, ()>::new();
+        let v: Vec<NodeIndex> = (0..5).map(|i| g.add_node(i)).collect();
+        for (a, b) in [(0, 1), (1, 3), (0, 2), (2, 3)] {
+            g.add_edge(v[a], v[b], ());
+        }
+        let order = topological_order(&g).unwrap();
+        assert_eq!(order, vec![0, 1, 2, 3, 4], "inputs first, otherwise file order");
+        assert_eq!(longest_remaining_paths(&g, &order), vec![3, 2, 2, 1, 1]);
+        g.add_edge(v[3], v[1], ());
+        assert_eq!(topological_order(&g).unwrap_err(), vec![1, 3, 1], "the cycle is named");
     }
 }

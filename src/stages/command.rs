@@ -4,20 +4,61 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use toml::Spanned;
 
-use super::{ExecContext, StageFailure};
 use crate::error::{did_you_mean, Result};
+use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
 use crate::experiment::template::Template;
-use crate::experiment::{SourceText, StageDecl};
+use crate::experiment::{Experiment, StageDecl};
 use crate::plan::key::toml_to_json;
 use crate::plan::Node;
 
-pub const VERSION: u32 = 1;
+pub struct Command;
+
+impl StageKind for Command {
+    type Spec = CommandSpec;
+    type Config = CommandConfig;
+    const NAME: &'static str = "command";
+    const VERSION: u32 = 1;
+
+    fn validate(spec: &CommandSpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
+        spec.validate(stage, exp)
+    }
+
+    fn resolve(spec: &CommandSpec, node: &NodeView<'_>) -> Result<CommandConfig, String> {
+        let params = spec.params_for(node.node);
+        // The seed changes the output only where the command can see it.
+        let run: Vec<String> = spec.run.get_ref().iter().map(|w| w.get_ref().clone()).collect();
+        let uses_seed = run.iter().chain(spec.env.values()).any(|t| t.contains("{seed}"));
+        Ok(CommandConfig {
+            run,
+            params: params.iter().map(|(k, v)| (k.clone(), toml_to_json(v))).collect(),
+            env: spec.env.clone(),
+            seed: uses_seed.then_some(node.node.seed),
+        })
+    }
+
+    fn execute(config: &CommandConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        config.execute(ctx)
+    }
+}
+
+/// What a command node runs: its argv templates, its parameters (with `vary` applied), its environment.
+#[derive(Serialize, Deserialize)]
+pub struct CommandConfig {
+    pub run: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The node seed, when the command can see it (`{seed}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
 
 const BUILTIN_PLACEHOLDERS: &[&str] = &["out", "in", "seed", "device", "node"];
 
@@ -46,7 +87,8 @@ pub struct Vary {
 }
 
 impl CommandSpec {
-    pub fn validate(&self, decl: &StageDecl, _all: &[StageDecl], src: &SourceText) -> Result<()> {
+    pub fn validate(&self, decl: &StageDecl, exp: &Experiment) -> Result<()> {
+        let src = &exp.source;
         if self.run.get_ref().is_empty() {
             return Err(src.error(
                 self.run.span(),
@@ -136,33 +178,6 @@ impl CommandSpec {
         Ok(())
     }
 
-    pub fn key_params(&self, node: &Node) -> BTreeMap<String, Value> {
-        let mut p = BTreeMap::new();
-        p.insert(
-            "run".into(),
-            Value::Array(self.run.get_ref().iter().map(|w| Value::String(w.get_ref().clone())).collect()),
-        );
-        let params = self.params_for(node);
-        if !params.is_empty() {
-            p.insert("params".into(), toml_to_json(&toml::Value::Table(params)));
-        }
-        if !self.env.is_empty() {
-            p.insert("env".into(), serde_json::to_value(&self.env).unwrap_or_default());
-        }
-        // The seed changes the output only where the command can see it.
-        let uses_seed = self
-            .run
-            .get_ref()
-            .iter()
-            .map(|w| w.get_ref().as_str())
-            .chain(self.env.values().map(String::as_str))
-            .any(|t| t.contains("{seed}"));
-        if uses_seed {
-            p.insert("seed".into(), Value::from(node.seed));
-        }
-        p
-    }
-
     /// `params` with the `vary` entries that match this node applied.
     pub fn params_for(&self, node: &Node) -> toml::Table {
         let mut params = self.params.clone();
@@ -182,7 +197,9 @@ impl CommandSpec {
         }
         params
     }
+}
 
+impl CommandConfig {
     fn lookup(&self, ctx: &ExecContext<'_>, name: &str) -> Option<Vec<String>> {
         let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
         match name {
@@ -198,7 +215,7 @@ impl CommandSpec {
                 if let Some(v) = ctx.node.matrix_value(name) {
                     return Some(vec![v.to_string()]);
                 }
-                self.params_for(ctx.node).get(name).map(param_words)
+                self.params.get(name).map(param_words)
             }
         }
     }
@@ -206,13 +223,13 @@ impl CommandSpec {
     pub fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
         let lookup = |name: &str| self.lookup(ctx, name);
         let mut argv = Vec::new();
-        for w in self.run.get_ref() {
-            let tpl = Template::parse(w.get_ref()).map_err(StageFailure)?;
+        for w in &self.run {
+            let tpl = Template::parse(w).map_err(StageFailure)?;
             argv.extend(tpl.render(&lookup).map_err(StageFailure)?);
         }
         let log = std::fs::File::create(ctx.log).map_err(|e| StageFailure(format!("cannot create the log: {e}")))?;
         let log2 = log.try_clone().map_err(|e| StageFailure(format!("cannot open the log: {e}")))?;
-        let mut cmd = Command::new(&argv[0]);
+        let mut cmd = std::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .current_dir(&ctx.exp.dir)
             .stdin(Stdio::null())
@@ -275,10 +292,10 @@ impl CommandSpec {
 }
 
 /// A params value as placeholder words: scalars as themselves, lists one word per element.
-fn param_words(v: &toml::Value) -> Vec<String> {
+fn param_words(v: &Value) -> Vec<String> {
     match v {
-        toml::Value::String(s) => vec![s.clone()],
-        toml::Value::Array(a) => a.iter().flat_map(param_words).collect(),
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a.iter().flat_map(param_words).collect(),
         other => vec![other.to_string()],
     }
 }

@@ -1,19 +1,59 @@
 //! `download`: fetches a URL (http, https, file) into the cache, resuming an interrupted transfer from the
 //! node's scratch area, checking a pinned digest and unpacking archives (see `crate::download`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use toml::Spanned;
 
-use super::{log_line, ExecContext, StageFailure};
-use crate::download::{fetch, Digest, FetchOptions};
+use super::log_line;
+use crate::download::{fetch, Digest, DigestAlgo, FetchOptions};
 use crate::error::Result;
-use crate::experiment::{SourceText, StageDecl};
+use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
+use crate::experiment::{Experiment, StageDecl};
 
-pub const VERSION: u32 = 1;
+pub struct Download;
+
+impl StageKind for Download {
+    type Spec = DownloadSpec;
+    type Config = DownloadConfig;
+    const NAME: &'static str = "download";
+    const VERSION: u32 = 1;
+
+    fn validate(spec: &DownloadSpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
+        spec.validate(stage, exp)
+    }
+
+    fn resolve(spec: &DownloadSpec, _node: &NodeView<'_>) -> Result<DownloadConfig, String> {
+        let digest = spec.digest().transpose()?;
+        Ok(DownloadConfig {
+            url: spec.url.get_ref().clone(),
+            sha256: digest.as_ref().filter(|d| d.algo == DigestAlgo::Sha256).map(|d| d.hex.clone()),
+            blake3: digest.as_ref().filter(|d| d.algo == DigestAlgo::Blake3).map(|d| d.hex.clone()),
+            unpack: spec.unpack,
+            filename: spec.filename.clone(),
+        })
+    }
+
+    fn execute(config: &DownloadConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        config.execute(ctx)
+    }
+}
+
+/// A download as it runs. `unpack` and `filename` stay optional: their defaults come from the URL.
+#[derive(Serialize, Deserialize)]
+pub struct DownloadConfig {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unpack: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,7 +76,8 @@ impl DownloadSpec {
         }
     }
 
-    pub fn validate(&self, decl: &StageDecl, src: &SourceText) -> Result<()> {
+    pub fn validate(&self, decl: &StageDecl, exp: &Experiment) -> Result<()> {
+        let src = &exp.source;
         if let Some(r) = decl.refs.first() {
             return Err(src.error(r.span.clone(), format!("download stage `{}` cannot have `from`", decl.name), None));
         }
@@ -58,25 +99,16 @@ impl DownloadSpec {
         }
         Ok(())
     }
+}
 
-    pub fn key_params(&self) -> BTreeMap<String, Value> {
-        let mut p = BTreeMap::new();
-        p.insert("url".into(), Value::String(self.url.get_ref().clone()));
-        if let Some(Ok(d)) = self.digest() {
-            p.insert(d.algo.name().into(), Value::String(d.hex.clone()));
-        }
-        if let Some(u) = self.unpack {
-            p.insert("unpack".into(), Value::Bool(u));
-        }
-        if let Some(f) = &self.filename {
-            p.insert("filename".into(), Value::String(f.clone()));
-        }
-        p
-    }
-
+impl DownloadConfig {
     pub fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
-        let mut opts = FetchOptions::new(self.url.get_ref().clone());
-        opts.digest = self.digest().transpose().map_err(StageFailure)?;
+        let mut opts = FetchOptions::new(self.url.clone());
+        opts.digest = match (&self.sha256, &self.blake3) {
+            (Some(s), _) => Some(Digest::sha256(s).map_err(|e| StageFailure(e.to_string()))?),
+            (None, Some(b)) => Some(Digest::blake3(b).map_err(|e| StageFailure(e.to_string()))?),
+            (None, None) => None,
+        };
         opts.unpack = self.unpack;
         opts.filename = self.filename.clone();
         opts.cancel = Some(Arc::clone(ctx.cancel));
@@ -86,16 +118,13 @@ impl DownloadSpec {
         std::fs::create_dir_all(&ctx.scratch).map_err(|e| StageFailure(format!("cannot create scratch: {e}")))?;
         // `fetch` wants an absent or empty output directory and builds beside it.
         let fetched = fetch(&opts, ctx.out, &ctx.scratch, &progress).map_err(|e| StageFailure(e.to_string()))?;
-        log_line(
-            ctx,
-            &format!("downloaded {} ({} bytes, {} resumed)", self.url.get_ref(), fetched.bytes, fetched.resumed_from),
-        );
+        log_line(ctx, &format!("downloaded {} ({} bytes, {} resumed)", self.url, fetched.bytes, fetched.resumed_from));
         if let Some(hint) = fetched.pin_hint() {
-            (ctx.notice)(&format!("stage `{}`: {hint}", ctx.decl.name));
+            (ctx.notice)(&format!("stage `{}`: {hint}", ctx.stage_name()));
             log_line(ctx, &hint);
         }
         Ok(serde_json::json!({
-            "url": self.url.get_ref(),
+            "url": self.url,
             "bytes": fetched.bytes,
             "resumed_from": fetched.resumed_from,
             "files": fetched.files.len(),

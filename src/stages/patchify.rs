@@ -2,17 +2,52 @@
 //! layout, and writes `patches.csv` (patch, source image, position, augmentation, tissue fraction) so image-wise
 //! metrics can vote over an image's patches.
 
-use std::collections::BTreeMap;
-
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{log_line, single_input, ExecContext, StageFailure};
+use super::{log_line, single_input, stage_error, write_output};
 use crate::error::Result;
-use crate::experiment::{SourceText, StageDecl};
+use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
+use crate::experiment::{Experiment, StageDecl};
 use crate::patchify::{patchify_dir, Edge, PatchOptions};
 
-pub const VERSION: u32 = 1;
+pub struct Patchify;
+
+impl StageKind for Patchify {
+    type Spec = PatchifySpec;
+    type Config = PatchifyConfig;
+    const NAME: &'static str = "patchify";
+    const VERSION: u32 = 1;
+
+    fn validate(spec: &PatchifySpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
+        spec.validate(stage).map_err(|m| stage_error(exp, stage, m))
+    }
+
+    fn resolve(spec: &PatchifySpec, _node: &NodeView<'_>) -> Result<PatchifyConfig, String> {
+        let o = spec.options();
+        Ok(PatchifyConfig {
+            size: o.size,
+            stride: o.stride,
+            edge: o.edge,
+            min_tissue: o.min_tissue,
+            augment: o.augment,
+        })
+    }
+
+    fn execute(config: &PatchifyConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        config.execute(ctx)
+    }
+}
+
+/// The grid as it is cut (`overlap` resolved into `stride`).
+#[derive(Serialize, Deserialize)]
+pub struct PatchifyConfig {
+    pub size: u32,
+    pub stride: u32,
+    pub edge: Edge,
+    pub min_tissue: f64,
+    pub augment: bool,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,48 +75,40 @@ impl PatchifySpec {
         PatchOptions { size: self.size, stride, edge: self.edge, min_tissue: self.min_tissue, augment: self.augment }
     }
 
-    pub fn validate(&self, decl: &StageDecl, src: &SourceText) -> Result<()> {
-        let bad = |msg: &str| Err(src.error(decl.span.clone(), format!("stage `{}`: {msg}", decl.name), None));
+    fn validate(&self, decl: &StageDecl) -> Result<(), &'static str> {
         if decl.refs.is_empty() {
-            return bad("a patchify stage needs `from` (the images to cut)");
+            return Err("a patchify stage needs `from` (the images to cut)");
         }
         if self.size == 0 {
-            return bad("`size` must be at least 1");
+            return Err("`size` must be at least 1");
         }
         if self.overlap.is_some() && self.stride.is_some() {
-            return bad("give `overlap` or `stride`, not both");
+            return Err("give `overlap` or `stride`, not both");
         }
-        if let Some(o) = self.overlap {
-            if !(0.0..1.0).contains(&o) {
-                return bad("`overlap` is a fraction: 0 ≤ overlap < 1");
-            }
+        if self.overlap.is_some_and(|o| !(0.0..1.0).contains(&o)) {
+            return Err("`overlap` is a fraction: 0 ≤ overlap < 1");
         }
         if self.stride == Some(0) {
-            return bad("`stride` must be at least 1");
+            return Err("`stride` must be at least 1");
         }
         if !(0.0..=1.0).contains(&self.min_tissue) {
-            return bad("`min_tissue` is a fraction between 0 and 1");
+            return Err("`min_tissue` is a fraction between 0 and 1");
         }
         Ok(())
     }
+}
 
-    pub fn key_params(&self) -> BTreeMap<String, Value> {
-        let o = self.options();
-        let mut p = BTreeMap::new();
-        p.insert("size".into(), Value::from(o.size));
-        p.insert("stride".into(), Value::from(o.stride));
-        p.insert("edge".into(), serde_json::to_value(o.edge).unwrap_or_default());
-        p.insert(
-            "min_tissue".into(),
-            serde_json::Number::from_f64(o.min_tissue).map(Value::Number).unwrap_or_default(),
-        );
-        p.insert("augment".into(), Value::Bool(o.augment));
-        p
-    }
-
+impl PatchifyConfig {
     pub fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
         let input = single_input(ctx, "patchify")?;
-        let (records, dropped) = patchify_dir(input, ctx.out, &self.options()).map_err(StageFailure)?;
+        let options = PatchOptions {
+            size: self.size,
+            stride: self.stride,
+            edge: self.edge,
+            min_tissue: self.min_tissue,
+            augment: self.augment,
+        };
+        let (records, dropped) = patchify_dir(input, ctx.out, &options).map_err(StageFailure)?;
         if records.is_empty() {
             return Err(StageFailure(format!(
                 "no patch kept from {} ({dropped} had less than {:.0}% tissue); lower `min_tissue`",
@@ -96,8 +123,7 @@ impl PatchifySpec {
                 r.file, r.source, r.index, r.x, r.y, r.width, r.height, r.augmentation, r.tissue_fraction
             ));
         }
-        std::fs::write(ctx.out.join("patches.csv"), csv)
-            .map_err(|e| StageFailure(format!("cannot write patches.csv: {e}")))?;
+        write_output(ctx, "patches.csv", csv)?;
         let sources: std::collections::BTreeSet<&str> = records.iter().map(|r| r.source.as_str()).collect();
         log_line(
             ctx,

@@ -4,21 +4,74 @@
 //! the lowest epoch loss, torchvision names), `buckets/epoch_<n>.safetensors` for the buckets reached, and
 //! `loss.jsonl`. Checkpoints go to the node's scratch area, so an interrupted run resumes where it stopped.
 
-use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::train::{candle_device, input_of_kind, plot_loss_curve, progress_reporter, weights_path, DATASET_KINDS};
-use super::{log_line, ExecContext, StageFailure};
+use super::train::{
+    candle_device, init_weights, input_of_kind, plot_loss_curve, progress_reporter, resolve_init, weights_stage_of,
+    InitConfig, DATASET_KINDS,
+};
+use super::{log_line, stage_error};
 use crate::error::Result;
-use crate::experiment::{Experiment, SourceText, StageDecl};
+use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
+use crate::experiment::{Experiment, StageDecl};
 use crate::loader::PairMode;
 use crate::nn::Arch;
-use crate::plan::Node;
 use crate::train::{pretrain, PretrainConfig};
 
-pub const VERSION: u32 = 1;
+pub struct Pretrain;
+
+impl StageKind for Pretrain {
+    type Spec = PretrainSpec;
+    type Config = PretrainStageConfig;
+    const NAME: &'static str = "pretrain";
+    const VERSION: u32 = 1;
+    const LOCATIONS: &'static [&'static str] = &["weights_file"];
+
+    fn validate(spec: &PretrainSpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
+        spec.validate(stage).map_err(|m| stage_error(exp, stage, m))
+    }
+
+    fn resolve(spec: &PretrainSpec, node: &NodeView<'_>) -> Result<PretrainStageConfig, String> {
+        let d = PretrainConfig::new(Path::new(""), Path::new(""), Path::new(""), Path::new(""));
+        let pair = match (spec.pair, node.matrix("pair")) {
+            (Some(p), _) => p,
+            (None, Some(v)) => parse_pair(&v).ok_or_else(|| format!("unknown pair `{v}`; use FP, OP or RP"))?,
+            (None, None) => return Err("give `pair = \"OP\"` or a `pair` matrix axis".into()),
+        };
+        let fold = match (spec.fold, node.matrix("fold")) {
+            (Some(f), _) => f,
+            (None, Some(v)) => v.parse().map_err(|_| format!("the `fold` matrix value `{v}` is not a fold index"))?,
+            (None, None) => return Err("give `fold = K` or a `fold` matrix axis".into()),
+        };
+        let (init, weights_file) = resolve_init(node, spec.weights.as_deref(), None);
+        Ok(PretrainStageConfig {
+            fold,
+            pair,
+            portion: spec.portion.clone().unwrap_or(d.portion),
+            arch: spec.arch.unwrap_or(d.arch),
+            size: spec.size.unwrap_or(d.image_size),
+            batch_size: spec.batch_size.unwrap_or(d.batch_size),
+            epochs: spec.epochs.unwrap_or(d.epochs),
+            lr: spec.lr.unwrap_or(d.lr),
+            weight_decay: spec.weight_decay.unwrap_or(d.weight_decay),
+            temperature: spec.temperature.unwrap_or(d.temperature),
+            projector_hidden: spec.projector_hidden.unwrap_or(d.projector_hidden),
+            plateau_patience: spec.plateau_patience.unwrap_or(d.plateau_patience),
+            buckets: spec.buckets.clone().unwrap_or(d.buckets),
+            init,
+            weights_file,
+            weights_stage: weights_stage_of(node, spec.weights.as_deref()),
+            seed: node.node.seed,
+        })
+    }
+
+    fn execute(config: &PretrainStageConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        config.execute(ctx)
+    }
+}
 
 #[derive(Deserialize, Serialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
@@ -26,10 +79,10 @@ pub struct PretrainSpec {
     /// Fold index (default: the node's `fold` matrix value).
     pub fold: Option<u32>,
     /// `FP`, `OP` or `RP` (default: the node's `pair` matrix value).
-    pub pair: Option<String>,
+    pub pair: Option<PairMode>,
     /// The portion whose patients are pretrained on (default `train_60`).
     pub portion: Option<String>,
-    pub arch: Option<String>,
+    pub arch: Option<Arch>,
     pub size: Option<usize>,
     pub batch_size: Option<usize>,
     pub epochs: Option<usize>,
@@ -45,93 +98,77 @@ pub struct PretrainSpec {
     pub weights: Option<String>,
 }
 
+/// A `pretrain` node, every default filled in (from `crate::train::PretrainConfig::new`).
+#[derive(Deserialize, Serialize, Clone, Debug)]
+pub struct PretrainStageConfig {
+    pub fold: u32,
+    pub pair: PairMode,
+    pub portion: String,
+    pub arch: Arch,
+    pub size: usize,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub temperature: f64,
+    pub projector_hidden: usize,
+    pub plateau_patience: usize,
+    pub buckets: Vec<usize>,
+    pub init: InitConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_file: Option<std::path::PathBuf>,
+    /// An input stage that holds weights rather than the dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_stage: Option<String>,
+    pub seed: u64,
+}
+
 impl PretrainSpec {
-    pub fn validate(&self, decl: &StageDecl, src: &SourceText) -> Result<()> {
-        let bad = |m: String| Err(src.error(decl.span.clone(), format!("stage `{}`: {m}", decl.name), None));
+    fn validate(&self, decl: &StageDecl) -> std::result::Result<(), String> {
         if decl.refs.is_empty() {
-            return bad("needs `from` with the split and the dataset".into());
+            return Err("needs `from` with the split and the dataset".into());
         }
-        if let Some(a) = &self.arch {
-            if let Err(e) = a.parse::<Arch>() {
-                return bad(e.to_string());
-            }
-        }
-        match &self.pair {
-            Some(p) if parse_pair(p).is_none() => return bad(format!("unknown pair `{p}`; use FP, OP or RP")),
-            None if !decl.has_matrix_key("pair") => return bad("give `pair = \"OP\"` or a `pair` matrix axis".into()),
-            _ => {}
+        if self.pair.is_none() && !decl.has_matrix_key("pair") {
+            return Err("give `pair = \"OP\"` or a `pair` matrix axis".into());
         }
         if self.fold.is_none() && !decl.has_matrix_key("fold") {
-            return bad("give `fold = K` or a `fold` matrix axis".into());
+            return Err("give `fold = K` or a `fold` matrix axis".into());
         }
         if [self.size, self.epochs, self.projector_hidden].contains(&Some(0)) {
-            return bad("size, epochs and projector_hidden must be at least 1".into());
+            return Err("size, epochs and projector_hidden must be at least 1".into());
         }
         if self.batch_size.is_some_and(|b| b < 2) {
-            return bad("batch_size must be at least 2 (the contrastive loss needs negatives)".into());
+            return Err("batch_size must be at least 2 (the contrastive loss needs negatives)".into());
         }
         if self.temperature.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
-            return bad("`temperature` must be a positive number".into());
+            return Err("`temperature` must be a positive number".into());
         }
         Ok(())
     }
+}
 
-    pub(crate) fn fold(&self, node: &Node) -> u32 {
-        self.fold.or_else(|| node.matrix_value("fold").and_then(|v| v.to_string().parse().ok())).unwrap_or(0)
-    }
-
-    pub(crate) fn arch(&self) -> Arch {
-        self.arch.as_deref().and_then(|a| a.parse().ok()).unwrap_or(Arch::ResNet18)
-    }
-
-    fn pair(&self, node: &Node) -> Option<PairMode> {
-        let p = self.pair.clone().or_else(|| node.matrix_value("pair").map(|v| v.to_string()))?;
-        parse_pair(&p)
-    }
-
-    pub fn key_params(&self, exp: &Experiment, node: &Node) -> BTreeMap<String, Value> {
-        let mut p: BTreeMap<String, Value> = match serde_json::to_value(self) {
-            Ok(Value::Object(m)) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
-            _ => BTreeMap::new(),
-        };
-        p.insert("fold".into(), Value::from(self.fold(node)));
-        if let Some(pair) = self.pair(node) {
-            p.insert("pair".into(), serde_json::to_value(pair).unwrap_or_default());
-        }
-        if let Some(w) = self.weights.as_ref().filter(|w| exp.stage(w).is_none()) {
-            let digest = crate::cache::fingerprint::param_file_digest(&exp.resolve_path(w));
-            p.insert("weights_blake3".into(), Value::String(digest));
-        }
-        p
-    }
-
-    pub fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+impl PretrainStageConfig {
+    fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
         let split = input_of_kind(ctx, &["split"], &[], "a split")?;
-        let weights_stage: Vec<&str> = self.weights.as_deref().into_iter().collect();
+        let weights_stage: Vec<&str> = self.weights_stage.as_deref().into_iter().collect();
         let data = input_of_kind(ctx, DATASET_KINDS, &weights_stage, "the dataset")?;
-        let fold_csv = split.join(format!("fold_{}.csv", self.fold(ctx.node)));
+        let fold_csv = split.join(format!("fold_{}.csv", self.fold));
         let mut cfg = PretrainConfig::new(data, &fold_csv, ctx.out, &ctx.scratch);
-        cfg.pair_mode = self.pair(ctx.node).ok_or_else(|| StageFailure("no pair mode".into()))?;
-        cfg.arch = self.arch.as_deref().and_then(|a| a.parse().ok()).unwrap_or(cfg.arch);
-        if let Some(p) = &self.portion {
-            cfg.portion = p.clone();
-        }
-        cfg.image_size = self.size.unwrap_or(cfg.image_size);
-        cfg.batch_size = self.batch_size.unwrap_or(cfg.batch_size);
-        cfg.epochs = self.epochs.unwrap_or(cfg.epochs);
-        cfg.lr = self.lr.unwrap_or(cfg.lr);
-        cfg.weight_decay = self.weight_decay.unwrap_or(cfg.weight_decay);
-        cfg.temperature = self.temperature.unwrap_or(cfg.temperature);
-        cfg.projector_hidden = self.projector_hidden.unwrap_or(cfg.projector_hidden);
-        cfg.plateau_patience = self.plateau_patience.unwrap_or(cfg.plateau_patience);
-        if let Some(b) = &self.buckets {
-            cfg.buckets = b.clone();
-        }
-        if let Some(w) = &self.weights {
-            cfg.init = Some(weights_path(ctx, w)?);
-        }
+        cfg.pair_mode = self.pair;
+        cfg.arch = self.arch;
+        cfg.portion = self.portion.clone();
+        cfg.image_size = self.size;
+        cfg.batch_size = self.batch_size;
+        cfg.epochs = self.epochs;
+        cfg.lr = self.lr;
+        cfg.weight_decay = self.weight_decay;
+        cfg.temperature = self.temperature;
+        cfg.projector_hidden = self.projector_hidden;
+        cfg.plateau_patience = self.plateau_patience;
+        cfg.buckets = self.buckets.clone();
+        cfg.init = init_weights(ctx, &self.init, self.weights_file.as_deref())?;
         cfg.device = candle_device(ctx)?;
-        cfg.seed = ctx.node.seed;
+        cfg.seed = self.seed;
         log_line(ctx, &format!("initial encoder weights: {:?} (none = seeded random)", cfg.init));
         let progress = progress_reporter(ctx, cfg.batch_size);
         let outcome = pretrain(&cfg, &progress).map_err(|e| StageFailure(e.to_string()))?;
@@ -148,6 +185,7 @@ impl PretrainSpec {
     }
 }
 
+/// `FP`, `OP` or `RP` (any case) as a matrix value.
 fn parse_pair(p: &str) -> Option<PairMode> {
     match p.to_ascii_uppercase().as_str() {
         "FP" => Some(PairMode::Fixed),

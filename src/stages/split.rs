@@ -3,24 +3,62 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use toml::Spanned;
 
-use super::{log_line, single_input, ExecContext, StageFailure};
+use super::{log_line, parsed, single_input, stage_error, write_output};
 use crate::data::{scan, Dataset};
 use crate::error::Result;
-use crate::experiment::{SourceText, StageDecl};
-use crate::plan::Node;
+use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
+use crate::experiment::{Experiment, StageDecl};
 use crate::split::{counts_csv, portions, rows_csv, split};
 
-pub const VERSION: u32 = 1;
+pub struct Split;
+
+impl StageKind for Split {
+    type Spec = SplitSpec;
+    type Config = SplitConfig;
+    const NAME: &'static str = "split";
+    const VERSION: u32 = 1;
+
+    fn validate(spec: &SplitSpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
+        if stage.refs.is_empty() {
+            return Err(stage_error(exp, stage, "a split stage needs `from` (the dataset)"));
+        }
+        if spec.folds.is_some_and(|k| k < 2) {
+            return Err(stage_error(exp, stage, "`folds` must be at least 2"));
+        }
+        Ok(())
+    }
+
+    fn resolve(spec: &SplitSpec, node: &NodeView<'_>) -> Result<SplitConfig, String> {
+        Ok(SplitConfig {
+            dataset: spec.dataset,
+            folds: spec.folds.unwrap_or(5),
+            seed: spec.seed.unwrap_or(node.node.seed),
+            verify: spec.verify.unwrap_or(true),
+        })
+    }
+
+    fn execute(config: &SplitConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        config.execute(ctx)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SplitConfig {
+    pub dataset: Dataset,
+    pub folds: usize,
+    pub seed: u64,
+    pub verify: bool,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SplitSpec {
     /// `breakhis`, `bach` or `breast-cell`.
-    pub dataset: Spanned<String>,
+    #[serde(deserialize_with = "parsed")]
+    pub dataset: Dataset,
     /// Number of folds (default 5).
     pub folds: Option<usize>,
     /// Default: the node's seed. The paper used 47, 86, 16 and 12.
@@ -29,54 +67,17 @@ pub struct SplitSpec {
     pub verify: Option<bool>,
 }
 
-impl SplitSpec {
-    fn dataset(&self) -> Dataset {
-        self.dataset.get_ref().parse().unwrap_or(Dataset::BreakHis)
-    }
-
-    pub fn validate(&self, decl: &StageDecl, src: &SourceText) -> Result<()> {
-        if decl.refs.is_empty() {
-            return Err(src.error(
-                decl.span.clone(),
-                format!("split stage `{}` needs `from` (the dataset)", decl.name),
-                None,
-            ));
-        }
-        if let Err(e) = self.dataset.get_ref().parse::<Dataset>() {
-            return Err(src.error(self.dataset.span(), e.to_string(), None));
-        }
-        if self.folds.is_some_and(|k| k < 2) {
-            return Err(src.error(
-                decl.span.clone(),
-                format!("stage `{}`: `folds` must be at least 2", decl.name),
-                None,
-            ));
-        }
-        Ok(())
-    }
-
-    pub fn key_params(&self, node: &Node) -> BTreeMap<String, Value> {
-        let mut p = BTreeMap::new();
-        p.insert("dataset".into(), Value::String(self.dataset().name().into()));
-        p.insert("folds".into(), Value::from(self.folds.unwrap_or(5)));
-        p.insert("seed".into(), Value::from(self.seed.unwrap_or(node.seed)));
-        p.insert("verify".into(), Value::Bool(self.verify.unwrap_or(true)));
-        p
-    }
-
+impl SplitConfig {
     pub fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
         let root = single_input(ctx, "split")?;
-        let dataset = self.dataset();
-        let records = scan(dataset, root, self.verify.unwrap_or(true)).map_err(|e| StageFailure(e.to_string()))?;
+        let dataset = self.dataset;
+        let records = scan(dataset, root, self.verify).map_err(|e| StageFailure(e.to_string()))?;
         if records.is_empty() {
             return Err(StageFailure(format!("no {dataset} images under {}", root.display())));
         }
-        let k = self.folds.unwrap_or(5);
-        let seed = self.seed.unwrap_or(ctx.node.seed);
+        let (k, seed) = (self.folds, self.seed);
         let folds = split(dataset, &records, k, seed).map_err(StageFailure)?;
-        let write = |name: &str, text: String| {
-            std::fs::write(ctx.out.join(name), text).map_err(|e| StageFailure(format!("cannot write {name}: {e}")))
-        };
+        let write = |name: &str, text: String| write_output(ctx, name, text);
         let mut images = String::from("file,label,class,subtype,patient,magnification,seq\n");
         for r in &records {
             images.push_str(&format!(

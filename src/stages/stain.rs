@@ -2,25 +2,64 @@
 //! folder layout (outputs are PNG). The action key holds the target image's *content* digest, so editing the
 //! target reruns the stage and renaming it does not.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use toml::Spanned;
 
-use super::{log_line, single_input, ExecContext, StageFailure};
+use super::{log_line, parsed, single_input};
 use crate::error::Result;
-use crate::experiment::{Experiment, SourceText, StageDecl};
+use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
+use crate::experiment::{Experiment, StageDecl};
 use crate::stain::{normalise_dir_with, Method, Normaliser};
 
-pub const VERSION: u32 = 1;
+pub struct StainNormalise;
+
+impl StageKind for StainNormalise {
+    type Spec = StainSpec;
+    type Config = StainConfig;
+    const NAME: &'static str = "stain_normalise";
+    const VERSION: u32 = 1;
+    const LOCATIONS: &'static [&'static str] = &["target"];
+
+    fn validate(spec: &StainSpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
+        spec.validate(stage, exp)
+    }
+
+    fn resolve(spec: &StainSpec, node: &NodeView<'_>) -> Result<StainConfig, String> {
+        let target = spec.target.as_ref().map(|t| t.get_ref().as_str());
+        Ok(StainConfig {
+            method: spec.method,
+            preset: spec.preset.as_ref().map(|p| p.get_ref().clone()),
+            target_blake3: target.map(|t| node.file_digest(t)),
+            target: target.map(|t| node.exp.resolve_path(t)),
+        })
+    }
+
+    fn execute(config: &StainConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        config.execute(ctx)
+    }
+}
+
+/// The normalisation as it runs: the target counts by content (`target_blake3`); its path only locates it.
+#[derive(Serialize, Deserialize)]
+pub struct StainConfig {
+    pub method: Method,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_blake3: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<PathBuf>,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StainSpec {
     /// `macenko`, `reinhard` (HistomicsTK lαβ), `reinhard-lab` (CIE LAB) or `vahadane`.
-    pub method: Spanned<String>,
+    #[serde(deserialize_with = "parsed")]
+    pub method: Method,
     /// Target image, relative to the experiment file.
     pub target: Option<Spanned<String>>,
     /// Built-in target instead of an image: `bach` (Reinhard lαβ with the paper's BACH statistics) or
@@ -29,24 +68,10 @@ pub struct StainSpec {
 }
 
 impl StainSpec {
-    fn method(&self) -> Method {
-        self.method.get_ref().parse().unwrap_or(Method::Macenko)
-    }
-
-    fn target_path(&self, dir: &Path) -> Option<PathBuf> {
-        self.target.as_ref().map(|t| dir.join(t.get_ref()))
-    }
-
-    pub fn validate(&self, decl: &StageDecl, src: &SourceText) -> Result<()> {
+    pub fn validate(&self, decl: &StageDecl, exp: &Experiment) -> Result<()> {
+        let src = &exp.source;
         if decl.refs.is_empty() {
             return Err(src.error(decl.span.clone(), format!("stage `{}` needs `from` (the images)", decl.name), None));
-        }
-        if let Err(e) = self.method.get_ref().parse::<Method>() {
-            return Err(src.error(
-                self.method.span(),
-                e.to_string(),
-                Some("methods: macenko, reinhard, reinhard-lab, vahadane".into()),
-            ));
         }
         match (&self.target, &self.preset) {
             (Some(_), Some(p)) => Err(src.error(p.span(), "give `target` or `preset`, not both", None)),
@@ -55,7 +80,7 @@ impl StainSpec {
                 format!("stage `{}` needs `target = \"image.png\"` or a `preset`", decl.name),
                 Some("presets: bach (reinhard), torchstain (macenko)".into()),
             )),
-            (None, Some(p)) => match (p.get_ref().as_str(), self.method()) {
+            (None, Some(p)) => match (p.get_ref().as_str(), self.method) {
                 ("bach", Method::Reinhard) | ("torchstain", Method::Macenko) => Ok(()),
                 (other, m) => Err(src.error(
                     p.span(),
@@ -64,8 +89,7 @@ impl StainSpec {
                 )),
             },
             (Some(t), None) => {
-                let dir = src.path.parent().unwrap_or(Path::new("."));
-                let p = dir.join(t.get_ref());
+                let p = exp.resolve_path(t.get_ref());
                 if !p.is_file() {
                     return Err(src.error(
                         t.span(),
@@ -77,26 +101,15 @@ impl StainSpec {
             }
         }
     }
+}
 
-    pub fn key_params(&self, exp: &Experiment) -> BTreeMap<String, Value> {
-        let mut p = BTreeMap::new();
-        p.insert("method".into(), Value::String(self.method().as_str().into()));
-        if let Some(preset) = &self.preset {
-            p.insert("preset".into(), Value::String(preset.get_ref().clone()));
+impl StainConfig {
+    fn normaliser(&self) -> Result<Normaliser, String> {
+        let method = self.method;
+        if let Some(path) = &self.target {
+            return Normaliser::fit_file(method, path).map_err(|e| e.to_string());
         }
-        if let Some(path) = self.target_path(&exp.dir) {
-            let digest = crate::cache::fingerprint::param_file_digest(&path);
-            p.insert("target_blake3".into(), Value::String(digest));
-        }
-        p
-    }
-
-    fn normaliser(&self, exp: &Experiment) -> Result<Normaliser, String> {
-        let method = self.method();
-        if let Some(path) = self.target_path(&exp.dir) {
-            return Normaliser::fit_file(method, &path).map_err(|e| e.to_string());
-        }
-        match self.preset.as_ref().map(|p| p.get_ref().as_str()) {
+        match self.preset.as_deref() {
             Some("bach") => Ok(Normaliser::bach_reinhard()),
             Some("torchstain") => Ok(Normaliser::Macenko(crate::stain::macenko::Macenko::torchstain_default())),
             _ => Err("no stain target".into()),
@@ -105,7 +118,7 @@ impl StainSpec {
 
     pub fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
         let input = single_input(ctx, "stain_normalise")?;
-        let norm = self.normaliser(ctx.exp).map_err(StageFailure)?;
+        let norm = self.normaliser().map_err(StageFailure)?;
         let done = std::sync::atomic::AtomicU64::new(0);
         let progress = |_: &Path, _: bool| {
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -118,7 +131,9 @@ impl StainSpec {
         if counts.passed_through > 0 {
             (ctx.notice)(&format!(
                 "stage `{}`: {} of {} images had almost no tissue and were passed through unchanged",
-                ctx.decl.name, counts.passed_through, counts.images
+                ctx.stage_name(),
+                counts.passed_through,
+                counts.images
             ));
         }
         log_line(ctx, &format!("{} images normalised ({} passed through)", counts.images, counts.passed_through));

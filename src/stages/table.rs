@@ -16,30 +16,106 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{log_line, ExecContext, StageFailure};
+use super::{log_line, stage_error, write_output};
 use crate::error::Result;
-use crate::experiment::{SourceText, StageDecl};
+use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
+use crate::experiment::{Experiment, StageDecl};
 use crate::table::{breakhis_columns, build, ColumnSpec, Entry, Reference, TableSpec};
 
-pub const VERSION: u32 = 1;
+pub struct Table;
 
-#[derive(Deserialize, Serialize, Clone)]
+impl StageKind for Table {
+    type Spec = TableStageSpec;
+    type Config = TableConfig;
+    const NAME: &'static str = "table";
+    const VERSION: u32 = 1;
+
+    fn validate(spec: &TableStageSpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
+        let bad = |m: &str| Err(stage_error(exp, stage, m));
+        if stage.refs.is_empty() {
+            return bad("needs `from` with the evaluate stage(s)");
+        }
+        match (spec.layout, &spec.columns) {
+            (Some(Layout::Breakhis), None) | (None, Some(_)) => Ok(()),
+            (Some(Layout::Breakhis), Some(_)) => bad("give `layout` or `columns`, not both"),
+            (None, None) => bad("give `layout = \"breakhis\"` or a `columns` list"),
+        }
+    }
+
+    fn resolve(spec: &TableStageSpec, node: &NodeView<'_>) -> Result<TableConfig, String> {
+        let exp = node.exp;
+        let columns = spec.columns.as_ref().map(|cols| {
+            cols.iter()
+                .map(|c| ColumnConfig {
+                    name: c.name.clone(),
+                    metric: c.metric.clone(),
+                    filter: c.filter.clone(),
+                    mean_over: c.mean_over.clone(),
+                    scale: c.scale.unwrap_or(100.0),
+                })
+                .collect()
+        });
+        Ok(TableConfig {
+            title: spec.title.clone().unwrap_or_else(|| exp.title.clone().unwrap_or_else(|| exp.name.clone())),
+            layout: spec.layout,
+            columns,
+            rows: spec.rows.clone().unwrap_or_else(|| "init".into()),
+            row_labels: spec.row_labels.clone(),
+            folds: spec.folds.clone().unwrap_or_else(|| "fold".into()),
+            reference: spec.reference,
+            decimals: spec.decimals.unwrap_or(2),
+        })
+    }
+
+    fn execute(config: &TableConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        config.execute(ctx)
+    }
+}
+
+/// A column layout of the paper's.
+#[derive(Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// Patient- and image-level accuracy per magnification and their mean.
+    Breakhis,
+}
+
+/// A table of the paper to compare with.
+#[derive(Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PaperTable {
+    Breakhis,
+    Bach,
+    BreastCell,
+}
+
+impl PaperTable {
+    fn name(self) -> &'static str {
+        match self {
+            PaperTable::Breakhis => "breakhis",
+            PaperTable::Bach => "bach",
+            PaperTable::BreastCell => "breast_cell",
+        }
+    }
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableStageSpec {
     pub title: Option<String>,
     /// `breakhis`: the paper's BreakHis columns over the inputs' magnifications.
-    pub layout: Option<String>,
+    pub layout: Option<Layout>,
     pub columns: Option<Vec<ColumnDecl>>,
     pub rows: Option<String>,
     #[serde(default)]
     pub row_labels: BTreeMap<String, String>,
     pub folds: Option<String>,
     /// A table of the paper to compare with: `breakhis`, `bach` or `breast_cell`.
-    pub reference: Option<String>,
+    pub reference: Option<PaperTable>,
     pub decimals: Option<usize>,
 }
 
-#[derive(Deserialize, Serialize, Clone)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ColumnDecl {
     pub name: String,
@@ -51,33 +127,35 @@ pub struct ColumnDecl {
     pub scale: Option<f64>,
 }
 
-impl TableStageSpec {
-    pub fn validate(&self, decl: &StageDecl, src: &SourceText) -> Result<()> {
-        let bad = |m: String| Err(src.error(decl.span.clone(), format!("stage `{}`: {m}", decl.name), None));
-        if decl.refs.is_empty() {
-            return bad("needs `from` with the evaluate stage(s)".into());
-        }
-        match (self.layout.as_deref(), &self.columns) {
-            (Some("breakhis"), None) | (None, Some(_)) => {}
-            (Some("breakhis"), Some(_)) => return bad("give `layout` or `columns`, not both".into()),
-            (Some(l), _) => return bad(format!("unknown layout `{l}`; use \"breakhis\" or give `columns`")),
-            (None, None) => return bad("give `layout = \"breakhis\"` or a `columns` list".into()),
-        }
-        if let Some(r) = &self.reference {
-            if let Err(e) = Reference::paper(r) {
-                return bad(e);
-            }
-        }
-        Ok(())
-    }
+/// A table as it is built, every default filled in.
+#[derive(Deserialize, Serialize)]
+pub struct TableConfig {
+    pub title: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<Layout>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<ColumnConfig>>,
+    pub rows: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub row_labels: BTreeMap<String, String>,
+    pub folds: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<PaperTable>,
+    pub decimals: usize,
+}
 
-    pub fn key_params(&self) -> BTreeMap<String, Value> {
-        match serde_json::to_value(self) {
-            Ok(Value::Object(m)) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
-            _ => BTreeMap::new(),
-        }
-    }
+#[derive(Deserialize, Serialize)]
+pub struct ColumnConfig {
+    pub name: String,
+    pub metric: String,
+    #[serde(default, rename = "where", skip_serializing_if = "BTreeMap::is_empty")]
+    pub filter: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_over: Option<String>,
+    pub scale: f64,
+}
 
+impl TableConfig {
     pub fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
         let mut entries = Vec::new();
         for input in &ctx.inputs {
@@ -97,7 +175,7 @@ impl TableStageSpec {
                     metric: c.metric.clone(),
                     filter: c.filter.clone(),
                     mean_over: c.mean_over.clone(),
-                    scale: c.scale.unwrap_or(100.0),
+                    scale: c.scale,
                 })
                 .collect(),
             None => {
@@ -118,15 +196,15 @@ impl TableStageSpec {
             }
         };
         let spec = TableSpec {
-            title: self.title.clone().unwrap_or_else(|| ctx.exp.title.clone().unwrap_or_else(|| ctx.exp.name.clone())),
-            rows: self.rows.clone().unwrap_or_else(|| "init".into()),
+            title: self.title.clone(),
+            rows: self.rows.clone(),
             row_labels: self.row_labels.clone(),
-            folds: self.folds.clone().unwrap_or_else(|| "fold".into()),
+            folds: self.folds.clone(),
             columns,
-            decimals: self.decimals.unwrap_or(2),
+            decimals: self.decimals,
         };
-        let reference = match &self.reference {
-            Some(r) => Some((r.as_str(), Reference::paper(r).map_err(StageFailure)?)),
+        let reference = match self.reference {
+            Some(r) => Some((r.name(), Reference::paper(r.name()).map_err(StageFailure)?)),
             None => None,
         };
         let table = build(&spec, &entries, reference.as_ref().map(|(n, r)| (*n, r))).map_err(StageFailure)?;
@@ -138,7 +216,7 @@ impl TableStageSpec {
             ("table.json", serde_json::to_string_pretty(&json).unwrap_or_default()),
         ];
         for (name, text) in files {
-            std::fs::write(ctx.out.join(name), text).map_err(|e| StageFailure(format!("cannot write {name}: {e}")))?;
+            write_output(ctx, name, text)?;
         }
         log_line(ctx, &table.to_markdown(spec.decimals));
         Ok(serde_json::json!({ "rows": table.rows.len(), "columns": table.columns.len(), "inputs": entries.len() }))

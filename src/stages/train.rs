@@ -7,7 +7,6 @@
 //! by default as in the paper's BreakHis experiments; `objective = "multiclass"` with `classes` for BACH.
 //! `linear_eval` is `finetune` with the encoder frozen (METHOD.md, breast cell).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -15,18 +14,93 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{log_line, ExecContext, StageFailure};
+use super::{log_line, stage_error};
 use crate::error::Result;
-use crate::experiment::{SourceText, StageDecl};
+use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
+use crate::experiment::{Experiment, StageDecl};
+use crate::loader::Normalize;
 use crate::nn::{Arch, Dilation};
-use crate::plan::Node;
 use crate::train::{
     evaluate, finetune, EvalConfig, FinetuneConfig, Init, LabelColumn, Objective, OptimizerKind, TrainEvent,
 };
 
-pub const VERSION: u32 = 1;
-
 pub const DATASET_KINDS: &[&str] = &["synthetic", "stain_normalise", "download", "source", "patchify"];
+
+/// `finetune`: the encoder and a new head trained on the fold's labelled images.
+pub struct Finetune;
+/// `linear_eval`: `finetune` with the encoder frozen (METHOD.md, breast cell).
+pub struct LinearEval;
+/// `evaluate`: a trained model's metrics on the fold's test images.
+pub struct Evaluate;
+
+impl StageKind for Finetune {
+    type Spec = TrainSpec;
+    type Config = TrainConfig;
+    const NAME: &'static str = "finetune";
+    const VERSION: u32 = 1;
+    const LOCATIONS: &'static [&'static str] = &["weights_file"];
+
+    fn validate(spec: &TrainSpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
+        spec.validate(false, stage, exp)
+    }
+    fn resolve(spec: &TrainSpec, node: &NodeView<'_>) -> Result<TrainConfig, String> {
+        spec.resolve_training(node, false)
+    }
+    fn execute(config: &TrainConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        execute_training(config, ctx)
+    }
+}
+
+impl StageKind for LinearEval {
+    type Spec = TrainSpec;
+    type Config = TrainConfig;
+    const NAME: &'static str = "linear_eval";
+    const VERSION: u32 = 1;
+    const LOCATIONS: &'static [&'static str] = &["weights_file"];
+
+    fn validate(spec: &TrainSpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
+        spec.validate(false, stage, exp)
+    }
+    fn resolve(spec: &TrainSpec, node: &NodeView<'_>) -> Result<TrainConfig, String> {
+        spec.resolve_training(node, true)
+    }
+    fn execute(config: &TrainConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        execute_training(config, ctx)
+    }
+}
+
+impl StageKind for Evaluate {
+    type Spec = TrainSpec;
+    type Config = EvaluateConfig;
+    const NAME: &'static str = "evaluate";
+    const VERSION: u32 = 1;
+
+    fn validate(spec: &TrainSpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
+        spec.validate(true, stage, exp)
+    }
+    fn resolve(spec: &TrainSpec, node: &NodeView<'_>) -> Result<EvaluateConfig, String> {
+        spec.resolve_evaluation(node)
+    }
+    fn execute(config: &EvaluateConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+        execute_evaluate(config, ctx)
+    }
+}
+
+/// `binary` (one logit, BCE) or `multiclass` (`classes` logits, cross-entropy).
+#[derive(Deserialize, Serialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectiveName {
+    Binary,
+    Multiclass,
+}
+
+/// `adam` or `sgd` (with momentum).
+#[derive(Deserialize, Serialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerName {
+    Adam,
+    Sgd,
+}
 
 /// The keys of `finetune`, `linear_eval` and `evaluate` (each kind checks which of them it accepts).
 #[derive(Deserialize, Serialize, Clone, Default)]
@@ -37,15 +111,14 @@ pub struct TrainSpec {
     /// `40X`... (default: the node's `magnification` matrix value; none = every magnification).
     pub magnification: Option<String>,
     /// `resnet18` (default), `resnet34`, `resnet50`, ...
-    pub arch: Option<String>,
+    pub arch: Option<Arch>,
     /// 8 or 16: the dilated ResNet of the paper's BACH / breast-cell experiments (default: none).
     pub output_stride: Option<usize>,
-    /// `binary` (default; one logit, BCE) or `multiclass` (`classes` logits, cross-entropy).
-    pub objective: Option<String>,
+    pub objective: Option<ObjectiveName>,
     /// Number of classes for `multiclass`.
     pub classes: Option<usize>,
     /// `label` (default) or `subtype` (the BreakHis 8-class subtype).
-    pub labels: Option<String>,
+    pub labels: Option<LabelColumn>,
     /// Network input side in pixels (default 64; the paper: 252).
     pub size: Option<usize>,
     pub batch_size: Option<usize>,
@@ -54,7 +127,7 @@ pub struct TrainSpec {
     pub lr: Option<f64>,
     pub weight_decay: Option<f64>,
     /// `adam` (default) or `sgd` (with `momentum`, default 0.9; the paper's BACH fine-tuning).
-    pub optimizer: Option<String>,
+    pub optimizer: Option<OptimizerName>,
     pub momentum: Option<f64>,
     pub train_portion: Option<String>,
     pub val_portion: Option<String>,
@@ -88,36 +161,93 @@ const FINETUNE_ONLY: &[&str] = &[
     "bucket",
 ];
 
+/// Where a training node's encoder weights come from.
+#[derive(Deserialize, Serialize, Clone, PartialEq, Debug)]
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum InitConfig {
+    /// torchvision's initialisation drawn from the node seed.
+    Random,
+    /// The `pretrain` input's best backbone, or its epoch-`bucket` one.
+    Pretrain { bucket: Option<usize> },
+    /// The one weights file in the output of input stage `stage`.
+    Stage { stage: String },
+    /// A file named in the experiment, by content (its path is the location `weights_file`).
+    File { blake3: String },
+}
+
+/// What the model is and what it reads: shared by training and evaluation.
+#[derive(Deserialize, Serialize, Clone, Debug)]
+pub struct ModelConfig {
+    pub fold: u32,
+    pub magnification: Option<String>,
+    pub arch: Arch,
+    /// 32 = no dilation; 16 or 8 = the dilated ResNet.
+    pub output_stride: usize,
+    pub objective: ObjectiveName,
+    pub classes: usize,
+    pub labels: LabelColumn,
+    pub size: usize,
+    pub batch_size: usize,
+    pub normalize: Normalize,
+}
+
+/// A `finetune` / `linear_eval` node, every default filled in (from `crate::train`'s own defaults).
+#[derive(Deserialize, Serialize, Clone, Debug)]
+pub struct TrainConfig {
+    #[serde(flatten)]
+    pub model: ModelConfig,
+    pub freeze_encoder: bool,
+    pub epochs: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub optimizer: OptimizerName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub momentum: Option<f64>,
+    pub train_portion: String,
+    pub val_portion: String,
+    pub augment: bool,
+    pub dropout: f32,
+    pub plateau_patience: usize,
+    pub plateau_factor: f64,
+    pub early_stop_patience: usize,
+    pub init: InitConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_file: Option<PathBuf>,
+    /// An input stage that holds weights rather than the dataset (even where a pretrain input wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_stage: Option<String>,
+    pub seed: u64,
+}
+
+/// An `evaluate` node, every default filled in.
+#[derive(Deserialize, Serialize, Clone, Debug)]
+pub struct EvaluateConfig {
+    #[serde(flatten)]
+    pub model: ModelConfig,
+    pub test_portion: String,
+}
+
 impl TrainSpec {
-    fn set_keys(&self) -> Vec<String> {
+    fn written_keys(&self) -> Vec<String> {
         match serde_json::to_value(self) {
             Ok(Value::Object(m)) => m.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, _)| k).collect(),
             _ => Vec::new(),
         }
     }
 
-    pub fn validate(&self, kind: &str, decl: &StageDecl, src: &SourceText) -> Result<()> {
-        let bad = |m: String| Err(src.error(decl.span.clone(), format!("stage `{}`: {m}", decl.name), None));
+    fn validate(&self, evaluate: bool, decl: &StageDecl, exp: &Experiment) -> Result<()> {
+        let bad = |m: String| Err(stage_error(exp, decl, m));
         if decl.refs.is_empty() {
             return bad("needs `from` with the split and the dataset".into());
         }
-        if let Some(a) = &self.arch {
-            if let Err(e) = a.parse::<Arch>() {
-                return bad(e.to_string());
-            }
-        }
-        if let Err(e) = self.dilation() {
-            return bad(e);
-        }
-        if let Err(e) = self.objective().and(self.labels()).and(self.optimizer()) {
+        if let Err(e) = self.dilation().and(self.objective()).and(self.optimizer()) {
             return bad(e);
         }
         if self.fold.is_none() && !decl.has_matrix_key("fold") {
             return bad("give `fold = K` or a `fold` matrix axis".into());
         }
-        let keys = self.set_keys();
-        if kind == "evaluate" {
-            if let Some(k) = keys.iter().find(|k| FINETUNE_ONLY.contains(&k.as_str())) {
+        if evaluate {
+            if let Some(k) = self.written_keys().iter().find(|k| FINETUNE_ONLY.contains(&k.as_str())) {
                 return bad(format!("`{k}` belongs to the training stage (finetune / linear_eval), not `evaluate`"));
             }
         } else if self.test_portion.is_some() {
@@ -143,71 +273,119 @@ impl TrainSpec {
     }
 
     fn objective(&self) -> std::result::Result<Objective, String> {
-        match (self.objective.as_deref(), self.classes) {
-            (None | Some("binary"), None | Some(2)) => Ok(Objective::Binary),
-            (None | Some("binary"), Some(k)) => {
+        match (self.objective, self.classes) {
+            (None | Some(ObjectiveName::Binary), None | Some(2)) => Ok(Objective::Binary),
+            (None | Some(ObjectiveName::Binary), Some(k)) => {
                 Err(format!("`classes = {k}` needs `objective = \"multiclass\"` (binary has 2)"))
             }
-            (Some("multiclass"), Some(k)) if k >= 2 => Ok(Objective::MultiClass { classes: k }),
-            (Some("multiclass"), _) => Err("`objective = \"multiclass\"` needs `classes = K` with K ≥ 2".into()),
-            (Some(o), _) => Err(format!("unknown objective `{o}`; use \"binary\" or \"multiclass\"")),
+            (Some(ObjectiveName::Multiclass), Some(k)) if k >= 2 => Ok(Objective::MultiClass { classes: k }),
+            (Some(ObjectiveName::Multiclass), _) => {
+                Err("`objective = \"multiclass\"` needs `classes = K` with K ≥ 2".into())
+            }
         }
     }
 
     fn optimizer(&self) -> std::result::Result<OptimizerKind, String> {
-        match (self.optimizer.as_deref(), self.momentum) {
-            (None | Some("adam"), None) => Ok(OptimizerKind::Adam),
-            (None | Some("adam"), Some(_)) => Err("`momentum` needs `optimizer = \"sgd\"`".into()),
-            (Some("sgd"), m) => match m.unwrap_or(0.9) {
+        match (self.optimizer, self.momentum) {
+            (None | Some(OptimizerName::Adam), None) => Ok(OptimizerKind::Adam),
+            (None | Some(OptimizerName::Adam), Some(_)) => Err("`momentum` needs `optimizer = \"sgd\"`".into()),
+            (Some(OptimizerName::Sgd), m) => match m.unwrap_or(0.9) {
                 m if (0.0..1.0).contains(&m) => Ok(OptimizerKind::Sgd { momentum: m }),
                 m => Err(format!("`momentum = {m}` must be in [0, 1)")),
             },
-            (Some(o), _) => Err(format!("unknown optimizer `{o}`; use \"adam\" or \"sgd\"")),
         }
-    }
-
-    fn labels(&self) -> std::result::Result<LabelColumn, String> {
-        match self.labels.as_deref() {
-            None | Some("label") => Ok(LabelColumn::Label),
-            Some("subtype") => Ok(LabelColumn::Subtype),
-            Some(o) => Err(format!("unknown `labels = \"{o}\"`; use \"label\" or \"subtype\"")),
-        }
-    }
-
-    pub(crate) fn arch(&self) -> Arch {
-        self.arch.as_deref().and_then(|a| a.parse().ok()).unwrap_or(Arch::ResNet18)
     }
 
     /// The fold a node trains on: `fold`, else its `fold` matrix value.
-    pub(crate) fn fold(&self, node: &Node) -> u32 {
-        self.fold.or_else(|| node.matrix_value("fold").and_then(|v| v.to_string().parse().ok())).unwrap_or(0)
+    pub(crate) fn fold(&self, node: &NodeView<'_>) -> std::result::Result<u32, String> {
+        match (self.fold, node.matrix("fold")) {
+            (Some(f), _) => Ok(f),
+            (None, Some(v)) => v.parse().map_err(|_| format!("the `fold` matrix value `{v}` is not a fold index")),
+            (None, None) => Err("give `fold = K` or a `fold` matrix axis".into()),
+        }
     }
 
-    /// `test_portion`, else the node's `portion` matrix value (a table with val and test columns).
-    fn test_portion(&self, node: &Node) -> Option<String> {
-        self.test_portion.clone().or_else(|| node.matrix_value("portion").map(|v| v.to_string()))
-    }
-
-    pub(crate) fn magnification(&self, node: &Node) -> Option<String> {
-        self.magnification.clone().or_else(|| node.matrix_value("magnification").map(|v| v.to_string()))
-    }
-
-    pub fn key_params(&self, exp: &crate::experiment::Experiment, node: &Node) -> BTreeMap<String, Value> {
-        let mut p = match serde_json::to_value(self) {
-            Ok(Value::Object(m)) => m.into_iter().filter(|(_, v)| !v.is_null()).collect(),
-            _ => BTreeMap::new(),
+    fn model(
+        &self,
+        node: &NodeView<'_>,
+        size: usize,
+        batch: usize,
+        normalize: Normalize,
+    ) -> Result<ModelConfig, String> {
+        let (objective, classes) = match self.objective()? {
+            Objective::Binary => (ObjectiveName::Binary, 2),
+            Objective::MultiClass { classes } => (ObjectiveName::Multiclass, classes),
         };
-        p.insert("fold".into(), Value::from(self.fold(node)));
-        if let Some(m) = self.magnification(node) {
-            p.insert("magnification".into(), Value::String(m));
-        }
-        // Initial weights given as a file count by content, like a stain target (a stage name counts through
-        // that input's digest).
-        if let Some(w) = self.weights.as_ref().filter(|w| exp.stage(w).is_none()) {
-            let digest = crate::cache::fingerprint::param_file_digest(&exp.resolve_path(w));
-            p.insert("weights_blake3".into(), Value::String(digest));
-        }
-        p
+        Ok(ModelConfig {
+            fold: self.fold(node)?,
+            magnification: self.magnification.clone().or_else(|| node.matrix("magnification")),
+            arch: self.arch.unwrap_or(Arch::ResNet18),
+            output_stride: self.dilation()?.output_stride(),
+            objective,
+            classes,
+            labels: self.labels.unwrap_or_default(),
+            size: self.size.unwrap_or(size),
+            batch_size: self.batch_size.unwrap_or(batch),
+            normalize,
+        })
+    }
+
+    fn resolve_training(&self, node: &NodeView<'_>, freeze_encoder: bool) -> Result<TrainConfig, String> {
+        let d = FinetuneConfig::new(Path::new(""), Path::new(""), Path::new(""), Path::new(""));
+        let (optimizer, momentum) = match self.optimizer()? {
+            OptimizerKind::Adam => (OptimizerName::Adam, None),
+            OptimizerKind::Sgd { momentum } => (OptimizerName::Sgd, Some(momentum)),
+        };
+        let (init, weights_file) = resolve_init(node, self.weights.as_deref(), self.bucket);
+        Ok(TrainConfig {
+            model: self.model(node, d.image_size, d.batch_size, d.normalize)?,
+            freeze_encoder,
+            epochs: self.epochs.unwrap_or(d.epochs),
+            lr: self.lr.unwrap_or(d.lr),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            optimizer,
+            momentum,
+            train_portion: self.train_portion.clone().unwrap_or(d.train_portion),
+            val_portion: self.val_portion.clone().unwrap_or(d.val_portion),
+            augment: self.augment.unwrap_or(d.augment),
+            dropout: self.dropout.unwrap_or(d.dropout),
+            plateau_patience: self.plateau_patience.unwrap_or(d.plateau_patience),
+            plateau_factor: d.plateau_factor,
+            early_stop_patience: self.early_stop_patience.unwrap_or(d.early_stop_patience),
+            init,
+            weights_file,
+            weights_stage: weights_stage_of(node, self.weights.as_deref()),
+            seed: node.node.seed,
+        })
+    }
+
+    fn resolve_evaluation(&self, node: &NodeView<'_>) -> Result<EvaluateConfig, String> {
+        let d = EvalConfig::new(Path::new(""), Path::new(""), Path::new(""), Path::new(""));
+        // A table with val and test columns evaluates each portion: the node's `portion` matrix value.
+        let test_portion = self.test_portion.clone().or_else(|| node.matrix("portion")).unwrap_or(d.test_portion);
+        Ok(EvaluateConfig { model: self.model(node, d.image_size, d.batch_size, d.normalize)?, test_portion })
+    }
+}
+
+/// `weights` when it names a stage of the experiment.
+pub(crate) fn weights_stage_of(node: &NodeView<'_>, weights: Option<&str>) -> Option<String> {
+    weights.filter(|w| node.exp.stage(w).is_some()).map(str::to_string)
+}
+
+/// A training node's initial weights: a `pretrain` input comes first; `weights` serve the nodes without one
+/// (the ImageNet row of a table whose other rows start from MPCS); neither means a seeded random init.
+pub(crate) fn resolve_init(
+    node: &NodeView<'_>,
+    weights: Option<&str>,
+    bucket: Option<usize>,
+) -> (InitConfig, Option<PathBuf>) {
+    if node.has_input_of_kind(&["pretrain"]) {
+        return (InitConfig::Pretrain { bucket }, None);
+    }
+    match weights {
+        None => (InitConfig::Random, None),
+        Some(w) if node.exp.stage(w).is_some() => (InitConfig::Stage { stage: w.to_string() }, None),
+        Some(w) => (InitConfig::File { blake3: node.file_digest(w) }, Some(node.exp.resolve_path(w))),
     }
 }
 
@@ -222,7 +400,7 @@ pub(super) fn input_of_kind<'a>(
         .inputs
         .iter()
         .filter(|i| !skip.contains(&i.stage.as_str()))
-        .filter(|i| ctx.exp.stage(&i.stage).is_some_and(|s| kinds.contains(&s.spec.kind())))
+        .filter(|i| kinds.contains(&i.kind.as_str()))
         .map(|i| i.path.as_path())
         .collect();
     match found.as_slice() {
@@ -236,24 +414,48 @@ pub(super) fn input_of_kind<'a>(
     }
 }
 
-/// Resolves a `weights` value: an input stage's output holding one weights file, or a file path.
-pub(super) fn weights_path(ctx: &ExecContext<'_>, weights: &str) -> Result<PathBuf, StageFailure> {
-    let Some(input) = ctx.inputs.iter().find(|i| i.stage == weights) else {
-        if ctx.exp.stage(weights).is_some() {
-            return Err(StageFailure(format!(
-                "`weights = \"{weights}\"` names a stage that is not among the inputs of `{}`; add it to `from`",
-                ctx.node.id
-            )));
+/// The weights file a training node starts from, or None for a random initialisation.
+pub(super) fn init_weights(
+    ctx: &ExecContext<'_>,
+    init: &InitConfig,
+    file: Option<&Path>,
+) -> Result<Option<PathBuf>, StageFailure> {
+    match init {
+        InitConfig::Random => Ok(None),
+        InitConfig::Pretrain { bucket } => {
+            let pre = input_of_kind(ctx, &["pretrain"], &[], "a pretrained backbone")?;
+            let file = match bucket {
+                Some(b) => pre.join(format!("buckets/epoch_{b}.safetensors")),
+                None => pre.join("backbone.safetensors"),
+            };
+            if !file.exists() {
+                return Err(StageFailure(format!(
+                    "{} does not exist: the pretraining did not reach epoch {} (buckets are kept at the epochs listed \
+                     in its `buckets`)",
+                    file.display(),
+                    bucket.unwrap_or(0)
+                )));
+            }
+            Ok(Some(file))
         }
-        let path = ctx.exp.resolve_path(weights);
-        if !path.is_file() {
-            return Err(StageFailure(format!(
-                "`weights = \"{weights}\"`: {} is not a file (a relative path is relative to the experiment file; \
-                 a stage name must be one of the node's inputs)",
-                path.display()
-            )));
-        }
-        return Ok(path);
+        InitConfig::File { .. } => match file {
+            Some(p) if p.is_file() => Ok(Some(p.to_path_buf())),
+            other => Err(StageFailure(format!(
+                "the weights file {} is not a file (a relative path is relative to the experiment file)",
+                other.map(|p| p.display().to_string()).unwrap_or_default()
+            ))),
+        },
+        InitConfig::Stage { stage } => stage_weights(ctx, stage).map(Some),
+    }
+}
+
+/// The one weights file in the output of input stage `stage`.
+fn stage_weights(ctx: &ExecContext<'_>, stage: &str) -> Result<PathBuf, StageFailure> {
+    let Some(input) = ctx.inputs.iter().find(|i| i.stage == stage) else {
+        return Err(StageFailure(format!(
+            "`weights = \"{stage}\"` names a stage that is not among the inputs of `{}`; add it to `from`",
+            ctx.node.id
+        )));
     };
     let mut files: Vec<PathBuf> = walk_files(&input.path)
         .into_iter()
@@ -263,11 +465,11 @@ pub(super) fn weights_path(ctx: &ExecContext<'_>, weights: &str) -> Result<PathB
     match files.len() {
         1 => Ok(files.remove(0)),
         0 => Err(StageFailure(format!(
-            "the output of `{weights}` ({}) holds no .pth or .safetensors file",
+            "the output of `{stage}` ({}) holds no .pth or .safetensors file",
             input.path.display()
         ))),
         n => Err(StageFailure(format!(
-            "the output of `{weights}` holds {n} weight files; give the file's path in `weights` instead"
+            "the output of `{stage}` holds {n} weight files; give the file's path in `weights` instead"
         ))),
     }
 }
@@ -343,56 +545,56 @@ pub(super) fn plot_loss_curve(ctx: &ExecContext<'_>, log: &str, fields: &[&str])
     }
 }
 
-/// `finetune` (`freeze_encoder` false) and `linear_eval` (true).
-pub fn execute_finetune(spec: &TrainSpec, ctx: &ExecContext<'_>, freeze_encoder: bool) -> Result<Value, StageFailure> {
-    let split = input_of_kind(ctx, &["split"], &[], "a split")?;
-    let weights_stage: Vec<&str> = spec.weights.as_deref().into_iter().collect();
-    let data = input_of_kind(ctx, DATASET_KINDS, &weights_stage, "the dataset")?;
-    let fold_csv = split.join(format!("fold_{}.csv", spec.fold(ctx.node)));
-    let mut cfg = FinetuneConfig::new(data, &fold_csv, ctx.out, &ctx.scratch);
-    cfg.magnification = spec.magnification(ctx.node);
-    cfg.arch = spec.arch();
-    cfg.dilation = spec.dilation().map_err(StageFailure)?;
-    cfg.objective = spec.objective().map_err(StageFailure)?;
-    cfg.labels = spec.labels().map_err(StageFailure)?;
-    cfg.freeze_encoder = freeze_encoder;
-    cfg.image_size = spec.size.unwrap_or(cfg.image_size);
-    cfg.batch_size = spec.batch_size.unwrap_or(cfg.batch_size);
-    cfg.epochs = spec.epochs.unwrap_or(cfg.epochs);
-    cfg.lr = spec.lr.unwrap_or(cfg.lr);
-    cfg.weight_decay = spec.weight_decay.unwrap_or(cfg.weight_decay);
-    cfg.optimizer = spec.optimizer().map_err(StageFailure)?;
-    cfg.augment = spec.augment.unwrap_or(cfg.augment);
-    cfg.dropout = spec.dropout.unwrap_or(cfg.dropout);
-    cfg.plateau_patience = spec.plateau_patience.unwrap_or(cfg.plateau_patience);
-    cfg.early_stop_patience = spec.early_stop_patience.unwrap_or(cfg.early_stop_patience);
-    cfg.device = candle_device(ctx)?;
-    cfg.seed = ctx.node.seed;
-    if let Some(p) = &spec.train_portion {
-        cfg.train_portion = p.clone();
+impl ModelConfig {
+    fn dilation(&self) -> Result<Dilation, StageFailure> {
+        Dilation::from_output_stride(self.output_stride).map_err(|e| StageFailure(e.to_string()))
     }
-    if let Some(p) = &spec.val_portion {
-        cfg.val_portion = p.clone();
-    }
-    // A pretrain input (an MPCS backbone) comes first; `weights` serve the nodes without one (e.g. the ImageNet
-    // row of a table whose other rows start from MPCS checkpoints); neither means a seeded random init.
-    if let Ok(pre) = input_of_kind(ctx, &["pretrain"], &[], "a pretrained backbone") {
-        let file = match spec.bucket {
-            Some(b) => pre.join(format!("buckets/epoch_{b}.safetensors")),
-            None => pre.join("backbone.safetensors"),
-        };
-        if !file.exists() {
-            return Err(StageFailure(format!(
-                "{} does not exist: the pretraining did not reach epoch {} (buckets are kept at the epochs listed \
-                 in its `buckets`)",
-                file.display(),
-                spec.bucket.unwrap_or(0)
-            )));
+
+    fn objective(&self) -> Objective {
+        match self.objective {
+            ObjectiveName::Binary => Objective::Binary,
+            ObjectiveName::Multiclass => Objective::MultiClass { classes: self.classes },
         }
-        cfg.init = Init::Weights(file);
-    } else if let Some(w) = &spec.weights {
-        cfg.init = Init::Weights(weights_path(ctx, w)?);
-    } else if freeze_encoder {
+    }
+}
+
+/// `finetune` and `linear_eval`.
+fn execute_training(c: &TrainConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+    let split = input_of_kind(ctx, &["split"], &[], "a split")?;
+    let skip: Vec<&str> = c.weights_stage.as_deref().into_iter().collect();
+    let data = input_of_kind(ctx, DATASET_KINDS, &skip, "the dataset")?;
+    let fold_csv = split.join(format!("fold_{}.csv", c.model.fold));
+    let mut cfg = FinetuneConfig::new(data, &fold_csv, ctx.out, &ctx.scratch);
+    cfg.magnification = c.model.magnification.clone();
+    cfg.arch = c.model.arch;
+    cfg.dilation = c.model.dilation()?;
+    cfg.objective = c.model.objective();
+    cfg.labels = c.model.labels;
+    cfg.normalize = c.model.normalize;
+    cfg.freeze_encoder = c.freeze_encoder;
+    cfg.image_size = c.model.size;
+    cfg.batch_size = c.model.batch_size;
+    cfg.epochs = c.epochs;
+    cfg.lr = c.lr;
+    cfg.weight_decay = c.weight_decay;
+    cfg.optimizer = match c.optimizer {
+        OptimizerName::Adam => OptimizerKind::Adam,
+        OptimizerName::Sgd => OptimizerKind::Sgd { momentum: c.momentum.unwrap_or(0.9) },
+    };
+    cfg.augment = c.augment;
+    cfg.dropout = c.dropout;
+    cfg.plateau_patience = c.plateau_patience;
+    cfg.plateau_factor = c.plateau_factor;
+    cfg.early_stop_patience = c.early_stop_patience;
+    cfg.train_portion = c.train_portion.clone();
+    cfg.val_portion = c.val_portion.clone();
+    cfg.device = candle_device(ctx)?;
+    cfg.seed = c.seed;
+    cfg.init = match init_weights(ctx, &c.init, c.weights_file.as_deref())? {
+        Some(file) => Init::Weights(file),
+        None => Init::Random,
+    };
+    if c.freeze_encoder && cfg.init == Init::Random {
         log_line(ctx, "linear evaluation of a randomly initialised encoder (no pretrain input, no weights)");
     }
     log_line(ctx, &format!("initial weights: {:?}", cfg.init));
@@ -409,24 +611,23 @@ pub fn execute_finetune(spec: &TrainSpec, ctx: &ExecContext<'_>, freeze_encoder:
     }))
 }
 
-pub fn execute_evaluate(spec: &TrainSpec, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
+fn execute_evaluate(c: &EvaluateConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
     let split = input_of_kind(ctx, &["split"], &[], "a split")?;
     let data = input_of_kind(ctx, DATASET_KINDS, &[], "the dataset")?;
     let model_dir = input_of_kind(ctx, &["finetune", "linear_eval"], &[], "a fine-tuned model")?;
-    let fold_csv = split.join(format!("fold_{}.csv", spec.fold(ctx.node)));
-    let model: PathBuf = model_dir.join("model.safetensors");
+    let fold_csv = split.join(format!("fold_{}.csv", c.model.fold));
+    let model: PathBuf = model_dir.join(MODEL_FILE);
     let mut cfg = EvalConfig::new(data, &fold_csv, &model, ctx.out);
-    cfg.magnification = spec.magnification(ctx.node);
-    cfg.arch = spec.arch();
-    cfg.dilation = spec.dilation().map_err(StageFailure)?;
-    cfg.objective = spec.objective().map_err(StageFailure)?;
-    cfg.labels = spec.labels().map_err(StageFailure)?;
-    cfg.image_size = spec.size.unwrap_or(cfg.image_size);
-    cfg.batch_size = spec.batch_size.unwrap_or(cfg.batch_size);
+    cfg.magnification = c.model.magnification.clone();
+    cfg.arch = c.model.arch;
+    cfg.dilation = c.model.dilation()?;
+    cfg.objective = c.model.objective();
+    cfg.labels = c.model.labels;
+    cfg.normalize = c.model.normalize;
+    cfg.image_size = c.model.size;
+    cfg.batch_size = c.model.batch_size;
     cfg.device = candle_device(ctx)?;
-    if let Some(p) = spec.test_portion(ctx.node) {
-        cfg.test_portion = p;
-    }
+    cfg.test_portion = c.test_portion.clone();
     let outcome = evaluate(&cfg).map_err(|e| StageFailure(e.to_string()))?;
     log_line(ctx, &format!("accuracy {:.4} on {} images", outcome.report.accuracy, outcome.report.images));
     if let Err(e) =
@@ -441,3 +642,6 @@ pub fn execute_evaluate(spec: &TrainSpec, ctx: &ExecContext<'_>) -> Result<Value
     }
     Ok(v)
 }
+
+/// The trained model a `finetune` / `linear_eval` entry holds.
+pub const MODEL_FILE: &str = "model.safetensors";

@@ -67,7 +67,7 @@ impl Project {
 
     pub fn entries(&self) -> BTreeSet<String> {
         let mut keys = BTreeSet::new();
-        let dir = self.path("cache/v1/entries");
+        let dir = self.path("cache/v2/entries");
         if let Ok(rd) = fs::read_dir(dir) {
             for shard in rd.flatten() {
                 for e in fs::read_dir(shard.path()).unwrap().flatten() {

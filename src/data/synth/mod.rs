@@ -52,6 +52,9 @@ pub struct SynthOptions {
 }
 
 impl SynthOptions {
+    /// BreakHis: sequence numbers per patient present at all four magnifications, by default.
+    pub const DEFAULT_REGIONS: usize = 3;
+
     pub fn new(kind: SynthKind, seed: u64) -> SynthOptions {
         SynthOptions { kind, seed, patients: None, size: None, regions_per_patient: None, partial_regions: true }
     }
@@ -239,7 +242,7 @@ fn slide_id(i: usize) -> String {
 }
 
 fn plan_breakhis(opts: &SynthOptions, patients: usize, width: u32, height: u32) -> (Vec<Field>, Vec<Job>, usize) {
-    let regions = opts.regions_per_patient.unwrap_or(3).max(1);
+    let regions = opts.regions_per_patient.unwrap_or(SynthOptions::DEFAULT_REGIONS).max(1);
     let order = subtype_order();
     let mut fields = Vec::new();
     let mut jobs = Vec::new();

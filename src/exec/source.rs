@@ -1,15 +1,17 @@
-//! `source`: a local file or folder, used in place and fingerprinted by content (with a stat cache).
+//! `source`: a local file or folder, used in place and fingerprinted by content (with a stat cache). Sources
+//! are part of the engine rather than a registered kind: they are never executed, their identity is their
+//! content digest.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use serde_json::Value;
 use toml::Spanned;
 
+use crate::cache::Cache;
 use crate::error::{Error, Result};
-use crate::experiment::{Experiment, SourceText, StageDecl};
+use crate::experiment::{Experiment, StageDecl};
 
+pub const NAME: &str = "source";
 pub const VERSION: u32 = 1;
 
 #[derive(Deserialize)]
@@ -20,7 +22,8 @@ pub struct SourceSpec {
 }
 
 impl SourceSpec {
-    pub fn validate(&self, decl: &StageDecl, src: &SourceText) -> Result<()> {
+    pub fn validate(&self, decl: &StageDecl, exp: &Experiment) -> Result<()> {
+        let src = &exp.source;
         if let Some(r) = decl.refs.first() {
             return Err(src.error(
                 r.span.clone(),
@@ -41,11 +44,6 @@ impl SourceSpec {
         Ok(())
     }
 
-    pub fn key_params(&self) -> BTreeMap<String, Value> {
-        // A source's identity is its content digest; the path itself is not part of any key.
-        BTreeMap::new()
-    }
-
     /// The absolute path, or a located error if it does not exist.
     pub fn resolve(&self, exp: &Experiment, decl: &StageDecl) -> Result<PathBuf> {
         let p = exp.resolve_path(self.path.get_ref());
@@ -59,18 +57,10 @@ impl SourceSpec {
         p.canonicalize().map_err(|e| Error::io("cannot resolve", &p, e))
     }
 
-    /// Resolves and fingerprints the source; returns (path, content digest, whether it differs from
-    /// `last_digest`, the digest recorded at its last run).
-    pub fn fingerprint(
-        &self,
-        exp: &Experiment,
-        decl: &StageDecl,
-        cache: &crate::cache::Cache,
-        last_digest: Option<&str>,
-    ) -> Result<(PathBuf, String, bool)> {
+    /// Resolves and fingerprints the source: (path, content digest).
+    pub fn fingerprint(&self, exp: &Experiment, decl: &StageDecl, cache: &Cache) -> Result<(PathBuf, String)> {
         let path = self.resolve(exp, decl)?;
         let fp = crate::cache::fingerprint::fingerprint_source(&path, &cache.stat_dir())?;
-        let changed = last_digest != Some(fp.digest.as_str());
-        Ok((path, fp.digest, changed))
+        Ok((path, fp.digest))
     }
 }

@@ -1,0 +1,154 @@
+//! The one resolver: node → identity (a source's content digest, or an action key) → cache state. `mpcs run`
+//! walks it as nodes become ready; `graph`, `--why`, `--dry-run`, `show`, `gc` and `report` walk it over the
+//! whole DAG at once ([`assess`]) without running anything.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::project::Project;
+use crate::cache::journal::{Journal, Record, Status};
+use crate::cache::{Cache, Manifest};
+use crate::error::Result;
+use crate::plan::key::Action;
+
+/// What is known about one node.
+pub enum Resolution {
+    /// A source, fingerprinted in place: its content digest is its identity.
+    Source { path: PathBuf, digest: String },
+    /// Every input is known: the node's action, its key, and its entry if the cache has one.
+    Known { key: String, action: Action, entry: Option<Box<Manifest>> },
+    /// An input's output is not known yet (it will run first).
+    Blocked,
+}
+
+/// The key of a source in journals and listings: a prefix of its content digest.
+pub fn source_key(digest: &str) -> String {
+    digest[..32.min(digest.len())].to_string()
+}
+
+pub struct Resolver<'a> {
+    pub project: &'a Project,
+    pub cache: &'a Cache,
+    /// The journal's latest record of every node of this experiment.
+    pub last: HashMap<String, Record>,
+}
+
+impl<'a> Resolver<'a> {
+    pub fn new(project: &'a Project, cache: &'a Cache) -> Result<Resolver<'a>> {
+        let last = Journal::open(cache, &project.exp.name).load()?;
+        Ok(Resolver { project, cache, last })
+    }
+
+    /// Resolves node `i` given the output digests known so far.
+    pub fn resolve(&self, i: usize, digests: &[Option<String>]) -> Result<Resolution> {
+        let p = self.project;
+        if let Some(src) = p.source_of(i) {
+            let (path, digest) = src.fingerprint(&p.exp, &p.exp.stages[p.plan.nodes[i].stage], self.cache)?;
+            return Ok(Resolution::Source { path, digest });
+        }
+        let Some(action) = p.action(i, digests) else { return Ok(Resolution::Blocked) };
+        let key = action.key();
+        let entry = self.cache.lookup(&key)?.map(Box::new);
+        Ok(Resolution::Known { key, action, entry })
+    }
+
+    /// Whether a source's digest differs from the one recorded at its last run.
+    pub fn source_changed(&self, i: usize, digest: &str) -> bool {
+        self.last.get(&self.project.plan.nodes[i].id).and_then(|r| r.digest.as_deref()) != Some(digest)
+    }
+
+    /// Whether node `i` failed last time with this very key.
+    pub fn failed_last_time(&self, i: usize, key: &str) -> bool {
+        self.last.get(&self.project.plan.nodes[i].id).is_some_and(|r| r.status == Status::Failed && r.key == key)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Its entry is in the cache (a source: unchanged since last run).
+    Cached,
+    /// It would execute (a source: it changed).
+    WillRun,
+    /// An upstream node will run first, so its key is not known yet.
+    Blocked,
+    /// It failed last time with this very key and would run again.
+    Failed,
+    /// A source whose path does not exist (yet): the graph still shows what depends on it; a run stops.
+    Missing,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Cached => "cached",
+            State::WillRun => "will-run",
+            State::Blocked => "blocked",
+            State::Failed => "failed",
+            State::Missing => "missing",
+        }
+    }
+}
+
+pub struct NodeStatus {
+    pub state: State,
+    pub key: Option<String>,
+    pub action: Option<Action>,
+    pub digest: Option<String>,
+}
+
+pub struct Assessment {
+    pub nodes: Vec<NodeStatus>,
+    pub last: HashMap<String, Record>,
+    pub source_paths: HashMap<usize, PathBuf>,
+}
+
+/// Every node's state, without running anything.
+pub fn assess(project: &Project, cache: &Cache) -> Result<Assessment> {
+    let resolver = Resolver::new(project, cache)?;
+    let n = project.plan.nodes.len();
+    let mut digests: Vec<Option<String>> = vec![None; n];
+    let mut nodes: Vec<Option<NodeStatus>> = (0..n).map(|_| None).collect();
+    let mut source_paths = HashMap::new();
+    for &i in &project.plan.order {
+        let missing = project.source_of(i).is_some_and(|s| {
+            let decl = &project.exp.stages[project.plan.nodes[i].stage];
+            s.resolve(&project.exp, decl).is_err()
+        });
+        let status = if missing {
+            NodeStatus { state: State::Missing, key: None, action: None, digest: None }
+        } else {
+            status_of(&resolver, i, &mut digests, &mut source_paths)?
+        };
+        nodes[i] = Some(status);
+    }
+    let nodes = nodes.into_iter().flatten().collect();
+    Ok(Assessment { nodes, last: resolver.last, source_paths })
+}
+
+fn status_of(
+    r: &Resolver<'_>,
+    i: usize,
+    digests: &mut [Option<String>],
+    source_paths: &mut HashMap<usize, PathBuf>,
+) -> Result<NodeStatus> {
+    Ok(match r.resolve(i, digests)? {
+        Resolution::Source { path, digest } => {
+            source_paths.insert(i, path);
+            digests[i] = Some(digest.clone());
+            let state = if r.source_changed(i, &digest) { State::WillRun } else { State::Cached };
+            NodeStatus { state, key: Some(source_key(&digest)), action: None, digest: Some(digest) }
+        }
+        Resolution::Blocked => NodeStatus { state: State::Blocked, key: None, action: None, digest: None },
+        Resolution::Known { key, action, entry: Some(m) } => {
+            digests[i] = Some(m.output_digest.clone());
+            NodeStatus { state: State::Cached, key: Some(key), action: Some(action), digest: Some(m.output_digest) }
+        }
+        Resolution::Known { key, action, entry: None } => {
+            let state = if r.failed_last_time(i, &key) { State::Failed } else { State::WillRun };
+            NodeStatus { state, key: Some(key), action: Some(action), digest: None }
+        }
+    })
+}

@@ -1,0 +1,330 @@
+//! The scheduler: walks the DAG against the cache and hands the nodes that must run to an [`Executor`].
+//!
+//! A node becomes ready when all its inputs have output digests; then the resolver computes its key and looks
+//! it up. A hit is `cached` at once; a miss waits in the ready set, highest priority (longest remaining path)
+//! first, until the executor has room. A failure fails its descendants only; without `keep_going` no new node
+//! starts after the first failure. Ctrl-C stops launching, asks the executor to end running nodes (SIGTERM,
+//! then SIGKILL after a grace period) and publishes nothing half-done.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::executor::{Executor, Finished, Launch};
+use super::kind::InputDir;
+use super::progress::{Event, Outcome, Reporter};
+use super::resolve::{source_key, Resolution, Resolver};
+use super::worker::{Job, NodeOutcome};
+use super::{Failure, RunOptions, RunSummary};
+use crate::cache::journal::{Journal, Record, Status};
+use crate::error::{Error, Result};
+use crate::plan::key::Action;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum St {
+    Waiting,
+    Ready,
+    Running,
+    Done,
+    Failed,
+    Skipped,
+}
+
+/// Nodes whose key is known and not cached, by priority (longest remaining path first, then file order).
+#[derive(Default)]
+struct ReadySet(BinaryHeap<(u32, Reverse<usize>)>);
+
+/// Journal records, written in batches: they are advice for `--why`; entries are the truth, so a crash that
+/// loses the last few records loses nothing that matters.
+struct JournalWriter {
+    journal: Journal,
+    last: HashMap<String, Record>,
+    pending: Vec<Record>,
+    flushed: Instant,
+}
+
+impl JournalWriter {
+    /// Records a node's state when it differs from its last record (a new key or a new status).
+    fn note(&mut self, record: Record) -> Result<()> {
+        let same = self.last.get(&record.node).is_some_and(|r| r.key == record.key && r.status == Status::Ok);
+        if !(record.status == Status::Ok && same) {
+            self.pending.push(record);
+        }
+        if self.pending.len() >= 64 || self.flushed.elapsed() >= Duration::from_millis(500) {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.journal.append(&self.pending)?;
+        self.pending.clear();
+        self.flushed = Instant::now();
+        Ok(())
+    }
+}
+
+/// One run's bookkeeping.
+pub struct Scheduler<'a> {
+    resolver: Resolver<'a>,
+    opts: &'a RunOptions,
+    reporter: &'a dyn Reporter,
+    state: Vec<St>,
+    digest: Vec<Option<String>>,
+    keys: Vec<Option<(String, Action)>>,
+    waiting_on: Vec<usize>,
+    newly: Vec<usize>,
+    ready: ReadySet,
+    started: HashMap<usize, Instant>,
+    journal: JournalWriter,
+    stop: bool,
+    pub summary: RunSummary,
+}
+
+impl<'a> Scheduler<'a> {
+    pub fn new(resolver: Resolver<'a>, opts: &'a RunOptions, reporter: &'a dyn Reporter) -> Scheduler<'a> {
+        let plan = &resolver.project.plan;
+        let n = plan.nodes.len();
+        let journal = JournalWriter {
+            journal: Journal::open(resolver.cache, &resolver.project.exp.name),
+            last: resolver.last.clone(),
+            pending: Vec::new(),
+            flushed: Instant::now(),
+        };
+        Scheduler {
+            opts,
+            reporter,
+            state: vec![St::Waiting; n],
+            digest: vec![None; n],
+            keys: vec![None; n],
+            waiting_on: plan.nodes.iter().map(|nd| nd.inputs.len()).collect(),
+            newly: Vec::new(),
+            ready: ReadySet::default(),
+            started: HashMap::new(),
+            journal,
+            stop: false,
+            summary: RunSummary { outputs: vec![None; n], ..Default::default() },
+            resolver,
+        }
+    }
+
+    /// Runs every node that is not cached on `executor`.
+    pub fn run(mut self, executor: &mut dyn Executor, cancel: &AtomicBool) -> Result<RunSummary> {
+        self.settle_sources()?;
+        let mut cancelled_at: Option<Instant> = None;
+        let mut killed = false;
+        loop {
+            self.resolve_newly_ready()?;
+            if cancel.load(Ordering::Relaxed) && cancelled_at.is_none() {
+                cancelled_at = Some(Instant::now());
+                self.stop = true;
+                self.summary.interrupted = true;
+                self.reporter
+                    .event(Event::Notice("interrupted: stopping running nodes; nothing half-done is published"));
+                executor.interrupt(false);
+            }
+            if !killed && cancelled_at.is_some_and(|t| t.elapsed() >= self.opts.grace) {
+                executor.interrupt(true);
+                killed = true;
+            }
+            if !self.stop {
+                self.launch(executor)?;
+            }
+            if !executor.busy() {
+                break;
+            }
+            if let Some(finished) = executor.wait(Duration::from_millis(100)) {
+                self.finish(finished)?;
+            }
+        }
+        self.journal.flush()?;
+        let plan = &self.resolver.project.plan;
+        for &i in &plan.order {
+            if matches!(self.state[i], St::Waiting | St::Ready) {
+                self.summary.skipped.push(plan.nodes[i].id.clone());
+            }
+        }
+        Ok(self.summary)
+    }
+
+    /// Sources first: fingerprinted in place (a missing path is an input error before anything runs).
+    fn settle_sources(&mut self) -> Result<()> {
+        let project = self.resolver.project;
+        for &i in &project.plan.order {
+            if project.source_of(i).is_none() {
+                continue;
+            }
+            let Resolution::Source { path, digest } = self.resolver.resolve(i, &self.digest)? else {
+                return Err(Error::internal("a source did not resolve to a digest"));
+            };
+            let id = project.plan.nodes[i].id.clone();
+            if self.resolver.source_changed(i, &digest) {
+                let action = project.action(i, &self.digest).ok_or_else(|| Error::internal("source with inputs"))?;
+                self.journal.note(Record::ok(&id, source_key(&digest), action, &digest))?;
+                self.summary.executed.push(id);
+            } else {
+                self.summary.cached.push(id);
+            }
+            self.summary.outputs[i] = Some(path);
+            self.complete(i, digest);
+        }
+        let total = project.plan.nodes.len();
+        self.reporter.event(Event::Planned { total });
+        // Nodes without inputs (the sources' consumers were queued as the sources completed).
+        for &i in &project.plan.order {
+            if self.state[i] == St::Waiting && project.plan.nodes[i].inputs.is_empty() {
+                self.newly.push(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks node `i` done with output `digest` and queues the consumers whose inputs are now all known.
+    fn complete(&mut self, i: usize, digest: String) {
+        self.digest[i] = Some(digest);
+        self.state[i] = St::Done;
+        for c in self.resolver.project.plan.consumers(i) {
+            self.waiting_on[c] -= 1;
+            if self.waiting_on[c] == 0 && self.state[c] == St::Waiting {
+                self.newly.push(c);
+            }
+        }
+    }
+
+    /// Resolves nodes whose inputs are all known: a cache hit completes at once and may make more ready.
+    fn resolve_newly_ready(&mut self) -> Result<()> {
+        let plan = &self.resolver.project.plan;
+        while let Some(i) = self.newly.pop() {
+            let Resolution::Known { key, action, entry } = self.resolver.resolve(i, &self.digest)? else {
+                return Err(Error::internal(format!("node {} became ready with an unknown input", plan.nodes[i].id)));
+            };
+            match entry {
+                Some(m) => {
+                    let id = plan.nodes[i].id.clone();
+                    let digest = m.output_digest.clone();
+                    self.journal.note(Record::ok(&id, key.clone(), action, &digest))?;
+                    self.summary.outputs[i] = Some(self.resolver.cache.entry_out(&key));
+                    self.reporter.event(Event::Finished { node: &id, outcome: Outcome::Cached, seconds: 0.0 });
+                    self.summary.cached.push(id);
+                    self.complete(i, digest);
+                }
+                None => {
+                    self.state[i] = St::Ready;
+                    self.ready.0.push((plan.priority[i], Reverse(i)));
+                    self.keys[i] = Some((key, action));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands ready nodes to the executor, highest priority first, until it has no room; a node that does not
+    /// fit (its GPU slots are busy) lets lower-priority nodes go ahead.
+    fn launch(&mut self, executor: &mut dyn Executor) -> Result<()> {
+        let mut passed = Vec::new();
+        while let Some((prio, Reverse(i))) = self.ready.0.pop() {
+            if self.state[i] != St::Ready {
+                continue;
+            }
+            let job = self.job(i)?;
+            match executor.try_launch(job, self.ready.0.len()) {
+                Launch::Started => {
+                    self.state[i] = St::Running;
+                    self.started.insert(i, Instant::now());
+                }
+                Launch::NotThisOne(job) => {
+                    self.keys[i] = Some((job.key, job.action));
+                    passed.push((prio, Reverse(i)));
+                }
+                Launch::Full(job) => {
+                    self.keys[i] = Some((job.key, job.action));
+                    passed.push((prio, Reverse(i)));
+                    break;
+                }
+            }
+        }
+        self.ready.0.extend(passed);
+        Ok(())
+    }
+
+    fn job(&mut self, i: usize) -> Result<Job> {
+        let project = self.resolver.project;
+        let (key, action) = self.keys[i].take().ok_or_else(|| Error::internal("ready node without key"))?;
+        let plan = &project.plan;
+        let inputs = plan.nodes[i]
+            .inputs
+            .iter()
+            .map(|&j| {
+                let stage = &project.exp.stages[plan.nodes[j].stage];
+                InputDir {
+                    node: plan.nodes[j].id.clone(),
+                    stage: stage.name.clone(),
+                    kind: stage.kind.clone(),
+                    matrix: plan.nodes[j].matrix.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+                    path: self.summary.outputs[j].clone().unwrap_or_default(),
+                }
+            })
+            .collect();
+        let gpus = project.exp.stages[plan.nodes[i].stage].gpus;
+        Ok(Job { index: i, key, action, inputs, gpus })
+    }
+
+    /// Applies a finished job's outcome.
+    fn finish(&mut self, (i, result): Finished) -> Result<()> {
+        let project = self.resolver.project;
+        let seconds = self.started.remove(&i).map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        let id = project.plan.nodes[i].id.clone();
+        match result? {
+            NodeOutcome::Done { manifest: m, executed } => {
+                let key = m.key.clone();
+                self.journal.note(Record::ok(&id, key.clone(), m.action.clone(), &m.output_digest))?;
+                self.summary.outputs[i] = Some(self.resolver.cache.entry_out(&key));
+                let outcome = if executed { Outcome::Executed } else { Outcome::Cached };
+                self.reporter.event(Event::Finished { node: &id, outcome, seconds });
+                if executed { &mut self.summary.executed } else { &mut self.summary.cached }.push(id);
+                self.complete(i, m.output_digest);
+            }
+            NodeOutcome::Failed { message, log } => self.fail(i, message, log, seconds)?,
+            NodeOutcome::Cancelled => {
+                self.state[i] = St::Skipped;
+                self.reporter.event(Event::Finished { node: &id, outcome: Outcome::Skipped, seconds });
+                self.summary.skipped.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, i: usize, message: String, log: Option<PathBuf>, seconds: f64) -> Result<()> {
+        let project = self.resolver.project;
+        let id = project.plan.nodes[i].id.clone();
+        let action = project.action(i, &self.digest).ok_or_else(|| Error::internal("failed node without inputs"))?;
+        self.journal.note(Record::failed(&id, action, log.as_deref(), &message))?;
+        self.state[i] = St::Failed;
+        self.reporter.event(Event::Finished { node: &id, outcome: Outcome::Failed, seconds });
+        self.summary.failed.push(Failure { node: id, message, log });
+        if !self.opts.keep_going {
+            self.stop = true;
+        }
+        self.skip_descendants(i);
+        Ok(())
+    }
+
+    fn skip_descendants(&mut self, i: usize) {
+        let plan = &self.resolver.project.plan;
+        let mut stack: Vec<usize> = plan.consumers(i).collect();
+        while let Some(c) = stack.pop() {
+            if matches!(self.state[c], St::Waiting | St::Ready) {
+                self.state[c] = St::Skipped;
+                self.summary.skipped.push(plan.nodes[c].id.clone());
+                self.reporter.event(Event::Finished {
+                    node: &plan.nodes[c].id,
+                    outcome: Outcome::Skipped,
+                    seconds: 0.0,
+                });
+                stack.extend(plan.consumers(c));
+            }
+        }
+    }
+}

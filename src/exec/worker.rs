@@ -1,0 +1,152 @@
+//! Executes one node in this process and publishes its entry: take the key's lock (so two `mpcs run`s on one
+//! cache compute each entry once), look again, execute into a staging directory, publish atomically. Whatever
+//! executor runs a node — a thread here, a job on another machine — ends in this function, and reports back
+//! through the cache entry it publishes.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::kind::{DeviceAssignment, ExecContext, InputDir, StageFailure};
+use super::process::ProcessRegistry;
+use super::progress::{Event, Reporter};
+use super::project::Project;
+use crate::cache::journal::now_unix;
+use crate::cache::{hostname, Cache, FileLock, Manifest, Staging};
+use crate::error::{Error, Result};
+use crate::plan::key::Action;
+
+/// One node to execute: everything a worker needs besides the project and the cache.
+pub struct Job {
+    pub index: usize,
+    pub key: String,
+    pub action: Action,
+    pub inputs: Vec<InputDir>,
+    /// GPU slots the node holds while it runs.
+    pub gpus: u32,
+}
+
+/// How a node's execution ended.
+pub enum NodeOutcome {
+    /// `executed` is false when another run published the entry while we waited for the key's lock.
+    Done {
+        manifest: Box<Manifest>,
+        executed: bool,
+    },
+    Failed {
+        message: String,
+        log: Option<PathBuf>,
+    },
+    Cancelled,
+}
+
+/// What a worker shares with the rest of the run.
+pub struct WorkerEnv<'a> {
+    pub project: &'a Project,
+    pub cache: &'a Cache,
+    pub cancel: &'a Arc<AtomicBool>,
+    pub processes: &'a ProcessRegistry,
+    pub reporter: &'a dyn Reporter,
+}
+
+impl WorkerEnv<'_> {
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Runs `job` on `device` and publishes its entry.
+    pub fn run(&self, job: Job, device: DeviceAssignment) -> Result<NodeOutcome> {
+        let Some(lock) = self.acquire(&job.key)? else { return Ok(NodeOutcome::Cancelled) };
+        if let Some(m) = self.cache.lookup(&job.key)? {
+            return Ok(NodeOutcome::Done { manifest: Box::new(m), executed: false });
+        }
+        if self.cancelled() {
+            return Ok(NodeOutcome::Cancelled);
+        }
+        let staging = self.cache.begin(&job.key, &lock)?;
+        let label = device.label();
+        let node = &self.project.plan.nodes[job.index];
+        self.reporter.event(Event::Started { node: &node.id, device: &label });
+        let (started_unix, t0) = (now_unix(), Instant::now());
+        let result = self.execute(&job, &staging, device);
+        if self.cancelled() {
+            self.cache.discard(staging, &job.key);
+            return Ok(NodeOutcome::Cancelled);
+        }
+        match result {
+            Ok(metrics) => {
+                let manifest = Manifest {
+                    format: 0,
+                    key: job.key.clone(),
+                    node: node.id.clone(),
+                    experiment: self.project.exp.name.clone(),
+                    action: job.action,
+                    output_digest: String::new(),
+                    files: Vec::new(),
+                    started_unix,
+                    duration_s: t0.elapsed().as_secs_f64(),
+                    device: label,
+                    host: hostname(),
+                    tool_version: env!("CARGO_PKG_VERSION").to_string(),
+                    seed: node.seed,
+                    metrics,
+                };
+                let published = self.cache.publish(staging, manifest, &lock)?;
+                // The scratch area (checkpoints) is only needed until the entry exists.
+                let _ = std::fs::remove_dir_all(self.cache.scratch_dir(&job.key));
+                Ok(NodeOutcome::Done { manifest: Box::new(published), executed: true })
+            }
+            Err(StageFailure(message)) => {
+                let log = self.cache.discard(staging, &job.key);
+                Ok(NodeOutcome::Failed { message, log: Some(log) })
+            }
+        }
+    }
+
+    /// Waits for the key's lock, polling so that an interrupt is noticed while another run holds it.
+    fn acquire(&self, key: &str) -> Result<Option<FileLock>> {
+        loop {
+            if let Some(l) = self.cache.try_lock(key)? {
+                return Ok(Some(l));
+            }
+            if self.cancelled() {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn execute(
+        &self,
+        job: &Job,
+        staging: &Staging,
+        device: DeviceAssignment,
+    ) -> Result<serde_json::Value, StageFailure> {
+        let p = self.project;
+        let node = &p.plan.nodes[job.index];
+        let kind = p.kind(job.index).ok_or_else(|| {
+            StageFailure(Error::internal(format!("node `{}` has no executable kind", node.id)).message)
+        })?;
+        let progress = |done: u64, total: Option<u64>, message: &str| {
+            self.reporter.event(Event::Progress { node: &node.id, done, total, message });
+        };
+        let notice = |msg: &str| self.reporter.event(Event::Notice(msg));
+        let ctx = ExecContext {
+            exp: &p.exp,
+            node,
+            out: &staging.out,
+            log: &staging.log,
+            scratch: self.cache.scratch_dir(&job.key),
+            inputs: job.inputs.iter().map(InputDir::clone).collect(),
+            device,
+            cancel: self.cancel,
+            processes: self.processes,
+            progress: &progress,
+            notice: &notice,
+        };
+        let fields = job.action.params.iter().chain(&job.action.locations);
+        let config = serde_json::Value::Object(fields.map(|(k, v)| (k.clone(), v.clone())).collect());
+        kind.execute(&config, &ctx)
+    }
+}

@@ -8,6 +8,7 @@
 //! schedule.rs  the scheduler: ready set, launch, finish, journal
 //! executor.rs  the Executor trait and the local executor (threads, device slots, CPU share)
 //! worker.rs    executes one node in-process and publishes its entry (what every executor ends in)
+//! spawn.rs     starts a command in its own process group, dying with mpcs, without fork's cost
 //! devices.rs   GPU discovery and slots;  progress.rs  events and their rendering;  process.rs  child processes
 //! ```
 
@@ -20,6 +21,7 @@ pub mod project;
 pub mod resolve;
 pub mod schedule;
 pub mod source;
+pub mod spawn;
 pub mod worker;
 
 use std::path::PathBuf;

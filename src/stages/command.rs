@@ -3,14 +3,15 @@
 //! `{seed}`, `{device}`, `{node}`, and every matrix value and `params` entry by name.
 
 use std::collections::BTreeMap;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::Stdio;
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use toml::Spanned;
 
 use crate::error::{did_you_mean, Result};
+use crate::exec::spawn::{spawn, wait, SpawnRequest};
 use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
 use crate::experiment::template::Template;
 use crate::experiment::{Experiment, StageDecl};
@@ -228,43 +229,30 @@ impl CommandConfig {
             argv.extend(tpl.render(&lookup).map_err(StageFailure)?);
         }
         let log = std::fs::File::create(ctx.log).map_err(|e| StageFailure(format!("cannot create the log: {e}")))?;
-        let log2 = log.try_clone().map_err(|e| StageFailure(format!("cannot open the log: {e}")))?;
-        let mut cmd = std::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .current_dir(&ctx.exp.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2))
-            .env("MPCS_OUT", ctx.out)
-            .env("MPCS_NODE", &ctx.node.id)
-            .env("MPCS_SEED", ctx.node.seed.to_string())
-            .env("MPCS_DEVICE", ctx.device.label());
+        let mut env: Vec<(OsString, OsString)> = vec![
+            ("MPCS_OUT".into(), ctx.out.into()),
+            ("MPCS_NODE".into(), (&ctx.node.id).into()),
+            ("MPCS_SEED".into(), ctx.node.seed.to_string().into()),
+            ("MPCS_DEVICE".into(), ctx.device.label().into()),
+        ];
         if !ctx.device.gpus.is_empty() {
-            cmd.env("CUDA_VISIBLE_DEVICES", ctx.device.gpus.join(","));
+            env.push(("CUDA_VISIBLE_DEVICES".into(), ctx.device.gpus.join(",").into()));
         } else if ctx.device.gpus_managed {
             // A CPU node must not grab a GPU that the scheduler is handing to others.
-            cmd.env("CUDA_VISIBLE_DEVICES", "");
+            env.push(("CUDA_VISIBLE_DEVICES".into(), "".into()));
         }
         for (k, v) in &self.env {
             let tpl = Template::parse(v).map_err(StageFailure)?;
-            cmd.env(k, tpl.render_string(&lookup).map_err(StageFailure)?);
+            env.push((k.into(), tpl.render_string(&lookup).map_err(StageFailure)?.into()));
         }
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Own process group, so Ctrl-C reaches mpcs first and mpcs ends the whole group cleanly.
-                libc::setpgid(0, 0);
-                // If mpcs dies (even by kill -9), the command dies with it instead of writing into a dead entry.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| StageFailure(format!("cannot start `{}`: {e}", argv[0])))?;
-        let token = ctx.processes.register(child.id() as i32);
+        // Its own process group (Ctrl-C reaches mpcs first, and mpcs ends the whole group), killed if mpcs dies.
+        let request = SpawnRequest { argv: &argv, cwd: &ctx.exp.dir, env, log: &log };
+        let pid = spawn(&request).map_err(|e| StageFailure(format!("cannot start `{}`: {e}", argv[0])))?;
+        let token = ctx.processes.register(pid);
         if ctx.cancelled() {
             ctx.processes.signal_all(libc::SIGTERM);
         }
-        let status = child.wait();
+        let status = wait(pid);
         ctx.processes.unregister(token);
         let status = status.map_err(|e| StageFailure(format!("cannot wait for `{}`: {e}", argv[0])))?;
         if ctx.cancelled() {

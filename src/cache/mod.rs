@@ -20,7 +20,6 @@ pub mod lock;
 pub mod maintenance;
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -261,21 +260,6 @@ impl Cache {
         out.sort();
         Ok(out)
     }
-}
-
-/// Writes `bytes` to `path` via a temporary file and a rename, so readers see the old or the new file whole.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io("cannot write", path, e)
-    })
 }
 
 /// This machine's host name, for manifests.

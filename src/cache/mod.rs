@@ -149,11 +149,7 @@ impl Cache {
         }
     }
 
-    /// Waits for the lock of `key`. Whoever holds it is the only one computing that entry.
-    pub fn lock(&self, key: &str) -> Result<FileLock> {
-        FileLock::exclusive(&self.lock_path(key))
-    }
-
+    /// Takes the lock of `key` if nobody holds it. Whoever holds it is the only one computing that entry.
     pub fn try_lock(&self, key: &str) -> Result<Option<FileLock>> {
         FileLock::try_exclusive(&self.lock_path(key))
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::fingerprint::{hash_tree, tree_digest};
-use super::Cache;
+use super::{Cache, FORMAT_DIR};
 use crate::error::Result;
 
 #[derive(Debug, Default)]
@@ -40,7 +40,7 @@ pub fn gc(cache: &Cache, keep: &HashSet<String>, dry_run: bool) -> Result<GcRepo
             report.busy += 1;
             continue;
         };
-        let trash = cache.root().join("v1").join("tmp").join(format!("{key}.gc.{}", std::process::id()));
+        let trash = cache.root().join(FORMAT_DIR).join("tmp").join(format!("{key}.gc.{}", std::process::id()));
         if fs::rename(&dir, &trash).is_ok() {
             let _ = fs::remove_dir_all(&trash);
             report.removed.push(key);
@@ -50,7 +50,7 @@ pub fn gc(cache: &Cache, keep: &HashSet<String>, dry_run: bool) -> Result<GcRepo
     if !dry_run {
         // Scratch and failure logs of keys nobody reaches, and staging directories of runs that died.
         for sub in ["scratch", "failed", "tmp"] {
-            let d = cache.root().join("v1").join(sub);
+            let d = cache.root().join(FORMAT_DIR).join(sub);
             let Ok(rd) = fs::read_dir(&d) else { continue };
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -98,7 +98,7 @@ pub fn verify(cache: &Cache, remove: bool) -> Result<VerifyReport> {
             if remove {
                 if let Ok(Some(_lock)) = cache.try_lock(&key) {
                     let trash =
-                        cache.root().join("v1").join("tmp").join(format!("{key}.corrupt.{}", std::process::id()));
+                        cache.root().join(FORMAT_DIR).join("tmp").join(format!("{key}.corrupt.{}", std::process::id()));
                     if fs::rename(cache.entry_dir(&key), &trash).is_ok() {
                         let _ = fs::remove_dir_all(&trash);
                         report.removed += 1;

@@ -32,7 +32,8 @@ pub use lock::FileLock;
 
 /// Environment variable that moves the cache (the `--cache` flag wins over it).
 pub const CACHE_ENV: &str = "MPCS_CACHE";
-const FORMAT_DIR: &str = "v1";
+/// The folder under the cache root that holds everything of the current on-disk format (bump it with the format).
+pub const FORMAT_DIR: &str = "v1";
 const MANIFEST_FORMAT: u32 = 1;
 
 /// What an entry records about how it was made.

@@ -14,6 +14,7 @@ pub mod download;
 pub mod error;
 pub mod exec;
 pub mod experiment;
+pub mod fsutil;
 pub mod infer;
 pub mod lineage;
 pub mod loader;

@@ -196,7 +196,7 @@ pub fn fingerprint_source(path: &Path, stat_dir: &Path) -> Result<SourceFingerpr
         // Best effort: a failed write only costs a re-hash next time.
         let _ = fs::create_dir_all(stat_dir);
         if let Ok(bytes) = serde_json::to_vec(&new) {
-            let _ = crate::cache::write_atomic(&cache_file, &bytes);
+            let _ = crate::fsutil::write_atomic(&cache_file, &bytes);
         }
     }
     Ok(SourceFingerprint { digest, files: listing.len(), bytes: listing.iter().map(|f| f.size).sum(), hashed_bytes })

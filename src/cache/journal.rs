@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{write_atomic, Cache, FileLock};
+use super::{Cache, FileLock};
 use crate::error::{Error, Result};
 use crate::plan::key::Action;
 
@@ -147,7 +147,7 @@ impl Journal {
                 out.extend_from_slice(&l);
             }
         }
-        let _ = write_atomic(&self.path, &out);
+        let _ = crate::fsutil::write_atomic(&self.path, &out);
     }
 }
 

@@ -43,13 +43,6 @@ fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
 }
 
 impl FileLock {
-    /// Waits until the exclusive lock on `path` is ours.
-    pub fn exclusive(path: &Path) -> Result<FileLock> {
-        let file = open(path)?;
-        flock(&file, libc::LOCK_EX).map_err(|e| Error::io("cannot lock", path, e))?;
-        Ok(FileLock { _file: file })
-    }
-
     /// Takes the exclusive lock if nobody holds it.
     pub fn try_exclusive(path: &Path) -> Result<Option<FileLock>> {
         let file = open(path)?;

@@ -20,7 +20,6 @@ pub mod lock;
 pub mod maintenance;
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -151,11 +150,7 @@ impl Cache {
         }
     }
 
-    /// Waits for the lock of `key`. Whoever holds it is the only one computing that entry.
-    pub fn lock(&self, key: &str) -> Result<FileLock> {
-        FileLock::exclusive(&self.lock_path(key))
-    }
-
+    /// Takes the lock of `key` if nobody holds it. Whoever holds it is the only one computing that entry.
     pub fn try_lock(&self, key: &str) -> Result<Option<FileLock>> {
         FileLock::try_exclusive(&self.lock_path(key))
     }
@@ -262,21 +257,6 @@ impl Cache {
         out.sort();
         Ok(out)
     }
-}
-
-/// Writes `bytes` to `path` via a temporary file and a rename, so readers see the old or the new file whole.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io("cannot write", path, e)
-    })
 }
 
 /// This machine's host name, for manifests.

@@ -9,7 +9,7 @@ use super::record::{rel_string, Dataset, ImageRecord};
 use super::{first_matching, list_dir};
 
 /// Class names by label, as the paper's code indexes them: benign 0, invasive 1, insitu 2, normal 3.
-pub const CLASS_NAMES: [&str; 4] = ["benign", "invasive", "insitu", "normal"];
+pub use super::record::BACH_CLASS_NAMES as CLASS_NAMES;
 /// Folder names in the archive, by label.
 pub const CLASS_FOLDERS: [&str; 4] = ["Benign", "Invasive", "InSitu", "Normal"];
 /// File name prefixes in the archive (`b001.tif`, `iv001.tif`, `is001.tif`, `n001.tif`), by label.

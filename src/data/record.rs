@@ -7,6 +7,11 @@ use std::str::FromStr;
 
 use super::error::DataError;
 
+/// BACH's class names by label, as the paper's code indexes them: benign 0, invasive 1, insitu 2, normal 3.
+/// Here rather than in `bach` so that [`Dataset::class_names`] needs nothing from the readers (`bach::CLASS_NAMES`
+/// re-exports it).
+pub const BACH_CLASS_NAMES: [&str; 4] = ["benign", "invasive", "insitu", "normal"];
+
 /// The three datasets the paper uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Dataset {
@@ -34,7 +39,7 @@ impl Dataset {
     pub fn class_names(self) -> &'static [&'static str] {
         match self {
             Dataset::BreakHis => &["benign", "malignant"],
-            Dataset::Bach => &super::bach::CLASS_NAMES,
+            Dataset::Bach => &BACH_CLASS_NAMES,
             Dataset::BreastCell => &["benign", "malignant"],
         }
     }

@@ -52,10 +52,9 @@ impl Scratch {
 
     /// Write the sidecar atomically (temp name then rename) so a crash never leaves half a JSON file.
     pub(crate) fn save(&self, sidecar: &Sidecar) -> Result<(), DownloadError> {
-        let tmp = self.sidecar.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(sidecar).expect("sidecar serialises");
-        fs::write(&tmp, text).map_err(|e| DownloadError::io("cannot write", &tmp, e))?;
-        fs::rename(&tmp, &self.sidecar).map_err(|e| DownloadError::io("cannot rename into place", &self.sidecar, e))
+        crate::fsutil::write_atomic(&self.sidecar, text.as_bytes())
+            .map_err(|e| DownloadError::io("cannot write", &self.sidecar, e))
     }
 
     pub(crate) fn part_len(&self) -> u64 {

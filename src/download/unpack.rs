@@ -291,8 +291,7 @@ fn symlink(target: &Path, path: &Path) -> Result<(), DownloadError> {
 }
 
 #[cfg(not(unix))]
-fn symlink(target: &Path, path: &Path) -> Result<(), DownloadError> {
-    let _ = target;
+fn symlink(_target: &Path, path: &Path) -> Result<(), DownloadError> {
     Err(DownloadError::io(
         "cannot create symlink",
         path,

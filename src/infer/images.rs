@@ -99,19 +99,12 @@ pub fn image_tensor(images: &[Rgb8], normalize: Normalize, device: &Device) -> R
     Ok(Tensor::from_vec(data, (images.len(), 3, h, w), device)?)
 }
 
-/// Writes `bytes` through a temporary name in the same folder and a rename, so `path` is never half-written.
+/// Writes `bytes` atomically ([`crate::fsutil::write_atomic`]), creating the parent folders first.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(InferError::io(parent))?;
     }
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(name);
-    std::fs::write(&tmp, bytes).map_err(InferError::io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        InferError::Io { path: path.to_path_buf(), source: e }
-    })
+    crate::fsutil::write_atomic(path, bytes).map_err(InferError::io(path))
 }
 
 /// Runs `f` over the images in order, `batch_size` at a time when they share one size, else one by one

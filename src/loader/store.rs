@@ -198,19 +198,10 @@ impl ImageStore {
         let digest = blake3::hash(&buf);
         buf.extend_from_slice(digest.as_bytes());
 
-        let file_name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = file.with_file_name(format!(".{file_name}.tmp.{}", std::process::id()));
         if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| LoaderError::io(dir, e))?;
         }
-        std::fs::write(&tmp, &buf).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            LoaderError::io(&tmp, e)
-        })?;
-        std::fs::rename(&tmp, file).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            LoaderError::io(file, e)
-        })
+        crate::fsutil::write_atomic(file, &buf).map_err(|e| LoaderError::io(file, e))
     }
 
     /// Reads a saved store with one read, checks its checksum and, when given, its source key.

@@ -10,6 +10,7 @@ use candle_nn::{Init, ModuleT, VarBuilder};
 
 use super::cpu::{f32_slice, fast_cpu_f32, internal, par_chunks, par_map, with_f32};
 use super::error::{NnError, Result};
+use super::grad::grad_enabled;
 
 /// PyTorch's defaults: eps 1e-5, momentum 0.1.
 pub const BN_EPS: f64 = 1e-5;
@@ -179,8 +180,7 @@ impl BatchNorm {
 
     /// Evaluation mode, with a ReLU after it when `relu`: one fused op for f32 CPU tensors.
     fn eval_impl(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        if !super::grad_enabled() && (x.track_op() || self.weight_and_bias.as_ref().is_some_and(|(w, _)| w.track_op()))
-        {
+        if !grad_enabled() && (x.track_op() || self.weight_and_bias.as_ref().is_some_and(|(w, _)| w.track_op())) {
             let detached = Self {
                 weight_and_bias: self.weight_and_bias.as_ref().map(|(w, b)| (w.detach(), b.detach())),
                 ..self.clone()

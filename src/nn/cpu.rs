@@ -26,13 +26,17 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_c
     }
 }
 
+/// false when the environment sets `MPCS_NN_REFERENCE=1`: every layer then runs through candle's
+/// own ops (the "before" column of the benchmarks; read once per process).
+pub fn fast_paths_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MPCS_NN_REFERENCE").map_or(true, |v| v.is_empty() || v == "0"))
+}
+
 /// Whether the fused CPU kernels apply: f32, on the CPU, not empty (the kernels walk the data in
 /// per-plane chunks), fast paths enabled.
 pub(crate) fn fast_cpu_f32(t: &Tensor) -> bool {
-    super::conv::fast_paths_enabled()
-        && t.device().is_cpu()
-        && t.dtype() == candle_core::DType::F32
-        && t.elem_count() > 0
+    fast_paths_enabled() && t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.elem_count() > 0
 }
 
 /// Wraps a candle error produced inside `bwd` (which must return candle's error type).

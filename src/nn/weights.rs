@@ -3,7 +3,7 @@
 //! so PyTorch can `load_state_dict` what we save.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -218,8 +218,8 @@ pub fn save(varmap: &VarMap, path: &Path) -> Result<()> {
 }
 
 /// Saves the variables whose name starts with `prefix`, with the prefix removed (e.g. the
-/// encoder of a bigger model as a plain torchvision state dict). Written to a temporary file in
-/// the same directory and renamed, so `path` is never half-written.
+/// encoder of a bigger model as a plain torchvision state dict). Written atomically
+/// ([`crate::fsutil::write_atomic`]), so `path` is never half-written.
 pub fn save_with(varmap: &VarMap, path: &Path, prefix: &str) -> Result<()> {
     let tensors: HashMap<String, Tensor> = {
         let data = varmap.data().lock().expect("VarMap mutex poisoned");
@@ -234,15 +234,10 @@ pub fn save_with(varmap: &VarMap, path: &Path, prefix: &str) -> Result<()> {
             path.display()
         )));
     }
-    let mut tmp: PathBuf = path.to_path_buf();
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp{}", std::process::id()));
-    tmp.set_file_name(name);
-    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        NnError::from(e)
-    })?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    // The same bytes `candle_core::safetensors::save` writes, serialised in memory (safetensors has no
+    // writer-based API) so the file goes through the crate's one atomic write.
+    let bytes = safetensors::tensor::serialize(&tensors, None).map_err(candle_core::Error::from)?;
+    crate::fsutil::write_atomic(path, &bytes).map_err(io_err(path))
 }
 
 /// True for BatchNorm buffers (running statistics, batch counter), which are not trained.

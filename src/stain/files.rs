@@ -7,7 +7,7 @@
 //! error raised before anything is written.
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Cursor};
+use std::io::{BufWriter, Cursor, Write};
 use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
@@ -45,27 +45,23 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, StainError> {
     })
 }
 
-/// Writes `img` as PNG to `path` via a temporary file in the same folder and a rename, so a
-/// reader never sees a half-written file. Creates the parent folders.
+/// Writes `img` as PNG to `path` atomically ([`crate::fsutil::write_atomic_with`], synced to disk
+/// before the rename), so a reader never sees a half-written file. Creates the parent folders.
 pub fn save_png_atomic(img: &RgbImage, path: &Path) -> Result<(), StainError> {
     let werr = |detail: String| StainError::Write { path: path.to_path_buf(), detail };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| werr(e.to_string()))?;
-    let name = path.file_name().ok_or_else(|| werr("no file name".to_string()))?;
-    let tmp =
-        dir.join(format!(".{}.tmp-{}-{:?}", name.to_string_lossy(), std::process::id(), std::thread::current().id()));
-    let result = (|| {
-        let file = std::fs::File::create(&tmp).map_err(|e| werr(e.to_string()))?;
-        let mut w = BufWriter::new(file);
-        img.write_to(&mut w, ImageFormat::Png).map_err(|e| werr(e.to_string()))?;
-        let file = w.into_inner().map_err(|e| werr(e.to_string()))?;
-        file.sync_all().map_err(|e| werr(e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| werr(e.to_string()))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if path.file_name().is_none() {
+        return Err(werr("no file name".to_string()));
     }
-    result
+    crate::fsutil::write_atomic_with(path, |file| {
+        let mut w = BufWriter::new(&mut *file);
+        img.write_to(&mut w, ImageFormat::Png).map_err(std::io::Error::other)?;
+        w.flush()?;
+        drop(w);
+        file.sync_all()
+    })
+    .map_err(|e| werr(e.to_string()))
 }
 
 /// Output path of an input, relative to the output folder: same relative path, extension `.png`.

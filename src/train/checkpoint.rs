@@ -50,16 +50,13 @@ pub(crate) fn save(scratch: &Path, varmap: &VarMap, state: &State) -> Result<()>
 /// every attempt, so after a resume the best weights must come from here, not from an earlier attempt's output.
 pub(crate) const BEST: &str = "best.safetensors";
 
-/// Copies a finished scratch file into the output folder (through a temporary name and a rename).
+/// Copies a finished scratch file into the output folder (atomically: [`crate::fsutil::write_atomic_with`]).
 pub(crate) fn publish(from: &Path, to: &Path) -> Result<()> {
-    let mut name = to.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp{}", std::process::id()));
-    let tmp = to.with_file_name(name);
     if let Some(dir) = to.parent() {
         std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
     }
-    std::fs::copy(from, &tmp).map_err(TrainError::io(from))?;
-    std::fs::rename(&tmp, to).map_err(TrainError::io(to))
+    let mut src = std::fs::File::open(from).map_err(TrainError::io(from))?;
+    crate::fsutil::write_atomic_with(to, |f| std::io::copy(&mut src, f).map(drop)).map_err(TrainError::io(to))
 }
 
 pub(crate) fn weights_name(epoch: usize) -> String {

@@ -45,13 +45,9 @@ pub(crate) fn to_tensor(data: Vec<f32>, shape: [usize; 4], device: &Device) -> R
     Ok(Tensor::from_vec(data, shape.to_vec(), device)?)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` atomically ([`crate::fsutil::write_atomic`]); the folder must exist.
 pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(name);
-    std::fs::write(&tmp, bytes).map_err(TrainError::io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(TrainError::io(path))
+    crate::fsutil::write_atomic(path, bytes).map_err(TrainError::io(path))
 }
 
 /// Checks a loss value, turning NaN/inf into the error that names the epoch.

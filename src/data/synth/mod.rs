@@ -201,7 +201,7 @@ fn publish(staging: &Path, out: &Path) -> Result<(), DataError> {
     std::fs::rename(staging, out).map_err(|e| DataError::io(out, e))
 }
 
-/// Encodes and writes one image atomically (temporary name, then rename). Returns its size.
+/// Encodes and writes one image atomically ([`crate::fsutil::write_atomic`]). Returns its size.
 fn write_image(path: &Path, img: &RgbImage, format: image::ImageFormat) -> Result<u64, DataError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
@@ -217,10 +217,7 @@ fn write_image(path: &Path, img: &RgbImage, format: image::ImageFormat) -> Resul
         ),
     };
     encoded.map_err(|e| DataError::Encode { path: path.to_path_buf(), message: e.to_string() })?;
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.partial"));
-    std::fs::write(&tmp, &bytes).map_err(|e| DataError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))?;
+    crate::fsutil::write_atomic(path, &bytes).map_err(|e| DataError::io(path, e))?;
     Ok(bytes.len() as u64)
 }
 

@@ -18,6 +18,11 @@ use std::ops::Range;
 
 use super::cpu::f32_slice;
 use super::error::{NnError, Result};
+use super::grad::grad_enabled;
+
+/// Defined beside the other CPU fast-path checks in `nn::cpu` (which every fused layer uses);
+/// public here, where the benchmarks look for it.
+pub use super::cpu::fast_paths_enabled;
 
 mod lanes;
 
@@ -101,13 +106,6 @@ impl Geometry {
         const MIN_COLS: usize = 256;
         MIN_COLS.div_ceil(self.p()).clamp(1, self.n.max(1))
     }
-}
-
-/// false when the environment sets `MPCS_NN_REFERENCE=1`: every layer then runs through candle's
-/// own ops (the "before" column of the benchmarks; read once per process).
-pub fn fast_paths_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MPCS_NN_REFERENCE").map_or(true, |v| v.is_empty() || v == "0"))
 }
 
 /// How a GEMM inside one part of the batch may use threads: the threads the parts leave over.
@@ -846,13 +844,13 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize, dilation: u
     let fast =
         fast_paths_enabled() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32;
     if !fast || x.elem_count() == 0 || w.elem_count() == 0 {
-        if !super::grad_enabled() {
+        if !grad_enabled() {
             return Ok(x.detach().conv2d(&w.detach(), padding, stride, dilation, 1)?);
         }
         return Ok(x.conv2d(w, padding, stride, dilation, 1)?);
     }
     let op = Conv2dOp { stride, padding, dilation };
-    if !super::grad_enabled() {
+    if !grad_enabled() {
         return Ok(x.detach().contiguous()?.apply_op2_no_bwd(&w.detach().contiguous()?, &op)?);
     }
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
@@ -882,7 +880,7 @@ pub fn conv2d_channel_affine(
         && shift.dims() == [g.o]
         && residual.is_none_or(|r| r.dims() == [g.n, g.o, g.oh, g.ow] && f32_cpu(r));
     let fast = fast_paths_enabled() && [x, w, scale, shift].into_iter().all(f32_cpu) && shapes_ok;
-    if fast && !super::grad_enabled() && x.elem_count() > 0 && w.elem_count() > 0 {
+    if fast && !grad_enabled() && x.elem_count() > 0 && w.elem_count() > 0 {
         let (x, w) = (x.detach().contiguous()?, w.detach().contiguous()?);
         let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);
         let residual = residual.map(|r| r.contiguous()).transpose()?;
@@ -905,8 +903,7 @@ pub fn conv2d_channel_affine(
         return Ok(Tensor::from_vec(y, (g.n, g.o, g.oh, g.ow), x.device())?);
     }
     let y = conv2d(x, w, stride, padding, dilation)?;
-    let (scale, shift) =
-        if super::grad_enabled() { (scale.clone(), shift.clone()) } else { (scale.detach(), shift.detach()) };
+    let (scale, shift) = if grad_enabled() { (scale.clone(), shift.clone()) } else { (scale.detach(), shift.detach()) };
     let shape = (1, g.o, 1, 1);
     let y = y.broadcast_mul(&scale.reshape(shape)?)?.broadcast_add(&shift.reshape(shape)?)?;
     let y = match residual {

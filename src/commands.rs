@@ -325,6 +325,12 @@ pub fn gc(experiments: &[PathBuf], sets: &[String], dry_run: bool, cache: &Cache
         r.kept,
         if r.busy > 0 { format!(", {} busy (in use by a running mpcs) left alone", r.busy) } else { String::new() }
     );
+    for old in &r.old_formats {
+        println!(
+            "{} {old}/ of an older cache format (this mpcs never reads it)",
+            if dry_run { "would remove" } else { "removed" }
+        );
+    }
     Ok(exit::OK)
 }
 

@@ -179,4 +179,12 @@ fn show_gc_and_verify() {
     assert!(gc.status.success());
     assert_eq!(p.entries().len(), 199);
     assert!(p.run_ok("paper.toml", &[]).executed.is_empty(), "gc kept every reachable entry");
+
+    // Entries of the previous cache format are never read (their keys hash unresolved parameters); gc drops them.
+    p.write("cache/v1/entries/ab/ab0123/out/x.txt", "old");
+    let dry = p.mpcs(&["gc", "paper.toml", "--dry-run"]);
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("would remove v1/ of an older cache format"));
+    assert!(p.path("cache/v1").exists(), "a dry run removes nothing");
+    assert!(p.mpcs(&["gc", "paper.toml"]).status.success());
+    assert!(!p.path("cache/v1").exists() && p.entries().len() == 199);
 }

@@ -17,6 +17,8 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Entries not reached but locked by a running `mpcs run`, left alone.
     pub busy: usize,
+    /// Folders of older cache formats (`v1/`), which this mpcs never reads: removed whole.
+    pub old_formats: Vec<String>,
 }
 
 /// Removes every entry whose key is not in `keep` (and the scratch, failure logs and stale staging directories
@@ -47,6 +49,7 @@ pub fn gc(cache: &Cache, keep: &HashSet<String>, dry_run: bool) -> Result<GcRepo
             report.bytes_freed += size;
         }
     }
+    remove_old_formats(cache, dry_run, &mut report);
     if !dry_run {
         // Scratch and failure logs of keys nobody reaches, and staging directories of runs that died.
         for sub in ["scratch", "failed", "tmp"] {
@@ -65,6 +68,23 @@ pub fn gc(cache: &Cache, keep: &HashSet<String>, dry_run: bool) -> Result<GcRepo
         }
     }
     Ok(report)
+}
+
+/// Folders of other cache formats (`v<N>` beside the current one): no key of this mpcs can reach them.
+fn remove_old_formats(cache: &Cache, dry_run: bool, report: &mut GcReport) {
+    let Ok(rd) = fs::read_dir(cache.root()) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let versioned = name.strip_prefix('v').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !versioned || name == FORMAT_DIR || !e.path().is_dir() {
+            continue;
+        }
+        let size = dir_size(&e.path());
+        if dry_run || fs::remove_dir_all(e.path()).is_ok() {
+            report.bytes_freed += size;
+            report.old_formats.push(name);
+        }
+    }
 }
 
 fn dir_size(p: &Path) -> u64 {

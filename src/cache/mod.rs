@@ -2,13 +2,13 @@
 //!
 //! ```text
 //! <cache>/CACHEDIR.TAG
-//! <cache>/v1/entries/<k[0..2]>/<key>/{manifest.json, log.txt, out/...}   published entries, immutable
-//! <cache>/v1/tmp/<key>.<pid>.<n>/                                       entries being written
-//! <cache>/v1/locks/<k[0..2]>/<key>                                      per-key flock files
-//! <cache>/v1/scratch/<key>/                                             checkpoints of long stages, for resume
-//! <cache>/v1/failed/<key>/log.txt                                       the log of the last failed attempt
-//! <cache>/v1/stat/<hash>.json                                           stat caches of sources
-//! <cache>/v1/journal/<experiment>.jsonl                                 append-only run records per experiment
+//! <cache>/v2/entries/<k[0..2]>/<key>/{manifest.json, log.txt, out/...}   published entries, immutable
+//! <cache>/v2/tmp/<key>.<pid>.<n>/                                       entries being written
+//! <cache>/v2/locks/<k[0..2]>                                            per-key locks: one byte each (OFD locks)
+//! <cache>/v2/scratch/<key>/                                             checkpoints of long stages, for resume
+//! <cache>/v2/failed/<key>/log.txt                                       the log of the last failed attempt
+//! <cache>/v2/stat/<hash>.json                                           stat caches of sources
+//! <cache>/v2/journal/<experiment>.jsonl                                 append-only run records per experiment
 //! ```
 //!
 //! An entry is written in `tmp/` and published with one `rename`, so a half-written entry is never visible and
@@ -131,8 +131,9 @@ impl Cache {
         self.base.join("journal")
     }
 
+    /// One lock file per shard of keys (at most 256), one locked byte per key: no inode per key.
     fn lock_path(&self, key: &str) -> PathBuf {
-        self.base.join("locks").join(&key[..2]).join(key)
+        self.base.join("locks").join(&key[..2])
     }
 
     /// The manifest of a published entry, or None if there is no entry for `key`.
@@ -152,7 +153,10 @@ impl Cache {
 
     /// Takes the lock of `key` if nobody holds it. Whoever holds it is the only one computing that entry.
     pub fn try_lock(&self, key: &str) -> Result<Option<FileLock>> {
-        FileLock::try_exclusive(&self.lock_path(key))
+        // The byte: the key's next 15 hex digits (60 bits), so two keys collide only by a 2^-60 chance (and a
+        // collision only makes two keys wait for each other).
+        let offset = u64::from_str_radix(key.get(2..17).unwrap_or("0"), 16).unwrap_or(0);
+        FileLock::try_exclusive_byte(&self.lock_path(key), offset)
     }
 
     /// Removes staging directories left by runs that died: each belongs to a key whose lock is free (a live

@@ -137,7 +137,11 @@ fn explain_serde_message(msg: &str, context: &str, extra_keys: &[&str]) -> (Stri
     if msg.starts_with("invalid type") {
         return (format!("wrong type {context}: {msg}"), None);
     }
-    (format!("{msg} ({context})"), None)
+    // A word that is not one of a kind's choices ("unknown variant `x`, expected `a` or `b`").
+    if msg.starts_with("unknown variant") {
+        return (format!("wrong value {context}: {msg}"), None);
+    }
+    (format!("{msg} {context}"), None)
 }
 
 fn line_col(text: &str, pos: usize) -> (usize, usize, &str) {

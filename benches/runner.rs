@@ -2,7 +2,7 @@
 //! (≈200 and ≈2,000 nodes), beside an equivalent Makefile run by GNU make in the same process tree.
 //! Run with `cargo bench --bench runner`; prints one row per measurement.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -76,9 +76,9 @@ from = "linear"
     (text, 5 + 39 * folds)
 }
 
-fn mpcs(dir: &Path, args: &[&str]) -> f64 {
+fn mpcs(bin: &Path, dir: &Path, args: &[&str]) -> f64 {
     let t = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_mpcs")).current_dir(dir).args(args).output().expect("mpcs");
+    let out = Command::new(bin).current_dir(dir).args(args).output().expect("mpcs");
     let s = t.elapsed().as_secs_f64();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     s
@@ -118,26 +118,59 @@ fn makefile(folds: usize) -> String {
     rules
 }
 
+/// The binaries measured: this build's, and with `MPCS_BASE=/path/to/mpcs` a previous build's too (measured in
+/// the same run, one after the other at every step, so both see the same machine).
+fn binaries() -> Vec<(String, PathBuf)> {
+    let mut bins = vec![("mpcs".to_string(), PathBuf::from(env!("CARGO_BIN_EXE_mpcs")))];
+    if let Some(base) = std::env::var_os("MPCS_BASE") {
+        bins.push(("base".to_string(), PathBuf::from(base)));
+    }
+    bins
+}
+
 fn main() {
     let has_make = Command::new("make").arg("--version").output().is_ok();
     println!("{:<44} {:>10}", "measurement", "seconds");
+    // Every folder lives until the end: deleting a big cache just before a cold run makes the next file
+    // creations slow on some filesystems (ext4 without a journal rescans recently freed inodes).
+    let mut keep = Vec::new();
     for folds in [5usize, 51] {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        std::fs::create_dir_all(d.join("data")).unwrap();
-        std::fs::write(d.join("data/x"), "x").unwrap();
         let (text, nodes) = dag(folds);
-        std::fs::write(d.join("exp.toml"), text).unwrap();
-        let cold = mpcs(d, &["run", "exp.toml", "--jobs", "2", "--quiet", "--devices", "cpu"]);
-        println!("{:<44} {:>10.3}", format!("mpcs cold run, {nodes} nodes, --jobs 2"), cold);
-        let noop = median((0..7).map(|_| mpcs(d, &["run", "exp.toml", "--quiet"])).collect());
-        println!("{:<44} {:>10.3}", format!("mpcs unchanged rerun, {nodes} nodes"), noop);
-        let graph = median((0..7).map(|_| mpcs(d, &["graph", "exp.toml", "--format", "json"])).collect());
-        println!("{:<44} {:>10.3}", format!("mpcs graph --format json, {nodes} nodes"), graph);
-        let dry = median((0..5).map(|_| mpcs(d, &["run", "exp.toml", "--dry-run"])).collect());
-        println!("{:<44} {:>10.3}", format!("mpcs run --dry-run, {nodes} nodes"), dry);
-        if has_make {
+        let mut dirs = Vec::new();
+        for (name, _) in binaries().iter().map(|(n, b)| (n.clone(), b.clone())).chain([("make".into(), PathBuf::new())])
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path();
+            std::fs::create_dir_all(d.join("data")).unwrap();
+            std::fs::write(d.join("data/x"), "x").unwrap();
+            std::fs::write(d.join("exp.toml"), &text).unwrap();
             std::fs::write(d.join("Makefile"), makefile(folds)).unwrap();
+            dirs.push((name, dir));
+        }
+        let bins = binaries();
+        for (name, bin) in &bins {
+            let d = dirs.iter().find(|(n, _)| n == name).unwrap().1.path();
+            let cold = mpcs(bin, d, &["run", "exp.toml", "--jobs", "2", "--quiet", "--devices", "cpu"]);
+            println!("{:<44} {:>10.3}", format!("{name} cold run, {nodes} nodes, --jobs 2"), cold);
+        }
+        for (what, args, reps) in [
+            ("unchanged rerun", &["run", "exp.toml", "--quiet"][..], 7),
+            ("graph --format json", &["graph", "exp.toml", "--format", "json"][..], 7),
+            ("run --dry-run", &["run", "exp.toml", "--dry-run"][..], 5),
+        ] {
+            let mut times: Vec<Vec<f64>> = vec![Vec::new(); bins.len()];
+            for _ in 0..reps {
+                for (b, (name, bin)) in bins.iter().enumerate() {
+                    let d = dirs.iter().find(|(n, _)| n == name).unwrap().1.path();
+                    times[b].push(mpcs(bin, d, args));
+                }
+            }
+            for (b, (name, _)) in bins.iter().enumerate() {
+                println!("{:<44} {:>10.3}", format!("{name} {what}, {nodes} nodes"), median(times[b].clone()));
+            }
+        }
+        if has_make {
+            let d = dirs.iter().find(|(n, _)| n == "make").unwrap().1.path();
             let t = Instant::now();
             let ok = Command::new("make").current_dir(d).args(["-s", "-j2"]).status().unwrap().success();
             assert!(ok);
@@ -151,5 +184,6 @@ fn main() {
                 .collect();
             println!("{:<44} {:>10.3}", format!("make unchanged, {nodes} targets"), median(noop));
         }
+        keep.push(dirs);
     }
 }

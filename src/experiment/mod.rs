@@ -33,6 +33,8 @@ pub struct Experiment {
     pub dir: PathBuf,
     pub name: String,
     pub title: Option<String>,
+    /// Free text from `[experiment] description`.
+    pub description: Option<String>,
     /// Experiment seed; every node's seed is derived from it and the node id.
     pub seed: u64,
     pub stages: Vec<StageDecl>,
@@ -141,7 +143,7 @@ impl Experiment {
     ) -> Result<(Experiment, Vec<S>)> {
         let text: &str = &source.text;
         let mut root = DeTable::parse(text).map_err(|e| source.toml_error(&e, "(not valid TOML)", &[]))?.into_inner();
-        apply_overrides(&source, &mut root, &overrides)?;
+        apply_overrides(&mut root, &overrides)?;
 
         for (key, _) in root.iter() {
             let k: &str = key.get_ref();
@@ -158,7 +160,6 @@ impl Experiment {
                 .map_err(|e| source.toml_error(&e, "in [experiment]", &[]))?,
             None => Header { name: None, title: None, seed: None, description: None },
         };
-        let _ = header.description;
 
         let stage_tables = match root.remove("stage") {
             Some(v) => {
@@ -199,6 +200,7 @@ impl Experiment {
             dir,
             name,
             title: header.title,
+            description: header.description,
             seed: header.seed.unwrap_or(0),
             stages,
             source,
@@ -221,7 +223,7 @@ impl Experiment {
     }
 }
 
-fn apply_overrides(source: &SourceText, root: &mut DeTable<'_>, overrides: &[Override]) -> Result<()> {
+fn apply_overrides(root: &mut DeTable<'_>, overrides: &[Override]) -> Result<()> {
     if overrides.is_empty() {
         return Ok(());
     }
@@ -255,7 +257,6 @@ fn apply_overrides(source: &SourceText, root: &mut DeTable<'_>, overrides: &[Ove
                 }
             }
         }
-        let _ = source;
     }
     Ok(())
 }

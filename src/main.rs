@@ -44,7 +44,7 @@ enum Command {
     Run {
         /// The experiment file (TOML)
         experiment: PathBuf,
-        /// Override a value of the file: --set stage.finetune.params.lr=0.01 (repeatable)
+        /// Override a value of the file: --set stage.finetune.lr=0.01 (a command's: stage.NAME.params.KEY=V; repeatable)
         #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
         sets: Vec<String>,
         /// Nodes to run at once (default: number of CPU cores)

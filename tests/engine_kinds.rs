@@ -266,3 +266,30 @@ fn a_changed_default_changes_the_key_and_why_names_it() {
     let a = mpcs::lineage::assess(&pinned, &cache).unwrap();
     assert!(!mpcs::lineage::why(&pinned, &a, &cache, 0).contains("(default)"));
 }
+
+#[test]
+fn the_manifest_lists_every_resolved_parameter_defaults_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = "[stage.synthetic]\nkind = \"synthetic\"\ndataset = \"breakhis\"\npatients = 2\nsize = \"70x46\"\n";
+    std::fs::write(dir.path().join("e.toml"), exp).unwrap();
+    let mpcs = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mpcs"))
+            .current_dir(dir.path())
+            .args(args)
+            .env_remove("MPCS_CACHE")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    mpcs(&["run", "e.toml", "--quiet"]);
+    let shown: Value = serde_json::from_slice(&mpcs(&["show", "synthetic", "--exp", "e.toml", "--json"])).unwrap();
+    let params = &shown["action"]["params"];
+    assert_eq!(params["patients"], 2, "written: {params}");
+    assert_eq!(params["regions_per_patient"], 3, "a default, filled in: {params}");
+    assert_eq!(params["partial_regions"], true, "a default, filled in: {params}");
+    assert!(params["seed"].is_u64(), "the node seed it used: {params}");
+    let defaults: Vec<&str> =
+        shown["action"]["defaults"].as_array().unwrap().iter().filter_map(|d| d.as_str()).collect();
+    assert!(defaults.contains(&"regions_per_patient") && !defaults.contains(&"patients"), "{defaults:?}");
+}

@@ -38,7 +38,7 @@ pub fn short_reason(p: &Project, a: &Assessment, i: usize) -> String {
             if p.source_of(i).is_some() {
                 return if a.last.contains_key(&node.id) { "source changed".into() } else { "new source".into() };
             }
-            match (a.last.get(&node.id), &st.action) {
+            match (a.last.get(&node.id), &a.action(p, i)) {
                 (Some(r), Some(cur)) => {
                     let diffs = action_diff(&r.action, cur);
                     if diffs.is_empty() {
@@ -119,7 +119,7 @@ pub fn why(p: &Project, a: &Assessment, cache: &Cache, i: usize) -> String {
                     m.node, m.experiment, m.duration_s, m.host, m.device
                 );
             }
-            if let (Some(r), Some(cur)) = (last, &st.action) {
+            if let (Some(r), Some(cur)) = (last, &a.action(p, i)) {
                 if r.key != key {
                     let diffs = action_diff(&r.action, cur);
                     let _ = writeln!(out, "  differs from the last recorded run (now restored from the cache):");
@@ -130,7 +130,8 @@ pub fn why(p: &Project, a: &Assessment, cache: &Cache, i: usize) -> String {
             }
         }
         State::WillRun | State::Failed => {
-            let cur = st.action.as_ref();
+            let action = a.action(p, i);
+            let cur = action.as_ref();
             match (last, cur) {
                 (None, _) => {
                     let _ = writeln!(

@@ -206,7 +206,7 @@ fn trained(p: &Project, a: &Assessment, done: &[Done], i: usize, weights_file: &
     let node = &plan.nodes[i];
     let out_of = |j: usize| done.iter().find(|d| d.index == j).map(|d| d.out.clone());
     // The node's resolved config, as its key and manifest record it.
-    let params = a.nodes[i].action.as_ref().map(|act| act.params.clone()).unwrap_or_default();
+    let params = a.action(p, i).map(|act| act.params).unwrap_or_default();
     let config = serde_json::Value::Object(params.into_iter().collect());
     let bad = |e: serde_json::Error| Error::internal(format!("the config of `{}` does not parse: {e}", node.id));
     let (arch, dilation, size, fold, magnification, weights_stage) = match p.kind_of(i) {

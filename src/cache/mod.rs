@@ -138,6 +138,20 @@ impl Cache {
 
     /// The manifest of a published entry, or None if there is no entry for `key`.
     pub fn lookup(&self, key: &str) -> Result<Option<Manifest>> {
+        self.read_manifest(key)
+    }
+
+    /// The output digest of a published entry, or None if there is none. Reads the manifest without building
+    /// its file list and action: the resolver asks this of every node of a DAG.
+    pub fn lookup_digest(&self, key: &str) -> Result<Option<String>> {
+        #[derive(Deserialize)]
+        struct Head {
+            output_digest: String,
+        }
+        Ok(self.read_manifest::<Head>(key)?.map(|h| h.output_digest))
+    }
+
+    fn read_manifest<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let path = self.entry_dir(key).join("manifest.json");
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {

@@ -105,6 +105,18 @@ impl Project {
         self.registry.get(self.kind_of(i))
     }
 
+    /// The key of node `i` given its inputs' output digests, or None while one of them is unknown (the same as
+    /// `action(i, digests)?.key()`, without copying the node's parameters).
+    pub fn key(&self, i: usize, digests: &[Option<String>]) -> Option<String> {
+        let node = &self.plan.nodes[i];
+        if node.inputs.iter().any(|&j| digests[j].is_none()) {
+            return None;
+        }
+        let inputs = node.inputs.iter().map(|&j| (self.plan.nodes[j].id.as_str(), digests[j].as_deref().unwrap_or("")));
+        let version = self.kind(i).map(|k| k.version()).unwrap_or(source::VERSION);
+        Some(crate::plan::key::key_of(self.kind_of(i), version, &self.resolved[i].params, inputs))
+    }
+
     /// The action of node `i` given its inputs' output digests, or None while one of them is unknown.
     pub fn action(&self, i: usize, digests: &[Option<String>]) -> Option<Action> {
         let node = &self.plan.nodes[i];

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::project::Project;
 use crate::cache::journal::{Journal, Record, Status};
-use crate::cache::{Cache, Manifest};
+use crate::cache::Cache;
 use crate::error::Result;
 use crate::plan::key::Action;
 
@@ -17,8 +17,8 @@ use crate::plan::key::Action;
 pub enum Resolution {
     /// A source, fingerprinted in place: its content digest is its identity.
     Source { path: PathBuf, digest: String },
-    /// Every input is known: the node's action, its key, and its entry if the cache has one.
-    Known { key: String, action: Action, entry: Option<Box<Manifest>> },
+    /// Every input is known: the node's key, and its entry's output digest if the cache has one.
+    Known { key: String, cached: Option<String> },
     /// An input's output is not known yet (it will run first).
     Blocked,
 }
@@ -48,10 +48,9 @@ impl<'a> Resolver<'a> {
             let (path, digest) = src.fingerprint(&p.exp, &p.exp.stages[p.plan.nodes[i].stage], self.cache)?;
             return Ok(Resolution::Source { path, digest });
         }
-        let Some(action) = p.action(i, digests) else { return Ok(Resolution::Blocked) };
-        let key = action.key();
-        let entry = self.cache.lookup(&key)?.map(Box::new);
-        Ok(Resolution::Known { key, action, entry })
+        let Some(key) = p.key(i, digests) else { return Ok(Resolution::Blocked) };
+        let cached = self.cache.lookup_digest(&key)?;
+        Ok(Resolution::Known { key, cached })
     }
 
     /// Whether a source's digest differs from the one recorded at its last run.
@@ -95,7 +94,6 @@ impl State {
 pub struct NodeStatus {
     pub state: State,
     pub key: Option<String>,
-    pub action: Option<Action>,
     pub digest: Option<String>,
 }
 
@@ -103,6 +101,18 @@ pub struct Assessment {
     pub nodes: Vec<NodeStatus>,
     pub last: HashMap<String, Record>,
     pub source_paths: HashMap<usize, PathBuf>,
+    /// Every output digest known without running anything (by node index).
+    digests: Vec<Option<String>>,
+}
+
+impl Assessment {
+    /// Node `i`'s action, when its inputs are known (built on demand: a DAG's worth of them is memory).
+    pub fn action(&self, project: &Project, i: usize) -> Option<Action> {
+        match self.nodes[i].state {
+            State::Blocked | State::Missing => None,
+            _ => project.action(i, &self.digests),
+        }
+    }
 }
 
 /// Every node's state, without running anything.
@@ -118,14 +128,14 @@ pub fn assess(project: &Project, cache: &Cache) -> Result<Assessment> {
             s.resolve(&project.exp, decl).is_err()
         });
         let status = if missing {
-            NodeStatus { state: State::Missing, key: None, action: None, digest: None }
+            NodeStatus { state: State::Missing, key: None, digest: None }
         } else {
             status_of(&resolver, i, &mut digests, &mut source_paths)?
         };
         nodes[i] = Some(status);
     }
     let nodes = nodes.into_iter().flatten().collect();
-    Ok(Assessment { nodes, last: resolver.last, source_paths })
+    Ok(Assessment { nodes, last: resolver.last, source_paths, digests })
 }
 
 fn status_of(
@@ -139,16 +149,16 @@ fn status_of(
             source_paths.insert(i, path);
             digests[i] = Some(digest.clone());
             let state = if r.source_changed(i, &digest) { State::WillRun } else { State::Cached };
-            NodeStatus { state, key: Some(source_key(&digest)), action: None, digest: Some(digest) }
+            NodeStatus { state, key: Some(source_key(&digest)), digest: Some(digest) }
         }
-        Resolution::Blocked => NodeStatus { state: State::Blocked, key: None, action: None, digest: None },
-        Resolution::Known { key, action, entry: Some(m) } => {
-            digests[i] = Some(m.output_digest.clone());
-            NodeStatus { state: State::Cached, key: Some(key), action: Some(action), digest: Some(m.output_digest) }
+        Resolution::Blocked => NodeStatus { state: State::Blocked, key: None, digest: None },
+        Resolution::Known { key, cached: Some(digest), .. } => {
+            digests[i] = Some(digest.clone());
+            NodeStatus { state: State::Cached, key: Some(key), digest: Some(digest) }
         }
-        Resolution::Known { key, action, entry: None } => {
+        Resolution::Known { key, cached: None, .. } => {
             let state = if r.failed_last_time(i, &key) { State::Failed } else { State::WillRun };
-            NodeStatus { state, key: Some(key), action: Some(action), digest: None }
+            NodeStatus { state, key: Some(key), digest: None }
         }
     })
 }

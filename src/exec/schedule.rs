@@ -40,16 +40,19 @@ struct ReadySet(BinaryHeap<(u32, Reverse<usize>)>);
 /// loses the last few records loses nothing that matters.
 struct JournalWriter {
     journal: Journal,
-    last: HashMap<String, Record>,
     pending: Vec<Record>,
     flushed: Instant,
 }
 
 impl JournalWriter {
-    /// Records a node's state when it differs from its last record (a new key or a new status).
-    fn note(&mut self, record: Record) -> Result<()> {
-        let same = self.last.get(&record.node).is_some_and(|r| r.key == record.key && r.status == Status::Ok);
-        if !(record.status == Status::Ok && same) {
+    /// Whether `last` already records node `id` as done with `key`.
+    fn is_recorded(&self, last: &HashMap<String, Record>, id: &str, key: &str) -> bool {
+        last.get(id).is_some_and(|r| r.key == key && r.status == Status::Ok)
+    }
+
+    /// Records a node's state when it differs from its `last` record (a new key or a new status).
+    fn note(&mut self, last: &HashMap<String, Record>, record: Record) -> Result<()> {
+        if !(record.status == Status::Ok && self.is_recorded(last, &record.node, &record.key)) {
             self.pending.push(record);
         }
         if self.pending.len() >= 64 || self.flushed.elapsed() >= Duration::from_millis(500) {
@@ -89,7 +92,6 @@ impl<'a> Scheduler<'a> {
         let n = plan.nodes.len();
         let journal = JournalWriter {
             journal: Journal::open(resolver.cache, &resolver.project.exp.name),
-            last: resolver.last.clone(),
             pending: Vec::new(),
             flushed: Instant::now(),
         };
@@ -162,7 +164,7 @@ impl<'a> Scheduler<'a> {
             let id = project.plan.nodes[i].id.clone();
             if self.resolver.source_changed(i, &digest) {
                 let action = project.action(i, &self.digest).ok_or_else(|| Error::internal("source with inputs"))?;
-                self.journal.note(Record::ok(&id, source_key(&digest), action, &digest))?;
+                self.journal.note(&self.resolver.last, Record::ok(&id, source_key(&digest), action, &digest))?;
                 self.summary.executed.push(id);
             } else {
                 self.summary.cached.push(id);
@@ -197,20 +199,25 @@ impl<'a> Scheduler<'a> {
     fn resolve_newly_ready(&mut self) -> Result<()> {
         let plan = &self.resolver.project.plan;
         while let Some(i) = self.newly.pop() {
-            let Resolution::Known { key, action, entry } = self.resolver.resolve(i, &self.digest)? else {
+            let Resolution::Known { key, cached } = self.resolver.resolve(i, &self.digest)? else {
                 return Err(Error::internal(format!("node {} became ready with an unknown input", plan.nodes[i].id)));
             };
-            match entry {
-                Some(m) => {
+            let action = || self.resolver.project.action(i, &self.digest).ok_or_else(|| Error::internal("no action"));
+            match cached {
+                Some(digest) => {
                     let id = plan.nodes[i].id.clone();
-                    let digest = m.output_digest.clone();
-                    self.journal.note(Record::ok(&id, key.clone(), action, &digest))?;
+                    // Only a node whose recorded key changed costs a journal record (and building its action).
+                    if !self.journal.is_recorded(&self.resolver.last, &id, &key) {
+                        let record = Record::ok(&id, key.clone(), action()?, &digest);
+                        self.journal.note(&self.resolver.last, record)?;
+                    }
                     self.summary.outputs[i] = Some(self.resolver.cache.entry_out(&key));
                     self.reporter.event(Event::Finished { node: &id, outcome: Outcome::Cached, seconds: 0.0 });
                     self.summary.cached.push(id);
                     self.complete(i, digest);
                 }
                 None => {
+                    let action = action()?;
                     self.state[i] = St::Ready;
                     self.ready.0.push((plan.priority[i], Reverse(i)));
                     self.keys[i] = Some((key, action));
@@ -279,7 +286,8 @@ impl<'a> Scheduler<'a> {
         match result? {
             NodeOutcome::Done { manifest: m, executed } => {
                 let key = m.key.clone();
-                self.journal.note(Record::ok(&id, key.clone(), m.action.clone(), &m.output_digest))?;
+                self.journal
+                    .note(&self.resolver.last, Record::ok(&id, key.clone(), m.action.clone(), &m.output_digest))?;
                 self.summary.outputs[i] = Some(self.resolver.cache.entry_out(&key));
                 let outcome = if executed { Outcome::Executed } else { Outcome::Cached };
                 self.reporter.event(Event::Finished { node: &id, outcome, seconds });
@@ -300,7 +308,7 @@ impl<'a> Scheduler<'a> {
         let project = self.resolver.project;
         let id = project.plan.nodes[i].id.clone();
         let action = project.action(i, &self.digest).ok_or_else(|| Error::internal("failed node without inputs"))?;
-        self.journal.note(Record::failed(&id, action, log.as_deref(), &message))?;
+        self.journal.note(&self.resolver.last, Record::failed(&id, action, log.as_deref(), &message))?;
         self.state[i] = St::Failed;
         self.reporter.event(Event::Finished { node: &id, outcome: Outcome::Failed, seconds });
         self.summary.failed.push(Failure { node: id, message, log });

@@ -34,22 +34,33 @@ pub struct Action {
 impl Action {
     /// The action key: 32 hex digits (128 bits) of blake3.
     pub fn key(&self) -> String {
-        let mut buf = Vec::with_capacity(256);
-        buf.extend_from_slice(ENCODING);
-        put_str(&mut buf, &self.kind);
-        buf.extend_from_slice(&self.version.to_le_bytes());
-        put_len(&mut buf, self.params.len());
-        for (k, v) in &self.params {
-            put_str(&mut buf, k);
-            encode(v, &mut buf);
-        }
-        put_len(&mut buf, self.inputs.len());
-        for (id, digest) in &self.inputs {
-            put_str(&mut buf, id);
-            put_str(&mut buf, digest);
-        }
-        blake3::hash(&buf).to_hex()[..32].to_string()
+        let inputs = self.inputs.iter().map(|(id, d)| (id.as_str(), d.as_str()));
+        key_of(&self.kind, self.version, &self.params, inputs)
     }
+}
+
+/// The key of an action given by its parts (so a key can be computed without building the action).
+pub fn key_of<'a>(
+    kind: &str,
+    version: u32,
+    params: &BTreeMap<String, Value>,
+    inputs: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+) -> String {
+    let mut buf = Vec::with_capacity(256);
+    buf.extend_from_slice(ENCODING);
+    put_str(&mut buf, kind);
+    buf.extend_from_slice(&version.to_le_bytes());
+    put_len(&mut buf, params.len());
+    for (k, v) in params {
+        put_str(&mut buf, k);
+        encode(v, &mut buf);
+    }
+    put_len(&mut buf, inputs.len());
+    for (id, digest) in inputs {
+        put_str(&mut buf, id);
+        put_str(&mut buf, digest);
+    }
+    blake3::hash(&buf).to_hex()[..32].to_string()
 }
 
 fn put_len(buf: &mut Vec<u8>, n: usize) {

@@ -26,17 +26,18 @@ use crate::train::{
 
 pub const DATASET_KINDS: &[&str] = &["synthetic", "stain_normalise", "download", "source", "patchify"];
 
-/// `finetune`: the encoder and a new head trained on the fold's labelled images.
-pub struct Finetune;
-/// `linear_eval`: `finetune` with the encoder frozen (METHOD.md, breast cell).
-pub struct LinearEval;
+/// `finetune` (`FROZEN` false: the encoder and a new head trained on the fold's labelled images) and
+/// `linear_eval` (`FROZEN` true: only the head trains; METHOD.md, breast cell).
+pub struct Training<const FROZEN: bool>;
+pub type Finetune = Training<false>;
+pub type LinearEval = Training<true>;
 /// `evaluate`: a trained model's metrics on the fold's test images.
 pub struct Evaluate;
 
-impl StageKind for Finetune {
+impl<const FROZEN: bool> StageKind for Training<FROZEN> {
     type Spec = TrainSpec;
     type Config = TrainConfig;
-    const NAME: &'static str = "finetune";
+    const NAME: &'static str = if FROZEN { "linear_eval" } else { "finetune" };
     const VERSION: u32 = 1;
     const LOCATIONS: &'static [&'static str] = &["weights_file"];
 
@@ -44,25 +45,7 @@ impl StageKind for Finetune {
         spec.validate(false, stage, exp)
     }
     fn resolve(spec: &TrainSpec, node: &NodeView<'_>) -> Result<TrainConfig, String> {
-        spec.resolve_training(node, false)
-    }
-    fn execute(config: &TrainConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
-        execute_training(config, ctx)
-    }
-}
-
-impl StageKind for LinearEval {
-    type Spec = TrainSpec;
-    type Config = TrainConfig;
-    const NAME: &'static str = "linear_eval";
-    const VERSION: u32 = 1;
-    const LOCATIONS: &'static [&'static str] = &["weights_file"];
-
-    fn validate(spec: &TrainSpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
-        spec.validate(false, stage, exp)
-    }
-    fn resolve(spec: &TrainSpec, node: &NodeView<'_>) -> Result<TrainConfig, String> {
-        spec.resolve_training(node, true)
+        spec.resolve_training(node, FROZEN)
     }
     fn execute(config: &TrainConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
         execute_training(config, ctx)

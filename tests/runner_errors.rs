@@ -162,3 +162,15 @@ fn keep_going_finishes_independent_branches() {
     // A failure is never cached: the next run tries again, and graph says it failed last time.
     assert_eq!(p.states("kg.toml")["bad"], "failed");
 }
+
+/// Issue 13 F1: a `run` that renders to no words (an empty list parameter) used to panic a worker thread and
+/// leave the run waiting forever; it fails the node with a message saying why.
+#[test]
+fn a_run_that_renders_to_nothing_fails_the_node_instead_of_hanging() {
+    let text = format!(
+        "{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nparams = {{ empty = [] }}\nrun = [\"{{empty}}\"]\n"
+    );
+    let (code, err) = run_bad(&text);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("renders to no program for this node"), "{err}");
+}

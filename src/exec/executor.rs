@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::devices::Pool;
 use super::kind::DeviceAssignment;
 use super::worker::{Job, NodeOutcome, WorkerEnv};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A finished job: its node index and how it ended.
 pub type Finished = (usize, Result<NodeOutcome>);
@@ -75,7 +75,18 @@ impl Executor for LocalExecutor<'_, '_> {
         };
         let (tx, env, index) = (self.tx.clone(), self.env, job.index);
         self.scope.spawn(move || {
-            let r = crate::runtime::with_cpu_threads(threads, || env.run(job, device));
+            // A panic in a node (a bug) fails that node with the panic's message instead of leaving the
+            // scheduler waiting forever for a result that never comes.
+            let run =
+                std::panic::AssertUnwindSafe(|| crate::runtime::with_cpu_threads(threads, || env.run(job, device)));
+            let r = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(Error::internal(format!("a bug in mpcs stopped this node (panic: {what}); please report it")))
+            });
             let _ = tx.send((index, r));
         });
         Launch::Started

@@ -228,6 +228,13 @@ impl CommandConfig {
             let tpl = Template::parse(w).map_err(StageFailure)?;
             argv.extend(tpl.render(&lookup).map_err(StageFailure)?);
         }
+        if argv.first().is_none_or(|p| p.is_empty()) {
+            return Err(StageFailure(format!(
+                "`run` = {:?} renders to no program for this node (an empty list parameter, or an optional input \
+                 that matched nothing); give `run` a fixed first word, e.g. [\"sh\", \"-c\", \"...\"]",
+                self.run
+            )));
+        }
         let log = std::fs::File::create(ctx.log).map_err(|e| StageFailure(format!("cannot create the log: {e}")))?;
         let mut env: Vec<(OsString, OsString)> = vec![
             ("MPCS_OUT".into(), ctx.out.into()),

@@ -224,7 +224,27 @@ enum Command {
     },
 }
 
+/// `mpcs show … | head -1`: when the reader of stdout goes away, exit quietly (as ripgrep and GNU tools do)
+/// instead of std's panic ("failed printing to stdout: Broken pipe") with exit 101. std offers no other hook
+/// for `println!`; every other panic goes to the default hook as before.
+fn exit_quietly_on_broken_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_broken_stdout();
     mpcs::runtime::configure();
     let cli = Cli::parse();
     let level = match cli.verbose {

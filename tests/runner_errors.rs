@@ -174,3 +174,27 @@ fn a_run_that_renders_to_nothing_fails_the_node_instead_of_hanging() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("renders to no program for this node"), "{err}");
 }
+
+/// Issue 13 F3: output piped into a reader that stops early (`| head -1`) used to panic with exit 101.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    use std::io::Read;
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    // Far more output than a pipe holds (64 KiB), so mpcs is still writing when the reader goes away.
+    let values: Vec<String> = (0..3000).map(|i| i.to_string()).collect();
+    let matrix = values.join(", ");
+    let stage =
+        format!("\n[stage.s]\nkind = \"command\"\nfrom = \"raw\"\nmatrix = {{ i = [{matrix}] }}\nrun = [\"true\"]\n");
+    p.write("big.toml", &format!("{GOOD_HEAD}{stage}"));
+    for args in [&["graph", "big.toml"][..], &["run", "big.toml", "-n"][..]] {
+        let mut child =
+            p.cmd(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let mut first = [0u8; 16];
+        child.stdout.take().unwrap().read_exact(&mut first).unwrap(); // then the pipe closes
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+}

@@ -145,4 +145,7 @@ fn interrupt_stops_cleanly_and_publishes_nothing_half_done() {
     assert!(s.executed.iter().all(|n| n == "raw"), "nothing finished in 0.4 s: {:?}", s.executed);
     assert!(p.entries().is_empty(), "nothing half-done was published");
     assert!(std::fs::read_dir(p.path("cache/v2/tmp")).unwrap().next().is_none(), "staging cleaned");
+    // The nodes that were running are reported as interrupted, not as victims of a failure (issue 13 B6).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("(interrupted)") && !err.contains("upstream node failed"), "{err}");
 }

@@ -12,7 +12,10 @@ pub enum Outcome {
     Executed,
     Cached,
     Failed,
+    /// Not run because an upstream node failed.
     Skipped,
+    /// Stopped or never started because the run was interrupted (Ctrl-C).
+    Interrupted,
 }
 
 pub enum Event<'a> {
@@ -59,7 +62,7 @@ struct Bars {
     overall: ProgressBar,
     running: Mutex<HashMap<String, ProgressBar>>,
     /// executed, cached, failed, skipped so far
-    counts: Mutex<[usize; 4]>,
+    counts: Mutex<[usize; 5]>,
 }
 
 impl Console {
@@ -77,7 +80,7 @@ impl Console {
                 .progress_chars("=> "),
         );
         overall.set_prefix("mpcs");
-        Console { bars: Some(Bars { multi, overall, running: Mutex::new(HashMap::new()), counts: Mutex::new([0; 4]) }) }
+        Console { bars: Some(Bars { multi, overall, running: Mutex::new(HashMap::new()), counts: Mutex::new([0; 5]) }) }
     }
 }
 
@@ -93,6 +96,7 @@ impl Reporter for Console {
                     Outcome::Cached => tracing::debug!("cached {node}"),
                     Outcome::Failed => tracing::error!("FAILED {node} ({seconds:.2} s)"),
                     Outcome::Skipped => tracing::warn!("skip   {node} (an upstream node failed)"),
+                    Outcome::Interrupted => tracing::warn!("stop   {node} (interrupted)"),
                 },
                 Event::Notice(msg) => tracing::warn!("{msg}"),
             }

@@ -297,7 +297,7 @@ impl<'a> Scheduler<'a> {
             NodeOutcome::Failed { message, log } => self.fail(i, message, log, seconds)?,
             NodeOutcome::Cancelled => {
                 self.state[i] = St::Skipped;
-                self.reporter.event(Event::Finished { node: &id, outcome: Outcome::Skipped, seconds });
+                self.reporter.event(Event::Finished { node: &id, outcome: Outcome::Interrupted, seconds });
                 self.summary.skipped.push(id);
             }
         }

@@ -188,3 +188,40 @@ fn show_gc_and_verify() {
     assert!(p.mpcs(&["gc", "paper.toml"]).status.success());
     assert!(!p.path("cache/v1").exists() && p.entries().len() == 199);
 }
+
+/// Issue 13 S4 and S5: everything mpcs hands a command is in its key. Two stages with the same `run` that
+/// writes `{node}` get their own entries, and a script reading MPCS_SEED reruns when the experiment seed changes.
+#[test]
+fn what_a_command_sees_is_keyed() {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    let stage = |name: &str| {
+        format!("[stage.{name}]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"sh\", \"-c\", \"echo {{node}} > {{out}}/f.txt\"]\n\n")
+    };
+    let text = format!(
+        "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n{}{}[stage.seeded]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"sh\", \"-c\", \"echo $MPCS_SEED > {{out}}/s.txt\"]\n",
+        stage("alpha"),
+        stage("beta")
+    );
+    p.write("k.toml", &text);
+    let first = p.run_ok("k.toml", &[]);
+    assert_eq!(first.executed, set(&["raw", "alpha", "beta", "seeded"]));
+    let read = |node: &str| {
+        let shown = p.mpcs(&["show", node, "--exp", "k.toml", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+        let dir = std::path::PathBuf::from(v["path"].as_str().unwrap());
+        std::fs::read_to_string(dir.join(if node == "seeded" { "s.txt" } else { "f.txt" })).unwrap()
+    };
+    assert_eq!(read("alpha"), "alpha\n");
+    assert_eq!(read("beta"), "beta\n", "beta is not served alpha's entry");
+    let before = read("seeded");
+    let reseeded = p.run_ok("k.toml", &["--set", "experiment.seed=12345"]);
+    assert!(reseeded.executed.contains("seeded"), "a new experiment seed reruns a command that reads MPCS_SEED");
+    assert_ne!(before, read_with_seed(&p));
+}
+
+fn read_with_seed(p: &Project) -> String {
+    let shown = p.mpcs(&["show", "seeded", "--exp", "k.toml", "--set", "experiment.seed=12345", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    std::fs::read_to_string(std::path::PathBuf::from(v["path"].as_str().unwrap()).join("s.txt")).unwrap()
+}

@@ -32,14 +32,14 @@ impl StageKind for Command {
 
     fn resolve(spec: &CommandSpec, node: &NodeView<'_>) -> Result<CommandConfig, String> {
         let params = spec.params_for(node.node);
-        // The seed changes the output only where the command can see it.
-        let run: Vec<String> = spec.run.get_ref().iter().map(|w| w.get_ref().clone()).collect();
-        let uses_seed = run.iter().chain(spec.env.values()).any(|t| t.contains("{seed}"));
         Ok(CommandConfig {
-            run,
+            run: spec.run.get_ref().iter().map(|w| w.get_ref().clone()).collect(),
             params: params.iter().map(|(k, v)| (k.clone(), toml_to_json(v))).collect(),
             env: spec.env.clone(),
-            seed: uses_seed.then_some(node.node.seed),
+            // Everything mpcs hands the command is in its key: `{node}` / MPCS_NODE and `{seed}` / MPCS_SEED
+            // reach every command, whether its argv names them or a script reads the environment.
+            node: node.node.id.clone(),
+            seed: node.node.seed,
         })
     }
 
@@ -56,9 +56,9 @@ pub struct CommandConfig {
     pub params: BTreeMap<String, Value>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// The node seed, when the command can see it (`{seed}`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
+    /// The node id and seed, which the command sees (`{node}`, `{seed}`, MPCS_NODE, MPCS_SEED).
+    pub node: String,
+    pub seed: u64,
 }
 
 const BUILTIN_PLACEHOLDERS: &[&str] = &["out", "in", "seed", "device", "node"];

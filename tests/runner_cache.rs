@@ -225,3 +225,23 @@ fn read_with_seed(p: &Project) -> String {
     let v: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
     std::fs::read_to_string(std::path::PathBuf::from(v["path"].as_str().unwrap()).join("s.txt")).unwrap()
 }
+
+/// Issue 13 B4: a journal line torn by a crash used to glue the next record onto itself, so `--why` compared
+/// with an older run.
+#[test]
+fn a_torn_journal_line_does_not_swallow_the_next_record() {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    let text = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nparams = { x = 1 }\nrun = [\"sh\", \"-c\", \"echo {x} > {out}/f\"]\n";
+    p.write("j.toml", text);
+    p.run_ok("j.toml", &[]);
+    p.run_ok("j.toml", &["--set", "stage.b.params.x=2"]);
+    // A crash in the middle of the last append: its line loses its end.
+    let journal = p.path("cache/v2/journal/j.jsonl");
+    let bytes = std::fs::read(&journal).unwrap();
+    std::fs::write(&journal, &bytes[..bytes.len() - 5]).unwrap();
+    p.run_ok("j.toml", &["--set", "stage.b.params.x=3"]);
+    let why = p.mpcs(&["graph", "j.toml", "--why", "b", "--set", "stage.b.params.x=4"]);
+    let why = String::from_utf8_lossy(&why.stdout);
+    assert!(why.contains("params.x: 3 → 4"), "compared with the last run (x = 3): {why}");
+}

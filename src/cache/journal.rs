@@ -114,14 +114,20 @@ impl Journal {
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&self.path)
             .map_err(|e| Error::io("cannot open journal", &self.path, e))?;
-        for r in records {
-            let mut line = serde_json::to_vec(r).map_err(|e| Error::internal(e.to_string()))?;
-            line.push(b'\n');
-            f.write_all(&line).map_err(|e| Error::io("cannot append to journal", &self.path, e))?;
+        // A line torn by a crash must not swallow the next record: start on a fresh line. (Live writers append
+        // whole lines in one write each, so a last byte other than a newline can only be a torn line.)
+        let mut batch = Vec::new();
+        if !ends_with_newline(&mut f) {
+            batch.push(b'\n');
         }
-        Ok(())
+        for r in records {
+            batch.extend(serde_json::to_vec(r).map_err(|e| Error::internal(e.to_string()))?);
+            batch.push(b'\n');
+        }
+        f.write_all(&batch).map_err(|e| Error::io("cannot append to journal", &self.path, e))
     }
 
     fn compact(&self, latest: &HashMap<String, Record>) {
@@ -153,4 +159,14 @@ impl Journal {
 
 pub fn now_unix() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Whether the file is empty or ends with a newline.
+fn ends_with_newline(f: &mut fs::File) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut last = [b'\n'];
+    match f.seek(SeekFrom::End(-1)) {
+        Ok(_) => f.read_exact(&mut last).is_err() || last[0] == b'\n',
+        Err(_) => true,
+    }
 }

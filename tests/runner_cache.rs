@@ -245,3 +245,17 @@ fn a_torn_journal_line_does_not_swallow_the_next_record() {
     let why = String::from_utf8_lossy(&why.stdout);
     assert!(why.contains("params.x: 3 → 4"), "compared with the last run (x = 3): {why}");
 }
+
+/// Issue 13 S10: a source that contains the cache (`path = "."`) used to change on every run and never converge.
+#[test]
+fn a_source_holding_the_cache_converges() {
+    let p = Project::new();
+    p.write("x.txt", "x");
+    let text = "[stage.raw]\nkind = \"source\"\npath = \".\"\n\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"sh\", \"-c\", \"cat {in}/x.txt > {out}/f\"]\n";
+    p.write("here.toml", text);
+    assert_eq!(p.run_ok("here.toml", &[]).executed, set(&["raw", "b"]));
+    let again = p.run_ok("here.toml", &[]);
+    assert!(again.executed.is_empty(), "nothing changed but the cache inside the source: {again:?}");
+    p.write("x.txt", "y");
+    assert_eq!(p.run_ok("here.toml", &[]).executed, set(&["raw", "b"]), "a real edit still counts");
+}

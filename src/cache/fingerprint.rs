@@ -90,12 +90,14 @@ struct Walked {
     abs: PathBuf,
     size: u64,
     mtime_ns: i128,
+    /// Changes on every write and metadata change, even `cp -p` restoring an old mtime (git compares it too).
+    ctime_ns: i128,
     ino: u64,
 }
 
 /// Every regular file under `root` (or `root` itself if it is a file), sorted by relative path. Symbolic links
 /// are followed; a link cycle or a dangling link is an error.
-fn walk(root: &Path) -> Result<Vec<Walked>> {
+fn walk(root: &Path, skip_caches: bool) -> Result<Vec<Walked>> {
     let meta = fs::metadata(root).map_err(|e| Error::io("cannot read", root, e))?;
     let mut out = Vec::new();
     if meta.is_file() {
@@ -116,6 +118,10 @@ fn walk(root: &Path) -> Result<Vec<Walked>> {
             let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
             let meta = fs::metadata(&abs).map_err(|e| Error::io("cannot read", &abs, e))?;
             if meta.is_dir() {
+                // A cache inside a source (`path = "."`) would change with every run and never converge.
+                if skip_caches && abs.join("CACHEDIR.TAG").is_file() {
+                    continue;
+                }
                 stack.push((abs, rel, depth + 1));
             } else if meta.is_file() {
                 out.push(walked(rel, abs, &meta));
@@ -132,13 +138,14 @@ fn walked(rel: String, abs: PathBuf, meta: &fs::Metadata) -> Walked {
         abs,
         size: meta.len(),
         mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         ino: meta.ino(),
     }
 }
 
 /// Hashes every file of a tree (in parallel) — used for node outputs, which are new bytes every time.
 pub fn hash_tree(root: &Path) -> Result<Vec<FileDigest>> {
-    let files = walk(root)?;
+    let files = walk(root, false)?;
     files.par_iter().map(|w| Ok(FileDigest { path: w.rel.clone(), size: w.size, blake3: hash_file(&w.abs)? })).collect()
 }
 
@@ -146,8 +153,8 @@ pub fn hash_tree(root: &Path) -> Result<Vec<FileDigest>> {
 struct StatCache {
     /// When this cache was written (ns since the epoch); entries with an mtime close to it are not trusted.
     written_ns: i128,
-    /// relative path → (size, mtime ns, inode, blake3)
-    files: BTreeMap<String, (u64, i128, u64, String)>,
+    /// relative path → (size, mtime ns, inode, blake3, ctime ns)
+    files: BTreeMap<String, (u64, i128, u64, String, i128)>,
 }
 
 /// The result of fingerprinting a source.
@@ -169,18 +176,20 @@ pub fn fingerprint_source(path: &Path, stat_dir: &Path) -> Result<SourceFingerpr
         stat_dir.join(format!("{}.json", &blake3::hash(abs.as_os_str().as_encoded_bytes()).to_hex()[..32]));
     let old: StatCache = fs::read(&cache_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     let started_ns = now_ns();
-    let files = walk(&abs)?;
-    let results: Vec<(FileDigest, bool, i128, u64)> = files
+    let files = walk(&abs, true)?;
+    let results: Vec<(FileDigest, bool, i128, u64, i128)> = files
         .par_iter()
         .map(|w| {
-            let cached = old.files.get(&w.rel).filter(|(size, mtime, ino, _)| {
-                *size == w.size && *mtime == w.mtime_ns && *ino == w.ino && w.mtime_ns < old.written_ns - RACY_NS
+            let cached = old.files.get(&w.rel).filter(|(size, mtime, ino, _, ctime)| {
+                let same = *size == w.size && *mtime == w.mtime_ns && *ino == w.ino && *ctime == w.ctime_ns;
+                same && w.mtime_ns < old.written_ns - RACY_NS
             });
             let (digest, hashed) = match cached {
-                Some((_, _, _, d)) => (d.clone(), false),
+                Some((_, _, _, d, _)) => (d.clone(), false),
                 None => (hash_file(&w.abs)?, true),
             };
-            Ok((FileDigest { path: w.rel.clone(), size: w.size, blake3: digest }, hashed, w.mtime_ns, w.ino))
+            let file = FileDigest { path: w.rel.clone(), size: w.size, blake3: digest };
+            Ok((file, hashed, w.mtime_ns, w.ino, w.ctime_ns))
         })
         .collect::<Result<_>>()?;
 
@@ -191,7 +200,7 @@ pub fn fingerprint_source(path: &Path, stat_dir: &Path) -> Result<SourceFingerpr
     if changed {
         let new = StatCache {
             written_ns: started_ns,
-            files: results.into_iter().map(|(f, _, m, i)| (f.path, (f.size, m, i, f.blake3))).collect(),
+            files: results.into_iter().map(|(f, _, m, i, c)| (f.path, (f.size, m, i, f.blake3, c))).collect(),
         };
         // Best effort: a failed write only costs a re-hash next time.
         let _ = fs::create_dir_all(stat_dir);
@@ -255,11 +264,17 @@ mod tests {
         let second = fingerprint_source(&src, &stat).unwrap();
         assert_eq!(second.hashed_bytes, 0, "an unchanged file is not re-read");
         assert_eq!(first.digest, second.digest);
-        // Same size, new bytes, same old mtime forced back: the inode stays, so only content could tell;
-        // a real edit changes mtime, which is what we check here.
+        // Same size, new bytes, the old mtime forced back (`cp -p`): same inode, size and mtime, but the ctime
+        // moved, so the file is re-read (issue 13 S6).
         fs::write(src.join("big.bin"), vec![8u8; 100_000]).unwrap();
+        fs::File::options().write(true).open(src.join("big.bin")).unwrap().set_modified(old).unwrap();
         let third = fingerprint_source(&src, &stat).unwrap();
         assert_eq!(third.hashed_bytes, 100_000);
         assert_ne!(third.digest, first.digest);
+        // A cache inside a source (its CACHEDIR.TAG) is not part of the source (issue 13 S10).
+        fs::create_dir_all(src.join("cache/v2")).unwrap();
+        fs::write(src.join("cache/CACHEDIR.TAG"), "Signature: 8a477f597d28d172789f06886806bc55\n").unwrap();
+        fs::write(src.join("cache/v2/entry"), "changes every run").unwrap();
+        assert_eq!(fingerprint_source(&src, &stat).unwrap().digest, third.digest);
     }
 }

@@ -316,6 +316,17 @@ pub fn gc(experiments: &[PathBuf], sets: &[String], dry_run: bool, cache: &Cache
             }
         }
     }
+    // Entries a live run just made (or is about to read) are reachable only from that run's view: never remove
+    // anything while a run uses the cache.
+    let _no_run = match (dry_run, cache.try_exclude_runs()?) {
+        (false, None) => {
+            return Err(Error::env(
+                "an `mpcs run` is using this cache right now, and gc would remove entries it may need; \
+                 run gc when it has finished (gc -n lists what would go)",
+            ))
+        }
+        (_, lock) => lock,
+    };
     let r = maintenance::gc(cache, &keep, dry_run)?;
     println!(
         "{} {} entries ({:.1} MB), kept {}{}",

@@ -307,6 +307,11 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
             commands::show(&target, experiment.as_deref(), &sets, json, &cache()?)
         }
         Command::Gc { experiments, sets, dry_run } => commands::gc(&experiments, &sets, dry_run, &cache()?),
+        // Checking a cache that does not exist must not create one.
+        Command::Verify { .. } if !cache_dir.exists() => {
+            println!("no cache at {}: nothing to verify", cache_dir.display());
+            Ok(mpcs::error::exit::OK)
+        }
         Command::Verify { remove } => commands::verify(remove, &cache()?),
         Command::Report { experiment, out, cams, tsne_points, sets } => {
             commands::report(&experiment, &sets, out, cams, tsne_points, &cache()?)

@@ -259,3 +259,44 @@ fn a_source_holding_the_cache_converges() {
     p.write("x.txt", "y");
     assert_eq!(p.run_ok("here.toml", &[]).executed, set(&["raw", "b"]), "a real edit still counts");
 }
+
+/// Issue 13 D1: `gc` during a run used to delete the entry that run had just made, failing its next node.
+#[test]
+fn gc_removes_nothing_while_a_run_uses_the_cache() {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    let head = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n";
+    let slow = format!("{head}\n[stage.a]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"sh\", \"-c\", \"echo a > {{out}}/f\"]\n\n[stage.b]\nkind = \"command\"\nfrom = \"a\"\nrun = [\"sh\", \"-c\", \"sleep 1.5; cat {{in}}/f > {{out}}/f\"]\n");
+    p.write("slow.toml", &slow);
+    p.write(
+        "other.toml",
+        &format!(
+            "{head}\n[stage.z]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"sh\", \"-c\", \"echo z > {{out}}/f\"]\n"
+        ),
+    );
+    let child = p
+        .cmd(&["run", "slow.toml", "--json", "--plain"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let gc = p.mpcs(&["gc", "other.toml"]);
+    assert_eq!(gc.status.code(), Some(3), "{}", String::from_utf8_lossy(&gc.stderr));
+    assert!(String::from_utf8_lossy(&gc.stderr).contains("is using this cache right now"));
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the run was not disturbed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(p.entries().len(), 2);
+    assert!(p.mpcs(&["gc", "other.toml"]).status.success(), "once the run ended, gc works");
+    assert!(p.entries().is_empty());
+}
+
+/// Issue 13: `verify` with no cache used to create the cache folder.
+#[test]
+fn verify_without_a_cache_creates_none() {
+    let p = Project::new();
+    let out = p.mpcs(&["verify"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to verify"));
+    assert!(!p.path("cache").exists());
+}

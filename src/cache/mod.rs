@@ -165,6 +165,16 @@ impl Cache {
         }
     }
 
+    /// Held (shared) by every `mpcs run` for as long as it runs, so `gc` can tell that entries are in use.
+    pub fn hold_for_run(&self) -> Result<FileLock> {
+        FileLock::shared(&self.base.join("locks").join("runs"))
+    }
+
+    /// For `gc`: the guarantee that no `mpcs run` uses the cache while entries are removed (None: one does).
+    pub fn try_exclude_runs(&self) -> Result<Option<FileLock>> {
+        FileLock::try_exclusive(&self.base.join("locks").join("runs"))
+    }
+
     /// Takes the lock of `key` if nobody holds it. Whoever holds it is the only one computing that entry.
     pub fn try_lock(&self, key: &str) -> Result<Option<FileLock>> {
         // The byte: the key's next 15 hex digits (60 bits), so two keys collide only by a 2^-60 chance (and a

@@ -85,6 +85,8 @@ pub fn run(
             "no GPU found: the {gpu_nodes} GPU node(s) will run on the CPU (--devices LIST hands out GPUs)"
         )));
     }
+    // `gc` removes nothing while this is held: an entry made a moment ago may be the input of the next node.
+    let _in_use = cache.hold_for_run()?;
     cache.sweep_stale_staging();
     let scheduler = schedule::Scheduler::new(resolve::Resolver::new(project, cache)?, opts, reporter);
     let processes = process::ProcessRegistry::default();

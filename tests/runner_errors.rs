@@ -198,3 +198,29 @@ fn a_closed_stdout_ends_quietly() {
         assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{args:?}: {err}");
     }
 }
+
+/// Issue 13 B1 and S7: a dangling link in `{out}` used to abort the whole run (exit 3, no `--json` line), and a
+/// link to a file outside the entry was published (its target could change later). Each fails its node only.
+#[test]
+fn links_in_an_output_that_lead_nowhere_or_outside_fail_that_node_only() {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    let stage = |name: &str, script: &str| {
+        format!("\n[stage.{name}]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"sh\", \"-c\", \"echo y > {{out}}/f; {script}\"]\n")
+    };
+    let text = format!(
+        "{GOOD_HEAD}{}{}{}",
+        stage("dangling", "ln -s /nonexistent/file {out}/link"),
+        stage("outside", "ln -s {in}/x.txt {out}/link"),
+        stage("inside", "ln -s f {out}/link")
+    );
+    p.write("links.toml", &text);
+    let out = p.run_raw("links.toml", &["--keep-going"]);
+    assert_eq!(out.status.code(), Some(1));
+    let s = parse_summary(&out);
+    assert_eq!(s.failed, set(&["dangling", "outside"]));
+    assert_eq!(s.executed, set(&["raw", "inside"]), "a link inside the output is fine");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a symbolic link to /nonexistent/file that leads nowhere"), "{err}");
+    assert!(err.contains("outside the node's output"), "{err}");
+}

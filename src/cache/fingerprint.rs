@@ -149,6 +149,44 @@ pub fn hash_tree(root: &Path) -> Result<Vec<FileDigest>> {
     files.par_iter().map(|w| Ok(FileDigest { path: w.rel.clone(), size: w.size, blake3: hash_file(&w.abs)? })).collect()
 }
 
+/// A node's staged output, hashed for its manifest. A symbolic link must stay inside the output (a link to a
+/// file elsewhere would let the entry's content change after it was published) and lead somewhere; either
+/// problem, or an unreadable file, is a message for the node's failure.
+pub fn hash_outputs(root: &Path) -> std::result::Result<Vec<FileDigest>, String> {
+    let inside = root.canonicalize().map_err(|e| format!("cannot read the output {}: {e}", root.display()))?;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let rd = fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        for entry in rd.flatten() {
+            let path = entry.path();
+            let shown = path.strip_prefix(root).unwrap_or(&path).display().to_string();
+            let kind = entry.file_type().map_err(|e| format!("cannot read {shown}: {e}"))?;
+            if kind.is_symlink() {
+                let target = fs::read_link(&path).unwrap_or_default();
+                match path.canonicalize() {
+                    Err(_) => {
+                        return Err(format!(
+                            "the output {shown} is a symbolic link to {} that leads nowhere; write a file instead",
+                            target.display()
+                        ))
+                    }
+                    Ok(real) if !real.starts_with(&inside) => {
+                        return Err(format!(
+                            "the output {shown} is a symbolic link to {}, outside the node's output; its content \
+                             could change after the entry is stored: copy the file into {{out}} instead",
+                            real.display()
+                        ))
+                    }
+                    Ok(_) => {}
+                }
+            } else if kind.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    hash_tree(root).map_err(|e| format!("its output cannot be stored: {e}"))
+}
+
 #[derive(Default, Serialize, Deserialize)]
 struct StatCache {
     /// When this cache was written (ns since the epoch); entries with an mtime close to it are not trusted.

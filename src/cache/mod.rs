@@ -207,12 +207,17 @@ impl Cache {
         Ok(Staging { log: dir.join("log.txt"), dir, out })
     }
 
-    /// Hashes the staged outputs, writes the manifest and publishes the entry with one rename.
+    /// The staged outputs, hashed: what `publish` records. An output that cannot be stored (a link that leaves
+    /// the output folder or leads nowhere, an unreadable file) is the node's failure, not the run's.
+    pub fn staged_files(&self, staging: &Staging) -> Result<Vec<FileDigest>, String> {
+        fingerprint::hash_outputs(&staging.out)
+    }
+
+    /// Writes the manifest (with `manifest.files` from [`Cache::staged_files`]) and publishes the entry with one
+    /// rename.
     /// Returns the manifest as published.
     pub fn publish(&self, staging: Staging, mut manifest: Manifest, _lock: &FileLock) -> Result<Manifest> {
-        let files = fingerprint::hash_tree(&staging.out)?;
-        manifest.output_digest = fingerprint::tree_digest(&files);
-        manifest.files = files;
+        manifest.output_digest = fingerprint::tree_digest(&manifest.files);
         manifest.format = MANIFEST_FORMAT;
         let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;
         let mpath = staging.dir.join("manifest.json");

@@ -74,34 +74,40 @@ impl WorkerEnv<'_> {
             self.cache.discard(staging, &job.key);
             return Ok(NodeOutcome::Cancelled);
         }
-        match result {
-            Ok(metrics) => {
-                let manifest = Manifest {
-                    format: 0,
-                    key: job.key.clone(),
-                    node: node.id.clone(),
-                    experiment: self.project.exp.name.clone(),
-                    action: job.action,
-                    output_digest: String::new(),
-                    files: Vec::new(),
-                    started_unix,
-                    duration_s: t0.elapsed().as_secs_f64(),
-                    device: label,
-                    host: hostname(),
-                    tool_version: env!("CARGO_PKG_VERSION").to_string(),
-                    seed: node.seed,
-                    metrics,
-                };
-                let published = self.cache.publish(staging, manifest, &lock)?;
-                // The scratch area (checkpoints) is only needed until the entry exists.
-                let _ = std::fs::remove_dir_all(self.cache.scratch_dir(&job.key));
-                Ok(NodeOutcome::Done { manifest: Box::new(published), executed: true })
-            }
+        let metrics = match result {
+            Ok(metrics) => metrics,
             Err(StageFailure(message)) => {
                 let log = self.cache.discard(staging, &job.key);
-                Ok(NodeOutcome::Failed { message, log: Some(log) })
+                return Ok(NodeOutcome::Failed { message, log: Some(log) });
             }
-        }
+        };
+        let files = match self.cache.staged_files(&staging) {
+            Ok(files) => files,
+            Err(message) => {
+                let log = self.cache.discard(staging, &job.key);
+                return Ok(NodeOutcome::Failed { message, log: Some(log) });
+            }
+        };
+        let manifest = Manifest {
+            format: 0,
+            key: job.key.clone(),
+            node: node.id.clone(),
+            experiment: self.project.exp.name.clone(),
+            action: job.action,
+            output_digest: String::new(),
+            files,
+            started_unix,
+            duration_s: t0.elapsed().as_secs_f64(),
+            device: label,
+            host: hostname(),
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            seed: node.seed,
+            metrics,
+        };
+        let published = self.cache.publish(staging, manifest, &lock)?;
+        // The scratch area (checkpoints) is only needed until the entry exists.
+        let _ = std::fs::remove_dir_all(self.cache.scratch_dir(&job.key));
+        Ok(NodeOutcome::Done { manifest: Box::new(published), executed: true })
     }
 
     /// Waits for the key's lock, polling so that an interrupt is noticed while another run holds it.

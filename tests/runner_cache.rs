@@ -300,3 +300,28 @@ fn verify_without_a_cache_creates_none() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to verify"));
     assert!(!p.path("cache").exists());
 }
+
+/// Issue 13 S3: a source edited while a consumer ran used to store the output under the old fingerprint, so
+/// after reverting the source the wrong output was served.
+#[test]
+fn a_source_edited_while_a_node_runs_stores_nothing() {
+    let p = Project::new();
+    p.write("data/x.txt", "old");
+    let text = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"sh\", \"-c\", \"sleep 1; cat {in}/x.txt > {out}/f\"]\n";
+    p.write("s.toml", text);
+    let child = p
+        .cmd(&["run", "s.toml", "--json", "--plain"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    p.write("data/x.txt", "new");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("changed while this node ran"));
+    assert!(p.entries().is_empty(), "nothing stored under the old fingerprint");
+    // Reverting the source and running again computes from the reverted content.
+    p.write("data/x.txt", "old");
+    assert!(p.run_ok("s.toml", &[]).executed.contains("b"));
+}

@@ -81,6 +81,10 @@ impl WorkerEnv<'_> {
                 return Ok(NodeOutcome::Failed { message, log: Some(log) });
             }
         };
+        if let Err(message) = self.sources_unchanged(&job) {
+            let log = self.cache.discard(staging, &job.key);
+            return Ok(NodeOutcome::Failed { message, log: Some(log) });
+        }
         let files = match self.cache.staged_files(&staging) {
             Ok(files) => files,
             Err(message) => {
@@ -108,6 +112,28 @@ impl WorkerEnv<'_> {
         // The scratch area (checkpoints) is only needed until the entry exists.
         let _ = std::fs::remove_dir_all(self.cache.scratch_dir(&job.key));
         Ok(NodeOutcome::Done { manifest: Box::new(published), executed: true })
+    }
+
+    /// Bazel's "file modified during build": a source the node read must still have the content its key was
+    /// computed from, or the entry would be stored under a fingerprint that does not describe its input.
+    fn sources_unchanged(&self, job: &Job) -> Result<(), String> {
+        for (input, (_, digest)) in job.inputs.iter().zip(&job.action.inputs) {
+            if input.kind != super::source::NAME {
+                continue;
+            }
+            let now = crate::cache::fingerprint::fingerprint_source(&input.path, &self.cache.stat_dir())
+                .map(|f| f.digest)
+                .unwrap_or_default();
+            if &now != digest {
+                return Err(format!(
+                    "source `{}` ({}) changed while this node ran, so its output may mix old and new content; \
+                     nothing was stored: run again",
+                    input.stage,
+                    input.path.display()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Waits for the key's lock, polling so that an interrupt is noticed while another run holds it.

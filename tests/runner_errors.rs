@@ -224,3 +224,34 @@ fn links_in_an_output_that_lead_nowhere_or_outside_fail_that_node_only() {
     assert!(err.contains("is a symbolic link to /nonexistent/file that leads nowhere"), "{err}");
     assert!(err.contains("outside the node's output"), "{err}");
 }
+
+/// Issue 13 F2: a matrix of 10 keys × 10 values used to be expanded until memory ran out; it is counted first.
+#[test]
+fn a_runaway_matrix_is_refused_before_it_is_built() {
+    let axes: Vec<String> = (0..10).map(|k| format!("k{k} = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]")).collect();
+    let text = format!(
+        "{GOOD_HEAD}\n[stage.s]\nkind = \"command\"\nfrom = \"raw\"\nmatrix = {{ {} }}\nrun = [\"true\"]\n",
+        axes.join(", ")
+    );
+    let t = std::time::Instant::now();
+    assert_user_error(&text, &["expands to 10000000001 nodes", "stage `s` alone has 10000000000", "k0 (10) × k1 (10)"]);
+    assert!(t.elapsed() < std::time::Duration::from_secs(20), "refused at once, not after expanding");
+}
+
+/// Issue 13 B8: a device or a pipe as a source used to fail with "Not a directory".
+#[test]
+fn a_source_that_is_neither_file_nor_folder_says_what_is_accepted() {
+    for path in ["/dev/zero", "fifo"] {
+        let text = format!("[stage.raw]\nkind = \"source\"\npath = \"{path}\"\n");
+        let p = Project::new();
+        p.write("bad.toml", &text);
+        assert!(std::process::Command::new("mkfifo").arg(p.path("fifo")).status().unwrap().success());
+        let out = p.run_raw("bad.toml", &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("is neither a file nor a folder") && err.contains("a source is a regular file or a folder"),
+            "{err}"
+        );
+    }
+}

@@ -54,6 +54,17 @@ impl SourceSpec {
                 Some(format!("create it, fix `path`, or point it elsewhere with --set stage.{}.path=DIR", decl.name)),
             ));
         }
+        let kind = std::fs::metadata(&p).map(|m| m.file_type()).map_err(|e| Error::io("cannot read", &p, e))?;
+        if !(kind.is_file() || kind.is_dir()) {
+            return Err(exp.source.error(
+                self.path.span(),
+                format!("source `{}`: {} is neither a file nor a folder", decl.name, p.display()),
+                Some(
+                    "a source is a regular file or a folder of files (a pipe or a device cannot be fingerprinted)"
+                        .into(),
+                ),
+            ));
+        }
         p.canonicalize().map_err(|e| Error::io("cannot resolve", &p, e))
     }
 

@@ -46,6 +46,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn build(exp: &Experiment) -> Result<Plan> {
+        check_size(exp)?;
         let mut nodes: Vec<Node> = Vec::new();
         let mut stage_nodes: Vec<Vec<usize>> = Vec::new();
         for (si, stage) in exp.stages.iter().enumerate() {
@@ -214,6 +215,35 @@ pub fn node_seed(experiment_seed: u64, id: &str) -> u64 {
     h.update(id.as_bytes());
     let b = h.finalize();
     u64::from(u32::from_le_bytes([b.as_bytes()[0], b.as_bytes()[1], b.as_bytes()[2], b.as_bytes()[3]]))
+}
+
+/// The most nodes an experiment may expand to (the paper's largest is 179; 20,000 takes seconds to plan).
+pub const MAX_NODES: u64 = 20_000;
+
+/// Counts the expansion before building it: a matrix of 10 keys × 10 values would otherwise take all memory.
+fn check_size(exp: &Experiment) -> Result<()> {
+    let count =
+        |s: &crate::experiment::StageDecl| s.matrix.iter().fold(1u64, |n, (_, v)| n.saturating_mul(v.len() as u64));
+    let total = exp.stages.iter().map(count).fold(0u64, u64::saturating_add);
+    if total <= MAX_NODES {
+        return Ok(());
+    }
+    let Some(big) = exp.stages.iter().max_by_key(|s| count(s)) else { return Ok(()) };
+    let axes: Vec<String> = big.matrix.iter().map(|(k, v)| format!("{k} ({})", v.len())).collect();
+    Err(exp.source.error(
+        big.span.clone(),
+        format!(
+            "the experiment expands to {total} nodes, more than the {MAX_NODES} mpcs plans; stage `{}` alone has {} \
+             ({})",
+            big.name,
+            count(big),
+            axes.join(" × ")
+        ),
+        Some(
+            "a matrix makes one node per combination of its values: drop axes or values, or split the experiment"
+                .into(),
+        ),
+    ))
 }
 
 /// Every combination of the matrix axes, first axis outermost.

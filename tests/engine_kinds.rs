@@ -292,4 +292,5 @@ fn the_manifest_lists_every_resolved_parameter_defaults_included() {
     let defaults: Vec<&str> =
         shown["action"]["defaults"].as_array().unwrap().iter().filter_map(|d| d.as_str()).collect();
     assert!(defaults.contains(&"regions_per_patient") && !defaults.contains(&"patients"), "{defaults:?}");
+    assert!(!defaults.contains(&"seed"), "the node seed is derived, not a default: {defaults:?}");
 }

@@ -169,8 +169,13 @@ fn resolve_node(
     };
     let unkeyed = registry.get(&decl.kind).map(|k| k.locations()).unwrap_or(&[]);
     let locations = unkeyed.iter().filter_map(|k| params.remove_entry(*k)).collect();
-    let defaults =
-        params.keys().filter(|k| !decl.written.iter().any(|w| w == *k) && !decl.has_matrix_key(k)).cloned().collect();
+    // Values the file did not write. The node's own seed and id are derived from the node, not defaults.
+    let derived = |k: &str| k == "seed" || k == "node";
+    let defaults = params
+        .keys()
+        .filter(|k| !decl.written.iter().any(|w| w == *k) && !decl.has_matrix_key(k) && !derived(k))
+        .cloned()
+        .collect();
     if !node.matrix.is_empty() {
         let m = node.matrix.iter().map(|(k, v)| (k.clone(), toml_to_json(&v.to_toml()))).collect();
         if params.insert("matrix".into(), Value::Object(m)).is_some() {

@@ -11,11 +11,11 @@
 //! Kinds are registered once ([`Registry::with`]); the engine only ever sees them through the object-safe
 //! [`Kind`] and [`Stage`] traits that the registry builds from each `StageKind`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -139,7 +139,6 @@ pub struct NodeView<'a> {
     pub node: &'a Node,
     /// (stage name, kind name) of each input, in input order.
     pub inputs: Vec<(&'a str, &'a str)>,
-    pub(crate) files: &'a FileDigests,
 }
 
 impl NodeView<'_> {
@@ -153,32 +152,10 @@ impl NodeView<'_> {
         self.inputs.iter().any(|(_, k)| kinds.contains(k))
     }
 
-    /// Whether `name` is a stage among the node's inputs.
-    pub fn has_input_stage(&self, name: &str) -> bool {
-        self.inputs.iter().any(|(s, _)| *s == name)
-    }
-
     /// The content digest of a file named in the experiment (relative to its folder), so that editing the file
-    /// changes the key and renaming it does not. Each file is hashed once per process.
+    /// changes the key and renaming it does not (hashed once per process and file version).
     pub fn file_digest(&self, written: &str) -> String {
-        self.files.digest(&self.exp.resolve_path(written))
-    }
-}
-
-/// Content digests of files named in parameters (stain targets, weights), each computed once.
-#[derive(Default)]
-pub struct FileDigests(Mutex<HashMap<PathBuf, String>>);
-
-impl FileDigests {
-    fn digest(&self, path: &Path) -> String {
-        if let Some(d) = self.0.lock().ok().and_then(|m| m.get(path).cloned()) {
-            return d;
-        }
-        let d = crate::cache::fingerprint::param_file_digest(path);
-        if let Ok(mut m) = self.0.lock() {
-            m.insert(path.to_path_buf(), d.clone());
-        }
-        d
+        crate::cache::fingerprint::param_file_digest(&self.exp.resolve_path(written))
     }
 }
 

@@ -9,7 +9,7 @@ use serde_json::Value;
 use toml::de::DeValue;
 use toml::Spanned;
 
-use super::kind::{FileDigests, Kind, NodeView, Registry, Stage};
+use super::kind::{Kind, NodeView, Registry, Stage};
 use super::source::{self, SourceSpec};
 use crate::error::{Error, Result};
 use crate::experiment::{BodyParser, Experiment};
@@ -80,9 +80,8 @@ impl Project {
             }
         }
         let plan = Plan::build(&exp)?;
-        let files = FileDigests::default();
         let resolved = (0..plan.nodes.len())
-            .map(|i| resolve_node(&exp, &plan, &specs, &registry, &files, i))
+            .map(|i| resolve_node(&exp, &plan, &specs, &registry, i))
             .collect::<Result<Vec<_>>>()?;
         Ok(Project { exp, plan, specs, resolved, registry })
     }
@@ -105,6 +104,10 @@ impl Project {
         self.registry.get(self.kind_of(i))
     }
 
+    fn version(&self, i: usize) -> u32 {
+        self.kind(i).map(|k| k.version()).unwrap_or(source::VERSION)
+    }
+
     /// The key of node `i` given its inputs' output digests, or None while one of them is unknown (the same as
     /// `action(i, digests)?.key()`, without copying the node's parameters).
     pub fn key(&self, i: usize, digests: &[Option<String>]) -> Option<String> {
@@ -113,8 +116,7 @@ impl Project {
             return None;
         }
         let inputs = node.inputs.iter().map(|&j| (self.plan.nodes[j].id.as_str(), digests[j].as_deref().unwrap_or("")));
-        let version = self.kind(i).map(|k| k.version()).unwrap_or(source::VERSION);
-        Some(crate::plan::key::key_of(self.kind_of(i), version, &self.resolved[i].params, inputs))
+        Some(crate::plan::key::key_of(self.kind_of(i), self.version(i), &self.resolved[i].params, inputs))
     }
 
     /// The action of node `i` given its inputs' output digests, or None while one of them is unknown.
@@ -125,11 +127,9 @@ impl Project {
             inputs.push((self.plan.nodes[j].id.clone(), digests[j].clone()?));
         }
         let r = &self.resolved[i];
-        let kind = self.kind_of(i);
-        let version = self.kind(i).map(|k| k.version()).unwrap_or(source::VERSION);
         Some(Action {
-            kind: kind.to_string(),
-            version,
+            kind: self.kind_of(i).to_string(),
+            version: self.version(i),
             params: r.params.clone(),
             inputs,
             defaults: r.defaults.clone(),
@@ -139,14 +139,7 @@ impl Project {
 }
 
 /// Node `i`'s complete parameters: its stage kind's resolved config and its matrix values.
-fn resolve_node(
-    exp: &Experiment,
-    plan: &Plan,
-    specs: &[StageSpec],
-    registry: &Registry,
-    files: &FileDigests,
-    i: usize,
-) -> Result<Resolved> {
+fn resolve_node(exp: &Experiment, plan: &Plan, specs: &[StageSpec], registry: &Registry, i: usize) -> Result<Resolved> {
     let node = &plan.nodes[i];
     let decl = &exp.stages[node.stage];
     let mut params = match &specs[node.stage] {
@@ -161,7 +154,7 @@ fn resolve_node(
                     (s.name.as_str(), s.kind.as_str())
                 })
                 .collect();
-            let view = NodeView { exp, node, inputs, files };
+            let view = NodeView { exp, node, inputs };
             stage.resolve(&view).map_err(|e| {
                 exp.source.error(decl.span.clone(), format!("stage `{}`, node `{}`: {e}", decl.name, node.id), None)
             })?

@@ -74,19 +74,14 @@ impl WorkerEnv<'_> {
             self.cache.discard(staging, &job.key);
             return Ok(NodeOutcome::Cancelled);
         }
-        let metrics = match result {
-            Ok(metrics) => metrics,
-            Err(StageFailure(message)) => {
-                let log = self.cache.discard(staging, &job.key);
-                return Ok(NodeOutcome::Failed { message, log: Some(log) });
-            }
-        };
-        if let Err(message) = self.sources_unchanged(&job) {
-            let log = self.cache.discard(staging, &job.key);
-            return Ok(NodeOutcome::Failed { message, log: Some(log) });
-        }
-        let files = match self.cache.staged_files(&staging) {
-            Ok(files) => files,
+        // The stage's own failure, a source that changed under it, or an output that cannot be stored: each
+        // fails this node, keeping its log.
+        let checked = result.map_err(|StageFailure(message)| message).and_then(|metrics| {
+            self.sources_unchanged(&job)?;
+            Ok((metrics, self.cache.staged_files(&staging)?))
+        });
+        let (metrics, files) = match checked {
+            Ok(done) => done,
             Err(message) => {
                 let log = self.cache.discard(staging, &job.key);
                 return Ok(NodeOutcome::Failed { message, log: Some(log) });

@@ -541,6 +541,22 @@ impl ModelConfig {
     }
 }
 
+/// Copies a [`ModelConfig`] into the fields of the same names that `FinetuneConfig` and `EvalConfig` share (two
+/// library types with no common trait), and picks the node's device.
+macro_rules! set_model_fields {
+    ($cfg:ident, $model:expr, $ctx:expr) => {
+        $cfg.magnification = $model.magnification.clone();
+        $cfg.arch = $model.arch;
+        $cfg.dilation = $model.dilation()?;
+        $cfg.objective = $model.objective();
+        $cfg.labels = $model.labels;
+        $cfg.normalize = $model.normalize;
+        $cfg.image_size = $model.size;
+        $cfg.batch_size = $model.batch_size;
+        $cfg.device = candle_device($ctx)?;
+    };
+}
+
 /// `finetune` and `linear_eval`.
 fn execute_training(c: &TrainConfig, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
     let split = input_of_kind(ctx, &["split"], &[], "a split")?;
@@ -548,15 +564,8 @@ fn execute_training(c: &TrainConfig, ctx: &ExecContext<'_>) -> Result<Value, Sta
     let data = input_of_kind(ctx, DATASET_KINDS, &skip, "the dataset")?;
     let fold_csv = split.join(format!("fold_{}.csv", c.model.fold));
     let mut cfg = FinetuneConfig::new(data, &fold_csv, ctx.out, &ctx.scratch);
-    cfg.magnification = c.model.magnification.clone();
-    cfg.arch = c.model.arch;
-    cfg.dilation = c.model.dilation()?;
-    cfg.objective = c.model.objective();
-    cfg.labels = c.model.labels;
-    cfg.normalize = c.model.normalize;
+    set_model_fields!(cfg, c.model, ctx);
     cfg.freeze_encoder = c.freeze_encoder;
-    cfg.image_size = c.model.size;
-    cfg.batch_size = c.model.batch_size;
     cfg.epochs = c.epochs;
     cfg.lr = c.lr;
     cfg.weight_decay = c.weight_decay;
@@ -571,7 +580,6 @@ fn execute_training(c: &TrainConfig, ctx: &ExecContext<'_>) -> Result<Value, Sta
     cfg.early_stop_patience = c.early_stop_patience;
     cfg.train_portion = c.train_portion.clone();
     cfg.val_portion = c.val_portion.clone();
-    cfg.device = candle_device(ctx)?;
     cfg.seed = c.seed;
     cfg.init = match init_weights(ctx, &c.init, c.weights_file.as_deref())? {
         Some(file) => Init::Weights(file),
@@ -601,15 +609,7 @@ fn execute_evaluate(c: &EvaluateConfig, ctx: &ExecContext<'_>) -> Result<Value, 
     let fold_csv = split.join(format!("fold_{}.csv", c.model.fold));
     let model: PathBuf = model_dir.join(MODEL_FILE);
     let mut cfg = EvalConfig::new(data, &fold_csv, &model, ctx.out);
-    cfg.magnification = c.model.magnification.clone();
-    cfg.arch = c.model.arch;
-    cfg.dilation = c.model.dilation()?;
-    cfg.objective = c.model.objective();
-    cfg.labels = c.model.labels;
-    cfg.normalize = c.model.normalize;
-    cfg.image_size = c.model.size;
-    cfg.batch_size = c.model.batch_size;
-    cfg.device = candle_device(ctx)?;
+    set_model_fields!(cfg, c.model, ctx);
     cfg.test_portion = c.test_portion.clone();
     let outcome = evaluate(&cfg).map_err(|e| StageFailure(e.to_string()))?;
     log_line(ctx, &format!("accuracy {:.4} on {} images", outcome.report.accuracy, outcome.report.images));

@@ -3,14 +3,6 @@
 mod common;
 use common::*;
 
-const GOOD_HEAD: &str = r#"[experiment]
-name = "bad"
-
-[stage.raw]
-kind = "source"
-path = "data"
-"#;
-
 /// Runs the experiment `text` and returns (exit code, stderr, project); asserts that nothing was published.
 fn run_bad_in(text: &str) -> (i32, String, Project) {
     let p = Project::new();

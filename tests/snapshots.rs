@@ -56,14 +56,6 @@ fn normalise(p: &Project, text: &str) -> String {
 // ---------------------------------------------------------------------------------------------------------------
 // Error diagnostics (the experiments of tests/runner_errors.rs)
 
-const GOOD_HEAD: &str = r#"[experiment]
-name = "bad"
-
-[stage.raw]
-kind = "source"
-path = "data"
-"#;
-
 /// `mpcs run bad.toml ARGS` on the experiment `text`: asserts exit code `code` and that nothing reached stdout,
 /// and returns the normalised transcript.
 fn run_bad(text: &str, args: &[&str], code: i32) -> String {

@@ -179,7 +179,9 @@ mod tests {
         let log = std::fs::File::create(&log_path).unwrap();
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let r = spawn(&SpawnRequest { argv: &argv, cwd: dir.path(), env, log: &log }).and_then(wait);
-        (r, std::fs::read_to_string(&log_path).unwrap())
+        // The folder's real path first, then what the command wrote.
+        let cwd = dir.path().canonicalize().unwrap().display().to_string();
+        (r, format!("{cwd}\n{}", std::fs::read_to_string(&log_path).unwrap()))
     }
 
     #[test]
@@ -188,9 +190,9 @@ mod tests {
         let (status, log) = run(&["sh", "-c", "echo $MPCS_TEST_VAR; pwd; ps -o pgid= -p $$; echo $$; exit 3"], env);
         assert_eq!(status.unwrap().code(), Some(3));
         let lines: Vec<&str> = log.lines().collect();
-        assert_eq!(lines[0], "hello");
-        assert!(lines[1].starts_with("/tmp") || lines[1].contains(".tmp"), "cwd: {}", lines[1]);
-        assert_eq!(lines[2].trim(), lines[3].trim(), "the command leads its own process group");
+        assert_eq!(lines[1], "hello");
+        assert_eq!(lines[2], lines[0], "the command runs in the folder it was given");
+        assert_eq!(lines[3].trim(), lines[4].trim(), "the command leads its own process group");
     }
 
     #[test]

@@ -6,6 +6,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The head of the experiments that error tests build on: a source `raw` reading `data/`.
+pub const GOOD_HEAD: &str = r#"[experiment]
+name = "bad"
+
+[stage.raw]
+kind = "source"
+path = "data"
+"#;
+
 pub struct Project {
     pub dir: tempfile::TempDir,
 }

@@ -187,6 +187,66 @@ pub fn hash_outputs(root: &Path) -> std::result::Result<Vec<FileDigest>, String>
     hash_tree(root).map_err(|e| format!("its output cannot be stored: {e}"))
 }
 
+/// A digest of the stat of everything under a published entry's output (`lstat` of every file, folder and link:
+/// name, type, size, mtime, ctime, inode), taken at publish. Recomputing it reads no file, yet any write,
+/// truncation, creation, removal or rename below `root` changes it (ctime moves even when a writer restores the
+/// mtime): the cheap check that an entry is still what its manifest says before a node reads it.
+pub fn stat_digest(root: &Path) -> std::io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update(b"mpcs-stat-v1\0");
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((path, rel)) = stack.pop() {
+        let meta = fs::symlink_metadata(&path)?;
+        h.update(rel.as_bytes());
+        h.update(b"\0");
+        for n in
+            [meta.mode() as i64, meta.size() as i64, meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec()]
+        {
+            h.update(&n.to_le_bytes());
+        }
+        h.update(&meta.ino().to_le_bytes());
+        if meta.is_dir() {
+            let mut names: Vec<_> =
+                fs::read_dir(&path)?.map(|e| e.map(|e| e.file_name())).collect::<std::io::Result<_>>()?;
+            // Popped in reverse: the walk visits names in sorted order, so the digest does not depend on readdir.
+            names.sort_unstable_by(|a, b| b.cmp(a));
+            for name in names {
+                let child = if rel.is_empty() {
+                    name.to_string_lossy().into_owned()
+                } else {
+                    format!("{rel}/{}", name.to_string_lossy())
+                };
+                stack.push((path.join(&name), child));
+            }
+        }
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Makes every regular file under `root` read-only, so that a consumer that tries to append to its input gets
+/// "Permission denied" instead of silently changing a published entry (root ignores this; the stat check
+/// catches what it writes).
+pub fn make_read_only(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                let meta = entry.metadata()?;
+                let mode = meta.permissions().mode();
+                if mode & 0o222 != 0 {
+                    fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode & !0o222))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[derive(Default, Serialize, Deserialize)]
 struct StatCache {
     /// When this cache was written (ns since the epoch); entries with an mtime close to it are not trusted.

@@ -55,6 +55,26 @@ pub struct Manifest {
     /// Stage-specific results (metrics of an evaluation, counts of a data stage...).
     #[serde(default)]
     pub metrics: serde_json::Value,
+    /// [`fingerprint::stat_digest`] of `out/` on this machine when the entry was published (or last verified):
+    /// a consumer compares it before reading the entry. Empty in entries older than the check.
+    #[serde(default)]
+    pub stat: String,
+}
+
+/// The result of [`Cache::check_entry`].
+pub enum EntryCheck {
+    /// The entry holds what its manifest lists; its current stat digest.
+    Intact(String),
+    /// What is wrong with it.
+    Damaged(String),
+}
+
+/// What the resolver reads of an entry's manifest: enough to key consumers and to check the entry before use.
+#[derive(Clone, Debug, Deserialize)]
+pub struct EntryHead {
+    pub output_digest: String,
+    #[serde(default)]
+    pub stat: String,
 }
 
 /// A cache directory.
@@ -141,14 +161,59 @@ impl Cache {
         self.read_manifest(key)
     }
 
-    /// The output digest of a published entry, or None if there is none. Reads the manifest without building
-    /// its file list and action: the resolver asks this of every node of a DAG.
-    pub fn lookup_digest(&self, key: &str) -> Result<Option<String>> {
-        #[derive(Deserialize)]
-        struct Head {
-            output_digest: String,
+    /// The output digest and stat record of a published entry, or None if there is none. Reads the manifest
+    /// without building its file list and action: the resolver asks this of every node of a DAG.
+    pub fn lookup_head(&self, key: &str) -> Result<Option<EntryHead>> {
+        self.read_manifest::<EntryHead>(key)
+    }
+
+    /// Whether entry `key` still holds what its manifest lists, before a node reads it. The stat digest recorded at publish is compared first (no file is read); only when it
+    /// differs (a copied cache, a hard link made to a file, or damage) are the files re-hashed against the
+    /// manifest, and an intact entry gets its stat record refreshed so the next check is cheap again.
+    pub fn check_entry(&self, key: &str, recorded_stat: &str) -> EntryCheck {
+        let out = self.entry_out(key);
+        let now = match fingerprint::stat_digest(&out) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return EntryCheck::Damaged("out/ is gone".into()),
+            Err(e) => return EntryCheck::Damaged(format!("{}: {e}", out.display())),
+        };
+        if !recorded_stat.is_empty() && now == recorded_stat {
+            return EntryCheck::Intact(now);
         }
-        Ok(self.read_manifest::<Head>(key)?.map(|h| h.output_digest))
+        let mut manifest = match self.lookup(key) {
+            Ok(Some(m)) => m,
+            Ok(None) => return EntryCheck::Damaged("its manifest is gone".into()),
+            Err(e) => return EntryCheck::Damaged(e.message),
+        };
+        let files = match fingerprint::hash_outputs(&out) {
+            Ok(f) => f,
+            Err(e) => return EntryCheck::Damaged(e),
+        };
+        if let Some(difference) = first_difference(&manifest.files, &files) {
+            return EntryCheck::Damaged(difference);
+        }
+        // Intact: remember this stat so the next check is cheap (best effort; a failure only costs a re-hash).
+        manifest.stat = now.clone();
+        if let Ok(bytes) = serde_json::to_vec_pretty(&manifest) {
+            let _ = crate::fsutil::write_atomic(&self.entry_dir(key).join("manifest.json"), &bytes);
+        }
+        EntryCheck::Intact(now)
+    }
+
+    /// Removes a damaged entry (its key then counts as missing and the node runs again). The entry vanishes
+    /// with one rename, so a reader sees it whole or not at all.
+    pub fn remove_entry(&self, key: &str) -> Result<()> {
+        let dir = self.entry_dir(key);
+        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let doomed = self.base.join("tmp").join(format!("{key}.removed.{}.{n}", std::process::id()));
+        match fs::rename(&dir, &doomed) {
+            Ok(()) => {
+                let _ = fs::remove_dir_all(&doomed);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("cannot remove the damaged cache entry", &dir, e)),
+        }
     }
 
     fn read_manifest<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
@@ -219,6 +284,9 @@ impl Cache {
     pub fn publish(&self, staging: Staging, mut manifest: Manifest, _lock: &FileLock) -> Result<Manifest> {
         manifest.output_digest = fingerprint::tree_digest(&manifest.files);
         manifest.format = MANIFEST_FORMAT;
+        fingerprint::make_read_only(&staging.out).map_err(|e| Error::io("cannot seal", &staging.out, e))?;
+        manifest.stat =
+            fingerprint::stat_digest(&staging.out).map_err(|e| Error::io("cannot read", &staging.out, e))?;
         let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;
         let mpath = staging.dir.join("manifest.json");
         fs::write(&mpath, bytes).map_err(|e| Error::io("cannot write", &mpath, e))?;
@@ -290,6 +358,28 @@ impl Cache {
         out.sort();
         Ok(out)
     }
+}
+
+/// How a tree differs from the listing in its manifest, for messages (None: it does not).
+fn first_difference(recorded: &[FileDigest], now: &[FileDigest]) -> Option<String> {
+    use std::collections::BTreeMap;
+    let now_by_path: BTreeMap<&str, &FileDigest> = now.iter().map(|f| (f.path.as_str(), f)).collect();
+    for r in recorded {
+        match now_by_path.get(r.path.as_str()) {
+            None => return Some(format!("out/{} is missing", r.path)),
+            Some(f) if f.size != r.size => {
+                return Some(format!("out/{} is {} bytes, {} when it was stored", r.path, f.size, r.size))
+            }
+            Some(f) if f.blake3 != r.blake3 => {
+                return Some(format!("out/{} has other bytes than when it was stored", r.path))
+            }
+            Some(_) => {}
+        }
+    }
+    let recorded_paths: std::collections::BTreeSet<&str> = recorded.iter().map(|f| f.path.as_str()).collect();
+    now.iter()
+        .find(|f| !recorded_paths.contains(f.path.as_str()))
+        .map(|f| format!("out/{} was added after it was stored", f.path))
 }
 
 /// This machine's host name, for manifests.

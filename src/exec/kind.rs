@@ -170,6 +170,15 @@ pub struct InputDir {
     pub matrix: Vec<(String, String)>,
     /// The input's output directory (for a source: the source path itself).
     pub path: PathBuf,
+    /// The cache entry holding it (None for a source), checked before and after the node reads it.
+    pub entry: Option<EntryRef>,
+}
+
+/// A published entry as a consumer knows it: its key and the stat record its manifest holds.
+#[derive(Clone, Debug)]
+pub struct EntryRef {
+    pub key: String,
+    pub stat: String,
 }
 
 /// The device(s) a node runs on.

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::project::Project;
 use crate::cache::journal::{Journal, Record, Status};
-use crate::cache::Cache;
+use crate::cache::{Cache, EntryHead};
 use crate::error::Result;
 use crate::plan::key::Action;
 
@@ -17,8 +17,8 @@ use crate::plan::key::Action;
 pub enum Resolution {
     /// A source, fingerprinted in place: its content digest is its identity.
     Source { path: PathBuf, digest: String },
-    /// Every input is known: the node's key, and its entry's output digest if the cache has one.
-    Known { key: String, cached: Option<String> },
+    /// Every input is known: the node's key, and its entry's head (output digest, stat) if the cache has one.
+    Known { key: String, cached: Option<EntryHead> },
     /// An input's output is not known yet (it will run first).
     Blocked,
 }
@@ -49,7 +49,7 @@ impl<'a> Resolver<'a> {
             return Ok(Resolution::Source { path, digest });
         }
         let Some(key) = p.key(i, digests) else { return Ok(Resolution::Blocked) };
-        let cached = self.cache.lookup_digest(&key)?;
+        let cached = self.cache.lookup_head(&key)?;
         Ok(Resolution::Known { key, cached })
     }
 
@@ -152,7 +152,8 @@ fn status_of(
             NodeStatus { state, key: Some(source_key(&digest)), digest: Some(digest) }
         }
         Resolution::Blocked => NodeStatus { state: State::Blocked, key: None, digest: None },
-        Resolution::Known { key, cached: Some(digest), .. } => {
+        Resolution::Known { key, cached: Some(head), .. } => {
+            let digest = head.output_digest;
             digests[i] = Some(digest.clone());
             NodeStatus { state: State::Cached, key: Some(key), digest: Some(digest) }
         }

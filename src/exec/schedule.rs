@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::executor::{Executor, Finished, Launch};
-use super::kind::InputDir;
+use super::kind::{EntryRef, InputDir};
 use super::progress::{Event, Outcome, Reporter};
 use super::resolve::{source_key, Resolution, Resolver};
 use super::worker::{Job, NodeOutcome};
@@ -77,6 +77,10 @@ pub struct Scheduler<'a> {
     state: Vec<St>,
     digest: Vec<Option<String>>,
     keys: Vec<Option<(String, Action)>>,
+    /// The published entry of each done node that is not a source (what its consumers read).
+    entries: Vec<Option<EntryRef>>,
+    /// How often each node's entry was found damaged and computed again this run (bounded).
+    recomputed: Vec<u8>,
     waiting_on: Vec<usize>,
     newly: Vec<usize>,
     ready: ReadySet,
@@ -101,6 +105,8 @@ impl<'a> Scheduler<'a> {
             state: vec![St::Waiting; n],
             digest: vec![None; n],
             keys: vec![None; n],
+            entries: vec![None; n],
+            recomputed: vec![0; n],
             waiting_on: plan.nodes.iter().map(|nd| nd.inputs.len()).collect(),
             newly: Vec::new(),
             ready: ReadySet::default(),
@@ -188,9 +194,13 @@ impl<'a> Scheduler<'a> {
         self.digest[i] = Some(digest);
         self.state[i] = St::Done;
         for c in self.resolver.project.plan.consumers(i) {
-            self.waiting_on[c] -= 1;
-            if self.waiting_on[c] == 0 && self.state[c] == St::Waiting {
-                self.newly.push(c);
+            // Only waiting consumers count their inputs (one that is done already read this input's old
+            // entry, before it was found damaged and computed again).
+            if self.state[c] == St::Waiting {
+                self.waiting_on[c] -= 1;
+                if self.waiting_on[c] == 0 {
+                    self.newly.push(c);
+                }
             }
         }
     }
@@ -204,7 +214,9 @@ impl<'a> Scheduler<'a> {
             };
             let action = || self.resolver.project.action(i, &self.digest).ok_or_else(|| Error::internal("no action"));
             match cached {
-                Some(digest) => {
+                Some(head) => {
+                    let digest = head.output_digest;
+                    self.entries[i] = Some(EntryRef { key: key.clone(), stat: head.stat });
                     let id = plan.nodes[i].id.clone();
                     // Only a node whose recorded key changed costs a journal record (and building its action).
                     if !self.journal.is_recorded(&self.resolver.last, &id, &key) {
@@ -271,6 +283,7 @@ impl<'a> Scheduler<'a> {
                     kind: stage.kind.clone(),
                     matrix: plan.nodes[j].matrix.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
                     path: self.summary.outputs[j].clone().unwrap_or_default(),
+                    entry: self.entries[j].clone(),
                 }
             })
             .collect();
@@ -289,18 +302,63 @@ impl<'a> Scheduler<'a> {
                 self.journal
                     .note(&self.resolver.last, Record::ok(&id, key.clone(), m.action.clone(), &m.output_digest))?;
                 self.summary.outputs[i] = Some(self.resolver.cache.entry_out(&key));
+                self.entries[i] = Some(EntryRef { key, stat: m.stat });
                 let outcome = if executed { Outcome::Executed } else { Outcome::Cached };
                 self.reporter.event(Event::Finished { node: &id, outcome, seconds });
                 if executed { &mut self.summary.executed } else { &mut self.summary.cached }.push(id);
                 self.complete(i, m.output_digest);
             }
             NodeOutcome::Failed { message, log } => self.fail(i, message, log, seconds)?,
+            NodeOutcome::InputDamaged { input, reason } => self.recompute_input(i, input, reason)?,
             NodeOutcome::Cancelled => {
                 self.state[i] = St::Skipped;
                 self.reporter.event(Event::Finished { node: &id, outcome: Outcome::Interrupted, seconds });
                 self.summary.skipped.push(id);
             }
         }
+        Ok(())
+    }
+
+    /// Node `i` found its input number `input` damaged (and removed it): that input runs again, and `i` and the
+    /// input's other consumers that have not started wait for it (their keys may change with its new output).
+    fn recompute_input(&mut self, i: usize, input: usize, reason: String) -> Result<()> {
+        let project = self.resolver.project;
+        let plan = &project.plan;
+        let j = plan.nodes[i].inputs[input];
+        let entry = self.entries[j].take().ok_or_else(|| Error::internal("a damaged input that is no entry"))?;
+        self.recomputed[j] += 1;
+        if self.recomputed[j] > 2 {
+            let message = format!(
+                "its input `{}` was damaged again after being computed anew ({reason}); something keeps changing \
+                 the cache entry {}: find it, then run again",
+                plan.nodes[j].id,
+                self.resolver.cache.entry_dir(&entry.key).display()
+            );
+            return self.fail(i, message, None, 0.0);
+        }
+        let notice = format!(
+            "the cache entry of `{}` is damaged ({reason}): removed; computing it again before `{}`",
+            plan.nodes[j].id, plan.nodes[i].id
+        );
+        self.reporter.event(Event::Notice(&notice));
+        let id = &plan.nodes[j].id;
+        self.summary.cached.retain(|x| x != id);
+        self.summary.executed.retain(|x| x != id);
+        // The input's consumers that have not started wait for it again; `i` itself is one of them.
+        self.state[i] = St::Ready;
+        for c in plan.consumers(j) {
+            if matches!(self.state[c], St::Waiting | St::Ready) {
+                self.state[c] = St::Waiting;
+                self.keys[c] = None;
+                self.waiting_on[c] += 1;
+            }
+        }
+        let action = project.action(j, &self.digest).ok_or_else(|| Error::internal("damaged input without inputs"))?;
+        self.digest[j] = None;
+        self.summary.outputs[j] = None;
+        self.keys[j] = Some((entry.key, action));
+        self.state[j] = St::Ready;
+        self.ready.0.push((plan.priority[j], Reverse(j)));
         Ok(())
     }
 

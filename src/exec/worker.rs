@@ -13,7 +13,7 @@ use super::process::ProcessRegistry;
 use super::progress::{Event, Reporter};
 use super::project::Project;
 use crate::cache::journal::now_unix;
-use crate::cache::{hostname, Cache, FileLock, Manifest, Staging};
+use crate::cache::{hostname, Cache, EntryCheck, FileLock, Manifest, Staging};
 use crate::error::{Error, Result};
 use crate::plan::key::Action;
 
@@ -37,6 +37,12 @@ pub enum NodeOutcome {
     Failed {
         message: String,
         log: Option<PathBuf>,
+    },
+    /// Input number `input` is a cache entry that no longer holds what its manifest lists (`reason`); it has been
+    /// removed, and the node must wait for it to be computed again.
+    InputDamaged {
+        input: usize,
+        reason: String,
     },
     Cancelled,
 }
@@ -64,12 +70,17 @@ impl WorkerEnv<'_> {
         if self.cancelled() {
             return Ok(NodeOutcome::Cancelled);
         }
+        // Never compute from damaged bytes: an input entry that changed since it was stored counts as missing.
+        let mut inputs = job.inputs.clone();
+        if let Err((input, reason)) = self.check_inputs(&mut inputs) {
+            return Ok(NodeOutcome::InputDamaged { input, reason });
+        }
         let staging = self.cache.begin(&job.key, &lock)?;
         let label = device.label();
         let node = &self.project.plan.nodes[job.index];
         self.reporter.event(Event::Started { node: &node.id, device: &label });
         let (started_unix, t0) = (now_unix(), Instant::now());
-        let result = self.execute(&job, &staging, device);
+        let result = self.execute(&job, &inputs, &staging, device);
         if self.cancelled() {
             self.cache.discard(staging, &job.key);
             return Ok(NodeOutcome::Cancelled);
@@ -78,6 +89,7 @@ impl WorkerEnv<'_> {
         // fails this node, keeping its log.
         let checked = result.map_err(|StageFailure(message)| message).and_then(|metrics| {
             self.sources_unchanged(&job)?;
+            self.inputs_untouched(&job, &mut inputs)?;
             Ok((metrics, self.cache.staged_files(&staging)?))
         });
         let (metrics, files) = match checked {
@@ -102,6 +114,7 @@ impl WorkerEnv<'_> {
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             seed: node.seed,
             metrics,
+            stat: String::new(),
         };
         let published = self.cache.publish(staging, manifest, &lock)?;
         // The scratch area (checkpoints) is only needed until the entry exists.
@@ -131,6 +144,40 @@ impl WorkerEnv<'_> {
         Ok(())
     }
 
+    /// Checks every input entry against its stat record (and, where that differs, its manifest), refreshing
+    /// `inputs`' stat records. Err: the position of a damaged input and what is wrong; its entry is removed.
+    fn check_inputs(&self, inputs: &mut [InputDir]) -> Result<(), (usize, String)> {
+        for (pos, input) in inputs.iter_mut().enumerate() {
+            let Some(entry) = &mut input.entry else { continue };
+            match self.cache.check_entry(&entry.key, &entry.stat) {
+                EntryCheck::Intact(stat) => entry.stat = stat,
+                EntryCheck::Damaged(reason) => {
+                    // Removal fails only on a read-only cache: then the entry stays, and the node is not run on it.
+                    let removed = self.cache.remove_entry(&entry.key);
+                    let reason = match removed {
+                        Ok(()) => reason,
+                        Err(e) => format!("{reason}; {}", e.message),
+                    };
+                    return Err((pos, reason));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A node must not write into its inputs (a sibling would then read, and cache, the tampered data). Checked
+    /// after it ran, since permissions do not stop root: a change fails the node and removes the damaged entry.
+    fn inputs_untouched(&self, job: &Job, inputs: &mut [InputDir]) -> Result<(), String> {
+        self.check_inputs(inputs).map_err(|(pos, reason)| {
+            let node = &job.inputs[pos].node;
+            format!(
+                "its input `{node}` changed while it ran ({reason}); a node must not write into its inputs (write \
+                 to {{out}}, copying what it needs): nothing was stored, and the damaged entry of `{node}` was \
+                 removed, so the next run computes it again"
+            )
+        })
+    }
+
     /// Waits for the key's lock, polling so that an interrupt is noticed while another run holds it.
     fn acquire(&self, key: &str) -> Result<Option<FileLock>> {
         loop {
@@ -147,6 +194,7 @@ impl WorkerEnv<'_> {
     fn execute(
         &self,
         job: &Job,
+        inputs: &[InputDir],
         staging: &Staging,
         device: DeviceAssignment,
     ) -> Result<serde_json::Value, StageFailure> {
@@ -165,7 +213,7 @@ impl WorkerEnv<'_> {
             out: &staging.out,
             log: &staging.log,
             scratch: self.cache.scratch_dir(&job.key),
-            inputs: job.inputs.iter().map(InputDir::clone).collect(),
+            inputs: inputs.to_vec(),
             device,
             cancel: self.cancel,
             processes: self.processes,

@@ -1,0 +1,126 @@
+//! Issue 13: entries are checked before a node reads them and after it ran (no result computed from damaged
+//! bytes, no input silently changed by its consumer), and what a node starts dies with it.
+
+mod common;
+use common::*;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+/// `a` copies the source; `b` and `c` read `a`. `b` appends to its input when `tamper = "yes"`.
+const CHAIN: &str = r#"[experiment]
+name = "integrity"
+
+[stage.raw]
+kind = "source"
+path = "data"
+
+[stage.a]
+kind = "command"
+from = "raw"
+run = ["sh", "-c", "echo a >> exec.log; cat {in}/x.txt > {out}/a.txt"]
+
+[stage.b]
+kind = "command"
+from = "a"
+params = { n = 1, tamper = "no" }
+run = ["sh", "-c", "if [ {tamper} = yes ]; then echo TAMPERED >> {in}/a.txt; fi; cat {in}/a.txt > {out}/b.txt; echo {n} >> {out}/b.txt"]
+
+[stage.c]
+kind = "command"
+from = "a"
+params = { n = 1 }
+run = ["sh", "-c", "sleep 0.3; cat {in}/a.txt > {out}/c.txt; echo {n} >> {out}/c.txt"]
+"#;
+
+fn chain() -> Project {
+    let p = Project::new();
+    p.write("data/x.txt", "alpha\n");
+    p.write("chain.toml", CHAIN);
+    p
+}
+
+/// The output folder of node `id`'s entry, from `mpcs show`.
+fn entry_out(p: &Project, id: &str) -> std::path::PathBuf {
+    let out = p.mpcs(&["show", id, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = v["key"].as_str().unwrap_or_else(|| panic!("no key in {v}"));
+    p.path(&format!("cache/v2/entries/{}/{key}/out", &key[..2]))
+}
+
+fn read(p: &std::path::Path) -> String {
+    fs::read_to_string(p).unwrap()
+}
+
+/// Issue 13 S1: truncating a file of an entry, or deleting its whole `out/`, left the node `cached` and its
+/// consumers computed from the damaged bytes. Now a consumer checks its inputs first and the damaged entry is
+/// computed again.
+#[test]
+fn a_damaged_entry_is_computed_again_before_a_consumer_reads_it() {
+    let p = chain();
+    p.run_ok("chain.toml", &[]);
+    let a_out = entry_out(&p, "a");
+    assert_eq!(
+        fs::metadata(a_out.join("a.txt")).unwrap().permissions().mode() & 0o222,
+        0,
+        "published files are read-only"
+    );
+
+    // Truncated (same inode; permissions restored so only the content differs).
+    fs::set_permissions(a_out.join("a.txt"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(a_out.join("a.txt"), "").unwrap();
+    let out = p.run_raw("chain.toml", &["--set", "stage.b.params.n=2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the cache entry of `a` is damaged (out/a.txt is 0 bytes, 6 when it was stored)"),
+        "{stderr}"
+    );
+    let s = parse_summary(&out);
+    assert!(s.executed.contains("a") && s.executed.contains("b"), "{s:?}");
+    assert_eq!(read(&entry_out(&p, "b").join("b.txt")), "alpha\n2\n", "b computed from the recomputed a");
+
+    // The whole output folder gone.
+    fs::remove_dir_all(entry_out(&p, "a")).unwrap();
+    let s = p.run_ok("chain.toml", &["--set", "stage.c.params.n=3"]);
+    assert!(s.executed.contains("a") && s.executed.contains("c"), "{s:?}");
+    assert_eq!(read(&entry_out(&p, "c").join("c.txt")), "alpha\n3\n");
+
+    // A file added to an entry is damage too.
+    let a_out = entry_out(&p, "a");
+    fs::write(a_out.join("extra.txt"), "x").unwrap();
+    let out = p.run_raw("chain.toml", &["--set", "stage.c.params.n=4"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("out/extra.txt was added after it was stored"));
+    assert!(parse_summary(&out).executed.contains("a"));
+
+    // Touching a file (new mtime, same bytes) is not damage: the files are re-hashed once and found intact.
+    let f = entry_out(&p, "a").join("a.txt");
+    fs::File::options().write(true).open(&f).unwrap().set_modified(std::time::SystemTime::now()).unwrap();
+    let s = p.run_ok("chain.toml", &["--set", "stage.c.params.n=5"]);
+    assert!(s.cached.contains("a") && s.executed.contains("c"), "{s:?}");
+}
+
+/// Issue 13 S2: a consumer could append to `{in}/a.txt`; a sibling then cached the tampered data. Now the
+/// consumer fails, the damaged entry is removed, and nothing computed from it is kept.
+#[test]
+fn a_node_that_writes_into_its_input_fails_and_the_input_is_recomputed() {
+    let p = chain();
+    p.run_ok("chain.toml", &[]);
+    let out = p.run_raw("chain.toml", &["--set", "stage.b.params.tamper=\"yes\"", "--set", "stage.b.params.n=2", "-k"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let s = parse_summary(&out);
+    assert_eq!(s.failed, set(&["b"]), "{stderr}");
+    if unsafe { libc::geteuid() } == 0 {
+        // Root writes through the read-only bit: the check after the node ran catches it.
+        assert!(stderr.contains("its input `a` changed while it ran"), "{stderr}");
+        assert!(stderr.contains("must not write into its inputs"), "{stderr}");
+    } else {
+        assert!(stderr.contains("Permission denied"), "{stderr}");
+    }
+    // The next run has an intact `a` whatever happened, and computes from the original bytes.
+    let s = p.run_ok("chain.toml", &["--set", "stage.b.params.n=3", "--set", "stage.c.params.n=3"]);
+    assert!(s.executed.contains("b") && s.executed.contains("c"), "{s:?}");
+    assert_eq!(read(&entry_out(&p, "b").join("b.txt")), "alpha\n3\n");
+    assert_eq!(read(&entry_out(&p, "c").join("c.txt")), "alpha\n3\n");
+}

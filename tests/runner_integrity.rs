@@ -124,3 +124,71 @@ fn a_node_that_writes_into_its_input_fails_and_the_input_is_recomputed() {
     assert_eq!(read(&entry_out(&p, "b").join("b.txt")), "alpha\n3\n");
     assert_eq!(read(&entry_out(&p, "c").join("c.txt")), "alpha\n3\n");
 }
+
+/// Whether process `pid` is gone (or a zombie nobody reaped, which runs nothing).
+fn gone(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits (bounded) until `path` holds a pid.
+fn pid_in(path: &std::path::Path) -> i32 {
+    for _ in 0..200 {
+        if let Some(pid) = fs::read_to_string(path).ok().and_then(|t| t.trim().parse().ok()) {
+            return pid;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("{} never held a pid", path.display());
+}
+
+fn wait_gone(pid: i32) -> bool {
+    (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        gone(pid)
+    })
+}
+
+/// Issue 13 F4: after `kill -9` of mpcs during `sh -c "sleep 21; ..."`, `sh` died but `sleep` was re-parented
+/// to init and kept running. Now every process of the node's group dies with mpcs.
+#[test]
+fn what_a_node_started_dies_with_mpcs_even_after_kill_9() {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.slow]\nkind = \"command\"\nfrom = \"raw\"\n\
+               run = [\"sh\", \"-c\", \"sleep 21 & echo $! > sleep.pid; wait; echo done > {out}/f\"]\n";
+    p.write("k.toml", exp);
+    let mut child = p.cmd(&["run", "k.toml", "--plain"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let sleep = pid_in(&p.path("sleep.pid"));
+    assert!(!gone(sleep));
+    child.kill().unwrap(); // SIGKILL: nothing in mpcs runs after it
+    child.wait().unwrap();
+    let dead = wait_gone(sleep);
+    if !dead {
+        // SAFETY: do not leave the test's own sleep behind.
+        unsafe { libc::kill(sleep, libc::SIGKILL) };
+    }
+    assert!(dead, "the node's `sleep` outlived mpcs");
+}
+
+/// A node's processes end with the node: what a command leaves running in the background is killed when the
+/// command exits (it would otherwise hold the node's log open and use the machine after the node is "done").
+#[test]
+fn a_background_process_does_not_outlive_its_node() {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.quick]\nkind = \"command\"\nfrom = \"raw\"\n\
+               run = [\"sh\", \"-c\", \"sleep 21 & echo $! > sleep.pid; echo done > {out}/f\"]\n";
+    p.write("b.toml", exp);
+    let s = p.run_ok("b.toml", &[]);
+    assert!(s.executed.contains("quick"));
+    let sleep = pid_in(&p.path("sleep.pid"));
+    let dead = wait_gone(sleep);
+    if !dead {
+        // SAFETY: do not leave the test's own sleep behind.
+        unsafe { libc::kill(sleep, libc::SIGKILL) };
+    }
+    assert!(dead, "the background `sleep` outlived its node");
+}

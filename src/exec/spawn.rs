@@ -130,6 +130,29 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
+/// Waits for the command `pid` to end, then kills what it left running in its process group (a `cmd &` the
+/// shell did not wait for): a node's processes end with the node. The group is killed while the command is
+/// still an unreaped zombie, so its id cannot have been reused by an unrelated process.
+pub fn wait_group(pid: libc::pid_t) -> io::Result<ExitStatus> {
+    loop {
+        // SAFETY: waitid with WNOWAIT only reports that `pid` exited; `info` is written by the kernel.
+        let r = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        if r == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    // SAFETY: signals the process group led by our own (zombie) child.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    wait(pid)
+}
+
 /// Waits for `pid` to end.
 pub fn wait(pid: libc::pid_t) -> io::Result<ExitStatus> {
     let mut status = 0;

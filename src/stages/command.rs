@@ -11,7 +11,7 @@ use serde_json::Value;
 use toml::Spanned;
 
 use crate::error::{did_you_mean, Result};
-use crate::exec::spawn::{spawn, wait, SpawnRequest};
+use crate::exec::spawn::{spawn, wait_group, SpawnRequest};
 use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
 use crate::experiment::template::Template;
 use crate::experiment::{Experiment, StageDecl};
@@ -259,7 +259,7 @@ impl CommandConfig {
         if ctx.cancelled() {
             ctx.processes.signal_all(libc::SIGTERM);
         }
-        let status = wait(pid);
+        let status = wait_group(pid);
         ctx.processes.unregister(token);
         let status = status.map_err(|e| StageFailure(format!("cannot wait for `{}`: {e}", argv[0])))?;
         if ctx.cancelled() {

@@ -137,7 +137,17 @@ fn command_produces_no_output() {
     let text = format!("{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"true\"]\n");
     let (code, err) = run_bad(&text);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("succeeded but wrote nothing in {out}"), "{err}");
+    assert!(err.contains("succeeded but wrote no file in {out}"), "{err}");
+    // Issue 13: an output holding only empty folders used to be published.
+    let text = format!(
+        "{GOOD_HEAD}\n[stage.b]\nkind = \"command\"\nfrom = \"raw\"\nrun = [\"mkdir\", \"-p\", \"{{out}}/a/b\"]\n"
+    );
+    let (code, err) = run_bad(&text);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("succeeded but wrote no file in {out}") && err.contains("empty folders do not count"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -192,3 +192,24 @@ fn a_background_process_does_not_outlive_its_node() {
     }
     assert!(dead, "the background `sleep` outlived its node");
 }
+
+/// Issue 13 B9: a run waiting for another run's lock printed nothing. Now it says which node it waits for and
+/// on whom, then uses the other run's entry.
+#[test]
+fn a_run_waiting_for_another_says_for_what_and_on_whom() {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.slow]\nkind = \"command\"\nfrom = \"raw\"\n\
+               run = [\"sh\", \"-c\", \"echo $$ > started; sleep 1.5; echo done > {out}/f\"]\n";
+    p.write("w.toml", exp);
+    let first = p.cmd(&["run", "w.toml", "--plain"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    pid_in(&p.path("started"));
+    let second = p.run_raw("w.toml", &[]);
+    let mut first = first;
+    assert!(first.wait().unwrap().success());
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    let expected = format!("waiting for `slow`: another mpcs run (process {} on this machine)", first.id());
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(parse_summary(&second).cached.contains("slow"), "the other run's entry is used");
+}

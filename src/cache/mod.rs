@@ -263,6 +263,16 @@ impl Cache {
         }
     }
 
+    /// The process writing entry `key` on this machine, from its staging directory's name (`<key>.<pid>.<n>`).
+    pub fn writer_of(&self, key: &str) -> Option<u32> {
+        let rd = fs::read_dir(self.base.join("tmp")).ok()?;
+        rd.flatten().find_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let mut parts = name.split('.');
+            (parts.next() == Some(key)).then(|| parts.next()?.parse().ok()).flatten()
+        })
+    }
+
     /// Starts writing an entry for `key`; the caller holds the key's lock.
     pub fn begin(&self, key: &str, _lock: &FileLock) -> Result<Staging> {
         let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -63,7 +63,7 @@ impl WorkerEnv<'_> {
 
     /// Runs `job` on `device` and publishes its entry.
     pub fn run(&self, job: Job, device: DeviceAssignment) -> Result<NodeOutcome> {
-        let Some(lock) = self.acquire(&job.key)? else { return Ok(NodeOutcome::Cancelled) };
+        let Some(lock) = self.acquire(&job)? else { return Ok(NodeOutcome::Cancelled) };
         if let Some(m) = self.cache.lookup(&job.key)? {
             return Ok(NodeOutcome::Done { manifest: Box::new(m), executed: false });
         }
@@ -178,14 +178,29 @@ impl WorkerEnv<'_> {
         })
     }
 
-    /// Waits for the key's lock, polling so that an interrupt is noticed while another run holds it.
-    fn acquire(&self, key: &str) -> Result<Option<FileLock>> {
+    /// Waits for the key's lock, polling so that an interrupt is noticed while another run holds it, and saying
+    /// once what it waits for (a silent wait looks like a hang).
+    fn acquire(&self, job: &Job) -> Result<Option<FileLock>> {
+        let mut said = false;
         loop {
-            if let Some(l) = self.cache.try_lock(key)? {
+            if let Some(l) = self.cache.try_lock(&job.key)? {
                 return Ok(Some(l));
             }
             if self.cancelled() {
                 return Ok(None);
+            }
+            if !said {
+                said = true;
+                let who = match self.cache.writer_of(&job.key) {
+                    Some(pid) => format!("another mpcs run (process {pid} on this machine)"),
+                    None => "another mpcs run".to_string(),
+                };
+                let id = &self.project.plan.nodes[job.index].id;
+                let msg = format!(
+                    "waiting for `{id}`: {who} is computing the same entry ({}); this run uses it when it is done",
+                    &job.key[..12]
+                );
+                self.reporter.event(Event::Notice(&msg));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

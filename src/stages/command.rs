@@ -273,10 +273,10 @@ impl CommandConfig {
             };
             return Err(StageFailure(format!("command `{}` {how}{}", argv.join(" "), log_tail(ctx.log))));
         }
-        let empty = std::fs::read_dir(ctx.out).map(|mut d| d.next().is_none()).unwrap_or(true);
-        if empty {
+        if !holds_a_file(ctx.out) {
             return Err(StageFailure(format!(
-                "command `{}` succeeded but wrote nothing in {{out}} ({}); a node must produce output{}",
+                "command `{}` succeeded but wrote no file in {{out}} ({}; empty folders do not count); a node must \
+                 produce output{}",
                 argv.join(" "),
                 ctx.out.display(),
                 log_tail(ctx.log)
@@ -284,6 +284,16 @@ impl CommandConfig {
         }
         Ok(Value::Null)
     }
+}
+
+/// Whether a file (or a link) is somewhere under `dir`: an output of empty folders is no output.
+fn holds_a_file(dir: &std::path::Path) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else { return false };
+    rd.flatten().any(|e| match e.file_type() {
+        Ok(t) if t.is_dir() => holds_a_file(&e.path()),
+        Ok(_) => true,
+        Err(_) => false,
+    })
 }
 
 /// A params value as placeholder words: scalars as themselves, lists one word per element.

@@ -285,11 +285,10 @@ fn latest_record_of(cache: &Cache, node: &str) -> Result<Option<Record>> {
         return Ok(None);
     };
     for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(exp) = name.strip_suffix(".jsonl") else {
+        if e.path().extension().is_none_or(|x| x != "jsonl") {
             continue;
-        };
-        if let Some(r) = Journal::open(cache, exp).load()?.remove(&normalised) {
+        }
+        if let Some(r) = Journal::at(&e.path()).load()?.remove(&normalised) {
             if best.as_ref().is_none_or(|b| r.time_unix > b.time_unix) {
                 best = Some(r);
             }

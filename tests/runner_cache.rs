@@ -237,7 +237,12 @@ fn a_torn_journal_line_does_not_swallow_the_next_record() {
     p.run_ok("j.toml", &[]);
     p.run_ok("j.toml", &["--set", "stage.b.params.x=2"]);
     // A crash in the middle of the last append: its line loses its end.
-    let journal = p.path("cache/v2/journal/j.jsonl");
+    let journal = std::fs::read_dir(p.path("cache/v2/journal"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|f| f.file_name().unwrap().to_string_lossy().starts_with("j-") && f.extension().unwrap() == "jsonl")
+        .expect("the experiment's journal");
     let bytes = std::fs::read(&journal).unwrap();
     std::fs::write(&journal, &bytes[..bytes.len() - 5]).unwrap();
     p.run_ok("j.toml", &["--set", "stage.b.params.x=3"]);

@@ -213,3 +213,21 @@ fn a_run_waiting_for_another_says_for_what_and_on_whom() {
     assert!(stderr.contains(&expected), "{stderr}");
     assert!(parse_summary(&second).cached.contains("slow"), "the other run's entry is used");
 }
+
+/// Issue 13: two checkouts with the same experiment name shared one journal, so `--why` in one compared with
+/// the other's last run. The journal is keyed by the experiment file too.
+#[test]
+fn two_checkouts_of_one_experiment_keep_their_own_history() {
+    let p = Project::new();
+    let exp = "[experiment]\nname = \"twin\"\n\n[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.b]\n\
+               kind = \"command\"\nfrom = \"raw\"\nparams = { x = 1 }\nrun = [\"sh\", \"-c\", \"echo {x} > {out}/f\"]\n";
+    for checkout in ["one", "two"] {
+        p.write(&format!("{checkout}/data/x.txt"), "x");
+        p.write(&format!("{checkout}/exp.toml"), exp);
+    }
+    p.run_ok("one/exp.toml", &["--cache", "cache"]);
+    p.run_ok("two/exp.toml", &["--cache", "cache", "--set", "stage.b.params.x=2"]);
+    let why = p.mpcs(&["graph", "one/exp.toml", "--cache", "cache", "--why", "b", "--set", "stage.b.params.x=5"]);
+    let why = String::from_utf8_lossy(&why.stdout);
+    assert!(why.contains("params.x: 1 → 5"), "compared with this checkout's last run (x = 1): {why}");
+}

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -75,13 +75,19 @@ pub struct Journal {
 }
 
 impl Journal {
-    pub fn open(cache: &Cache, experiment: &str) -> Journal {
-        let safe: String = experiment
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-            .collect();
-        let dir = cache.journal_dir();
-        Journal { path: dir.join(format!("{safe}.jsonl")), lock_path: dir.join(format!("{safe}.lock")) }
+    /// The journal of the experiment named `name` in the file `file`: two checkouts of one experiment (same
+    /// name, other folders) keep separate journals, so `--why` compares a run with its own history.
+    pub fn open(cache: &Cache, name: &str, file: &Path) -> Journal {
+        let safe: String =
+            name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+        let file = file.canonicalize().unwrap_or_else(|_| file.to_path_buf());
+        let id = blake3::hash(file.as_os_str().as_encoded_bytes()).to_hex();
+        Journal::at(&cache.journal_dir().join(format!("{safe}-{}.jsonl", &id[..12])))
+    }
+
+    /// The journal in the file `path` (`<cache>/v2/journal/<name>-<id>.jsonl`).
+    pub fn at(path: &Path) -> Journal {
+        Journal { path: path.to_path_buf(), lock_path: path.with_extension("lock") }
     }
 
     /// The latest record of every node.

@@ -37,7 +37,7 @@ pub struct Resolver<'a> {
 
 impl<'a> Resolver<'a> {
     pub fn new(project: &'a Project, cache: &'a Cache) -> Result<Resolver<'a>> {
-        let last = Journal::open(cache, &project.exp.name).load()?;
+        let last = Journal::open(cache, &project.exp.name, &project.exp.path).load()?;
         Ok(Resolver { project, cache, last })
     }
 

@@ -95,7 +95,7 @@ impl<'a> Scheduler<'a> {
         let plan = &resolver.project.plan;
         let n = plan.nodes.len();
         let journal = JournalWriter {
-            journal: Journal::open(resolver.cache, &resolver.project.exp.name),
+            journal: Journal::open(resolver.cache, &resolver.project.exp.name, &resolver.project.exp.path),
             pending: Vec::new(),
             flushed: Instant::now(),
         };

@@ -231,3 +231,32 @@ fn two_checkouts_of_one_experiment_keep_their_own_history() {
     let why = String::from_utf8_lossy(&why.stdout);
     assert!(why.contains("params.x: 1 → 5"), "compared with this checkout's last run (x = 1): {why}");
 }
+
+/// Issue 13 S8: editing the script named in `run` reran nothing. A file of the experiment's folder that `run`
+/// names (directly or inside `sh -c "..."`) is now part of the key; what a command reads without naming it is
+/// the documented limitation (declare it as a source).
+#[test]
+fn editing_the_script_named_in_run_reruns_its_node() {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    p.write("prep.sh", "echo one > \"$1/f\"\n");
+    p.write("tools/post.sh", "echo post one\n");
+    let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.prep]\nkind = \"command\"\nfrom = \"raw\"\n\
+               run = [\"sh\", \"prep.sh\", \"{out}\"]\n\n[stage.post]\nkind = \"command\"\nfrom = \"prep\"\n\
+               run = [\"sh\", \"-c\", \"sh tools/post.sh > {out}/g; cat {in}/f >> {out}/g\"]\n";
+    p.write("s.toml", exp);
+    p.run_ok("s.toml", &[]);
+    assert!(p.run_ok("s.toml", &[]).executed.is_empty());
+    p.write("tools/post.sh", "echo post two\n");
+    let s = p.run_ok("s.toml", &[]);
+    assert_eq!(s.executed, set(&["post"]), "the script inside `sh -c` is keyed");
+    p.write("prep.sh", "echo two > \"$1/f\"\n");
+    let why = p.mpcs(&["graph", "s.toml", "--why", "prep"]);
+    assert!(
+        String::from_utf8_lossy(&why.stdout).contains("scripts.prep.sh"),
+        "{}",
+        String::from_utf8_lossy(&why.stdout)
+    );
+    let s = p.run_ok("s.toml", &[]);
+    assert_eq!(s.executed, set(&["prep", "post"]));
+}

@@ -33,13 +33,14 @@ impl StageKind for Command {
     fn resolve(spec: &CommandSpec, node: &NodeView<'_>) -> Result<CommandConfig, String> {
         let params = spec.params_for(node.node);
         Ok(CommandConfig {
-            run: spec.run.get_ref().iter().map(|w| w.get_ref().clone()).collect(),
+            run: spec.run_words(),
             params: params.iter().map(|(k, v)| (k.clone(), toml_to_json(v))).collect(),
             env: spec.env.clone(),
             // Everything mpcs hands the command is in its key: `{node}` / MPCS_NODE and `{seed}` / MPCS_SEED
             // reach every command, whether its argv names them or a script reads the environment.
             node: node.node.id.clone(),
             seed: node.node.seed,
+            scripts: spec.scripts.get_or_init(|| scripts_named_in(&spec.run_words(), node.exp)).clone(),
         })
     }
 
@@ -59,6 +60,10 @@ pub struct CommandConfig {
     /// The node id and seed, which the command sees (`{node}`, `{seed}`, MPCS_NODE, MPCS_SEED).
     pub node: String,
     pub seed: u64,
+    /// Files of the experiment's folder that `run` names (`python train.py`), by the word naming them, with
+    /// their content digests: editing the script reruns the command.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scripts: BTreeMap<String, String>,
 }
 
 const BUILTIN_PLACEHOLDERS: &[&str] = &["out", "in", "seed", "device", "node"];
@@ -78,6 +83,9 @@ pub struct CommandSpec {
     /// nodes whose matrix values match `when` (later entries win).
     #[serde(default)]
     pub vary: Vec<Vary>,
+    /// The scripts `run` names, found once per stage (every node of a stage runs the same words).
+    #[serde(skip)]
+    scripts: std::sync::OnceLock<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +96,10 @@ pub struct Vary {
 }
 
 impl CommandSpec {
+    fn run_words(&self) -> Vec<String> {
+        self.run.get_ref().iter().map(|w| w.get_ref().clone()).collect()
+    }
+
     pub fn validate(&self, decl: &StageDecl, exp: &Experiment) -> Result<()> {
         let src = &exp.source;
         if self.run.get_ref().is_empty() {
@@ -284,6 +296,29 @@ impl CommandConfig {
         }
         Ok(Value::Null)
     }
+}
+
+/// Files named in `run` that live in the experiment's folder — `python train.py`, `sh -c "bash prep.sh {out}"` —
+/// with their content digests. Words are split at spaces and shell punctuation; a piece counts when it names an
+/// existing file of at most 1 MiB inside the folder (scripts, small configs). What a command reads without
+/// naming it, and data files, belong in a `source` stage (see the README, "How caching behaves").
+fn scripts_named_in(run: &[String], exp: &Experiment) -> BTreeMap<String, String> {
+    const MAX_SCRIPT_BYTES: u64 = 1 << 20;
+    let Ok(folder) = exp.dir.canonicalize() else { return BTreeMap::new() };
+    let punctuation = |c: char| c.is_whitespace() || ";|&<>()'\"`=,".contains(c);
+    let mut found = BTreeMap::new();
+    for piece in run.iter().flat_map(|w| w.split(punctuation)) {
+        if piece.is_empty() || piece.starts_with('-') || piece.contains(['{', '$', '*', '?']) {
+            continue;
+        }
+        let path = folder.join(piece);
+        let inside = path.canonicalize().is_ok_and(|real| real.starts_with(&folder));
+        let small_file = std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() <= MAX_SCRIPT_BYTES);
+        if inside && small_file {
+            found.insert(piece.to_string(), crate::cache::fingerprint::param_file_digest(&path));
+        }
+    }
+    found
 }
 
 /// Whether a file (or a link) is somewhere under `dir`: an output of empty folders is no output.

@@ -304,13 +304,22 @@ pub fn gc(experiments: &[PathBuf], sets: &[String], dry_run: bool, cache: &Cache
         ));
     }
     let mut keep = HashSet::new();
+    let mut kept_blocked = 0usize;
     for path in experiments {
         let project = load(path, sets)?;
         let a = lineage::assess(&project, cache)?;
         for (i, st) in a.nodes.iter().enumerate() {
-            if project.source_of(i).is_none() {
-                if let Some(k) = &st.key {
-                    keep.insert(k.clone());
+            if project.source_of(i).is_some() {
+                continue;
+            }
+            if let Some(k) = &st.key {
+                keep.insert(k.clone());
+            } else if st.state == State::Blocked {
+                // Its key is unknown only until its inputs rerun; if they reproduce their bytes (early cut-off),
+                // the next run reuses its last entry: keep that one.
+                let id = &project.plan.nodes[i].id;
+                if let Some(r) = a.last.get(id).filter(|r| r.status == crate::cache::journal::Status::Ok) {
+                    kept_blocked += usize::from(keep.insert(r.key.clone()));
                 }
             }
         }
@@ -335,6 +344,17 @@ pub fn gc(experiments: &[PathBuf], sets: &[String], dry_run: bool, cache: &Cache
         r.kept,
         if r.busy > 0 { format!(", {} busy (in use by a running mpcs) left alone", r.busy) } else { String::new() }
     );
+    if kept_blocked > 0 {
+        println!(
+            "kept {kept_blocked} entries of blocked nodes (their last runs: if the nodes upstream reproduce their \
+             outputs, the next run reuses them)"
+        );
+    }
+    if dry_run {
+        for key in &r.removed {
+            println!("would remove {}", describe_entry(cache, key));
+        }
+    }
     for old in &r.old_formats {
         println!(
             "{} {old}/ of an older cache format (this mpcs never reads it)",
@@ -342,6 +362,17 @@ pub fn gc(experiments: &[PathBuf], sets: &[String], dry_run: bool, cache: &Cache
         );
     }
     Ok(exit::OK)
+}
+
+/// `<key prefix>  <node> (<experiment>, <size>)` for listings.
+fn describe_entry(cache: &Cache, key: &str) -> String {
+    match cache.lookup(key) {
+        Ok(Some(m)) => {
+            let bytes: u64 = m.files.iter().map(|f| f.size).sum();
+            format!("{}  {} ({}, {:.1} MB)", &key[..12], m.node, m.experiment, bytes as f64 / 1e6)
+        }
+        _ => format!("{}  (unreadable manifest)", &key[..12.min(key.len())]),
+    }
 }
 
 pub fn verify(remove: bool, cache: &Cache) -> Result<i32> {

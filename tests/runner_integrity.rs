@@ -260,3 +260,29 @@ fn editing_the_script_named_in_run_reruns_its_node() {
     let s = p.run_ok("s.toml", &[]);
     assert_eq!(s.executed, set(&["prep", "post"]));
 }
+
+/// Issue 13 D2: `gc` after an upstream edit deleted every blocked downstream entry, including ones early cut-off
+/// would have reused. Now a blocked node's last entry is kept, and `gc -n` lists what it would remove.
+#[test]
+fn gc_after_an_upstream_edit_keeps_what_early_cut_off_reuses() {
+    let p = Project::new();
+    p.write("data/x.txt", "one line\n");
+    let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.count]\nkind = \"command\"\nfrom = \"raw\"\n\
+               run = [\"sh\", \"-c\", \"wc -l < {in}/x.txt > {out}/n\"]\n\n[stage.report]\nkind = \"command\"\n\
+               from = \"count\"\nrun = [\"sh\", \"-c\", \"echo report >> exec.log; cat {in}/n > {out}/r\"]\n";
+    p.write("g.toml", exp);
+    p.run_ok("g.toml", &[]);
+    // Same number of lines: `count` reruns with the same output, so `report` need not.
+    p.write("data/x.txt", "another line\n");
+    let dry = p.mpcs(&["gc", "g.toml", "-n"]);
+    let dry = String::from_utf8_lossy(&dry.stdout);
+    assert!(dry.contains("would remove 1 entries"), "{dry}");
+    assert!(dry.lines().any(|l| l.starts_with("would remove ") && l.contains("  count (")), "{dry}");
+    assert!(dry.contains("kept 1 entries of blocked nodes"), "{dry}");
+    let out = p.mpcs(&["gc", "g.toml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = p.run_ok("g.toml", &[]);
+    assert!(s.executed.contains("count"), "{s:?}");
+    assert!(s.cached.contains("report"), "the kept entry is reused: {s:?}");
+    assert_eq!(fs::read_to_string(p.path("exec.log")).unwrap(), "report\n");
+}

@@ -298,27 +298,55 @@ impl CommandConfig {
     }
 }
 
-/// Files named in `run` that live in the experiment's folder — `python train.py`, `sh -c "bash prep.sh {out}"` —
-/// with their content digests. Words are split at spaces and shell punctuation; a piece counts when it names an
-/// existing file of at most 1 MiB inside the folder (scripts, small configs). What a command reads without
-/// naming it, and data files, belong in a `source` stage (see the README, "How caching behaves").
+/// Files named in `run` that live in the experiment's folder — `python train.py`, `sh -c "bash prep.sh {out}"`,
+/// `--config cfg.yaml` — with their content digests. Words are split at spaces and shell punctuation; a piece
+/// counts when it names a file inside the folder of at most 1 MiB that is a script or a config (executable, or
+/// ending in a script or config extension) and is not the target of a redirection (`>> exec.log` is written by
+/// the command, not read). What a command reads without naming it, and data, belong in a `source` stage (see the
+/// README, "How caching behaves").
 fn scripts_named_in(run: &[String], exp: &Experiment) -> BTreeMap<String, String> {
     const MAX_SCRIPT_BYTES: u64 = 1 << 20;
+    const EXTENSIONS: &[&str] = &[
+        "py", "sh", "bash", "zsh", "fish", "r", "pl", "rb", "jl", "js", "mjs", "lua", "awk", "sed", "m", "yaml", "yml",
+        "json", "cfg", "ini", "conf",
+    ];
     let Ok(folder) = exp.dir.canonicalize() else { return BTreeMap::new() };
-    let punctuation = |c: char| c.is_whitespace() || ";|&<>()'\"`=,".contains(c);
     let mut found = BTreeMap::new();
-    for piece in run.iter().flat_map(|w| w.split(punctuation)) {
-        if piece.is_empty() || piece.starts_with('-') || piece.contains(['{', '$', '*', '?']) {
+    for (piece, redirected) in run.iter().flat_map(|w| shell_pieces(w)) {
+        if redirected || piece.starts_with('-') || piece.contains(['{', '$', '*', '?']) {
             continue;
         }
-        let path = folder.join(piece);
+        let path = folder.join(&piece);
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
         let inside = path.canonicalize().is_ok_and(|real| real.starts_with(&folder));
-        let small_file = std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() <= MAX_SCRIPT_BYTES);
-        if inside && small_file {
-            found.insert(piece.to_string(), crate::cache::fingerprint::param_file_digest(&path));
+        let extension = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let script = {
+            use std::os::unix::fs::PermissionsExt;
+            meta.permissions().mode() & 0o111 != 0 || EXTENSIONS.contains(&extension.as_str())
+        };
+        if inside && script && meta.is_file() && meta.len() <= MAX_SCRIPT_BYTES {
+            found.insert(piece, crate::cache::fingerprint::param_file_digest(&path));
         }
     }
     found
+}
+
+/// The pieces of a word split at spaces and shell punctuation, each with whether a `>` came just before it.
+fn shell_pieces(word: &str) -> Vec<(String, bool)> {
+    let mut pieces = Vec::new();
+    let (mut current, mut redirected) = (String::new(), false);
+    for c in word.chars().chain([' ']) {
+        if c.is_whitespace() || ";|&<>()'\"`=,".contains(c) {
+            if !current.is_empty() {
+                pieces.push((std::mem::take(&mut current), redirected));
+                redirected = false;
+            }
+            redirected |= c == '>';
+        } else {
+            current.push(c);
+        }
+    }
+    pieces
 }
 
 /// Whether a file (or a link) is somewhere under `dir`: an output of empty folders is no output.
@@ -354,4 +382,19 @@ pub fn log_tail(log: &std::path::Path) -> String {
         out.push_str(l);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_pieces;
+
+    #[test]
+    fn redirection_targets_are_told_apart_from_arguments() {
+        let pieces = shell_pieces("python train.py --cfg=a.yaml >> exec.log 2>err.txt; cat x|tee y");
+        let shown: Vec<String> = pieces.iter().map(|(p, r)| format!("{p}{}", if *r { "!" } else { "" })).collect();
+        assert_eq!(
+            shown,
+            ["python", "train.py", "--cfg", "a.yaml", "exec.log!", "2", "err.txt!", "cat", "x", "tee", "y"]
+        );
+    }
 }

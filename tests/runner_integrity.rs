@@ -286,3 +286,46 @@ fn gc_after_an_upstream_edit_keeps_what_early_cut_off_reuses() {
     assert!(s.cached.contains("report"), "the kept entry is reused: {s:?}");
     assert_eq!(fs::read_to_string(p.path("exec.log")).unwrap(), "report\n");
 }
+
+/// A tmpfs of `size` mounted at `dir` for the test's lifetime (None where this machine does not allow it).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        fs::create_dir_all(dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Issue 13 B7: "No space left on device" named no path (and a command on a full disk often exits 1 with an
+/// empty log). Now the failure names the full cache filesystem and what to do.
+#[test]
+fn a_full_disk_names_the_cache_and_what_to_do() {
+    let p = Project::new();
+    let Some(_disk) = SmallDisk::mount(&p.path("small"), "1m") else {
+        eprintln!("skipped: this machine does not let the test mount a small tmpfs (needs root)");
+        return;
+    };
+    p.write("data/x.txt", "x");
+    let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.big]\nkind = \"command\"\nfrom = \"raw\"\n\
+               run = [\"sh\", \"-c\", \"head -c 4000000 /dev/zero > {out}/big\"]\n";
+    p.write("full.toml", exp);
+    let out = p.run_raw("full.toml", &["--cache", "small/cache"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let cache = p.path("small/cache").canonicalize().unwrap();
+    // The command could not even write its error into its log (on the same full disk): mpcs looks at the disk.
+    assert!(stderr.contains(&format!("the filesystem holding the cache ({}) is full", cache.display())), "{stderr}");
+}

@@ -95,6 +95,7 @@ impl WorkerEnv<'_> {
         let (metrics, files) = match checked {
             Ok(done) => done,
             Err(message) => {
+                let message = self.with_disk_full_hint(message);
                 let log = self.cache.discard(staging, &job.key);
                 return Ok(NodeOutcome::Failed { message, log: Some(log) });
             }
@@ -120,6 +121,21 @@ impl WorkerEnv<'_> {
         // The scratch area (checkpoints) is only needed until the entry exists.
         let _ = std::fs::remove_dir_all(self.cache.scratch_dir(&job.key));
         Ok(NodeOutcome::Done { manifest: Box::new(published), executed: true })
+    }
+
+    /// A failure for lack of space says which filesystem is full and what to do (the error itself may name a
+    /// file deep inside the cache, or, from a command's log, nothing at all).
+    fn with_disk_full_hint(&self, message: String) -> String {
+        let says_so = message.contains("No space left on device") || message.contains("Disk quota exceeded");
+        // A command on a full disk often cannot even write its error into its log: look at the filesystem.
+        if !says_so && free_bytes(self.cache.root()).is_none_or(|free| free >= 1 << 20) {
+            return message;
+        }
+        format!(
+            "{message}\n    the filesystem holding the cache ({}) is full: free space there (`mpcs gc EXP...` removes \
+             entries no given experiment uses) or move the cache with --cache DIR / MPCS_CACHE",
+            self.cache.root().display()
+        )
     }
 
     /// Bazel's "file modified during build": a source the node read must still have the content its key was
@@ -238,5 +254,16 @@ impl WorkerEnv<'_> {
         let fields = job.action.params.iter().chain(&job.action.locations);
         let config = serde_json::Value::Object(fields.map(|(k, v)| (k.clone(), v.clone())).collect());
         kind.execute(&config, &ctx)
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `path`.
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only into `st`, and `c` is a valid NUL-terminated path.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
     }
 }

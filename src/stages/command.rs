@@ -247,7 +247,8 @@ impl CommandConfig {
                 self.run
             )));
         }
-        let log = std::fs::File::create(ctx.log).map_err(|e| StageFailure(format!("cannot create the log: {e}")))?;
+        let log = std::fs::File::create(ctx.log)
+            .map_err(|e| StageFailure(format!("cannot create the log {}: {e}", ctx.log.display())))?;
         let mut env: Vec<(OsString, OsString)> = vec![
             ("MPCS_OUT".into(), ctx.out.into()),
             ("MPCS_NODE".into(), (&ctx.node.id).into()),

@@ -115,7 +115,8 @@ impl DownloadConfig {
         let progress = |done: u64, total: Option<u64>| {
             (ctx.progress)(done, total, "bytes");
         };
-        std::fs::create_dir_all(&ctx.scratch).map_err(|e| StageFailure(format!("cannot create scratch: {e}")))?;
+        std::fs::create_dir_all(&ctx.scratch)
+            .map_err(|e| StageFailure(format!("cannot create {}: {e}", ctx.scratch.display())))?;
         // `fetch` wants an absent or empty output directory and builds beside it.
         let fetched = fetch(&opts, ctx.out, &ctx.scratch, &progress).map_err(|e| StageFailure(e.to_string()))?;
         log_line(ctx, &format!("downloaded {} ({} bytes, {} resumed)", self.url, fetched.bytes, fetched.resumed_from));

@@ -60,7 +60,8 @@ pub fn log_line(ctx: &ExecContext<'_>, line: &str) {
 
 /// Writes one of a node's output files.
 pub(crate) fn write_output(ctx: &ExecContext<'_>, name: &str, text: impl AsRef<[u8]>) -> Result<(), StageFailure> {
-    std::fs::write(ctx.out.join(name), text).map_err(|e| StageFailure(format!("cannot write {name}: {e}")))
+    let path = ctx.out.join(name);
+    std::fs::write(&path, text).map_err(|e| StageFailure(format!("cannot write {}: {e}", path.display())))
 }
 
 /// Deserialises a value through its `FromStr` (names with aliases, such as datasets and architectures), so

@@ -29,6 +29,7 @@ pub struct RunArgs<'a> {
     pub keep_going: bool,
     pub dry_run: bool,
     pub json: bool,
+    pub executor: exec::ExecutorChoice,
 }
 
 /// `cache_dir` is opened only once the experiment is valid, so a bad file leaves no trace.
@@ -40,7 +41,13 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
     if args.dry_run {
         return dry_run(&project, cache, &gpus, args.json);
     }
-    let opts = RunOptions { jobs: args.jobs, gpus, keep_going: args.keep_going, grace: Duration::from_secs(5) };
+    let opts = RunOptions {
+        jobs: args.jobs,
+        gpus,
+        keep_going: args.keep_going,
+        grace: Duration::from_secs(5),
+        executor: args.executor.clone(),
+    };
     let summary = exec::run(&project, cache, &opts, reporter, cancel)?;
     let (exp, plan) = (&project.exp, &project.plan);
     let secs = t0.elapsed().as_secs_f64();
@@ -79,6 +86,7 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
                 "cached": summary.cached,
                 "failed": failed,
                 "skipped": summary.skipped,
+                "executor": summary.executor,
             })
         );
     }
@@ -89,6 +97,74 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
     } else {
         exit::NODE_FAILED
     })
+}
+
+/// `mpcs worker JOB`: runs one node of a submitted job on this (compute) node and publishes its entry; a failure
+/// is written beside the job file for the submitter. Refuses to run a node whose key changed since submission.
+pub fn worker(job_file: &Path, cancel: &Arc<AtomicBool>) -> Result<i32> {
+    use crate::exec::slurm::{JobFile, JobResult};
+    use crate::exec::worker::{Job, NodeOutcome, WorkerEnv};
+    let bytes = std::fs::read(job_file).map_err(|e| Error::io("cannot read the job file", job_file, e))?;
+    let jf: JobFile = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::env(format!("job file {} does not parse: {e}", job_file.display())))?;
+    let result_path = job_file.with_file_name(format!("{}.result.json", jf.key));
+    let write_result = |r: &JobResult| -> Result<()> {
+        let bytes = serde_json::to_vec(r).map_err(|e| Error::internal(e.to_string()))?;
+        crate::fsutil::write_atomic(&result_path, &bytes).map_err(|e| Error::io("cannot write", &result_path, e))
+    };
+    let fail = |message: String| -> Result<i32> {
+        eprintln!("{message}");
+        write_result(&JobResult::Failed { message, log: None })?;
+        Ok(exit::NODE_FAILED)
+    };
+    // A requeued job runs again: what its last attempt said no longer holds.
+    let _ = std::fs::remove_file(&result_path);
+    let cache = Cache::open(&jf.cache)?;
+    let project = match load(&jf.experiment, &jf.sets) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("the experiment no longer loads on the compute node: {}", e.message)),
+    };
+    let Some(index) = project.plan.nodes.iter().position(|n| n.id == jf.node) else {
+        return fail(format!("node `{}` is no longer in {}: the file changed since submission; run again", jf.node, jf.experiment.display()));
+    };
+    let mut digests = vec![None; project.plan.nodes.len()];
+    for (&j, (_, digest)) in project.plan.nodes[index].inputs.iter().zip(&jf.action.inputs) {
+        digests[j] = Some(digest.clone());
+    }
+    let key = project.key(index, &digests);
+    if key.as_deref() != Some(jf.key.as_str()) {
+        return fail(format!(
+            "the experiment changed since this job was submitted (node `{}` now has key {}, not {}): nothing was \
+             run; run again",
+            jf.node,
+            key.as_deref().unwrap_or("unknown"),
+            jf.key
+        ));
+    }
+    let gpus: Vec<String> = std::env::var("CUDA_VISIBLE_DEVICES")
+        .map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default();
+    let device = exec::DeviceAssignment { gpus, gpus_managed: true };
+    let processes = exec::process::ProcessRegistry::default();
+    let reporter = exec::progress::Console::new(true);
+    let env = WorkerEnv { project: &project, cache: &cache, cancel, processes: &processes, reporter: &reporter };
+    let job = Job { index, key: jf.key.clone(), action: jf.action, inputs: jf.inputs, gpus: jf.gpus };
+    let outcome = crate::runtime::with_cpu_threads(jf.cpus, || env.run(job, device))?;
+    match outcome {
+        NodeOutcome::Done { .. } => Ok(exit::OK),
+        NodeOutcome::Failed { message, log } => {
+            write_result(&JobResult::Failed { message, log })?;
+            Ok(exit::NODE_FAILED)
+        }
+        NodeOutcome::InputDamaged { input, reason } => {
+            write_result(&JobResult::InputDamaged { input, reason })?;
+            Ok(exit::NODE_FAILED)
+        }
+        NodeOutcome::Cancelled => {
+            write_result(&JobResult::Cancelled)?;
+            Ok(exit::INTERRUPTED)
+        }
+    }
 }
 
 fn dry_run(project: &Project, cache: &Cache, gpus: &[String], json: bool) -> Result<i32> {

@@ -11,6 +11,8 @@ use mpcs::cache::{Cache, CACHE_ENV};
 use mpcs::commands::{self, GraphFormat, RunArgs};
 use mpcs::error::{exit, Error};
 use mpcs::exec::devices::DeviceSpec;
+use mpcs::exec::slurm::SlurmOptions;
+use mpcs::exec::ExecutorChoice;
 use mpcs::exec::progress::{Console, Reporter, Silent};
 
 // mimalloc: ~10% faster CPU training than glibc's malloc (benches/train_step.rs, notes/speed.md).
@@ -68,6 +70,19 @@ enum Command {
         /// No progress output at all
         #[arg(short, long)]
         quiet: bool,
+        /// Where nodes run: local (threads here) or slurm (one sbatch job per node; see --profile)
+        #[arg(long, value_enum, default_value = "local", env = "MPCS_EXECUTOR")]
+        executor: ExecutorKind,
+        /// A profile file with a [slurm] table (partition, account, qos, time, mem, cpus, sbatch_args, mpcs,
+        /// per-stage overrides), kept per cluster
+        #[arg(long, value_name = "FILE", env = "MPCS_PROFILE")]
+        profile: Option<PathBuf>,
+    },
+    /// Run one node of a submitted job (what an `--executor slurm` job runs on its compute node).
+    #[command(hide = true)]
+    Worker {
+        /// The job file the submitting `mpcs run` wrote
+        job: PathBuf,
     },
     /// Show the DAG with each node's state (cached, will-run, blocked, failed), or why one node would rerun.
     Graph {
@@ -278,17 +293,55 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// The flag the first Ctrl-C (or SIGTERM, as from `scancel`) raises to stop cleanly; a second exits at once
+/// (nothing half-done is visible either way).
+fn cancel_on_signals() -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, exit::INTERRUPTED, Arc::clone(&cancel));
+        let _ = signal_hook::flag::register(sig, Arc::clone(&cancel));
+    }
+    cancel
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExecutorKind {
+    Local,
+    Slurm,
+}
+
 fn real_main(cli: Cli) -> Result<i32, Error> {
     let cache_dir = cli.cache.unwrap_or_else(|| PathBuf::from("cache"));
     let cache = || Cache::open(&cache_dir);
     match cli.command {
-        Command::Run { experiment, sets, jobs, devices, keep_going, dry_run, json, plain, quiet } => {
-            let cancel = Arc::new(AtomicBool::new(false));
-            // First Ctrl-C: stop cleanly. Second: exit at once (nothing half-done is visible either way).
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                let _ = signal_hook::flag::register_conditional_shutdown(sig, exit::INTERRUPTED, Arc::clone(&cancel));
-                let _ = signal_hook::flag::register(sig, Arc::clone(&cancel));
-            }
+        Command::Worker { job } => {
+            let cancel = cancel_on_signals();
+            commands::worker(&job, &cancel)
+        }
+        Command::Run {
+            experiment,
+            sets,
+            jobs,
+            devices,
+            keep_going,
+            dry_run,
+            json,
+            plain,
+            quiet,
+            executor,
+            profile,
+        } => {
+            let cancel = cancel_on_signals();
+            let executor = match executor {
+                ExecutorKind::Local => ExecutorChoice::Local,
+                ExecutorKind::Slurm => {
+                    let options = match &profile {
+                        Some(p) => SlurmOptions::from_profile(p)?,
+                        None => SlurmOptions::default(),
+                    };
+                    ExecutorChoice::Slurm { options: Box::new(options), sets: sets.clone() }
+                }
+            };
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             let console;
             let reporter: &dyn Reporter = if quiet {
@@ -297,7 +350,8 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
                 console = Console::new(plain);
                 &console
             };
-            let args = RunArgs { experiment: &experiment, sets: &sets, jobs, devices, keep_going, dry_run, json };
+            let args =
+                RunArgs { experiment: &experiment, sets: &sets, jobs, devices, keep_going, dry_run, json, executor };
             commands::run(&args, &cache_dir, reporter, &cancel)
         }
         Command::Graph { experiment, format, why, sets } => {

@@ -35,6 +35,10 @@ pub trait Executor {
     fn wait(&mut self, timeout: Duration) -> Option<Finished>;
     /// Ends running jobs: politely (SIGTERM) first, then by force.
     fn interrupt(&mut self, force: bool);
+    /// What the executor did, for the `--json` summary (e.g. how often it asked a cluster scheduler).
+    fn report(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// Runs nodes on threads of this process: at most `jobs` at once, GPU nodes on free device slots, each node

@@ -160,7 +160,7 @@ impl NodeView<'_> {
 }
 
 /// One input of a node as its stage sees it.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct InputDir {
     pub node: String,
     pub stage: String,
@@ -175,7 +175,7 @@ pub struct InputDir {
 }
 
 /// A published entry as a consumer knows it: its key and the stat record its manifest holds.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EntryRef {
     pub key: String,
     pub stat: String,

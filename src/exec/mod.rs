@@ -20,6 +20,7 @@ pub mod progress;
 pub mod project;
 pub mod resolve;
 pub mod schedule;
+pub mod slurm;
 pub mod source;
 pub mod spawn;
 pub mod worker;
@@ -45,6 +46,18 @@ pub struct RunOptions {
     pub keep_going: bool,
     /// Seconds between SIGTERM and SIGKILL when interrupted.
     pub grace: Duration,
+    /// Where nodes run.
+    pub executor: ExecutorChoice,
+}
+
+/// Where a run's nodes execute.
+#[derive(Clone, Debug, Default)]
+pub enum ExecutorChoice {
+    /// Threads of this process (`--jobs`, `--devices`).
+    #[default]
+    Local,
+    /// One Slurm job per node; the `--set` overrides travel with each job.
+    Slurm { options: Box<slurm::SlurmOptions>, sets: Vec<String> },
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +78,8 @@ pub struct RunSummary {
     /// Output directory of every node that has one after the run (by node index).
     #[serde(skip)]
     pub outputs: Vec<Option<PathBuf>>,
+    /// What the executor reports (for Slurm: its sbatch/squeue/scancel counts).
+    pub executor: serde_json::Value,
 }
 
 /// Runs every node of `project` that is not cached, on this machine.
@@ -76,11 +91,12 @@ pub fn run(
     cancel: &Arc<AtomicBool>,
 ) -> Result<RunSummary> {
     let pool = devices::Pool::new(opts.gpus.clone());
-    for stage in &project.exp.stages {
+    let local = matches!(opts.executor, ExecutorChoice::Local);
+    for stage in project.exp.stages.iter().filter(|_| local) {
         devices::check_demand(stage.gpus, &pool, &stage.name)?;
     }
     let gpu_nodes = project.plan.nodes.iter().filter(|n| project.exp.stages[n.stage].gpus > 0).count();
-    if gpu_nodes > 0 && pool.is_empty() {
+    if local && gpu_nodes > 0 && pool.is_empty() {
         reporter.event(Event::Notice(&format!(
             "no GPU found: the {gpu_nodes} GPU node(s) will run on the CPU (--devices LIST hands out GPUs)"
         )));
@@ -91,8 +107,14 @@ pub fn run(
     let scheduler = schedule::Scheduler::new(resolve::Resolver::new(project, cache)?, opts, reporter);
     let processes = process::ProcessRegistry::default();
     let env = worker::WorkerEnv { project, cache, cancel, processes: &processes, reporter };
-    std::thread::scope(|scope| {
-        let mut executor = executor::LocalExecutor::new(scope, &env, opts.jobs, opts.gpus.clone());
-        scheduler.run(&mut executor, cancel)
-    })
+    match &opts.executor {
+        ExecutorChoice::Local => std::thread::scope(|scope| {
+            let mut executor = executor::LocalExecutor::new(scope, &env, opts.jobs, opts.gpus.clone());
+            scheduler.run(&mut executor, cancel)
+        }),
+        ExecutorChoice::Slurm { options, sets } => {
+            let mut executor = slurm::SlurmExecutor::new(project, sets, cache, (**options).clone())?;
+            scheduler.run(&mut executor, cancel)
+        }
+    }
 }

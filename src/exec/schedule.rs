@@ -148,6 +148,7 @@ impl<'a> Scheduler<'a> {
             }
         }
         self.journal.flush()?;
+        self.summary.executor = executor.report();
         let plan = &self.resolver.project.plan;
         for &i in &plan.order {
             if matches!(self.state[i], St::Waiting | St::Ready) {

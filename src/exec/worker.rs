@@ -267,3 +267,19 @@ fn free_bytes(path: &std::path::Path) -> Option<u64> {
         (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
     }
 }
+
+/// The last lines of a log, indented, for failure messages.
+pub fn log_tail(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let start = lines.len().saturating_sub(15);
+    let mut out = String::from("\n    --- last lines of its log ---");
+    for l in &lines[start..] {
+        out.push_str("\n    ");
+        out.push_str(l);
+    }
+    out
+}

@@ -12,6 +12,7 @@ use toml::Spanned;
 
 use crate::error::{did_you_mean, Result};
 use crate::exec::spawn::{spawn, wait_group, SpawnRequest};
+use crate::exec::worker::log_tail;
 use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
 use crate::experiment::template::Template;
 use crate::experiment::{Experiment, StageDecl};
@@ -369,21 +370,6 @@ fn param_words(v: &Value) -> Vec<String> {
     }
 }
 
-/// The last lines of a log, indented, for failure messages.
-pub fn log_tail(log: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let start = lines.len().saturating_sub(15);
-    let mut out = String::from("\n    --- last lines of its log ---");
-    for l in &lines[start..] {
-        out.push_str("\n    ");
-        out.push_str(l);
-    }
-    out
-}
 
 #[cfg(test)]
 mod tests {

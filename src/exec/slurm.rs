@@ -1,0 +1,517 @@
+//! The Slurm executor: each node that must run becomes one `sbatch` job running `mpcs worker JOBFILE` on a
+//! compute node, which executes the node with [`WorkerEnv::run`] and publishes into the shared cache.
+//!
+//! **Completion is read from the cache, not from Slurm.** A job is done when its entry's manifest exists (read
+//! with open(2), which NFS's close-to-open consistency makes current), and a node that failed says so in a
+//! result file beside its job file; both are checked every 200 ms by stat(2), which costs slurmctld nothing.
+//! Slurm is asked only about jobs that *died* without a word (scancel, time or memory limit, a lost node): one
+//! `squeue` per round for the whole run (its jobs share one name), backing off from `poll_min` to `poll_max`
+//! while nothing changes. So there is no latency-wait knob, and no accounting (`sacct`) is needed.
+//!
+//! A second `mpcs run` on the same cache adopts jobs still queued or running for the keys it needs (a record per
+//! key names the job), instead of submitting them again. Ctrl-C cancels every job of the run with one `scancel`.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::executor::{Executor, Finished, Launch};
+use super::kind::InputDir;
+use super::project::Project;
+use super::worker::{Job, NodeOutcome};
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use crate::plan::key::Action;
+
+/// How jobs are submitted: the `[slurm]` table of a profile file (`--profile`), with per-stage overrides.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmOptions {
+    #[serde(default)]
+    pub partition: Option<String>,
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub qos: Option<String>,
+    /// `--time` of every job (e.g. "2:00:00").
+    #[serde(default)]
+    pub time: Option<String>,
+    /// `--mem` of every job (e.g. "16G").
+    #[serde(default)]
+    pub mem: Option<String>,
+    /// `--cpus-per-task`: the node's CPU share (its thread count).
+    #[serde(default = "one")]
+    pub cpus: usize,
+    /// More `sbatch` arguments, as written.
+    #[serde(default)]
+    pub sbatch_args: Vec<String>,
+    /// The `mpcs` binary as the compute nodes see it (default: this one, which needs a shared filesystem).
+    #[serde(default)]
+    pub mpcs: Option<PathBuf>,
+    /// Jobs in the queue at once.
+    #[serde(default = "max_jobs")]
+    pub max_jobs: usize,
+    /// Seconds between two `squeue` queries, backing off from the first to the second while nothing changes.
+    #[serde(default = "poll_min")]
+    pub poll_min_s: f64,
+    #[serde(default = "poll_max")]
+    pub poll_max_s: f64,
+    /// Overrides by stage name: partition, time, mem, cpus, sbatch_args.
+    #[serde(default)]
+    pub stage: BTreeMap<String, StageResources>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageResources {
+    pub partition: Option<String>,
+    pub time: Option<String>,
+    pub mem: Option<String>,
+    pub cpus: Option<usize>,
+    #[serde(default)]
+    pub sbatch_args: Vec<String>,
+}
+
+fn one() -> usize {
+    1
+}
+fn max_jobs() -> usize {
+    1000
+}
+fn poll_min() -> f64 {
+    5.0
+}
+fn poll_max() -> f64 {
+    120.0
+}
+
+impl Default for SlurmOptions {
+    fn default() -> Self {
+        toml::from_str("").expect("the defaults parse")
+    }
+}
+
+impl SlurmOptions {
+    /// The `[slurm]` table of a profile file.
+    pub fn from_profile(path: &Path) -> Result<SlurmOptions> {
+        #[derive(Deserialize)]
+        struct Profile {
+            #[serde(default)]
+            slurm: Option<toml::Value>,
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read the profile", path, e))?;
+        let profile: Profile =
+            toml::from_str(&text).map_err(|e| Error::user(format!("profile {}: {e}", path.display())))?;
+        match profile.slurm {
+            None => Ok(SlurmOptions::default()),
+            Some(v) => v
+                .try_into()
+                .map_err(|e| Error::user(format!("profile {}: in [slurm]: {e}", path.display()))),
+        }
+    }
+}
+
+/// What a job needs to run one node on a compute node: written by the submitter, read by `mpcs worker`.
+#[derive(Serialize, Deserialize)]
+pub struct JobFile {
+    /// Absolute path of the experiment file and the `--set` overrides the submitter used.
+    pub experiment: PathBuf,
+    pub sets: Vec<String>,
+    /// Absolute path of the cache root.
+    pub cache: PathBuf,
+    pub node: String,
+    pub key: String,
+    pub action: Action,
+    pub inputs: Vec<InputDir>,
+    pub gpus: u32,
+    pub cpus: usize,
+}
+
+/// How a node ended on the compute node, when it did not publish an entry (written beside the job file).
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum JobResult {
+    Failed { message: String, log: Option<PathBuf> },
+    InputDamaged { input: usize, reason: String },
+    Cancelled,
+}
+
+/// Counts of scheduler calls, for `-v` and the `--json` summary.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SlurmStats {
+    pub sbatch: u64,
+    pub squeue: u64,
+    pub scancel: u64,
+    pub adopted: u64,
+}
+
+struct Submitted {
+    index: usize,
+    key: String,
+    job_id: String,
+    /// The job's name (the run that submitted it).
+    name: String,
+    result: PathBuf,
+    out: PathBuf,
+}
+
+pub struct SlurmExecutor<'a> {
+    project: &'a Project,
+    cache: &'a Cache,
+    opts: SlurmOptions,
+    experiment: PathBuf,
+    sets: Vec<String>,
+    /// This run's folder for job files, scripts and job output: `<cache>/v2/slurm/<run>/`.
+    dir: PathBuf,
+    name: String,
+    running: Vec<Submitted>,
+    finished: VecDeque<Finished>,
+    /// Live jobs of earlier runs by key (from their key records and one squeue at start).
+    adoptable: HashMap<String, (String, String)>,
+    next_query: Instant,
+    interval: Duration,
+    cancelled: bool,
+    pub stats: SlurmStats,
+}
+
+impl<'a> SlurmExecutor<'a> {
+    /// An executor for `project`, loaded with the overrides `sets` (the compute nodes load it the same way).
+    pub fn new(project: &'a Project, sets: &[String], cache: &'a Cache, opts: SlurmOptions) -> Result<SlurmExecutor<'a>> {
+        // A run's id: its jobs' name and folder. Seconds and process id make it unique on one cache.
+        let secs = crate::cache::journal::now_unix() as u64;
+        let run = format!("{secs:x}{:05x}", std::process::id() & 0xfffff);
+        let experiment = &project.exp.path;
+        let dir = cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join(&run);
+        std::fs::create_dir_all(dir.join("keys")).map_err(|e| Error::io("cannot create", &dir, e))?;
+        let experiment = experiment.canonicalize().map_err(|e| Error::io("cannot resolve", experiment, e))?;
+        let interval = Duration::from_secs_f64(opts.poll_min_s.max(0.1));
+        let mut ex = SlurmExecutor {
+            project,
+            cache,
+            experiment,
+            sets: sets.to_vec(),
+            dir,
+            name: format!("mpcs-{run}"),
+            running: Vec::new(),
+            finished: VecDeque::new(),
+            adoptable: HashMap::new(),
+            next_query: Instant::now() + interval,
+            interval,
+            cancelled: false,
+            stats: SlurmStats::default(),
+            opts,
+        };
+        ex.find_adoptable()?;
+        Ok(ex)
+    }
+
+    fn keys_dir(&self) -> PathBuf {
+        self.cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join("keys")
+    }
+
+    /// Jobs that earlier runs submitted and that are still queued or running, by key: one `squeue` for all.
+    fn find_adoptable(&mut self) -> Result<()> {
+        let Ok(rd) = std::fs::read_dir(self.keys_dir()) else { return Ok(()) };
+        let records: Vec<(String, String, String)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let key = e.file_name().to_string_lossy().into_owned();
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                let (id, name) = text.trim().split_once(' ')?;
+                Some((key, id.to_string(), name.to_string()))
+            })
+            .collect();
+        if records.is_empty() {
+            return Ok(());
+        }
+        let names: HashSet<&str> = records.iter().map(|r| r.2.as_str()).collect();
+        let states = self.squeue(&names.into_iter().collect::<Vec<_>>())?;
+        for (key, id, name) in records {
+            if states.get(&id).is_some_and(|(state, _)| alive(state)) {
+                self.adoptable.insert(key, (id, name));
+            }
+        }
+        Ok(())
+    }
+
+    /// `squeue` for the jobs of the named runs: job id → (state, reason).
+    fn squeue(&mut self, names: &[&str]) -> Result<HashMap<String, (String, String)>> {
+        self.stats.squeue += 1;
+        let out = Command::new("squeue")
+            .args(["-h", "-t", "all", "-o", "%i|%T|%r", "--name"])
+            .arg(names.join(","))
+            .output()
+            .map_err(|e| Error::env(format!("cannot run squeue: {e}; is Slurm's client (slurm-client) installed?")))?;
+        if !out.status.success() {
+            return Err(Error::env(format!(
+                "squeue failed: {}; is slurmctld reachable (SLURM_CONF)?",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut parts = l.split('|');
+                let id = parts.next()?.trim().to_string();
+                let state = parts.next()?.trim().to_string();
+                let reason = parts.next().unwrap_or("").trim().to_string();
+                Some((id, (state, reason)))
+            })
+            .collect())
+    }
+
+    /// Writes the job file and script and submits them; returns the job id.
+    fn submit(&mut self, job: Job) -> std::result::Result<Submitted, (usize, String)> {
+        let node = &self.project.plan.nodes[job.index];
+        let stage = &self.project.exp.stages[node.stage].name;
+        let res = self.opts.stage.get(stage).cloned().unwrap_or_default();
+        let cpus = res.cpus.unwrap_or(self.opts.cpus).max(1);
+        let (index, key) = (job.index, job.key.clone());
+        let job_file = self.dir.join(format!("{key}.job.json"));
+        let file = JobFile {
+            experiment: self.experiment.clone(),
+            sets: self.sets.clone(),
+            cache: self.cache.root().to_path_buf(),
+            node: node.id.clone(),
+            key: key.clone(),
+            action: job.action,
+            inputs: job.inputs,
+            gpus: job.gpus,
+            cpus,
+        };
+        let fail = |what: String| (index, what);
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| fail(format!("cannot write the job file: {e}")))?;
+        crate::fsutil::write_atomic(&job_file, &bytes)
+            .map_err(|e| fail(format!("cannot write {}: {e}", job_file.display())))?;
+        let mpcs = match &self.opts.mpcs {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(|e| fail(format!("cannot find the mpcs binary: {e}")))?,
+        };
+        let script = self.dir.join(format!("{key}.sh"));
+        let text = format!("#!/bin/sh\nexec {} worker {}\n", shell_quote(&mpcs), shell_quote(&job_file));
+        std::fs::write(&script, text).map_err(|e| fail(format!("cannot write {}: {e}", script.display())))?;
+        let out = self.dir.join(format!("{key}.out"));
+        let mut cmd = Command::new("sbatch");
+        cmd.arg("--parsable")
+            .arg(format!("--job-name={}", self.name))
+            .arg(format!("--output={}", out.display()))
+            .arg("--open-mode=append")
+            .arg(format!("--chdir={}", self.dir.display()))
+            .arg(format!("--cpus-per-task={cpus}"))
+            .arg("--requeue");
+        if job.gpus > 0 {
+            cmd.arg(format!("--gres=gpu:{}", job.gpus));
+        }
+        let pick = |stage: &Option<String>, all: &Option<String>| stage.clone().or_else(|| all.clone());
+        for (flag, value) in [
+            ("--partition", pick(&res.partition, &self.opts.partition)),
+            ("--account", self.opts.account.clone()),
+            ("--qos", self.opts.qos.clone()),
+            ("--time", pick(&res.time, &self.opts.time)),
+            ("--mem", pick(&res.mem, &self.opts.mem)),
+        ] {
+            if let Some(v) = value {
+                cmd.arg(format!("{flag}={v}"));
+            }
+        }
+        cmd.args(&self.opts.sbatch_args).args(&res.sbatch_args).arg(&script);
+        self.stats.sbatch += 1;
+        let output = cmd.output().map_err(|e| fail(format!("cannot run sbatch: {e}")))?;
+        if !output.status.success() {
+            return Err(fail(format!(
+                "sbatch refused the job: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let job_id = stdout.trim().split(';').next().unwrap_or("").to_string();
+        // The key's record, for a later run to adopt this job while it is queued or running.
+        let record = self.keys_dir().join(&key);
+        let _ = std::fs::create_dir_all(self.keys_dir());
+        let _ = crate::fsutil::write_atomic(&record, format!("{job_id} {}\n", self.name).as_bytes());
+        Ok(Submitted {
+            index,
+            key: key.clone(),
+            job_id,
+            name: self.name.clone(),
+            result: self.dir.join(format!("{key}.result.json")),
+            out,
+        })
+    }
+
+    /// Moves jobs whose entry or result file exists to `finished`. Returns whether any did.
+    fn collect_from_files(&mut self) -> bool {
+        let before = self.running.len();
+        let mut still = Vec::with_capacity(before);
+        for s in std::mem::take(&mut self.running) {
+            match self.outcome_from_files(&s) {
+                Some(outcome) => self.finish(s, outcome),
+                None => still.push(s),
+            }
+        }
+        self.running = still;
+        self.running.len() != before
+    }
+
+    fn outcome_from_files(&self, s: &Submitted) -> Option<Result<NodeOutcome>> {
+        if let Ok(Some(manifest)) = self.cache.lookup(&s.key) {
+            return Some(Ok(NodeOutcome::Done { manifest: Box::new(manifest), executed: true }));
+        }
+        let text = std::fs::read(&s.result).ok()?;
+        let result: JobResult = serde_json::from_slice(&text).ok()?;
+        Some(Ok(match result {
+            JobResult::Failed { message, log } => {
+                NodeOutcome::Failed { message: format!("{message} (Slurm job {})", s.job_id), log }
+            }
+            JobResult::InputDamaged { input, reason } => NodeOutcome::InputDamaged { input, reason },
+            // A job stopped by a signal may be requeued (preemption): only Slurm can say whether it ended.
+            JobResult::Cancelled => return None,
+        }))
+    }
+
+    fn finish(&mut self, s: Submitted, outcome: Result<NodeOutcome>) {
+        let record = self.keys_dir().join(&s.key);
+        if std::fs::read_to_string(&record).is_ok_and(|t| t.starts_with(&format!("{} ", s.job_id))) {
+            let _ = std::fs::remove_file(record);
+        }
+        self.finished.push_back((s.index, outcome));
+    }
+
+    /// One `squeue` for every job of this run (and the runs it adopted from): a job Slurm reports ended (or no
+    /// longer lists) without an entry or a result file failed, with Slurm's state and the end of its output.
+    fn query(&mut self) -> Result<bool> {
+        let mut names: Vec<String> = self.running.iter().map(|s| s.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let states = self.squeue(&refs)?;
+        let mut changed = false;
+        let mut still = Vec::new();
+        for s in std::mem::take(&mut self.running) {
+            let state = states.get(&s.job_id).cloned();
+            if state.as_ref().is_some_and(|(st, _)| alive(st)) {
+                still.push(s);
+                continue;
+            }
+            changed = true;
+            // Ended: its files say how, unless it died without a word.
+            if let Some(outcome) = self.outcome_from_files(&s) {
+                self.finish(s, outcome);
+                continue;
+            }
+            let (st, reason) = state.unwrap_or_else(|| ("ENDED".into(), String::new()));
+            let outcome = if self.cancelled && st == "CANCELLED" {
+                NodeOutcome::Cancelled
+            } else {
+                let why = if reason.is_empty() || reason == "None" { String::new() } else { format!(", {reason}") };
+                NodeOutcome::Failed {
+                    message: format!(
+                        "Slurm job {} ended {st}{why} without publishing the entry{}",
+                        s.job_id,
+                        super::worker::log_tail(&s.out)
+                    ),
+                    log: Some(s.out.clone()),
+                }
+            };
+            self.finish(s, Ok(outcome));
+        }
+        self.running = still;
+        Ok(changed)
+    }
+}
+
+/// Whether a job in Slurm state `state` may still run (or run again).
+fn alive(state: &str) -> bool {
+    matches!(
+        state,
+        "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "REQUEUED" | "REQUEUE_FED" | "REQUEUE_HOLD"
+            | "RESIZING" | "SUSPENDED" | "STOPPED" | "SIGNALING" | "STAGE_OUT" | "RESV_DEL_HOLD"
+    )
+}
+
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+}
+
+impl Executor for SlurmExecutor<'_> {
+    fn try_launch(&mut self, job: Job, _waiting: usize) -> Launch {
+        if self.running.len() >= self.opts.max_jobs {
+            return Launch::Full(job);
+        }
+        if let Some((job_id, name)) = self.adoptable.remove(&job.key) {
+            self.stats.adopted += 1;
+            let dir = self.cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join(name.trim_start_matches("mpcs-"));
+            self.running.push(Submitted {
+                index: job.index,
+                result: dir.join(format!("{}.result.json", job.key)),
+                out: dir.join(format!("{}.out", job.key)),
+                key: job.key,
+                job_id,
+                name,
+            });
+            return Launch::Started;
+        }
+        match self.submit(job) {
+            Ok(s) => self.running.push(s),
+            Err((index, message)) => self.finished.push_back((index, Ok(NodeOutcome::Failed { message, log: None }))),
+        }
+        Launch::Started
+    }
+
+    fn busy(&self) -> bool {
+        !self.running.is_empty() || !self.finished.is_empty()
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Option<Finished> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(f) = self.finished.pop_front() {
+                return Some(f);
+            }
+            if self.collect_from_files() {
+                continue;
+            }
+            if Instant::now() >= self.next_query && !self.running.is_empty() {
+                let min = Duration::from_secs_f64(self.opts.poll_min_s.max(0.1));
+                let max = Duration::from_secs_f64(self.opts.poll_max_s.max(self.opts.poll_min_s).max(0.1));
+                self.interval = match self.query() {
+                    Ok(true) => min,
+                    Ok(false) => (self.interval * 2).min(max),
+                    Err(e) => {
+                        tracing::warn!("{}", e.message);
+                        max
+                    }
+                };
+                self.next_query = Instant::now() + self.interval;
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(200)));
+        }
+    }
+
+    fn interrupt(&mut self, force: bool) {
+        if force || self.running.is_empty() {
+            return;
+        }
+        self.cancelled = true;
+        self.stats.scancel += 1;
+        let ids: Vec<&str> = self.running.iter().map(|s| s.job_id.as_str()).collect();
+        if let Err(e) = Command::new("scancel").args(&ids).status() {
+            tracing::warn!("cannot run scancel: {e}");
+        }
+        // See the cancelled jobs end soon.
+        self.interval = Duration::from_secs_f64(self.opts.poll_min_s.clamp(0.1, 1.0));
+        self.next_query = Instant::now() + self.interval;
+    }
+
+    fn report(&self) -> serde_json::Value {
+        serde_json::to_value(&self.stats).unwrap_or_default()
+    }
+}

@@ -1,0 +1,210 @@
+//! The Slurm executor against a real one-node Slurm (Debian's slurmctld, slurmd and munge, started by
+//! `scripts/slurm/cluster.sh` in a temp folder and stopped when the test ends, even when it fails). One test runs
+//! every scenario in turn on one cluster. Skipped, saying so, where Slurm is not installed or not root.
+
+mod common;
+use common::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Cluster {
+    dir: PathBuf,
+}
+
+impl Cluster {
+    fn start() -> Option<Cluster> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/cluster.sh");
+        let dir = std::env::temp_dir().join(format!("mpcs-slurm-test-{}", std::process::id()));
+        let out = Command::new("bash").arg(&script).arg("start").arg(&dir).output().ok()?;
+        if !out.status.success() {
+            eprintln!("skipped: no Slurm cluster: {}", String::from_utf8_lossy(&out.stderr).trim());
+            let _ = Command::new("bash").arg(&script).arg("stop").arg(&dir).status();
+            return None;
+        }
+        Some(Cluster { dir })
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.join("slurm.conf")
+    }
+
+    fn squeue(&self, args: &[&str]) -> String {
+        let out = Command::new("squeue").env("SLURM_CONF", self.conf()).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/cluster.sh");
+        let _ = Command::new("bash").arg(&script).arg("stop").arg(&self.dir).status();
+    }
+}
+
+/// A profile that polls quickly (the defaults are kind to a real slurmctld: 5 s backing off to 120 s).
+const PROFILE: &str = "[slurm]\npoll_min_s = 0.5\npoll_max_s = 2\n";
+
+fn slurm_cmd(p: &Project, c: &Cluster, exp: &str, extra: &[&str]) -> Command {
+    let mut args = vec!["run", exp, "--executor", "slurm", "--profile", "profile.toml", "--json", "--plain"];
+    args.extend_from_slice(extra);
+    let mut cmd = p.cmd(&args);
+    cmd.env("SLURM_CONF", c.conf());
+    cmd
+}
+
+fn executor_counts(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap_or_default();
+    v["executor"].clone()
+}
+
+#[test]
+fn slurm_executor_on_a_real_cluster() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: starting Slurm's daemons needs root");
+        return;
+    }
+    let Some(cluster) = Cluster::start() else { return };
+    two_hundred_nodes_run_once_then_nothing_is_submitted(&cluster);
+    gpu_nodes_never_share_a_device(&cluster);
+    a_cancelled_job_fails_only_its_node_with_the_reason(&cluster);
+    ctrl_c_cancels_every_job_and_publishes_nothing(&cluster);
+    a_second_run_adopts_the_first_runs_jobs(&cluster);
+}
+
+fn two_hundred_nodes_run_once_then_nothing_is_submitted(c: &Cluster) {
+    let p = Project::new();
+    p.write("data/raw/a.txt", "alpha\n");
+    p.write("paper.toml", &paper_dag("a", "", ""));
+    p.write("profile.toml", PROFILE);
+    let t0 = Instant::now();
+    let out = slurm_cmd(&p, c, "paper.toml", &[]).output().unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = parse_summary(&out);
+    assert_eq!(s.executed.len(), 200, "{s:?}");
+    let counts = exec_counts(&p);
+    assert_eq!(counts.len(), 199, "every command node ran");
+    assert!(counts.values().all(|&n| n == 1), "each node exactly once: {counts:?}");
+    let ex = executor_counts(&out);
+    assert_eq!(ex["sbatch"], 199, "{ex}");
+    eprintln!("200 nodes under Slurm in {secs:.1} s: {ex}");
+    // The same table as the local executor.
+    let table = p.path("local.toml");
+    fs::copy(p.path("paper.toml"), &table).unwrap();
+    // A no-op rerun submits nothing.
+    let out = slurm_cmd(&p, c, "paper.toml", &[]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(parse_summary(&out).executed.len(), 0);
+    assert_eq!(executor_counts(&out)["sbatch"], 0);
+    assert_eq!(executor_counts(&out)["squeue"], 0, "nothing to ask Slurm");
+}
+
+fn gpu_nodes_never_share_a_device(c: &Cluster) {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    p.write("profile.toml", PROFILE);
+    let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.train]\nkind = \"command\"\nfrom = \"raw\"\n\
+               matrix = { i = [1, 2, 3, 4, 5, 6] }\ngpus = 1\n\
+               run = [\"sh\", \"-c\", \"s=$(date +%s.%N); sleep 0.4; echo $s $(date +%s.%N) $CUDA_VISIBLE_DEVICES > {out}/use; cat {out}/use >> uses.log\"]\n\n\
+               [stage.both]\nkind = \"command\"\nfrom = \"raw\"\ngpus = 2\nrun = [\"sh\", \"-c\", \"echo $CUDA_VISIBLE_DEVICES > {out}/use\"]\n";
+    p.write("g.toml", exp);
+    let out = slurm_cmd(&p, c, "g.toml", &[]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let uses: Vec<(f64, f64, String)> = fs::read_to_string(p.path("uses.log"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].to_string())
+        })
+        .collect();
+    assert_eq!(uses.len(), 6);
+    assert!(uses.iter().all(|u| u.2 == "0" || u.2 == "1"), "one GPU each: {uses:?}");
+    for (i, a) in uses.iter().enumerate() {
+        for b in &uses[i + 1..] {
+            let overlap = a.0 < b.1 && b.0 < a.1;
+            assert!(!(overlap && a.2 == b.2), "two nodes on GPU {} at once: {a:?} {b:?}", a.2);
+        }
+    }
+    let both = p.mpcs(&["show", "both", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&both.stdout).unwrap();
+    let key = v["key"].as_str().unwrap();
+    let used = fs::read_to_string(p.path(&format!("cache/v2/entries/{}/{key}/out/use", &key[..2]))).unwrap();
+    assert_eq!(used.trim(), "0,1", "gpus = 2 is one task with two GPUs");
+}
+
+/// Waits (bounded) until `f` holds.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn a_cancelled_job_fails_only_its_node_with_the_reason(c: &Cluster) {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    p.write("profile.toml", PROFILE);
+    let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.slow]\nkind = \"command\"\nfrom = \"raw\"\n\
+               run = [\"sh\", \"-c\", \"touch slow.started; sleep 60; echo > {out}/f\"]\n\n[stage.quick]\n\
+               kind = \"command\"\nfrom = \"raw\"\nrun = [\"sh\", \"-c\", \"sleep 1; echo > {out}/f\"]\n";
+    p.write("c.toml", exp);
+    let child = slurm_cmd(&p, c, "c.toml", &["-k"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    eventually("the slow job to start", || p.path("slow.started").exists());
+    let jobs = c.squeue(&["-h", "-t", "running", "-o", "%i"]);
+    let status = Command::new("scancel").env("SLURM_CONF", c.conf()).args(jobs.split_whitespace()).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let s = parse_summary(&out);
+    assert_eq!(s.failed, set(&["slow"]), "{stderr}");
+    assert!(s.executed.contains("quick"), "{s:?}");
+    assert!(stderr.contains("FAILED slow: ") && stderr.contains("CANCELLED"), "the reason is Slurm's state: {stderr}");
+}
+
+fn ctrl_c_cancels_every_job_and_publishes_nothing(c: &Cluster) {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    p.write("profile.toml", PROFILE);
+    let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.slow]\nkind = \"command\"\nfrom = \"raw\"\n\
+               matrix = { i = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] }\n\
+               run = [\"sh\", \"-c\", \"touch started.{i}; sleep 60; echo > {out}/f\"]\n";
+    p.write("i.toml", exp);
+    let child = slurm_cmd(&p, c, "i.toml", &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    eventually("a job to start", || p.path("started.1").exists() || p.path("started.2").exists());
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(executor_counts(&out)["scancel"], 1, "one scancel for every job");
+    eventually("every job to leave the queue", || c.squeue(&["-h", "-t", "pending,running", "-o", "%i"]).trim().is_empty());
+    assert!(p.entries().is_empty(), "nothing published");
+}
+
+fn a_second_run_adopts_the_first_runs_jobs(c: &Cluster) {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    p.write("profile.toml", PROFILE);
+    let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.slow]\nkind = \"command\"\nfrom = \"raw\"\n\
+               matrix = { i = [1, 2, 3] }\nrun = [\"sh\", \"-c\", \"echo {node} >> exec.log; sleep 3; echo > {out}/f\"]\n";
+    p.write("a.toml", exp);
+    let mut first = slurm_cmd(&p, c, "a.toml", &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    eventually("the first run's jobs to be queued", || {
+        c.squeue(&["-h", "-t", "pending,running", "-o", "%i"]).split_whitespace().count() == 3
+    });
+    // The first submitter dies; its jobs stay in the queue.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let out = slurm_cmd(&p, c, "a.toml", &[]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ex = executor_counts(&out);
+    assert_eq!(ex["adopted"], 3, "{ex}");
+    assert_eq!(ex["sbatch"], 0, "{ex}");
+    let counts = exec_counts(&p);
+    assert!(counts.values().all(|&n| n == 1) && counts.len() == 3, "each node once: {counts:?}");
+}

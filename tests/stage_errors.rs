@@ -1,0 +1,71 @@
+//! Issue 13's stage-level regressions ("no wrong result, no lost entry, no hang"): what a hostile user found in
+//! the built-in stages, each driven through the `mpcs` binary. A uniform Reinhard target is refused (S9); a
+//! misnamed image carried by `stain_normalise` is reported at its source, never at its cache copy (B2); a damaged
+//! checkpoint is set aside instead of failing every rerun (B3); a fold the split does not have is refused before
+//! anything runs.
+
+mod common;
+use common::*;
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stain").join(name)
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_has(text: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(text.contains(n), "expected `{n}` in:\n{text}");
+    }
+}
+
+// ------------------------------------------------------------------------------------- S9: uniform targets
+
+/// Solid black, a single pixel and flat pink: Reinhard standardises to the target's spread, which is zero, so every
+/// output would be one flat colour. Both Reinhard variants refuse, as Macenko and Vahadane do, naming the file.
+#[test]
+fn reinhard_refuses_a_uniform_target() {
+    let p = Project::new();
+    let targets = [("black.png", 64, [0, 0, 0]), ("dot.png", 1, [0, 0, 0]), ("pink.png", 32, [230, 150, 190])];
+    for (name, side, rgb) in targets {
+        image::RgbImage::from_pixel(side, side, image::Rgb(rgb)).save(p.path(name)).unwrap();
+    }
+    let image = fixture("bh_pt.png");
+    for method in ["reinhard", "reinhard-lab"] {
+        for (name, _, _) in targets {
+            let out =
+                p.mpcs(&["stain", "--method", method, "--target", name, "--out", "norm", image.to_str().unwrap()]);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{method} {name}: {err}");
+            assert_has(
+                &err,
+                &[name, &format!("target is degenerate for {method}"), "uniform", "choose another target image"],
+            );
+            assert!(!p.path("norm/bh_pt.png").exists(), "{method} {name}: nothing is written");
+        }
+    }
+    // A grey target has lightness but no colour: every output would be grey.
+    let mut grey = image::RgbImage::new(32, 32);
+    for (x, _, px) in grey.enumerate_pixels_mut() {
+        *px = image::Rgb([(40 + x * 6) as u8; 3]);
+    }
+    grey.save(p.path("grey.png")).unwrap();
+    let out =
+        p.mpcs(&["stain", "--method", "reinhard", "--target", "grey.png", "--out", "norm", image.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_has(&stderr(&out), &["grey.png", "target is degenerate for reinhard", "not vary", "grey images"]);
+
+    // As a stage: the node fails like Macenko's refusal, and nothing is published for it.
+    p.write(
+        "exp.toml",
+        "[stage.data]\nkind = \"synthetic\"\ndataset = \"breakhis\"\npatients = 2\nsize = \"70x46\"\nseed = 3\n\n\
+         [stage.stain]\nkind = \"stain_normalise\"\nfrom = \"data\"\nmethod = \"reinhard\"\ntarget = \"pink.png\"\n",
+    );
+    let out = p.run_raw("exp.toml", &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_has(&err, &["FAILED stain", "pink.png", "target is degenerate for reinhard", "uniform"]);
+    assert_eq!(p.entries().len(), 1, "only the synthetic data was published");
+}

@@ -69,3 +69,69 @@ fn reinhard_refuses_a_uniform_target() {
     assert_has(&err, &["FAILED stain", "pink.png", "target is degenerate for reinhard", "uniform"]);
     assert_eq!(p.entries().len(), 1, "only the synthetic data was published");
 }
+
+// ------------------------------------------------------------------------------ a fold the split lacks
+
+const TRAIN_HEAD: &str = r#"[experiment]
+name = "ckpt"
+seed = 5
+
+[stage.data]
+kind = "synthetic"
+dataset = "breakhis"
+patients = 16
+size = "70x46"
+seed = 2
+
+[stage.folds]
+kind = "split"
+from = "data"
+dataset = "breakhis"
+folds = 2
+"#;
+
+const FINETUNE: &str = r#"
+[stage.finetune]
+kind = "finetune"
+from = ["folds", "data"]
+matrix = { fold = [0] }
+magnification = "40X"
+size = 16
+batch_size = 8
+epochs = 3
+"#;
+
+/// `fold = 7` on a 2-fold split used to fail at run time with only `fold_7.csv: No such file`. It is now refused
+/// while the experiment is checked (exit 2, nothing run, no cache), naming the split, its folds and the fix.
+#[test]
+fn a_fold_the_split_does_not_have_is_refused_before_anything_runs() {
+    let check = |extra: &str, sets: &[&str], needles: &[&str]| {
+        let p = Project::new();
+        p.write("exp.toml", &format!("{TRAIN_HEAD}{extra}"));
+        let out = p.run_raw("exp.toml", sets);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_has(&err, needles);
+        assert!(!p.path("cache").exists(), "nothing ran:\n{err}");
+    };
+    let finetune = FINETUNE.replace("matrix = { fold = [0] }", "fold = 7");
+    let advice = ["split stage `folds` makes 2 folds (fold_0.csv, fold_1.csv)", "choose a fold from 0 to 1", "raise"];
+    check(&finetune, &[], &[&["stage `finetune`", "fold 7 does not exist"][..], &advice].concat());
+    // A matrix value, in an evaluate stage.
+    let evaluate =
+        "\n[stage.evaluate]\nkind = \"evaluate\"\nfrom = [\"folds\", \"data\"]\nmatrix = { fold = [0, 2] }\n";
+    check(evaluate, &[], &[&["stage `evaluate`", "fold 2 does not exist"][..], &advice].concat());
+    // The split's `folds` as changed by --set, in a pretrain stage.
+    let pretrain = "\n[stage.pretrain]\nkind = \"pretrain\"\nfrom = [\"folds\", \"data\"]\nmatrix = { fold = [0, 3], pair = [\"OP\"] }\n";
+    check(
+        pretrain,
+        &["--set", "stage.folds.folds=3"],
+        &["stage `pretrain`", "fold 3 does not exist", "makes 3 folds (fold_0.csv, fold_1.csv, fold_2.csv)"],
+    );
+
+    // Enough folds: the experiment is valid.
+    let p = Project::new();
+    p.write("exp.toml", &format!("{TRAIN_HEAD}{finetune}"));
+    let out = p.mpcs(&["run", "exp.toml", "--dry-run", "--set", "stage.folds.folds=8"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

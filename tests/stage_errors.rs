@@ -70,6 +70,88 @@ fn reinhard_refuses_a_uniform_target() {
     assert_eq!(p.entries().len(), 1, "only the synthetic data was published");
 }
 
+// ------------------------------------------------------------------- B2: a misnamed image carried by a stage
+
+/// A BreakHis source with one image renamed: (its name before, its name now), relative to the project.
+fn misnamed_source(p: &Project) -> (String, String) {
+    let out = p.mpcs(&["synth", "breakhis", "--out", "data", "--seed", "1", "--patients", "4", "--size", "70x46"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = "data/BreaKHis_v1/histology_slides/breast/malignant/SOB/ductal_carcinoma";
+    let patient = std::fs::read_dir(p.path(dir)).unwrap().flatten().map(|e| e.file_name()).min().unwrap();
+    let folder = format!("{dir}/{}/400X", patient.to_string_lossy());
+    let first = std::fs::read_dir(p.path(&folder)).unwrap().flatten().map(|e| e.file_name()).min().unwrap();
+    let original = format!("{folder}/{}", first.to_string_lossy());
+    let renamed = format!("{folder}/renamed_oops.png");
+    std::fs::rename(p.path(&original), p.path(&renamed)).unwrap();
+    (original, renamed)
+}
+
+const STAIN_SPLIT: &str = r#"
+[stage.stain]
+kind = "stain_normalise"
+from = "raw"
+method = "reinhard"
+preset = "bach"
+
+[stage.folds]
+kind = "split"
+from = "stain"
+dataset = "breakhis"
+folds = 2
+"#;
+
+/// `split` used to report the stain stage's cache copy and advise "restore the original name" there, which would
+/// corrupt the entry. Now it names the source file, the stage that carried it, and says to fix the source.
+#[test]
+fn a_misnamed_image_carried_by_stain_is_named_at_its_source() {
+    let p = Project::new();
+    let (original, renamed) = misnamed_source(&p);
+    p.write("exp.toml", &format!("[stage.raw]\nkind = \"source\"\npath = \"data\"\n{STAIN_SPLIT}"));
+    let out = p.run_raw("exp.toml", &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let source_file = p.dir.path().canonicalize().unwrap().join(&renamed);
+    assert_has(
+        &err,
+        &[
+            "FAILED folds",
+            &format!("{}: file name does not read as", source_file.display()),
+            "stage `stain`",
+            "source `raw`",
+            "rename",
+            "in the source data, not in the cache",
+            "mpcs reruns `stain`",
+        ],
+    );
+    assert!(!err.contains("cache/v2/entries"), "no advice points into the cache:\n{err}");
+    assert_eq!(p.states("exp.toml")["folds"], "failed");
+
+    // Renaming the source file back is the whole fix: the stain stage reruns and the split succeeds.
+    std::fs::rename(p.path(&renamed), p.path(&original)).unwrap();
+    let s = p.run_ok("exp.toml", &[]);
+    assert!(s.executed.contains("stain") && s.executed.contains("folds"), "{:?}", s.executed);
+}
+
+/// Where the chain of name-keeping stages does not reach a source (here a command copies the data first), the
+/// message names the stage the file comes from and its path there, still never the cache.
+#[test]
+fn a_misnamed_image_from_a_command_names_that_stage() {
+    let p = Project::new();
+    let (_, renamed) = misnamed_source(&p);
+    let copy = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.copy]\nkind = \"command\"\nfrom = \"raw\"\n\
+                run = [\"cp\", \"-R\", \"{in}/BreaKHis_v1\", \"{out}/\"]\n";
+    p.write("exp.toml", &format!("{copy}{}", STAIN_SPLIT.replace("from = \"raw\"", "from = \"copy\"")));
+    let out = p.run_raw("exp.toml", &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let rel = renamed.trim_start_matches("data/");
+    assert_has(
+        &err,
+        &["FAILED folds", &format!("{rel}: file name does not read as"), "stage `copy`", "not in the cache"],
+    );
+    assert!(!err.contains("cache/v2/entries"), "no advice points into the cache:\n{err}");
+}
+
 // ------------------------------------------------------------------------------ a fold the split lacks
 
 const TRAIN_HEAD: &str = r#"[experiment]

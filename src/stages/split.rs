@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::origin::dataset_error;
 use super::{log_line, parsed, single_input, stage_error, write_output};
 use crate::data::{scan, Dataset};
 use crate::error::Result;
@@ -83,7 +84,9 @@ impl SplitConfig {
     pub fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
         let root = single_input(ctx, "split")?;
         let dataset = self.dataset;
-        let records = scan(dataset, root, self.verify).map_err(|e| StageFailure(e.to_string()))?;
+        // A bad file inside a stage's output is named where it comes from, never at its cache copy.
+        let records =
+            scan(dataset, root, self.verify).map_err(|e| StageFailure(dataset_error(ctx.exp, &ctx.inputs[0], e)))?;
         if records.is_empty() {
             return Err(StageFailure(format!("no {dataset} images under {}", root.display())));
         }

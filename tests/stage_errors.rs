@@ -152,7 +152,7 @@ fn a_misnamed_image_from_a_command_names_that_stage() {
     assert!(!err.contains("cache/v2/entries"), "no advice points into the cache:\n{err}");
 }
 
-// ------------------------------------------------------------------------------ a fold the split lacks
+// --------------------------------------------------------------------------------- B3: damaged checkpoints
 
 const TRAIN_HEAD: &str = r#"[experiment]
 name = "ckpt"
@@ -182,6 +182,79 @@ size = 16
 batch_size = 8
 epochs = 3
 "#;
+
+/// The state of an interrupted fine-tuning: the data and split are cached, and the finetune node's scratch area
+/// holds the checkpoints of 2 of its 3 epochs (written by the training library, as an interrupted run leaves
+/// them). Returns the scratch folder.
+fn interrupted_finetune(p: &Project) -> std::path::PathBuf {
+    p.write("exp.toml", TRAIN_HEAD);
+    p.run_ok("exp.toml", &[]);
+    p.write("exp.toml", &format!("{TRAIN_HEAD}{FINETUNE}"));
+    let node = p.graph_nodes("exp.toml", &[]).into_iter().find(|n| n["stage"] == "finetune").unwrap();
+    let scratch = p.path("cache/v2/scratch").join(node["key"].as_str().unwrap());
+    let path_of = |node: &str| {
+        let out = p.mpcs(&["show", node, "--exp", "exp.toml", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        std::path::PathBuf::from(v["path"].as_str().unwrap())
+    };
+    let (data, folds) = (path_of("data"), path_of("folds"));
+    let mut cfg = mpcs::train::FinetuneConfig::new(&data, &folds.join("fold_0.csv"), &p.path("elsewhere"), &scratch);
+    cfg.magnification = Some("40X".into());
+    cfg.image_size = 16;
+    cfg.batch_size = 8;
+    cfg.epochs = 2;
+    mpcs::train::finetune(&cfg, &|_| {}).unwrap();
+    scratch
+}
+
+fn state(scratch: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(scratch.join("state.json")).unwrap()).unwrap()
+}
+
+fn finetune_metrics(p: &Project) -> serde_json::Value {
+    let out = p.mpcs(&["show", "finetune[fold=0]", "--exp", "exp.toml", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["metrics"].clone()
+}
+
+/// A truncated newest checkpoint (a crash or a full disk while it was written) used to fail every rerun. Now it is
+/// reported, set aside, and the node resumes from the checkpoint before it.
+#[test]
+fn a_truncated_checkpoint_falls_back_to_the_previous_one() {
+    let p = Project::new();
+    let scratch = interrupted_finetune(&p);
+    assert_eq!(state(&scratch)["epochs_done"], 2);
+    let newest = state(&scratch)["weights"].as_str().unwrap().to_string();
+    let bytes = std::fs::read(scratch.join(&newest)).unwrap();
+    std::fs::write(scratch.join(&newest), &bytes[..bytes.len() / 3]).unwrap();
+
+    let out = p.run_raw("exp.toml", &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_has(&err, &[&newest, "cannot be used", "set aside", "resuming from the checkpoint after epoch 1"]);
+    let m = finetune_metrics(&p);
+    assert_eq!(m["resumed_after"], 1, "{m}");
+    assert_eq!(m["epochs"], 3, "{m}");
+}
+
+/// With no readable checkpoint left the node restarts from epoch 1, saying so, instead of failing.
+#[test]
+fn an_unreadable_checkpoint_state_restarts_the_node() {
+    let p = Project::new();
+    let scratch = interrupted_finetune(&p);
+    let text = std::fs::read(scratch.join("state.json")).unwrap();
+    std::fs::write(scratch.join("state.json"), &text[..text.len() / 2]).unwrap();
+    let _ = std::fs::remove_file(scratch.join("state.prev.json"));
+
+    let out = p.run_raw("exp.toml", &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_has(&err, &["state.json", "cannot be used", "set aside", "no usable checkpoint", "restarts from epoch 1"]);
+    let m = finetune_metrics(&p);
+    assert_eq!(m["resumed_after"], serde_json::Value::Null, "{m}");
+    assert_eq!(m["epochs"], 3, "{m}");
+}
+
+// ------------------------------------------------------------------------------ a fold the split lacks
 
 /// `fold = 7` on a 2-fold split used to fail at run time with only `fold_7.csv: No such file`. It is now refused
 /// while the experiment is checked (exit 2, nothing run, no cache), naming the split, its folds and the fix.

@@ -579,6 +579,10 @@ pub(super) fn progress_reporter<'a>(ctx: &'a ExecContext<'_>, batch_size: usize)
                 log_line(ctx, &line.to_string());
             }
             TrainEvent::EarlyStop { epoch } => log_line(ctx, &format!("early stopping after epoch {epoch}")),
+            TrainEvent::Warning { message } => {
+                log_line(ctx, &format!("warning: {message}"));
+                (ctx.notice)(&format!("`{}`: {message}", ctx.node.id));
+            }
         }
     }
 }

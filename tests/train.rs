@@ -160,10 +160,11 @@ fn a_diverging_resume_keeps_the_last_good_checkpoint() {
     let cfg = ft_config(tmp.path(), 16, 1);
     finetune(&cfg, &quiet).unwrap();
     let scratch = &cfg.scratch_dir;
-    let best = std::fs::read(scratch.join("best.safetensors")).unwrap();
     // A schedule gone wrong: the checkpointed learning rate is absurd, so epoch 2 diverges.
     let state_path = scratch.join("state.json");
     let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let best_path = scratch.join(state["best_weights"].as_str().unwrap());
+    let best = std::fs::read(&best_path).unwrap();
     state["lr"] = serde_json::json!(1e30);
     std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
     let cfg2 = FinetuneConfig { epochs: 2, magnification: None, ..cfg.clone() };
@@ -176,7 +177,8 @@ fn a_diverging_resume_keeps_the_last_good_checkpoint() {
     // The checkpoint of epoch 1 and the best model are still there, unchanged.
     let after: serde_json::Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
     assert_eq!(after["epochs_done"], 1);
-    assert_eq!(std::fs::read(scratch.join("best.safetensors")).unwrap(), best);
+    assert_eq!(after["best_weights"], state["best_weights"]);
+    assert_eq!(std::fs::read(&best_path).unwrap(), best);
 }
 
 #[test]
@@ -256,4 +258,56 @@ fn bad_inputs_are_clear_errors() {
     let ec = EvalConfig::new(root, csv, &tmp.path().join("missing.safetensors"), &tmp.path().join("eval"));
     let e = evaluate(&ec).unwrap_err().to_string();
     assert!(e.contains("run fine-tuning first"), "{e}");
+}
+
+/// The scratch folder keeps the newest checkpoint and the one before it, and nothing older. A damaged file that a
+/// checkpoint relies on (here a pretraining bucket, published from the scratch folder at the end) makes that
+/// checkpoint unusable: it is reported and set aside, and training resumes from the previous one, which does not
+/// rely on the file, and writes the file again (issue 13 B3).
+#[test]
+fn a_damaged_bucket_falls_back_to_the_previous_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, csv) = data();
+    let mut cfg = PretrainConfig::new(root, csv, &tmp.path().join("out"), &tmp.path().join("scratch"));
+    cfg.image_size = 16;
+    cfg.batch_size = 14;
+    cfg.epochs = 3;
+    cfg.projector_hidden = 32;
+    cfg.buckets = vec![2, 3];
+    pretrain(&cfg, &quiet).unwrap();
+    let scratch = &cfg.scratch_dir;
+    let state = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(scratch.join(name)).unwrap()).unwrap()
+    };
+    let (newest, prev) = (state("state.json"), state("state.prev.json"));
+    assert_eq!((newest["epochs_done"].as_u64(), prev["epochs_done"].as_u64()), (Some(3), Some(2)));
+    let mut files: Vec<String> = std::fs::read_dir(scratch)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    files.sort();
+    let mut named: Vec<String> = [&newest, &prev]
+        .iter()
+        .flat_map(|s| [s["weights"].as_str().unwrap().to_string(), s["best_weights"].as_str().unwrap().to_string()])
+        .collect();
+    named.sort();
+    named.dedup();
+    assert_eq!(files, named, "only the model files of the two kept checkpoints remain");
+
+    let bucket = scratch.join("buckets/epoch_3.safetensors");
+    let bytes = std::fs::read(&bucket).unwrap();
+    std::fs::write(&bucket, &bytes[..bytes.len() / 2]).unwrap();
+    let warnings = std::cell::RefCell::new(Vec::new());
+    let out = pretrain(&cfg, &|e| {
+        if let TrainEvent::Warning { message } = e {
+            warnings.borrow_mut().push(message)
+        }
+    })
+    .unwrap();
+    let warnings = warnings.into_inner().join("\n");
+    assert!(warnings.contains("epoch_3.safetensors") && warnings.contains("set aside"), "{warnings}");
+    assert!(warnings.contains("resuming from the checkpoint after epoch 2"), "{warnings}");
+    assert_eq!((out.resumed_after, out.epochs_run), (Some(2), 1));
+    assert!(mpcs::nn::weights::read_tensors(&out.buckets[1].1).is_ok(), "bucket 3 was written again");
 }

@@ -48,6 +48,9 @@ pub struct StageDecl {
     pub kind: String,
     /// The kind's own keys written in the table (for telling written values from defaults).
     pub written: Vec<String>,
+    /// Those keys with their values (after `--set`), for checks that look across stages: a training stage checks
+    /// its fold against the `folds` of its split; a message follows a file back to a source's `path`.
+    pub values: toml::Table,
     pub refs: Vec<Reference>,
     /// Matrix keys in declaration order with their values.
     pub matrix: Vec<(String, Vec<MatrixValue>)>,
@@ -339,10 +342,12 @@ fn parse_stage<S>(
 
     let written: Vec<String> = table.keys().map(|k| k.get_ref().to_string()).collect();
     let context = format!("in stage `{name}` (kind `{}`)", kind.get_ref());
-    let spec = parser
-        .parse(kind.get_ref(), Spanned::new(table_span, DeValue::Table(table)))
-        .map_err(|e| source.toml_error(&e, &context, COMMON_KEYS))?;
-    let decl = StageDecl { name, kind: kind.into_inner(), written, refs, matrix, gpus, description, span: name_span };
+    let body = Spanned::new(table_span, DeValue::Table(table));
+    // Any TOML table converts; the kind's parser below reports what is wrong with it.
+    let values = toml::Table::deserialize(toml::de::ValueDeserializer::from(body.clone())).unwrap_or_default();
+    let spec = parser.parse(kind.get_ref(), body).map_err(|e| source.toml_error(&e, &context, COMMON_KEYS))?;
+    let decl =
+        StageDecl { name, kind: kind.into_inner(), written, values, refs, matrix, gpus, description, span: name_span };
     Ok((decl, spec))
 }
 

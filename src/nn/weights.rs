@@ -219,7 +219,8 @@ pub fn save(varmap: &VarMap, path: &Path) -> Result<()> {
 
 /// Saves the variables whose name starts with `prefix`, with the prefix removed (e.g. the
 /// encoder of a bigger model as a plain torchvision state dict). Written atomically
-/// ([`crate::fsutil::write_atomic`]), so `path` is never half-written.
+/// ([`crate::fsutil::write_atomic_with`]) and synced to disk before the rename, so `path` is never
+/// half-written, not even after a power cut (a training checkpoint must survive the crash it is for).
 pub fn save_with(varmap: &VarMap, path: &Path, prefix: &str) -> Result<()> {
     let tensors: HashMap<String, Tensor> = {
         let data = varmap.data().lock().expect("VarMap mutex poisoned");
@@ -237,7 +238,11 @@ pub fn save_with(varmap: &VarMap, path: &Path, prefix: &str) -> Result<()> {
     // The same bytes `candle_core::safetensors::save` writes, serialised in memory (safetensors has no
     // writer-based API) so the file goes through the crate's one atomic write.
     let bytes = safetensors::tensor::serialize(&tensors, None).map_err(candle_core::Error::from)?;
-    crate::fsutil::write_atomic(path, &bytes).map_err(io_err(path))
+    crate::fsutil::write_atomic_with(path, |f| {
+        std::io::Write::write_all(f, &bytes)?;
+        f.sync_all()
+    })
+    .map_err(io_err(path))
 }
 
 /// True for BatchNorm buffers (running statistics, batch counter), which are not trained.

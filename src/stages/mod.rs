@@ -3,6 +3,7 @@
 
 pub mod command;
 pub mod download;
+pub mod origin;
 pub mod patchify;
 pub mod pretrain;
 pub mod split;

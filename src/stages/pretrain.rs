@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::train::{
-    candle_device, init_weights, input_of_kind, plot_loss_curve, progress_reporter, resolve_init, weights_stage_of,
-    InitConfig, DATASET_KINDS,
+    candle_device, check_folds, fold_csv, init_weights, input_of_kind, plot_loss_curve, progress_reporter,
+    resolve_init, weights_stage_of, InitConfig, DATASET_KINDS,
 };
 use super::{log_line, stage_error};
 use crate::error::Result;
@@ -31,7 +31,7 @@ impl StageKind for Pretrain {
     const LOCATIONS: &'static [&'static str] = &["weights_file"];
 
     fn validate(spec: &PretrainSpec, stage: &StageDecl, exp: &Experiment) -> Result<()> {
-        spec.validate(stage).map_err(|m| stage_error(exp, stage, m))
+        spec.validate(stage).and_then(|()| check_folds(spec.fold, stage, exp)).map_err(|m| stage_error(exp, stage, m))
     }
 
     fn resolve(spec: &PretrainSpec, node: &NodeView<'_>) -> Result<PretrainStageConfig, String> {
@@ -152,7 +152,7 @@ impl PretrainStageConfig {
         let split = input_of_kind(ctx, &["split"], &[], "a split")?;
         let weights_stage: Vec<&str> = self.weights_stage.as_deref().into_iter().collect();
         let data = input_of_kind(ctx, DATASET_KINDS, &weights_stage, "the dataset")?;
-        let fold_csv = split.join(format!("fold_{}.csv", self.fold));
+        let fold_csv = fold_csv(ctx, split, self.fold)?;
         let mut cfg = PretrainConfig::new(data, &fold_csv, ctx.out, &ctx.scratch);
         cfg.pair_mode = self.pair;
         cfg.arch = self.arch;

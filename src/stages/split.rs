@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::origin::dataset_error;
 use super::{log_line, parsed, single_input, stage_error, write_output};
 use crate::data::{scan, Dataset};
 use crate::error::Result;
@@ -14,6 +15,18 @@ use crate::experiment::{Experiment, StageDecl};
 use crate::split::{counts_csv, portions, rows_csv, split};
 
 pub struct Split;
+
+/// Folds of a split that does not say (`folds`).
+pub const DEFAULT_FOLDS: usize = 5;
+
+/// The number of folds a split stage makes, from its declaration (what `resolve` will fill in); `None` when its
+/// `folds` is not a valid count, which the split's own validation reports.
+pub fn declared_folds(decl: &StageDecl) -> Option<usize> {
+    match decl.values.get("folds") {
+        None => Some(DEFAULT_FOLDS),
+        Some(v) => v.as_integer().and_then(|k| usize::try_from(k).ok()).filter(|&k| k >= 2),
+    }
+}
 
 impl StageKind for Split {
     type Spec = SplitSpec;
@@ -34,7 +47,7 @@ impl StageKind for Split {
     fn resolve(spec: &SplitSpec, node: &NodeView<'_>) -> Result<SplitConfig, String> {
         Ok(SplitConfig {
             dataset: spec.dataset,
-            folds: spec.folds.unwrap_or(5),
+            folds: spec.folds.unwrap_or(DEFAULT_FOLDS),
             seed: spec.seed.unwrap_or(node.node.seed),
             verify: spec.verify.unwrap_or(true),
         })
@@ -59,7 +72,7 @@ pub struct SplitSpec {
     /// `breakhis`, `bach` or `breast-cell`.
     #[serde(deserialize_with = "parsed")]
     pub dataset: Dataset,
-    /// Number of folds (default 5).
+    /// Number of folds (default [`DEFAULT_FOLDS`]).
     pub folds: Option<usize>,
     /// Default: the node's seed. The paper used 47, 86, 16 and 12.
     pub seed: Option<u64>,
@@ -71,7 +84,9 @@ impl SplitConfig {
     pub fn execute(&self, ctx: &ExecContext<'_>) -> Result<Value, StageFailure> {
         let root = single_input(ctx, "split")?;
         let dataset = self.dataset;
-        let records = scan(dataset, root, self.verify).map_err(|e| StageFailure(e.to_string()))?;
+        // A bad file inside a stage's output is named where it comes from, never at its cache copy.
+        let records =
+            scan(dataset, root, self.verify).map_err(|e| StageFailure(dataset_error(ctx.exp, &ctx.inputs[0], e)))?;
         if records.is_empty() {
             return Err(StageFailure(format!("no {dataset} images under {}", root.display())));
         }

@@ -229,6 +229,9 @@ impl TrainSpec {
         if self.fold.is_none() && !decl.has_matrix_key("fold") {
             return bad("give `fold = K` or a `fold` matrix axis".into());
         }
+        if let Err(e) = check_folds(self.fold, decl, exp) {
+            return bad(e);
+        }
         if evaluate {
             if let Some(k) = self.written_keys().iter().find(|k| FINETUNE_ONLY.contains(&k.as_str())) {
                 return bad(format!("`{k}` belongs to the training stage (finetune / linear_eval), not `evaluate`"));
@@ -370,6 +373,68 @@ pub(crate) fn resolve_init(
         Some(w) if node.exp.stage(w).is_some() => (InitConfig::Stage { stage: w.to_string() }, None),
         Some(w) => (InitConfig::File { blake3: node.file_digest(w) }, Some(node.exp.resolve_path(w))),
     }
+}
+
+/// Refuses, while the experiment is checked, a fold that a `split` input of stage `decl` does not make: `fold`
+/// when the stage gives one, else each value of its `fold` matrix axis. Without this the node failed at run time
+/// with only `fold_7.csv: No such file` (after its upstream stages had run).
+pub(super) fn check_folds(fold: Option<u32>, decl: &StageDecl, exp: &Experiment) -> std::result::Result<(), String> {
+    let wanted: Vec<i64> = match fold {
+        Some(f) => vec![f.into()],
+        // Values that are not integers are reported by `resolve`, which parses them.
+        None => decl
+            .matrix
+            .iter()
+            .filter(|(k, _)| k == "fold")
+            .flat_map(|(_, vs)| vs.iter().filter_map(|v| v.to_string().parse().ok()))
+            .collect(),
+    };
+    for split in decl.refs.iter().filter_map(|r| exp.stage(&r.stage)).filter(|s| s.kind == "split") {
+        let Some(folds) = super::split::declared_folds(split) else { continue };
+        // (A negative value is not a fold index at all; `resolve` says so.)
+        let mut bad: Vec<i64> = wanted.iter().copied().filter(|&f| f >= folds as i64).collect();
+        bad.sort_unstable();
+        bad.dedup();
+        let Some(&highest) = bad.iter().max() else { continue };
+        let listed = bad.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+        let (what, verb) = if bad.len() == 1 { ("fold", "does") } else { ("folds", "do") };
+        return Err(format!(
+            "{what} {listed} {verb} not exist: split stage `{}` makes {folds} folds ({}); choose a fold from 0 to {}, \
+             or raise `folds` of stage `{}` to at least {}",
+            split.name,
+            fold_files(folds),
+            folds - 1,
+            split.name,
+            highest + 1
+        ));
+    }
+    Ok(())
+}
+
+/// `fold_0.csv, fold_1.csv`, or `fold_0.csv … fold_9.csv` for many folds.
+fn fold_files(folds: usize) -> String {
+    if folds <= 5 {
+        (0..folds).map(|k| format!("fold_{k}.csv")).collect::<Vec<_>>().join(", ")
+    } else {
+        format!("fold_0.csv … fold_{}.csv", folds - 1)
+    }
+}
+
+/// The fold file of `fold` in a split's output. Validation already refuses folds the split does not make; this
+/// is the same message at run time, in case the split's output lacks it anyway (a split from an older mpcs).
+pub(super) fn fold_csv(ctx: &ExecContext<'_>, split: &Path, fold: u32) -> Result<PathBuf, StageFailure> {
+    let file = split.join(format!("fold_{fold}.csv"));
+    if file.is_file() {
+        return Ok(file);
+    }
+    let folds = (0..).take_while(|k| split.join(format!("fold_{k}.csv")).is_file()).count();
+    Err(StageFailure(format!(
+        "`{}` wants fold {fold}, but its split has {folds} folds ({}); choose a fold from 0 to {}, or raise the \
+         split's `folds`",
+        ctx.node.id,
+        fold_files(folds),
+        folds.saturating_sub(1)
+    )))
 }
 
 /// The one input whose stage is of one of `kinds`, except the stages named in `skip`.
@@ -514,6 +579,10 @@ pub(super) fn progress_reporter<'a>(ctx: &'a ExecContext<'_>, batch_size: usize)
                 log_line(ctx, &line.to_string());
             }
             TrainEvent::EarlyStop { epoch } => log_line(ctx, &format!("early stopping after epoch {epoch}")),
+            TrainEvent::Warning { message } => {
+                log_line(ctx, &format!("warning: {message}"));
+                (ctx.notice)(&format!("`{}`: {message}", ctx.node.id));
+            }
         }
     }
 }
@@ -562,7 +631,7 @@ fn execute_training(c: &TrainConfig, ctx: &ExecContext<'_>) -> Result<Value, Sta
     let split = input_of_kind(ctx, &["split"], &[], "a split")?;
     let skip: Vec<&str> = c.weights_stage.as_deref().into_iter().collect();
     let data = input_of_kind(ctx, DATASET_KINDS, &skip, "the dataset")?;
-    let fold_csv = split.join(format!("fold_{}.csv", c.model.fold));
+    let fold_csv = fold_csv(ctx, split, c.model.fold)?;
     let mut cfg = FinetuneConfig::new(data, &fold_csv, ctx.out, &ctx.scratch);
     set_model_fields!(cfg, c.model, ctx);
     cfg.freeze_encoder = c.freeze_encoder;
@@ -606,7 +675,7 @@ fn execute_evaluate(c: &EvaluateConfig, ctx: &ExecContext<'_>) -> Result<Value, 
     let split = input_of_kind(ctx, &["split"], &[], "a split")?;
     let data = input_of_kind(ctx, DATASET_KINDS, &[], "the dataset")?;
     let model_dir = input_of_kind(ctx, &["finetune", "linear_eval"], &[], "a fine-tuned model")?;
-    let fold_csv = split.join(format!("fold_{}.csv", c.model.fold));
+    let fold_csv = fold_csv(ctx, split, c.model.fold)?;
     let model: PathBuf = model_dir.join(MODEL_FILE);
     let mut cfg = EvalConfig::new(data, &fold_csv, &model, ctx.out);
     set_model_fields!(cfg, c.model, ctx);

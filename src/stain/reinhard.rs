@@ -21,6 +21,12 @@ use super::{Method, Normalised, StainError, DEFAULT_MIN_TISSUE_FRACTION};
 /// Luminosity threshold of the tissue test (staintools' default).
 pub const TISSUE_LUMINOSITY: f64 = 0.8;
 
+/// Below these standard deviations a target channel counts as constant (see `check_target_stats`): uniform up to
+/// about one pixel in ten thousand one 8-bit level off. Stained tissue varies 100 to 1000 times more (the paper's
+/// BACH target has lαβ std (0.61, 0.11, 0.029); the H&E fixtures have at least 0.008 in lαβ and 6 in LAB).
+const FLAT_LAB_RUDERMAN: f64 = 1e-4;
+const FLAT_LAB_CIE: f64 = 1e-2;
+
 /// Per-channel mean and (population) standard deviation in the method's colour space.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ChannelStats {
@@ -102,6 +108,44 @@ fn channel_stats(values: &[[f64; 3]]) -> ChannelStats {
     ChannelStats { mean, std: var.map(|s| (s / n).sqrt()) }
 }
 
+/// A colour space's name and its channels' names, for messages.
+type Space = (&'static str, [&'static str; 3]);
+const RUDERMAN: Space = ("lαβ", ["l", "α", "β"]);
+const CIE_LAB: Space = ("LAB", ["L", "a", "b"]);
+
+/// Refuses a target whose statistics cannot be transferred: non-finite values, or a channel that does not vary.
+/// Standardising to a target std of 0 maps every pixel of that channel to the target's mean, so a uniform target
+/// (solid black, one pixel, flat pink) would turn every image into one flat colour, and a grey target every image
+/// grey: silent garbage where Macenko and Vahadane refuse. `flat` is the std below which a channel counts as
+/// constant in the method's space.
+fn check_target_stats(
+    stats: &ChannelStats,
+    method: Method,
+    (space, names): Space,
+    flat: f64,
+    what: &str,
+) -> Result<(), StainError> {
+    let degenerate = |detail: String| StainError::TargetDegenerate { what: what.to_string(), method, detail };
+    if stats.mean.iter().chain(&stats.std).any(|v| !v.is_finite()) {
+        return Err(degenerate(format!("non-finite {space} statistics {stats:?}")));
+    }
+    let constant: Vec<&str> = (0..3).filter(|&c| stats.std[c] < flat).map(|c| names[c]).collect();
+    let std = stats.std.map(|s| format!("{s:.1e}")).join(", ");
+    match constant.len() {
+        0 => Ok(()),
+        3 => Err(degenerate(format!(
+            "the image is uniform (one flat colour: {space} standard deviation {std}), so every normalised image \
+             would come out as that one colour"
+        ))),
+        n => Err(degenerate(format!(
+            "its {} {} not vary ({space} standard deviation {std}), so every normalised image would get one \
+             constant value there (a grey target makes grey images)",
+            constant.join(" and "),
+            if n == 1 { "channel does" } else { "channels do" }
+        ))),
+    }
+}
+
 /// `(x - μs) / σs · σt + μt` folded into `x · gain + shift`.
 fn affine(src: &ChannelStats, t: &ChannelStats) -> ([f64; 3], [f64; 3]) {
     let gain: [f64; 3] = std::array::from_fn(|c| t.std[c] / src.std[c]);
@@ -145,13 +189,7 @@ impl Reinhard {
         check_target(target, DEFAULT_MIN_TISSUE_FRACTION, what)?;
         let space = Ruderman::default();
         let stats = channel_stats(&to_lab(&space, target));
-        if stats.mean.iter().chain(&stats.std).any(|v| !v.is_finite()) {
-            return Err(StainError::TargetDegenerate {
-                what: what.to_string(),
-                method: Method::Reinhard,
-                detail: format!("non-finite lαβ statistics {stats:?}"),
-            });
-        }
+        check_target_stats(&stats, Method::Reinhard, RUDERMAN, FLAT_LAB_RUDERMAN, what)?;
         Self::from_stats(stats)
     }
 
@@ -229,13 +267,7 @@ impl ReinhardLab {
         check_target(target, DEFAULT_MIN_TISSUE_FRACTION, what)?;
         let lin = srgb_linear_table();
         let stats = channel_stats(&lab_of(&lin, target));
-        if stats.mean.iter().chain(&stats.std).any(|v| !v.is_finite()) {
-            return Err(StainError::TargetDegenerate {
-                what: what.to_string(),
-                method: Method::ReinhardLab,
-                detail: format!("non-finite LAB statistics {stats:?}"),
-            });
-        }
+        check_target_stats(&stats, Method::ReinhardLab, CIE_LAB, FLAT_LAB_CIE, what)?;
         Self::from_stats(stats)
     }
 

@@ -358,7 +358,8 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
         let opts = weights::LoadOptions { ignore_fc: true, ..Default::default() };
         weights::load_into_with(&varmap, path, &opts)?;
     }
-    let resumed = checkpoint::load(&cfg.scratch_dir, "finetune", &varmap)?;
+    let warn = |message: String| progress(TrainEvent::Warning { message });
+    let resumed = checkpoint::load(&cfg.scratch_dir, "finetune", &varmap, &|_| Vec::new(), &warn)?;
 
     let trainable = weights::trainable_vars(&varmap, if cfg.freeze_encoder { "fc." } else { "" });
     let mut opt: Box<dyn Optimizer> = match cfg.optimizer {
@@ -384,6 +385,7 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
         stopped: false,
         history: Vec::new(),
         weights: String::new(),
+        best_weights: String::new(),
     };
     let resumed_after = resumed.as_ref().map(|s| s.epochs_done);
     if let Some(s) = resumed {
@@ -400,7 +402,6 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
     std::fs::create_dir_all(&cfg.out_dir).map_err(TrainError::io(&cfg.out_dir))?;
     std::fs::create_dir_all(&cfg.scratch_dir).map_err(TrainError::io(&cfg.scratch_dir))?;
     let model_path = cfg.out_dir.join("model.safetensors");
-    let best_path = cfg.scratch_dir.join(checkpoint::BEST);
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
     let first = state.epochs_done + 1;
     let batches = train.batches_per_epoch();
@@ -431,7 +432,8 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
         plateau.step_optimizer(val_loss, opt.as_mut())?;
         let stop = early.step(val_loss)?;
         if state.best.is_none_or(|b| val_loss < b) {
-            weights::save(&varmap, &best_path)?;
+            state.best_weights = checkpoint::best_name(epoch);
+            weights::save(&varmap, &cfg.scratch_dir.join(&state.best_weights))?;
             state.best = Some(val_loss);
             state.best_epoch = epoch;
         }
@@ -456,7 +458,7 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
         }
     }
     write_jsonl(&metrics_path, &state.history)?;
-    checkpoint::publish(&best_path, &model_path)?;
+    checkpoint::publish(&cfg.scratch_dir.join(&state.best_weights), &model_path)?;
     Ok(FinetuneOutcome {
         epochs_done: state.epochs_done,
         epochs_run,

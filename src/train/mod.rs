@@ -6,7 +6,8 @@
 //! - [`evaluate`]: that model on the test portion → `metrics.json` and `predictions.csv`;
 //! - [`pretrain`]: MPCS contrastive pretraining on the regions of the training patients → `backbone.safetensors`.
 //!
-//! Both training loops checkpoint into a caller-given scratch folder after every epoch and resume from it.
+//! Both training loops checkpoint into a caller-given scratch folder after every epoch and resume from it (from
+//! the previous checkpoint, or from scratch, when the newest cannot be read: see `checkpoint`).
 //! What a checkpoint holds: every model variable (BatchNorm buffers included), the epoch history (so the
 //! plateau scheduler and early stopping are rebuilt exactly by replaying it) and the learning rate. Adam's
 //! moment estimates are NOT saved: a resumed run restarts them from zero, so it is close to, not bit-identical
@@ -38,6 +39,8 @@ pub enum TrainEvent {
     Epoch { epoch: usize, line: serde_json::Value },
     /// Early stopping ended training after `epoch`.
     EarlyStop { epoch: usize },
+    /// Something the user should know that does not stop training (a damaged checkpoint set aside).
+    Warning { message: String },
 }
 
 /// An (N, 3, H, W) f32 tensor from a loader buffer.

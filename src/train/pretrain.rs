@@ -184,7 +184,13 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
         let opts = weights::LoadOptions { ignore_fc: true, prefix: "encoder.".into(), ..Default::default() };
         weights::load_into_with(&varmap, path, &opts)?;
     }
-    let resumed = checkpoint::load(&cfg.scratch_dir, "pretrain", &varmap)?;
+    let warn = |message: String| progress(TrainEvent::Warning { message });
+    let bucket_name = |e: usize| format!("buckets/epoch_{e}.safetensors");
+    // A state relies on the buckets it has passed: they are published from the scratch folder at the end.
+    let buckets_of = |s: &State| -> Vec<PathBuf> {
+        cfg.buckets.iter().filter(|&&e| e <= s.epochs_done).map(|&e| cfg.scratch_dir.join(bucket_name(e))).collect()
+    };
+    let resumed = checkpoint::load(&cfg.scratch_dir, "pretrain", &varmap, &buckets_of, &warn)?;
     let mut opt = Adam::new(
         weights::trainable_vars(&varmap, ""),
         AdamConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..AdamConfig::default() },
@@ -209,14 +215,13 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
             stopped: false,
             history: Vec::new(),
             weights: String::new(),
+            best_weights: String::new(),
         },
     };
 
     std::fs::create_dir_all(&cfg.out_dir).map_err(TrainError::io(&cfg.out_dir))?;
     std::fs::create_dir_all(cfg.scratch_dir.join("buckets")).map_err(TrainError::io(&cfg.scratch_dir))?;
     let backbone = cfg.out_dir.join("backbone.safetensors");
-    let best_path = cfg.scratch_dir.join(checkpoint::BEST);
-    let bucket_name = |e: usize| format!("buckets/epoch_{e}.safetensors");
     let losses = cfg.out_dir.join("loss.jsonl");
     let batches = loader.batches_per_epoch();
     progress(TrainEvent::Start { first_epoch: state.epochs_done + 1, epochs: cfg.epochs, batches });
@@ -247,12 +252,13 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
         let elapsed = start.elapsed().as_secs_f64();
         plateau.step_optimizer(epoch_loss, &mut opt)?;
         if state.best.is_none_or(|b| epoch_loss < b) {
-            weights::save_with(&varmap, &best_path, "encoder.")?;
+            state.best_weights = checkpoint::best_name(epoch);
+            weights::save_with(&varmap, &cfg.scratch_dir.join(&state.best_weights), "encoder.")?;
             state.best = Some(epoch_loss);
             state.best_epoch = epoch;
         }
         if cfg.buckets.contains(&epoch) {
-            checkpoint::publish(&best_path, &cfg.scratch_dir.join(bucket_name(epoch)))?;
+            checkpoint::publish(&cfg.scratch_dir.join(&state.best_weights), &cfg.scratch_dir.join(bucket_name(epoch)))?;
         }
         let line = serde_json::json!({
             "epoch": epoch,
@@ -269,7 +275,7 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
         progress(TrainEvent::Epoch { epoch, line });
     }
     write_jsonl(&losses, &state.history)?;
-    checkpoint::publish(&best_path, &backbone)?;
+    checkpoint::publish(&cfg.scratch_dir.join(&state.best_weights), &backbone)?;
     let mut buckets = Vec::new();
     for &e in cfg.buckets.iter().filter(|&&e| e <= state.epochs_done) {
         let to = cfg.out_dir.join(bucket_name(e));

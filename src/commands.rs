@@ -125,7 +125,11 @@ pub fn worker(job_file: &Path, cancel: &Arc<AtomicBool>) -> Result<i32> {
         Err(e) => return fail(format!("the experiment no longer loads on the compute node: {}", e.message)),
     };
     let Some(index) = project.plan.nodes.iter().position(|n| n.id == jf.node) else {
-        return fail(format!("node `{}` is no longer in {}: the file changed since submission; run again", jf.node, jf.experiment.display()));
+        return fail(format!(
+            "node `{}` is no longer in {}: the file changed since submission; run again",
+            jf.node,
+            jf.experiment.display()
+        ));
     };
     let mut digests = vec![None; project.plan.nodes.len()];
     for (&j, (_, digest)) in project.plan.nodes[index].inputs.iter().zip(&jf.action.inputs) {
@@ -147,9 +151,34 @@ pub fn worker(job_file: &Path, cancel: &Arc<AtomicBool>) -> Result<i32> {
     let device = exec::DeviceAssignment { gpus, gpus_managed: true };
     let processes = exec::process::ProcessRegistry::default();
     let reporter = exec::progress::Console::new(true);
+    // A SIGTERM (scancel, preemption, a time limit's warning) stops the node's processes: politely, then by force.
+    let done = AtomicBool::new(false);
+    let over = || done.load(std::sync::atomic::Ordering::Relaxed);
+    let watch = || {
+        while !cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            if over() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        processes.signal_all(libc::SIGTERM);
+        for _ in 0..100 {
+            if over() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        processes.signal_all(libc::SIGKILL);
+    };
     let env = WorkerEnv { project: &project, cache: &cache, cancel, processes: &processes, reporter: &reporter };
     let job = Job { index, key: jf.key.clone(), action: jf.action, inputs: jf.inputs, gpus: jf.gpus };
-    let outcome = crate::runtime::with_cpu_threads(jf.cpus, || env.run(job, device))?;
+    let outcome = std::thread::scope(|scope| {
+        let watcher = std::thread::Builder::new().spawn_scoped(scope, watch);
+        let outcome = crate::runtime::with_cpu_threads(jf.cpus, || env.run(job, device));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(watcher);
+        outcome
+    })?;
     match outcome {
         NodeOutcome::Done { .. } => Ok(exit::OK),
         NodeOutcome::Failed { message, log } => {

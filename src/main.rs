@@ -11,9 +11,9 @@ use mpcs::cache::{Cache, CACHE_ENV};
 use mpcs::commands::{self, GraphFormat, RunArgs};
 use mpcs::error::{exit, Error};
 use mpcs::exec::devices::DeviceSpec;
+use mpcs::exec::progress::{Console, Reporter, Silent};
 use mpcs::exec::slurm::SlurmOptions;
 use mpcs::exec::ExecutorChoice;
-use mpcs::exec::progress::{Console, Reporter, Silent};
 
 // mimalloc: ~10% faster CPU training than glibc's malloc (benches/train_step.rs, notes/speed.md).
 #[global_allocator]

@@ -241,7 +241,13 @@ fn a_changed_default_changes_the_key_and_why_names_it() {
     let cache = Cache::open(&dir.path().join("cache")).unwrap();
     let load = |text: &str| Project::from_str(&path, text, &[], Registry::default().with::<Toy>()).unwrap();
     let run = |p: &Project| {
-        let opts = RunOptions { jobs: 1, gpus: Vec::new(), keep_going: false, grace: Duration::from_secs(1) };
+        let opts = RunOptions {
+            jobs: 1,
+            gpus: Vec::new(),
+            keep_going: false,
+            grace: Duration::from_secs(1),
+            executor: Default::default(),
+        };
         mpcs::exec::run(p, &cache, &opts, &Silent, &Arc::new(Default::default())).unwrap()
     };
 

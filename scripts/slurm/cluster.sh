@@ -6,8 +6,8 @@
 #   scripts/slurm/cluster.sh stop  [DIR]   stop every daemon it started and remove DIR
 #   scripts/slurm/cluster.sh status [DIR]  exit 0 when the node is idle and accepts jobs
 #
-# DIR defaults to $MPCS_SLURM_DIR or /tmp/mpcs-slurm. The node has 8 CPUs (whatever the machine has: tests run
-# many small jobs at once) and two fake GPUs (character devices, as gres.conf requires), so jobs asking for
+# DIR defaults to $MPCS_SLURM_DIR or /tmp/mpcs-slurm. The node claims 16 CPUs (whatever the machine has: tests run
+# many small jobs at once) and eight fake GPUs (character devices, as gres.conf requires), so jobs asking for
 # GPUs get CUDA_VISIBLE_DEVICES. No accounting (no slurmdbd): the executor must work with squeue alone.
 # Install first: apt-get install --no-install-recommends slurmctld slurmd slurm-client munge
 set -euo pipefail
@@ -29,11 +29,18 @@ need() {
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 write_config() {
+  # The package makes a key on install; a machine that lost it gets a fresh one (one node: any key will do).
+  if [ ! -s /etc/munge/munge.key ]; then
+    mkdir -p /etc/munge
+    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+    chown munge:munge /etc/munge/munge.key
+    chmod 400 /etc/munge/munge.key
+  fi
   mkdir -p "$dir"/{state,spool,log,munge,gpu}
   chown slurm:slurm "$dir/state" "$dir/log"
   chown munge:munge "$dir/munge"
   chmod 755 "$dir/munge"
-  for i in 0 1; do [ -e "$dir/gpu/fakegpu$i" ] || mknod "$dir/gpu/fakegpu$i" c 1 3; done
+  for i in 0 1 2 3 4 5 6 7; do [ -e "$dir/gpu/fakegpu$i" ] || mknod "$dir/gpu/fakegpu$i" c 1 3; done
   cat > "$dir/slurm.conf" <<EOF
 ClusterName=mpcs-test
 SlurmctldHost=$host(127.0.0.1)
@@ -53,6 +60,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=200
 SlurmdParameters=config_overrides
 ReturnToService=2
 MpiDefault=none
@@ -62,12 +70,12 @@ MinJobAge=300
 KillWait=2
 SchedulerParameters=sched_interval=1
 GresTypes=gpu
-NodeName=$host NodeAddr=127.0.0.1 CPUs=8 RealMemory=8000 Gres=gpu:fake:2 State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=16 RealMemory=16000 Gres=gpu:fake:8 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
   cat > "$dir/gres.conf" <<EOF
 AutoDetect=off
-NodeName=$host Name=gpu Type=fake File=$dir/gpu/fakegpu[0-1]
+NodeName=$host Name=gpu Type=fake File=$dir/gpu/fakegpu[0-7]
 EOF
 }
 

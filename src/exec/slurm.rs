@@ -107,9 +107,7 @@ impl SlurmOptions {
             toml::from_str(&text).map_err(|e| Error::user(format!("profile {}: {e}", path.display())))?;
         match profile.slurm {
             None => Ok(SlurmOptions::default()),
-            Some(v) => v
-                .try_into()
-                .map_err(|e| Error::user(format!("profile {}: in [slurm]: {e}", path.display()))),
+            Some(v) => v.try_into().map_err(|e| Error::user(format!("profile {}: in [slurm]: {e}", path.display()))),
         }
     }
 }
@@ -179,7 +177,12 @@ pub struct SlurmExecutor<'a> {
 
 impl<'a> SlurmExecutor<'a> {
     /// An executor for `project`, loaded with the overrides `sets` (the compute nodes load it the same way).
-    pub fn new(project: &'a Project, sets: &[String], cache: &'a Cache, opts: SlurmOptions) -> Result<SlurmExecutor<'a>> {
+    pub fn new(
+        project: &'a Project,
+        sets: &[String],
+        cache: &'a Cache,
+        opts: SlurmOptions,
+    ) -> Result<SlurmExecutor<'a>> {
         // A run's id: its jobs' name and folder. Seconds and process id make it unique on one cache.
         let secs = crate::cache::journal::now_unix() as u64;
         let run = format!("{secs:x}{:05x}", std::process::id() & 0xfffff);
@@ -321,10 +324,7 @@ impl<'a> SlurmExecutor<'a> {
         self.stats.sbatch += 1;
         let output = cmd.output().map_err(|e| fail(format!("cannot run sbatch: {e}")))?;
         if !output.status.success() {
-            return Err(fail(format!(
-                "sbatch refused the job: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
+            return Err(fail(format!("sbatch refused the job: {}", String::from_utf8_lossy(&output.stderr).trim())));
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
         let job_id = stdout.trim().split(';').next().unwrap_or("").to_string();
@@ -403,7 +403,8 @@ impl<'a> SlurmExecutor<'a> {
                 continue;
             }
             let (st, reason) = state.unwrap_or_else(|| ("ENDED".into(), String::new()));
-            let outcome = if self.cancelled && st == "CANCELLED" {
+            let stopped_by_us = self.cancelled && (st == "CANCELLED" || s.result.exists());
+            let outcome = if stopped_by_us {
                 NodeOutcome::Cancelled
             } else {
                 let why = if reason.is_empty() || reason == "None" { String::new() } else { format!(", {reason}") };
@@ -427,8 +428,19 @@ impl<'a> SlurmExecutor<'a> {
 fn alive(state: &str) -> bool {
     matches!(
         state,
-        "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "REQUEUED" | "REQUEUE_FED" | "REQUEUE_HOLD"
-            | "RESIZING" | "SUSPENDED" | "STOPPED" | "SIGNALING" | "STAGE_OUT" | "RESV_DEL_HOLD"
+        "PENDING"
+            | "RUNNING"
+            | "CONFIGURING"
+            | "COMPLETING"
+            | "REQUEUED"
+            | "REQUEUE_FED"
+            | "REQUEUE_HOLD"
+            | "RESIZING"
+            | "SUSPENDED"
+            | "STOPPED"
+            | "SIGNALING"
+            | "STAGE_OUT"
+            | "RESV_DEL_HOLD"
     )
 }
 
@@ -443,7 +455,8 @@ impl Executor for SlurmExecutor<'_> {
         }
         if let Some((job_id, name)) = self.adoptable.remove(&job.key) {
             self.stats.adopted += 1;
-            let dir = self.cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join(name.trim_start_matches("mpcs-"));
+            let dir =
+                self.cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join(name.trim_start_matches("mpcs-"));
             self.running.push(Submitted {
                 index: job.index,
                 result: dir.join(format!("{}.result.json", job.key)),
@@ -497,14 +510,27 @@ impl Executor for SlurmExecutor<'_> {
     }
 
     fn interrupt(&mut self, force: bool) {
-        if force || self.running.is_empty() {
+        if self.running.is_empty() {
             return;
         }
         self.cancelled = true;
-        self.stats.scancel += 1;
         let ids: Vec<&str> = self.running.iter().map(|s| s.job_id.as_str()).collect();
-        if let Err(e) = Command::new("scancel").args(&ids).status() {
-            tracing::warn!("cannot run scancel: {e}");
+        // First, queued jobs go, and running ones get SIGTERM in their worker only (`--batch`): the worker
+        // stops its node and publishes nothing, where a signal reaching the command's processes first could
+        // let a shell script go on to "succeed". After the grace period, whatever still runs is cancelled.
+        let calls: Vec<Vec<&str>> = if force {
+            vec![ids.clone()]
+        } else {
+            vec![
+                [&["--state=PENDING"][..], &ids].concat(),
+                [&["--batch", "--signal=TERM", "--state=RUNNING"][..], &ids].concat(),
+            ]
+        };
+        for args in calls {
+            self.stats.scancel += 1;
+            if let Err(e) = Command::new("scancel").args(&args).stderr(std::process::Stdio::null()).status() {
+                tracing::warn!("cannot run scancel: {e}");
+            }
         }
         // See the cancelled jobs end soon.
         self.interval = Duration::from_secs_f64(self.opts.poll_min_s.clamp(0.1, 1.0));

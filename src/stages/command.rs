@@ -370,7 +370,6 @@ fn param_words(v: &Value) -> Vec<String> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::shell_pieces;

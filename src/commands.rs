@@ -67,6 +67,10 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
         summary.skipped.len(),
         if summary.interrupted { " (interrupted)" } else { "" }
     );
+    if let Some(calls) = summary.executor.as_object() {
+        let shown: Vec<String> = calls.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        tracing::info!("executor: {}", shown.join(", "));
+    }
     // The results people came for: every table the run produced (or found cached), with its path.
     if !args.json {
         for (i, node) in plan.nodes.iter().enumerate() {

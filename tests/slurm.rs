@@ -17,7 +17,16 @@ impl Cluster {
     fn start() -> Option<Cluster> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/cluster.sh");
         let dir = std::env::temp_dir().join(format!("mpcs-slurm-test-{}", std::process::id()));
-        let out = Command::new("bash").arg(&script).arg("start").arg(&dir).output().ok()?;
+        // Ports of this test process, so two test runs on one machine (or a developer's cluster) do not meet.
+        let port = 20000 + 2 * (std::process::id() % 10000);
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("start")
+            .arg(&dir)
+            .env("MPCS_SLURM_CTLD_PORT", port.to_string())
+            .env("MPCS_SLURM_D_PORT", (port + 1).to_string())
+            .output()
+            .ok()?;
         if !out.status.success() {
             eprintln!("skipped: no Slurm cluster: {}", String::from_utf8_lossy(&out.stderr).trim());
             let _ = Command::new("bash").arg(&script).arg("stop").arg(&dir).status();
@@ -73,6 +82,8 @@ fn slurm_executor_on_a_real_cluster() {
     a_cancelled_job_fails_only_its_node_with_the_reason(&cluster);
     ctrl_c_cancels_every_job_and_publishes_nothing(&cluster);
     a_second_run_adopts_the_first_runs_jobs(&cluster);
+    a_requeued_training_node_resumes_from_its_checkpoint(&cluster);
+    a_reduced_quickstart_gives_the_local_executors_table(&cluster);
 }
 
 fn two_hundred_nodes_run_once_then_nothing_is_submitted(c: &Cluster) {
@@ -227,4 +238,116 @@ fn a_second_run_adopts_the_first_runs_jobs(c: &Cluster) {
     assert_eq!(ex["sbatch"], 0, "{ex}");
     let counts = exec_counts(&p);
     assert!(counts.values().all(|&n| n == 1) && counts.len() == 3, "each node once: {counts:?}");
+}
+
+/// A tiny pretraining of 8 epochs on synthetic BreakHis, checkpointing every epoch.
+const TRAINING: &str = r#"[experiment]
+name = "tiny"
+seed = 5
+
+[stage.data]
+kind = "synthetic"
+dataset = "breakhis"
+patients = 16
+size = "70x46"
+seed = 2
+
+[stage.folds]
+kind = "split"
+from = "data"
+dataset = "breakhis"
+folds = 2
+
+[stage.pretrain]
+kind = "pretrain"
+from = ["folds", "data"]
+matrix = { fold = [0], pair = ["OP"] }
+size = 16
+batch_size = 4
+epochs = 8
+lr = 0.0003
+projector_hidden = 32
+buckets = [2, 4, 100]
+"#;
+
+fn epochs_checkpointed(p: &Project) -> Option<u64> {
+    for e in fs::read_dir(p.path("cache/v2/scratch")).ok()?.flatten() {
+        if let Ok(text) = fs::read(e.path().join("state.json")) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&text) {
+                return v["epochs_done"].as_u64();
+            }
+        }
+    }
+    None
+}
+
+/// Preemption: `scontrol requeue` stops the job (SIGTERM to its worker) and queues it again; the rerun resumes from
+/// the checkpoint in the shared scratch area and the run ends as if nothing happened.
+fn a_requeued_training_node_resumes_from_its_checkpoint(c: &Cluster) {
+    let p = Project::new();
+    p.write("profile.toml", PROFILE);
+    p.write("tiny.toml", TRAINING);
+    let child = slurm_cmd(&p, c, "tiny.toml", &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    eventually("two epochs checkpointed", || epochs_checkpointed(&p).is_some_and(|n| n >= 2));
+    let stopped_after = epochs_checkpointed(&p).unwrap();
+    let job = c.squeue(&["-h", "-t", "running", "-o", "%i"]).trim().to_string();
+    assert!(!job.is_empty() && !job.contains('\n'), "one running job (the pretraining): {job:?}");
+    let scontrol = |args: &[&str]| Command::new("scontrol").env("SLURM_CONF", c.conf()).args(args).status().unwrap();
+    assert!(scontrol(&["requeue", &job]).success());
+    // A requeued job waits for its begin time; let it start at once.
+    eventually("the job to be queued again", || c.squeue(&["-h", "-j", &job, "-o", "%T"]).trim() == "PENDING");
+    scontrol(&["update", &format!("JobId={job}"), "StartTime=now"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(parse_summary(&out).executed.contains("pretrain[fold=0,pair=OP]"));
+    let show = p.mpcs(&["show", "pretrain[fold=0,pair=OP]", "--exp", "tiny.toml", "--json"]);
+    let m: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let resumed = m["metrics"]["resumed_after"].as_u64().expect("the requeued job resumed");
+    assert!(resumed >= stopped_after.min(7), "resumed after {resumed}, the checkpoint had {stopped_after}");
+    assert_eq!(m["metrics"]["epochs"], 8);
+    assert_eq!(executor_counts(&out)["sbatch"], 3, "data, folds, pretrain: the requeue submitted nothing");
+}
+
+/// The README's quickstart, reduced to seconds (as tests/quickstart.rs does), gives the same table under Slurm as
+/// on the local executor: the same bytes, since results do not depend on thread counts.
+fn a_reduced_quickstart_gives_the_local_executors_table(c: &Cluster) {
+    let p = Project::new();
+    p.write("profile.toml", PROFILE);
+    let exp = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/quickstart.toml");
+    let exp = exp.to_str().unwrap();
+    let reduced: Vec<String> = [
+        "stage.pretrain.matrix.fold=[0]",
+        "stage.finetune.matrix.fold=[0]",
+        "stage.finetune.matrix.magnification=[\"400X\"]",
+        "stage.evaluate.matrix.fold=[0]",
+        "stage.evaluate.matrix.magnification=[\"400X\"]",
+        "stage.breakhis.patients=12",
+        "stage.breakhis.regions_per_patient=2",
+        "stage.breakhis.size=\"48x32\"",
+        "stage.pretrain.epochs=1",
+        "stage.pretrain.size=16",
+        "stage.pretrain.batch_size=4",
+        "stage.finetune.epochs=1",
+        "stage.finetune.size=16",
+        "stage.finetune.batch_size=4",
+        "stage.evaluate.size=16",
+    ]
+    .iter()
+    .flat_map(|s| ["--set".to_string(), s.to_string()])
+    .collect();
+    let args: Vec<&str> = reduced.iter().map(String::as_str).collect();
+    let out = slurm_cmd(&p, c, exp, &args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let local = p.mpcs(&[&["run", exp, "--cache", "cache-local", "--json", "--plain"][..], &args].concat());
+    assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
+    let table = |cache: &str| {
+        let mut a = vec!["--cache", cache, "show", "table", "--exp", exp, "--json"];
+        a.extend_from_slice(&args);
+        let out = p.mpcs(&a);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let dir = PathBuf::from(v["path"].as_str().unwrap());
+        fs::read_to_string(dir.join("table.md")).unwrap()
+    };
+    assert_eq!(table("cache"), table("cache-local"), "the same table under Slurm as locally");
 }

@@ -288,15 +288,19 @@ pub fn render_json(p: &Project, a: &Assessment) -> String {
         .map(|&i| {
             let n = &plan.nodes[i];
             let decl = &exp.stages[n.stage];
-            serde_json::json!({
+            let mut v = serde_json::json!({
                 "id": n.id,
                 "stage": decl.name,
                 "kind": decl.kind,
-                "state": a.nodes[i].state.as_str(),
+                "state": a.nodes[i].job.as_ref().map_or(a.nodes[i].state.as_str(), |j| j.1),
                 "key": a.nodes[i].key,
                 "gpus": decl.gpus,
                 "deps": n.inputs.iter().map(|&j| plan.nodes[j].id.clone()).collect::<Vec<_>>(),
-            })
+            });
+            if let Some((job, _)) = &a.nodes[i].job {
+                v["job"] = Value::String(job.clone());
+            }
+            v
         })
         .collect();
     serde_json::json!({ "experiment": exp.name, "nodes": nodes }).to_string()
@@ -337,12 +341,12 @@ pub fn render_text(p: &Project, a: &Assessment) -> String {
                 State::Failed => "✗",
                 State::Missing => "?",
             };
-            let detail = if st.state == State::Cached {
-                st.key.as_deref().map(|k| k[..12].to_string()).unwrap_or_default()
-            } else {
-                short_reason(p, a, i)
+            let (shown, detail) = match (&st.job, st.state) {
+                (Some((job, live)), _) => (*live, format!("Slurm job {job}")),
+                (None, State::Cached) => ("cached", st.key.as_deref().map(|k| k[..12].to_string()).unwrap_or_default()),
+                (None, state) => (state.as_str(), short_reason(p, a, i)),
             };
-            let _ = writeln!(out, "  {mark} {:<44} {:<9} {detail}", plan.nodes[i].id, st.state.as_str());
+            let _ = writeln!(out, "  {mark} {:<44} {shown:<9} {detail}", plan.nodes[i].id);
         }
     }
     out

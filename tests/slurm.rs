@@ -228,9 +228,16 @@ fn a_second_run_adopts_the_first_runs_jobs(c: &Cluster) {
     eventually("the first run's jobs to be queued", || {
         c.squeue(&["-h", "-t", "pending,running", "-o", "%i"]).split_whitespace().count() == 3
     });
-    // The first submitter dies; its jobs stay in the queue.
+    // The first submitter dies; its jobs stay in the queue, and `graph` shows them with their job ids.
     first.kill().unwrap();
     first.wait().unwrap();
+    let mut graph = p.cmd(&["graph", "a.toml", "--format", "json"]);
+    let graph = graph.env("SLURM_CONF", c.conf()).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&graph.stdout).unwrap();
+    for n in v["nodes"].as_array().unwrap().iter().filter(|n| n["stage"] == "slow") {
+        assert!(n["state"] == "queued" || n["state"] == "running", "{n}");
+        assert!(n["job"].as_str().is_some_and(|j| j.parse::<u64>().is_ok()), "{n}");
+    }
     let out = slurm_cmd(&p, c, "a.toml", &[]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ex = executor_counts(&out);

@@ -95,6 +95,8 @@ pub struct NodeStatus {
     pub state: State,
     pub key: Option<String>,
     pub digest: Option<String>,
+    /// A cluster job of a live run computing this node: (job id, "queued" or "running").
+    pub job: Option<(String, &'static str)>,
 }
 
 pub struct Assessment {
@@ -128,13 +130,24 @@ pub fn assess(project: &Project, cache: &Cache) -> Result<Assessment> {
             s.resolve(&project.exp, decl).is_err()
         });
         let status = if missing {
-            NodeStatus { state: State::Missing, key: None, digest: None }
+            NodeStatus { state: State::Missing, key: None, digest: None, job: None }
         } else {
             status_of(&resolver, i, &mut digests, &mut source_paths)?
         };
         nodes[i] = Some(status);
     }
-    let nodes = nodes.into_iter().flatten().collect();
+    let mut nodes: Vec<NodeStatus> = nodes.into_iter().flatten().collect();
+    // Nodes that a live run has handed to a cluster: shown with their job (one squeue, only if any is recorded).
+    let pending: Vec<&str> = nodes
+        .iter()
+        .filter(|n| matches!(n.state, State::WillRun | State::Failed))
+        .filter_map(|n| n.key.as_deref())
+        .filter(|_| cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join("keys").is_dir())
+        .collect();
+    let jobs = super::slurm::live_jobs(cache, &pending);
+    for n in nodes.iter_mut() {
+        n.job = n.key.as_ref().and_then(|k| jobs.get(k).cloned());
+    }
     Ok(Assessment { nodes, last: resolver.last, source_paths, digests })
 }
 
@@ -149,17 +162,17 @@ fn status_of(
             source_paths.insert(i, path);
             digests[i] = Some(digest.clone());
             let state = if r.source_changed(i, &digest) { State::WillRun } else { State::Cached };
-            NodeStatus { state, key: Some(source_key(&digest)), digest: Some(digest) }
+            NodeStatus { state, key: Some(source_key(&digest)), digest: Some(digest), job: None }
         }
-        Resolution::Blocked => NodeStatus { state: State::Blocked, key: None, digest: None },
+        Resolution::Blocked => NodeStatus { state: State::Blocked, key: None, digest: None, job: None },
         Resolution::Known { key, cached: Some(head), .. } => {
             let digest = head.output_digest;
             digests[i] = Some(digest.clone());
-            NodeStatus { state: State::Cached, key: Some(key), digest: Some(digest) }
+            NodeStatus { state: State::Cached, key: Some(key), digest: Some(digest), job: None }
         }
         Resolution::Known { key, cached: None, .. } => {
             let state = if r.failed_last_time(i, &key) { State::Failed } else { State::WillRun };
-            NodeStatus { state, key: Some(key), digest: None }
+            NodeStatus { state, key: Some(key), digest: None, job: None }
         }
     })
 }

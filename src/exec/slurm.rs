@@ -424,6 +424,46 @@ impl<'a> SlurmExecutor<'a> {
     }
 }
 
+/// Jobs of live runs (queued or running) for the given keys, from their key records and one `squeue`: key →
+/// (job id, "queued" or "running"). Empty where no record names a key or Slurm cannot be asked.
+pub fn live_jobs(cache: &Cache, keys: &[&str]) -> HashMap<String, (String, &'static str)> {
+    let dir = cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join("keys");
+    let records: Vec<(String, String, String)> = keys
+        .iter()
+        .filter_map(|k| {
+            let text = std::fs::read_to_string(dir.join(k)).ok()?;
+            let (id, name) = text.trim().split_once(' ')?;
+            Some((k.to_string(), id.to_string(), name.to_string()))
+        })
+        .collect();
+    if records.is_empty() {
+        return HashMap::new();
+    }
+    let mut names: Vec<&str> = records.iter().map(|r| r.2.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let Ok(out) =
+        Command::new("squeue").args(["-h", "-t", "all", "-o", "%i|%T", "--name"]).arg(names.join(",")).output()
+    else {
+        return HashMap::new();
+    };
+    let states: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('|').map(|(i, s)| (i.trim().to_string(), s.trim().to_string())))
+        .collect();
+    records
+        .into_iter()
+        .filter_map(|(key, id, _)| {
+            let shown = match states.get(&id)?.as_str() {
+                "PENDING" | "REQUEUED" | "REQUEUE_HOLD" | "SUSPENDED" => "queued",
+                state if alive(state) => "running",
+                _ => return None,
+            };
+            Some((key, (id, shown)))
+        })
+        .collect()
+}
+
 /// Whether a job in Slurm state `state` may still run (or run again).
 fn alive(state: &str) -> bool {
     matches!(

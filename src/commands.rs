@@ -29,7 +29,9 @@ pub struct RunArgs<'a> {
     pub keep_going: bool,
     pub dry_run: bool,
     pub json: bool,
-    pub executor: exec::ExecutorChoice,
+    /// `--executor` (None: the experiment's `[executor] kind`, else local) and `--profile`.
+    pub executor: Option<&'a str>,
+    pub profile: Option<&'a Path>,
 }
 
 /// `cache_dir` is opened only once the experiment is valid, so a bad file leaves no trace.
@@ -46,7 +48,7 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
         gpus,
         keep_going: args.keep_going,
         grace: Duration::from_secs(5),
-        executor: args.executor.clone(),
+        executor: exec::slurm::choose_executor(args.executor, args.profile, project.exp.executor.as_ref(), args.sets)?,
     };
     let summary = exec::run(&project, cache, &opts, reporter, cancel)?;
     let (exp, plan) = (&project.exp, &project.plan);
@@ -186,6 +188,15 @@ pub fn worker(job_file: &Path, cancel: &Arc<AtomicBool>) -> Result<i32> {
     match outcome {
         NodeOutcome::Done { .. } => Ok(exit::OK),
         NodeOutcome::Failed { message, log } => {
+            // Slurm signals every process of a cancelled job, so the command may die of the signal before this
+            // worker hears of it: a node killed by a signal counts as cancelled if the worker's own signal follows.
+            if message.contains("killed by signal") {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                write_result(&JobResult::Cancelled)?;
+                return Ok(exit::INTERRUPTED);
+            }
             write_result(&JobResult::Failed { message, log })?;
             Ok(exit::NODE_FAILED)
         }

@@ -12,8 +12,6 @@ use mpcs::commands::{self, GraphFormat, RunArgs};
 use mpcs::error::{exit, Error};
 use mpcs::exec::devices::DeviceSpec;
 use mpcs::exec::progress::{Console, Reporter, Silent};
-use mpcs::exec::slurm::SlurmOptions;
-use mpcs::exec::ExecutorChoice;
 
 // mimalloc: ~10% faster CPU training than glibc's malloc (benches/train_step.rs, notes/speed.md).
 #[global_allocator]
@@ -70,9 +68,10 @@ enum Command {
         /// No progress output at all
         #[arg(short, long)]
         quiet: bool,
-        /// Where nodes run: local (threads here) or slurm (one sbatch job per node; see --profile)
-        #[arg(long, value_enum, default_value = "local", env = "MPCS_EXECUTOR")]
-        executor: ExecutorKind,
+        /// Where nodes run: local (threads here) or slurm (one sbatch job per node; see --profile). Default: the
+        /// experiment's [executor] kind, else local
+        #[arg(long, value_enum, env = "MPCS_EXECUTOR")]
+        executor: Option<ExecutorKind>,
         /// A profile file with a [slurm] table (partition, account, qos, time, mem, cpus, sbatch_args, mpcs,
         /// per-stage overrides), kept per cluster
         #[arg(long, value_name = "FILE", env = "MPCS_PROFILE")]
@@ -332,16 +331,10 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
             profile,
         } => {
             let cancel = cancel_on_signals();
-            let executor = match executor {
-                ExecutorKind::Local => ExecutorChoice::Local,
-                ExecutorKind::Slurm => {
-                    let options = match &profile {
-                        Some(p) => SlurmOptions::from_profile(p)?,
-                        None => SlurmOptions::default(),
-                    };
-                    ExecutorChoice::Slurm { options: Box::new(options), sets: sets.clone() }
-                }
-            };
+            let executor = executor.map(|e| match e {
+                ExecutorKind::Local => "local",
+                ExecutorKind::Slurm => "slurm",
+            });
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             let console;
             let reporter: &dyn Reporter = if quiet {
@@ -350,8 +343,18 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
                 console = Console::new(plain);
                 &console
             };
-            let args =
-                RunArgs { experiment: &experiment, sets: &sets, jobs, devices, keep_going, dry_run, json, executor };
+            let profile = profile.as_deref();
+            let args = RunArgs {
+                experiment: &experiment,
+                sets: &sets,
+                jobs,
+                devices,
+                keep_going,
+                dry_run,
+                json,
+                executor,
+                profile,
+            };
             commands::run(&args, &cache_dir, reporter, &cancel)
         }
         Command::Graph { experiment, format, why, sets } => {

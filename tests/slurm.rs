@@ -138,8 +138,12 @@ fn gpu_nodes_never_share_a_device(c: &Cluster) {
                matrix = { i = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] }\ngpus = 1\n\
                run = [\"sh\", \"-c\", \"s=$(date +%s.%N); sleep 0.4; echo $s $(date +%s.%N) $CUDA_VISIBLE_DEVICES > {out}/use; cat {out}/use >> uses.log\"]\n\n\
                [stage.both]\nkind = \"command\"\nfrom = \"raw\"\ngpus = 2\nrun = [\"sh\", \"-c\", \"echo $CUDA_VISIBLE_DEVICES > {out}/use\"]\n";
-    p.write("g.toml", exp);
-    let out = slurm_cmd(&p, c, "g.toml", &[]).output().unwrap();
+    // This experiment says where it runs itself: no --executor, no profile.
+    let exp = format!("{exp}\n[executor]\nkind = \"slurm\"\n\n[executor.slurm]\npoll_min_s = 0.5\npoll_max_s = 2\n");
+    p.write("g.toml", &exp);
+    let mut run = p.cmd(&["run", "g.toml", "--json", "--plain"]);
+    let out = run.env("SLURM_CONF", c.conf()).output().unwrap();
+    assert_eq!(executor_counts(&out)["sbatch"], 13, "[executor] kind = \"slurm\" is obeyed");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let uses: Vec<(f64, f64, String)> = fs::read_to_string(p.path("uses.log"))
         .unwrap()

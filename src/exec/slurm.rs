@@ -95,20 +95,63 @@ impl Default for SlurmOptions {
 }
 
 impl SlurmOptions {
-    /// The `[slurm]` table of a profile file.
-    pub fn from_profile(path: &Path) -> Result<SlurmOptions> {
-        #[derive(Deserialize)]
-        struct Profile {
-            #[serde(default)]
-            slurm: Option<toml::Value>,
+    /// The settings of a run: the experiment's `[executor.slurm]` table, with the `[slurm]` table of a profile
+    /// file (kept per cluster) over it, key by key (per-stage tables merged too).
+    pub fn resolve(experiment: Option<&toml::Table>, profile: Option<&Path>) -> Result<SlurmOptions> {
+        let mut merged =
+            experiment.and_then(|t| t.get("slurm")).and_then(|v| v.as_table()).cloned().unwrap_or_default();
+        if let Some(path) = profile {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read the profile", path, e))?;
+            let mut table: toml::Table =
+                toml::from_str(&text).map_err(|e| Error::user(format!("profile {}: {e}", path.display())))?;
+            if let Some(extra) = table.keys().find(|k| *k != "slurm") {
+                return Err(Error::user(format!(
+                    "profile {}: unknown table or key `{extra}`; a profile holds a [slurm] table",
+                    path.display()
+                )));
+            }
+            if let Some(toml::Value::Table(over)) = table.remove("slurm") {
+                merge(&mut merged, over);
+            }
         }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read the profile", path, e))?;
-        let profile: Profile =
-            toml::from_str(&text).map_err(|e| Error::user(format!("profile {}: {e}", path.display())))?;
-        match profile.slurm {
-            None => Ok(SlurmOptions::default()),
-            Some(v) => v.try_into().map_err(|e| Error::user(format!("profile {}: in [slurm]: {e}", path.display()))),
+        toml::Value::Table(merged).try_into().map_err(|e| {
+            Error::user(format!("the Slurm settings ([executor.slurm] of the experiment, [slurm] of the profile): {e}"))
+        })
+    }
+}
+
+/// `over` written onto `base`: tables merge key by key, other values replace.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
         }
+    }
+}
+
+/// Where a run executes: `--executor` first, then the experiment's `[executor] kind`, then this machine.
+pub fn choose_executor(
+    flag: Option<&str>,
+    profile: Option<&Path>,
+    experiment: Option<&toml::Table>,
+    sets: &[String],
+) -> Result<super::ExecutorChoice> {
+    let written = experiment.and_then(|t| t.get("kind")).and_then(|v| v.as_str());
+    if let Some(extra) = experiment.and_then(|t| t.keys().find(|k| *k != "kind" && *k != "slurm")) {
+        return Err(Error::user(format!(
+            "[executor] has an unknown key `{extra}`: it takes `kind` and an [executor.slurm] table"
+        )));
+    }
+    match flag.or(written).unwrap_or("local") {
+        "local" => Ok(super::ExecutorChoice::Local),
+        "slurm" => Ok(super::ExecutorChoice::Slurm {
+            options: Box::new(SlurmOptions::resolve(experiment, profile)?),
+            sets: sets.to_vec(),
+        }),
+        other => Err(Error::user(format!("unknown executor `{other}` in [executor] kind: use \"local\" or \"slurm\""))),
     }
 }
 
@@ -579,5 +622,41 @@ impl Executor for SlurmExecutor<'_> {
 
     fn report(&self) -> serde_json::Value {
         serde_json::to_value(&self.stats).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_profile_overrides_the_experiment_key_by_key() {
+        let exp: toml::Table = toml::from_str(
+            "kind = \"slurm\"\n[slurm]\ntime = \"1:00:00\"\ncpus = 4\n[slurm.stage.pretrain]\ntime = \"2-00:00:00\"\n",
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let profile = dir.path().join("cluster.toml");
+        std::fs::write(&profile, "[slurm]\npartition = \"gpu\"\ncpus = 8\n[slurm.stage.pretrain]\nmem = \"8G\"\n")
+            .unwrap();
+        let o = SlurmOptions::resolve(Some(&exp), Some(&profile)).unwrap();
+        assert_eq!(o.time.as_deref(), Some("1:00:00"));
+        assert_eq!(o.partition.as_deref(), Some("gpu"));
+        assert_eq!(o.cpus, 8, "the profile wins");
+        let pretrain = &o.stage["pretrain"];
+        assert_eq!((pretrain.time.as_deref(), pretrain.mem.as_deref()), (Some("2-00:00:00"), Some("8G")));
+        assert_eq!((o.poll_min_s, o.poll_max_s, o.max_jobs), (5.0, 120.0, 1000), "defaults");
+
+        std::fs::write(&profile, "[slurm]\npartiton = \"gpu\"\n").unwrap();
+        let e = SlurmOptions::resolve(None, Some(&profile)).unwrap_err();
+        assert!(e.message.contains("unknown field `partiton`"), "{}", e.message);
+        assert!(matches!(
+            choose_executor(None, None, Some(&exp), &[]).unwrap(),
+            super::super::ExecutorChoice::Slurm { .. }
+        ));
+        assert!(matches!(
+            choose_executor(Some("local"), None, Some(&exp), &[]).unwrap(),
+            super::super::ExecutorChoice::Local
+        ));
     }
 }

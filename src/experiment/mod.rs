@@ -39,6 +39,9 @@ pub struct Experiment {
     pub seed: u64,
     pub stages: Vec<StageDecl>,
     pub source: SourceText,
+    /// The `[executor]` table, as written: where the experiment runs by default (`kind = "slurm"`) and the
+    /// executor's settings (`[executor.slurm]`); the command line and a profile file override it.
+    pub executor: Option<toml::Table>,
 }
 
 /// One `[stage.NAME]` table.
@@ -150,10 +153,11 @@ impl Experiment {
 
         for (key, _) in root.iter() {
             let k: &str = key.get_ref();
-            if k != "experiment" && k != "stage" {
-                let hint = did_you_mean(k, ["experiment", "stage"])
-                    .map(|s| format!("did you mean `{s}`? an experiment file has [experiment] and [stage.NAME] tables"))
-                    .or_else(|| Some("an experiment file has [experiment] and [stage.NAME] tables".into()));
+            if k != "experiment" && k != "stage" && k != "executor" {
+                let what = "an experiment file has [experiment], [stage.NAME] and [executor] tables";
+                let hint = did_you_mean(k, ["experiment", "stage", "executor"])
+                    .map(|s| format!("did you mean `{s}`? {what}"))
+                    .or_else(|| Some(what.into()));
                 return Err(source.error(key.span(), format!("unknown top-level key `{k}`"), hint));
             }
         }
@@ -162,6 +166,14 @@ impl Experiment {
             Some(v) => Header::deserialize(toml::de::ValueDeserializer::from(v))
                 .map_err(|e| source.toml_error(&e, "in [experiment]", &[]))?,
             None => Header { name: None, title: None, seed: None, description: None },
+        };
+
+        let executor = match root.remove("executor") {
+            Some(v) => Some(
+                toml::Table::deserialize(toml::de::ValueDeserializer::from(v))
+                    .map_err(|e| source.toml_error(&e, "in [executor]", &[]))?,
+            ),
+            None => None,
         };
 
         let stage_tables = match root.remove("stage") {
@@ -207,6 +219,7 @@ impl Experiment {
             seed: header.seed.unwrap_or(0),
             stages,
             source,
+            executor,
         };
         Ok((exp, specs))
     }

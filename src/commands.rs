@@ -105,6 +105,19 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
     })
 }
 
+/// The job file of this element of a Slurm job array: line `$SLURM_ARRAY_TASK_ID` (from 0) of `list`.
+pub fn array_element(list: &Path) -> Result<PathBuf> {
+    let id: usize = std::env::var("SLURM_ARRAY_TASK_ID")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::user("--array needs SLURM_ARRAY_TASK_ID (it runs as an element of a Slurm job array)"))?;
+    let text = std::fs::read_to_string(list).map_err(|e| Error::io("cannot read the job list", list, e))?;
+    text.lines()
+        .nth(id)
+        .map(PathBuf::from)
+        .ok_or_else(|| Error::env(format!("{} has no line {id} for this array element", list.display())))
+}
+
 /// `mpcs worker JOB`: runs one node of a submitted job on this (compute) node and publishes its entry; a failure
 /// is written beside the job file for the submitter. Refuses to run a node whose key changed since submission.
 pub fn worker(job_file: &Path, cancel: &Arc<AtomicBool>) -> Result<i32> {

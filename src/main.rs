@@ -81,7 +81,11 @@ enum Command {
     #[command(hide = true)]
     Worker {
         /// The job file the submitting `mpcs run` wrote
-        job: PathBuf,
+        #[arg(required_unless_present = "array")]
+        job: Option<PathBuf>,
+        /// A list of job files, one per line: run the one at line $SLURM_ARRAY_TASK_ID (from 0)
+        #[arg(long, value_name = "LIST")]
+        array: Option<PathBuf>,
     },
     /// Show the DAG with each node's state (cached, will-run, blocked, failed), or why one node would rerun.
     Graph {
@@ -313,8 +317,13 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
     let cache_dir = cli.cache.unwrap_or_else(|| PathBuf::from("cache"));
     let cache = || Cache::open(&cache_dir);
     match cli.command {
-        Command::Worker { job } => {
+        Command::Worker { job, array } => {
             let cancel = cancel_on_signals();
+            let job = match (job, array) {
+                (Some(job), _) => job,
+                (None, Some(list)) => commands::array_element(&list)?,
+                (None, None) => return Err(Error::user("give a job file or --array LIST")),
+            };
             commands::worker(&job, &cancel)
         }
         Command::Run {

@@ -80,6 +80,7 @@ fn slurm_executor_on_a_real_cluster() {
     two_hundred_nodes_run_once_then_nothing_is_submitted(&cluster);
     gpu_nodes_never_share_a_device(&cluster);
     a_cancelled_job_fails_only_its_node_with_the_reason(&cluster);
+    a_failed_array_element_fails_only_its_node(&cluster);
     ctrl_c_cancels_every_job_and_publishes_nothing(&cluster);
     a_second_run_adopts_the_first_runs_jobs(&cluster);
     a_requeued_training_node_resumes_from_its_checkpoint(&cluster);
@@ -102,7 +103,9 @@ fn two_hundred_nodes_run_once_then_nothing_is_submitted(c: &Cluster) {
     assert!(counts.values().all(|&n| n == 1), "each node exactly once: {counts:?}");
     let ended = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let ex = executor_counts(&out);
-    assert_eq!(ex["sbatch"], 199, "{ex}");
+    // Nodes of one stage that become ready together go as one job array.
+    let sbatch = ex["sbatch"].as_u64().unwrap();
+    assert!(sbatch < 100, "wide stages are submitted as arrays: {ex}");
     // From the last job's end (its entry's publication) to mpcs exiting.
     let table = p.mpcs(&["show", "table", "--json"]);
     let m: serde_json::Value = serde_json::from_slice(&table.stdout).unwrap();
@@ -143,7 +146,7 @@ fn gpu_nodes_never_share_a_device(c: &Cluster) {
     p.write("g.toml", &exp);
     let mut run = p.cmd(&["run", "g.toml", "--json", "--plain"]);
     let out = run.env("SLURM_CONF", c.conf()).output().unwrap();
-    assert_eq!(executor_counts(&out)["sbatch"], 13, "[executor] kind = \"slurm\" is obeyed");
+    assert_eq!(executor_counts(&out)["sbatch"], 2, "[executor] kind = \"slurm\" is obeyed; one array per stage");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let uses: Vec<(f64, f64, String)> = fs::read_to_string(p.path("uses.log"))
         .unwrap()
@@ -240,7 +243,9 @@ fn a_second_run_adopts_the_first_runs_jobs(c: &Cluster) {
     let v: serde_json::Value = serde_json::from_slice(&graph.stdout).unwrap();
     for n in v["nodes"].as_array().unwrap().iter().filter(|n| n["stage"] == "slow") {
         assert!(n["state"] == "queued" || n["state"] == "running", "{n}");
-        assert!(n["job"].as_str().is_some_and(|j| j.parse::<u64>().is_ok()), "{n}");
+        // A job id, or an array element's (`123_4`).
+        let job = n["job"].as_str().unwrap_or_default();
+        assert!(!job.is_empty() && job.split('_').all(|part| part.parse::<u64>().is_ok()), "{n}");
     }
     let out = slurm_cmd(&p, c, "a.toml", &[]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -361,4 +366,22 @@ fn a_reduced_quickstart_gives_the_local_executors_table(c: &Cluster) {
         fs::read_to_string(dir.join("table.md")).unwrap()
     };
     assert_eq!(table("cache"), table("cache-local"), "the same table under Slurm as locally");
+}
+
+fn a_failed_array_element_fails_only_its_node(c: &Cluster) {
+    let p = Project::new();
+    p.write("data/x.txt", "x");
+    p.write("profile.toml", PROFILE);
+    let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.wide]\nkind = \"command\"\nfrom = \"raw\"\n\
+               matrix = { i = [1, 2, 3, 4, 5, 6] }\n\
+               run = [\"sh\", \"-c\", \"test {i} != 3 || exit 9; echo {i} > {out}/f\"]\n";
+    p.write("w.toml", exp);
+    let out = slurm_cmd(&p, c, "w.toml", &["-k"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let s = parse_summary(&out);
+    assert_eq!(s.failed, set(&["wide[i=3]"]), "{stderr}");
+    assert_eq!(s.executed.len(), 6, "the source and the other five elements: {s:?}");
+    assert_eq!(executor_counts(&out)["sbatch"], 1, "one array for the six nodes");
+    assert!(stderr.contains("exited with status 9"), "{stderr}");
 }

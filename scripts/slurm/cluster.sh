@@ -83,8 +83,8 @@ start() {
   need
   write_config
   export SLURM_CONF=$dir/slurm.conf
-  if ! pid_alive "$dir/munged.pid"; then
-    runuser -u munge -- munged --socket="$dir/munge/munge.socket" --pid-file="$dir/munged.pid" \
+  if ! pid_alive "$dir/munge/munged.pid"; then
+    runuser -u munge -- munged --socket="$dir/munge/munge.socket" --pid-file="$dir/munge/munged.pid" \
       --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/seed" --force
   fi
   pid_alive "$dir/slurmctld.pid" || slurmctld -f "$dir/slurm.conf"
@@ -114,20 +114,22 @@ stop() {
   [ -d "$dir" ] || return 0
   export SLURM_CONF=$dir/slurm.conf
   scancel --quiet --full -u root 2>/dev/null || true
-  for daemon in slurmd slurmctld munged; do
-    if pid_alive "$dir/$daemon.pid"; then
-      kill "$(cat "$dir/$daemon.pid")" 2>/dev/null || true
+  # munged writes its pid file in its own folder (it runs as the munge user).
+  pids=("$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid")
+  for f in "${pids[@]}"; do
+    if pid_alive "$f"; then
+      kill "$(cat "$f")" 2>/dev/null || true
     fi
   done
   # Bounded wait for them to go, then force.
   for _ in $(seq 1 40); do
     alive=0
-    for daemon in slurmd slurmctld munged; do pid_alive "$dir/$daemon.pid" && alive=1; done
+    for f in "${pids[@]}"; do pid_alive "$f" && alive=1; done
     [ $alive = 0 ] && break
     sleep 0.25
   done
-  for daemon in slurmd slurmctld munged; do
-    pid_alive "$dir/$daemon.pid" && kill -9 "$(cat "$dir/$daemon.pid")" 2>/dev/null || true
+  for f in "${pids[@]}"; do
+    pid_alive "$f" && kill -9 "$(cat "$f")" 2>/dev/null || true
   done
   rm -rf "$dir"
 }

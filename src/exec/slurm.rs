@@ -209,6 +209,10 @@ pub struct SlurmExecutor<'a> {
     dir: PathBuf,
     name: String,
     running: Vec<Submitted>,
+    /// Jobs handed over in this scheduling round, submitted together (as arrays) when the scheduler waits.
+    to_submit: Vec<Job>,
+    /// Job arrays submitted so far (names their list and script files).
+    arrays: usize,
     finished: VecDeque<Finished>,
     /// Live jobs of earlier runs by key (from their key records and one squeue at start).
     adoptable: HashMap<String, (String, String)>,
@@ -242,6 +246,8 @@ impl<'a> SlurmExecutor<'a> {
             dir,
             name: format!("mpcs-{run}"),
             running: Vec::new(),
+            to_submit: Vec::new(),
+            arrays: 0,
             finished: VecDeque::new(),
             adoptable: HashMap::new(),
             next_query: Instant::now() + interval,
@@ -266,14 +272,15 @@ impl<'a> SlurmExecutor<'a> {
             .filter_map(|e| {
                 let key = e.file_name().to_string_lossy().into_owned();
                 let text = std::fs::read_to_string(e.path()).ok()?;
-                let (id, name) = text.trim().split_once(' ')?;
-                Some((key, id.to_string(), name.to_string()))
+                let mut parts = text.trim().splitn(3, ' ');
+                let (id, name, out) = (parts.next()?, parts.next()?, parts.next().unwrap_or(""));
+                Some((key, id.to_string(), format!("{name} {out}")))
             })
             .collect();
         if records.is_empty() {
             return Ok(());
         }
-        let names: HashSet<&str> = records.iter().map(|r| r.2.as_str()).collect();
+        let names: HashSet<&str> = records.iter().filter_map(|r| r.2.split(' ').next()).collect();
         let states = self.squeue(&names.into_iter().collect::<Vec<_>>())?;
         for (key, id, name) in records {
             if states.get(&id).is_some_and(|(state, _)| alive(state)) {
@@ -287,7 +294,7 @@ impl<'a> SlurmExecutor<'a> {
     fn squeue(&mut self, names: &[&str]) -> Result<HashMap<String, (String, String)>> {
         self.stats.squeue += 1;
         let out = Command::new("squeue")
-            .args(["-h", "-t", "all", "-o", "%i|%T|%r", "--name"])
+            .args(["-h", "-r", "-t", "all", "-o", "%i|%T|%r", "--name"])
             .arg(names.join(","))
             .output()
             .map_err(|e| Error::env(format!("cannot run squeue: {e}; is Slurm's client (slurm-client) installed?")))?;
@@ -310,46 +317,76 @@ impl<'a> SlurmExecutor<'a> {
     }
 
     /// Writes the job file and script and submits them; returns the job id.
-    fn submit(&mut self, job: Job) -> std::result::Result<Submitted, (usize, String)> {
-        let node = &self.project.plan.nodes[job.index];
+    /// Submits jobs of one stage (same resources): one job, or one job array whose elements run and fail
+    /// independently (element i runs the i-th job file of a list). On failure, the message for every job.
+    fn submit(&mut self, jobs: Vec<Job>) -> std::result::Result<Vec<Submitted>, (Vec<usize>, String)> {
+        let indices: Vec<usize> = jobs.iter().map(|j| j.index).collect();
+        let fail = |what: String| (indices.clone(), what);
+        let node = &self.project.plan.nodes[jobs[0].index];
         let stage = &self.project.exp.stages[node.stage].name;
         let res = self.opts.stage.get(stage).cloned().unwrap_or_default();
         let cpus = res.cpus.unwrap_or(self.opts.cpus).max(1);
-        let (index, key) = (job.index, job.key.clone());
-        let job_file = self.dir.join(format!("{key}.job.json"));
-        let file = JobFile {
-            experiment: self.experiment.clone(),
-            sets: self.sets.clone(),
-            cache: self.cache.root().to_path_buf(),
-            node: node.id.clone(),
-            key: key.clone(),
-            action: job.action,
-            inputs: job.inputs,
-            gpus: job.gpus,
-            cpus,
-        };
-        let fail = |what: String| (index, what);
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| fail(format!("cannot write the job file: {e}")))?;
-        crate::fsutil::write_atomic(&job_file, &bytes)
-            .map_err(|e| fail(format!("cannot write {}: {e}", job_file.display())))?;
+        let gpus = jobs[0].gpus;
+        let mut keys = Vec::new();
+        let mut job_files = Vec::new();
+        for job in jobs {
+            let key = job.key.clone();
+            let job_file = self.dir.join(format!("{key}.job.json"));
+            let file = JobFile {
+                experiment: self.experiment.clone(),
+                sets: self.sets.clone(),
+                cache: self.cache.root().to_path_buf(),
+                node: self.project.plan.nodes[job.index].id.clone(),
+                key: key.clone(),
+                action: job.action,
+                inputs: job.inputs,
+                gpus: job.gpus,
+                cpus,
+            };
+            let bytes =
+                serde_json::to_vec_pretty(&file).map_err(|e| fail(format!("cannot write the job file: {e}")))?;
+            crate::fsutil::write_atomic(&job_file, &bytes)
+                .map_err(|e| fail(format!("cannot write {}: {e}", job_file.display())))?;
+            keys.push(key);
+            job_files.push(job_file);
+        }
         let mpcs = match &self.opts.mpcs {
             Some(p) => p.clone(),
             None => std::env::current_exe().map_err(|e| fail(format!("cannot find the mpcs binary: {e}")))?,
         };
-        let script = self.dir.join(format!("{key}.sh"));
-        let text = format!("#!/bin/sh\nexec {} worker {}\n", shell_quote(&mpcs), shell_quote(&job_file));
-        std::fs::write(&script, text).map_err(|e| fail(format!("cannot write {}: {e}", script.display())))?;
-        let out = self.dir.join(format!("{key}.out"));
+        let array = job_files.len() > 1;
+        let (script, out_pattern, outs) = if array {
+            self.arrays += 1;
+            let n = self.arrays;
+            let list = self.dir.join(format!("array-{n}.list"));
+            let lines: String = job_files.iter().map(|f| format!("{}\n", f.display())).collect();
+            std::fs::write(&list, lines).map_err(|e| fail(format!("cannot write {}: {e}", list.display())))?;
+            let script = self.dir.join(format!("array-{n}.sh"));
+            let text = format!("#!/bin/sh\nexec {} worker --array {}\n", shell_quote(&mpcs), shell_quote(&list));
+            std::fs::write(&script, text).map_err(|e| fail(format!("cannot write {}: {e}", script.display())))?;
+            let outs = (0..job_files.len()).map(|i| self.dir.join(format!("array-{n}_{i}.out"))).collect();
+            (script, self.dir.join(format!("array-{n}_%a.out")), outs)
+        } else {
+            let key = &keys[0];
+            let script = self.dir.join(format!("{key}.sh"));
+            let text = format!("#!/bin/sh\nexec {} worker {}\n", shell_quote(&mpcs), shell_quote(&job_files[0]));
+            std::fs::write(&script, text).map_err(|e| fail(format!("cannot write {}: {e}", script.display())))?;
+            let out = self.dir.join(format!("{key}.out"));
+            (script, out.clone(), vec![out])
+        };
         let mut cmd = Command::new("sbatch");
         cmd.arg("--parsable")
             .arg(format!("--job-name={}", self.name))
-            .arg(format!("--output={}", out.display()))
+            .arg(format!("--output={}", out_pattern.display()))
             .arg("--open-mode=append")
             .arg(format!("--chdir={}", self.dir.display()))
             .arg(format!("--cpus-per-task={cpus}"))
             .arg("--requeue");
-        if job.gpus > 0 {
-            cmd.arg(format!("--gres=gpu:{}", job.gpus));
+        if array {
+            cmd.arg(format!("--array=0-{}", job_files.len() - 1));
+        }
+        if gpus > 0 {
+            cmd.arg(format!("--gres=gpu:{gpus}"));
         }
         let pick = |stage: &Option<String>, all: &Option<String>| stage.clone().or_else(|| all.clone());
         for (flag, value) in [
@@ -371,18 +408,43 @@ impl<'a> SlurmExecutor<'a> {
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
         let job_id = stdout.trim().split(';').next().unwrap_or("").to_string();
-        // The key's record, for a later run to adopt this job while it is queued or running.
-        let record = self.keys_dir().join(&key);
         let _ = std::fs::create_dir_all(self.keys_dir());
-        let _ = crate::fsutil::write_atomic(&record, format!("{job_id} {}\n", self.name).as_bytes());
-        Ok(Submitted {
-            index,
-            key: key.clone(),
-            job_id,
-            name: self.name.clone(),
-            result: self.dir.join(format!("{key}.result.json")),
-            out,
-        })
+        let mut submitted = Vec::new();
+        for (pos, ((index, key), out)) in indices.iter().zip(keys).zip(outs).enumerate() {
+            let id = if array { format!("{job_id}_{pos}") } else { job_id.clone() };
+            // The key's record, for a later run to adopt this job while it is queued or running.
+            let record = format!("{id} {} {}\n", self.name, out.display());
+            let _ = crate::fsutil::write_atomic(&self.keys_dir().join(&key), record.as_bytes());
+            submitted.push(Submitted {
+                index: *index,
+                result: self.dir.join(format!("{key}.result.json")),
+                key,
+                job_id: id,
+                name: self.name.clone(),
+                out,
+            });
+        }
+        Ok(submitted)
+    }
+
+    /// Submits the jobs handed over since the last round: the nodes of one stage (and GPU count) as one array.
+    fn flush(&mut self) {
+        let mut groups: BTreeMap<(usize, u32), Vec<Job>> = BTreeMap::new();
+        for job in std::mem::take(&mut self.to_submit) {
+            let stage = self.project.plan.nodes[job.index].stage;
+            groups.entry((stage, job.gpus)).or_default().push(job);
+        }
+        for (_, jobs) in groups {
+            match self.submit(jobs) {
+                Ok(s) => self.running.extend(s),
+                Err((indices, message)) => {
+                    for index in indices {
+                        let failed = NodeOutcome::Failed { message: message.clone(), log: None };
+                        self.finished.push_back((index, Ok(failed)));
+                    }
+                }
+            }
+        }
     }
 
     /// Moves jobs whose entry or result file exists to `finished`. Returns whether any did.
@@ -475,8 +537,8 @@ pub fn live_jobs(cache: &Cache, keys: &[&str]) -> HashMap<String, (String, &'sta
         .iter()
         .filter_map(|k| {
             let text = std::fs::read_to_string(dir.join(k)).ok()?;
-            let (id, name) = text.trim().split_once(' ')?;
-            Some((k.to_string(), id.to_string(), name.to_string()))
+            let mut parts = text.split_whitespace();
+            Some((k.to_string(), parts.next()?.to_string(), parts.next()?.to_string()))
         })
         .collect();
     if records.is_empty() {
@@ -486,7 +548,7 @@ pub fn live_jobs(cache: &Cache, keys: &[&str]) -> HashMap<String, (String, &'sta
     names.sort_unstable();
     names.dedup();
     let Ok(out) =
-        Command::new("squeue").args(["-h", "-t", "all", "-o", "%i|%T", "--name"]).arg(names.join(",")).output()
+        Command::new("squeue").args(["-h", "-r", "-t", "all", "-o", "%i|%T", "--name"]).arg(names.join(",")).output()
     else {
         return HashMap::new();
     };
@@ -533,40 +595,42 @@ fn shell_quote(p: &Path) -> String {
 
 impl Executor for SlurmExecutor<'_> {
     fn try_launch(&mut self, job: Job, _waiting: usize) -> Launch {
-        if self.running.len() >= self.opts.max_jobs {
+        if self.running.len() + self.to_submit.len() >= self.opts.max_jobs {
             return Launch::Full(job);
         }
-        if let Some((job_id, name)) = self.adoptable.remove(&job.key) {
+        if let Some((job_id, name_and_out)) = self.adoptable.remove(&job.key) {
             self.stats.adopted += 1;
+            let (name, out) = name_and_out.split_once(' ').unwrap_or((&name_and_out, ""));
             let dir =
                 self.cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join(name.trim_start_matches("mpcs-"));
             self.running.push(Submitted {
                 index: job.index,
                 result: dir.join(format!("{}.result.json", job.key)),
-                out: dir.join(format!("{}.out", job.key)),
+                out: PathBuf::from(out),
                 key: job.key,
                 job_id,
-                name,
+                name: name.to_string(),
             });
             return Launch::Started;
         }
-        match self.submit(job) {
-            Ok(s) => self.running.push(s),
-            Err((index, message)) => self.finished.push_back((index, Ok(NodeOutcome::Failed { message, log: None }))),
-        }
+        // Submitted at the next `wait`, with the other nodes of its stage that became ready in this round.
+        self.to_submit.push(job);
         Launch::Started
     }
 
     fn busy(&self) -> bool {
-        !self.running.is_empty() || !self.finished.is_empty()
+        !self.running.is_empty() || !self.finished.is_empty() || !self.to_submit.is_empty()
     }
 
     fn wait(&mut self, timeout: Duration) -> Option<Finished> {
         let deadline = Instant::now() + timeout;
         loop {
+            // Hand back every node that ended in this round before submitting: the nodes they make ready then go
+            // together, one array per stage.
             if let Some(f) = self.finished.pop_front() {
                 return Some(f);
             }
+            self.flush();
             if self.collect_from_files() {
                 continue;
             }
@@ -593,6 +657,9 @@ impl Executor for SlurmExecutor<'_> {
     }
 
     fn interrupt(&mut self, force: bool) {
+        for job in std::mem::take(&mut self.to_submit) {
+            self.finished.push_back((job.index, Ok(NodeOutcome::Cancelled)));
+        }
         if self.running.is_empty() {
             return;
         }

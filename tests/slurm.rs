@@ -139,10 +139,13 @@ fn gpu_nodes_never_share_a_device(c: &Cluster) {
     p.write("profile.toml", PROFILE);
     let exp = "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.train]\nkind = \"command\"\nfrom = \"raw\"\n\
                matrix = { i = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] }\ngpus = 1\n\
-               run = [\"sh\", \"-c\", \"s=$(date +%s.%N); sleep 0.4; echo $s $(date +%s.%N) $CUDA_VISIBLE_DEVICES > {out}/use; cat {out}/use >> uses.log\"]\n\n\
-               [stage.both]\nkind = \"command\"\nfrom = \"raw\"\ngpus = 2\nrun = [\"sh\", \"-c\", \"echo $CUDA_VISIBLE_DEVICES > {out}/use\"]\n";
+               run = [\"sh\", \"-c\", \"s=$(date +%s.%N); sleep 0.4; echo $s $(date +%s.%N) $CUDA_VISIBLE_DEVICES $SLURM_CPUS_PER_TASK > {out}/use; cat {out}/use >> uses.log\"]\n\n\
+               [stage.both]\nkind = \"command\"\nfrom = \"raw\"\ngpus = 2\nrun = [\"sh\", \"-c\", \"echo $CUDA_VISIBLE_DEVICES $SLURM_CPUS_PER_TASK > {out}/use\"]\n";
     // This experiment says where it runs itself: no --executor, no profile.
-    let exp = format!("{exp}\n[executor]\nkind = \"slurm\"\n\n[executor.slurm]\npoll_min_s = 0.5\npoll_max_s = 2\n");
+    let exp = format!(
+        "{exp}\n[executor]\nkind = \"slurm\"\n\n[executor.slurm]\npoll_min_s = 0.5\npoll_max_s = 2\n\n\
+         [executor.slurm.kind.command]\ncpus = 2\n\n[executor.slurm.stage.both]\ncpus = 3\n"
+    );
     p.write("g.toml", &exp);
     let mut run = p.cmd(&["run", "g.toml", "--json", "--plain"]);
     let out = run.env("SLURM_CONF", c.conf()).output().unwrap();
@@ -153,6 +156,7 @@ fn gpu_nodes_never_share_a_device(c: &Cluster) {
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f[3], "2", "the kind's cpus: {l}");
             (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].to_string())
         })
         .collect();
@@ -168,8 +172,10 @@ fn gpu_nodes_never_share_a_device(c: &Cluster) {
     let v: serde_json::Value = serde_json::from_slice(&both.stdout).unwrap();
     let key = v["key"].as_str().unwrap();
     let used = fs::read_to_string(p.path(&format!("cache/v2/entries/{}/{key}/out/use", &key[..2]))).unwrap();
-    let ids: Vec<&str> = used.trim().split(',').collect();
+    let (devices, cpus) = used.trim().split_once(' ').unwrap();
+    let ids: Vec<&str> = devices.split(',').collect();
     assert!(ids.len() == 2 && ids[0] != ids[1], "gpus = 2 is one task with two GPUs: {used}");
+    assert_eq!(cpus, "3", "the stage's own cpus over its kind's");
 }
 
 /// Waits (bounded) until `f` holds.

@@ -59,7 +59,10 @@ pub struct SlurmOptions {
     pub poll_min_s: f64,
     #[serde(default = "poll_max")]
     pub poll_max_s: f64,
-    /// Overrides by stage name: partition, time, mem, cpus, sbatch_args.
+    /// Overrides by stage kind (`[slurm.kind.finetune]`) and, over those, by stage name (`[slurm.stage.NAME]`):
+    /// partition, time, mem, cpus, sbatch_args.
+    #[serde(default)]
+    pub kind: BTreeMap<String, StageResources>,
     #[serde(default)]
     pub stage: BTreeMap<String, StageResources>,
 }
@@ -323,8 +326,8 @@ impl<'a> SlurmExecutor<'a> {
         let indices: Vec<usize> = jobs.iter().map(|j| j.index).collect();
         let fail = |what: String| (indices.clone(), what);
         let node = &self.project.plan.nodes[jobs[0].index];
-        let stage = &self.project.exp.stages[node.stage].name;
-        let res = self.opts.stage.get(stage).cloned().unwrap_or_default();
+        let decl = &self.project.exp.stages[node.stage];
+        let res = self.resources(&decl.kind, &decl.name);
         let cpus = res.cpus.unwrap_or(self.opts.cpus).max(1);
         let gpus = jobs[0].gpus;
         let mut keys = Vec::new();
@@ -425,6 +428,19 @@ impl<'a> SlurmExecutor<'a> {
             });
         }
         Ok(submitted)
+    }
+
+    /// A stage's resources: its kind's overrides, then its own over them.
+    fn resources(&self, kind: &str, stage: &str) -> StageResources {
+        let (k, s) = (self.opts.kind.get(kind).cloned().unwrap_or_default(), self.opts.stage.get(stage));
+        let Some(s) = s.cloned() else { return k };
+        StageResources {
+            partition: s.partition.or(k.partition),
+            time: s.time.or(k.time),
+            mem: s.mem.or(k.mem),
+            cpus: s.cpus.or(k.cpus),
+            sbatch_args: [k.sbatch_args, s.sbatch_args].concat(),
+        }
     }
 
     /// Submits the jobs handed over since the last round: the nodes of one stage (and GPU count) as one array.

@@ -477,6 +477,9 @@ pub fn gc(experiments: &[PathBuf], sets: &[String], dry_run: bool, cache: &Cache
         r.kept,
         if r.busy > 0 { format!(", {} busy (in use by a running mpcs) left alone", r.busy) } else { String::new() }
     );
+    if r.slurm_runs > 0 {
+        println!("removed the job files of {} finished Slurm runs", r.slurm_runs);
+    }
     if kept_blocked > 0 {
         println!(
             "kept {kept_blocked} entries of blocked nodes (their last runs: if the nodes upstream reproduce their \

@@ -329,3 +329,20 @@ fn a_full_disk_names_the_cache_and_what_to_do() {
     // The command could not even write its error into its log (on the same full disk): mpcs looks at the disk.
     assert!(stderr.contains(&format!("the filesystem holding the cache ({}) is full", cache.display())), "{stderr}");
 }
+
+/// `gc` removes the job files of finished Slurm runs, and keeps a run's folder while a key record names it (a job
+/// of a submitter that died, still queued: a later run adopts it and needs its files).
+#[test]
+fn gc_removes_the_folders_of_finished_slurm_runs_only() {
+    let p = chain();
+    p.run_ok("chain.toml", &[]);
+    for run in ["6560aa00001", "6560aa00002"] {
+        p.write(&format!("cache/v2/slurm/{run}/k.job.json"), "{}");
+    }
+    p.write("cache/v2/slurm/keys/0123456789abcdef0123456789abcdef", "77_1 mpcs-6560aa00002 /x/array-1_1.out\n");
+    let out = p.mpcs(&["gc", "chain.toml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed the job files of 1 finished Slurm runs"));
+    assert!(!p.path("cache/v2/slurm/6560aa00001").exists());
+    assert!(p.path("cache/v2/slurm/6560aa00002/k.job.json").exists(), "a live job's run is kept");
+}

@@ -477,8 +477,9 @@ pub fn gc(experiments: &[PathBuf], sets: &[String], dry_run: bool, cache: &Cache
         r.kept,
         if r.busy > 0 { format!(", {} busy (in use by a running mpcs) left alone", r.busy) } else { String::new() }
     );
-    if r.slurm_runs > 0 {
-        println!("removed the job files of {} finished Slurm runs", r.slurm_runs);
+    let slurm_runs = if dry_run { 0 } else { exec::slurm::remove_finished_runs(cache) };
+    if slurm_runs > 0 {
+        println!("removed the job files of {slurm_runs} finished Slurm runs");
     }
     if kept_blocked > 0 {
         println!(

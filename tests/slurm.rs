@@ -131,6 +131,11 @@ fn two_hundred_nodes_run_once_then_nothing_is_submitted(c: &Cluster) {
     assert_eq!(parse_summary(&out).executed.len(), 0);
     assert_eq!(executor_counts(&out)["sbatch"], 0);
     assert_eq!(executor_counts(&out)["squeue"], 0, "nothing to ask Slurm");
+    // gc removes the finished run's job files (the no-op run wrote none).
+    let gc = p.mpcs(&["gc", "paper.toml"]);
+    assert!(String::from_utf8_lossy(&gc.stdout).contains("removed the job files of 1 finished Slurm runs"));
+    let left: Vec<_> = fs::read_dir(p.path("cache/v2/slurm")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left, ["keys"], "every job of the run ended, so its key records went too");
 }
 
 fn gpu_nodes_never_share_a_device(c: &Cluster) {

@@ -19,8 +19,6 @@ pub struct GcReport {
     pub busy: usize,
     /// Folders of older cache formats (`v1/`), which this mpcs never reads: removed whole.
     pub old_formats: Vec<String>,
-    /// Folders of finished Slurm runs (job files, scripts, job output) removed.
-    pub slurm_runs: usize,
 }
 
 /// Removes every entry whose key is not in `keep` (and the scratch, failure logs and stale staging directories
@@ -53,9 +51,6 @@ pub fn gc(cache: &Cache, keep: &HashSet<String>, dry_run: bool) -> Result<GcRepo
     }
     remove_old_formats(cache, dry_run, &mut report);
     if !dry_run {
-        report.slurm_runs = remove_finished_slurm_runs(cache);
-    }
-    if !dry_run {
         // Scratch and failure logs of keys nobody reaches, and staging directories of runs that died.
         for sub in ["scratch", "failed", "tmp"] {
             let d = cache.root().join(FORMAT_DIR).join(sub);
@@ -73,29 +68,6 @@ pub fn gc(cache: &Cache, keep: &HashSet<String>, dry_run: bool) -> Result<GcRepo
         }
     }
     Ok(report)
-}
-
-/// The folders of Slurm runs (`slurm/<run>/`) that no key record names: every job they submitted has ended
-/// (a record goes when its job's node is done; a live job of a dead submitter keeps its record, for adoption).
-/// Called only while no `mpcs run` uses the cache.
-fn remove_finished_slurm_runs(cache: &Cache) -> usize {
-    let dir = cache.root().join(FORMAT_DIR).join("slurm");
-    let Ok(rd) = fs::read_dir(&dir) else { return 0 };
-    let named: HashSet<String> = fs::read_dir(dir.join("keys"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| fs::read_to_string(e.path()).ok())
-        .filter_map(|t| t.split_whitespace().nth(1).map(|name| name.trim_start_matches("mpcs-").to_string()))
-        .collect();
-    let mut removed = 0;
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name != "keys" && e.path().is_dir() && !named.contains(&name) && fs::remove_dir_all(e.path()).is_ok() {
-            removed += 1;
-        }
-    }
-    removed
 }
 
 /// Folders of other cache formats (`v<N>` beside the current one): no key of this mpcs can reach them.

@@ -192,6 +192,45 @@ pub struct SlurmStats {
     pub adopted: u64,
 }
 
+/// `cache/v2/slurm/keys/<key>`: the job computing a key, so a later run can adopt it while it is queued or
+/// running (and `graph` can show it). One line: `<job id> <job name> <job output file>`; removed when the job ends.
+#[derive(Clone, Debug)]
+pub struct KeyRecord {
+    pub job_id: String,
+    /// The job name, `mpcs-<run>`: the run's folder is `slurm/<run>/`.
+    pub name: String,
+    pub out: PathBuf,
+}
+
+impl KeyRecord {
+    pub fn path(cache: &Cache, key: &str) -> PathBuf {
+        Self::dir(cache).join(key)
+    }
+
+    pub fn dir(cache: &Cache) -> PathBuf {
+        cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join("keys")
+    }
+
+    pub fn read(path: &Path) -> Option<KeyRecord> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut parts = text.trim_end().splitn(3, ' ');
+        let (job_id, name) = (parts.next()?.to_string(), parts.next()?.to_string());
+        Some(KeyRecord { job_id, name, out: PathBuf::from(parts.next().unwrap_or("")) })
+    }
+
+    fn write(&self, cache: &Cache, key: &str) {
+        let _ = std::fs::create_dir_all(Self::dir(cache));
+        let line = format!("{} {} {}\n", self.job_id, self.name, self.out.display());
+        // Best effort: without it a later run resubmits instead of adopting.
+        let _ = crate::fsutil::write_atomic(&Self::path(cache, key), line.as_bytes());
+    }
+
+    /// The run's folder name (`<run>` of `mpcs-<run>`).
+    pub fn run(&self) -> &str {
+        self.name.trim_start_matches("mpcs-")
+    }
+}
+
 struct Submitted {
     index: usize,
     key: String,
@@ -218,7 +257,7 @@ pub struct SlurmExecutor<'a> {
     arrays: usize,
     finished: VecDeque<Finished>,
     /// Live jobs of earlier runs by key (from their key records and one squeue at start).
-    adoptable: HashMap<String, (String, String)>,
+    adoptable: HashMap<String, KeyRecord>,
     next_query: Instant,
     interval: Duration,
     cancelled: bool,
@@ -237,8 +276,8 @@ impl<'a> SlurmExecutor<'a> {
         let secs = crate::cache::journal::now_unix() as u64;
         let run = format!("{secs:x}{:05x}", std::process::id() & 0xfffff);
         let experiment = &project.exp.path;
+        // Created with the first job: a run that submits nothing leaves nothing.
         let dir = cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join(&run);
-        std::fs::create_dir_all(dir.join("keys")).map_err(|e| Error::io("cannot create", &dir, e))?;
         let experiment = experiment.canonicalize().map_err(|e| Error::io("cannot resolve", experiment, e))?;
         let interval = Duration::from_secs_f64(opts.poll_min_s.max(0.1));
         let mut ex = SlurmExecutor {
@@ -263,31 +302,21 @@ impl<'a> SlurmExecutor<'a> {
         Ok(ex)
     }
 
-    fn keys_dir(&self) -> PathBuf {
-        self.cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join("keys")
-    }
-
     /// Jobs that earlier runs submitted and that are still queued or running, by key: one `squeue` for all.
     fn find_adoptable(&mut self) -> Result<()> {
-        let Ok(rd) = std::fs::read_dir(self.keys_dir()) else { return Ok(()) };
-        let records: Vec<(String, String, String)> = rd
+        let Ok(rd) = std::fs::read_dir(KeyRecord::dir(self.cache)) else { return Ok(()) };
+        let records: Vec<(String, KeyRecord)> = rd
             .flatten()
-            .filter_map(|e| {
-                let key = e.file_name().to_string_lossy().into_owned();
-                let text = std::fs::read_to_string(e.path()).ok()?;
-                let mut parts = text.trim().splitn(3, ' ');
-                let (id, name, out) = (parts.next()?, parts.next()?, parts.next().unwrap_or(""));
-                Some((key, id.to_string(), format!("{name} {out}")))
-            })
+            .filter_map(|e| Some((e.file_name().to_string_lossy().into_owned(), KeyRecord::read(&e.path())?)))
             .collect();
         if records.is_empty() {
             return Ok(());
         }
-        let names: HashSet<&str> = records.iter().filter_map(|r| r.2.split(' ').next()).collect();
+        let names: HashSet<&str> = records.iter().map(|(_, r)| r.name.as_str()).collect();
         let states = self.squeue(&names.into_iter().collect::<Vec<_>>())?;
-        for (key, id, name) in records {
-            if states.get(&id).is_some_and(|(state, _)| alive(state)) {
-                self.adoptable.insert(key, (id, name));
+        for (key, record) in records {
+            if states.get(&record.job_id).is_some_and(|(state, _)| alive(state)) {
+                self.adoptable.insert(key, record);
             }
         }
         Ok(())
@@ -330,6 +359,7 @@ impl<'a> SlurmExecutor<'a> {
         let res = self.resources(&decl.kind, &decl.name);
         let cpus = res.cpus.unwrap_or(self.opts.cpus).max(1);
         let gpus = jobs[0].gpus;
+        std::fs::create_dir_all(&self.dir).map_err(|e| fail(format!("cannot create {}: {e}", self.dir.display())))?;
         let mut keys = Vec::new();
         let mut job_files = Vec::new();
         for job in jobs {
@@ -411,13 +441,10 @@ impl<'a> SlurmExecutor<'a> {
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
         let job_id = stdout.trim().split(';').next().unwrap_or("").to_string();
-        let _ = std::fs::create_dir_all(self.keys_dir());
         let mut submitted = Vec::new();
         for (pos, ((index, key), out)) in indices.iter().zip(keys).zip(outs).enumerate() {
             let id = if array { format!("{job_id}_{pos}") } else { job_id.clone() };
-            // The key's record, for a later run to adopt this job while it is queued or running.
-            let record = format!("{id} {} {}\n", self.name, out.display());
-            let _ = crate::fsutil::write_atomic(&self.keys_dir().join(&key), record.as_bytes());
+            KeyRecord { job_id: id.clone(), name: self.name.clone(), out: out.clone() }.write(self.cache, &key);
             submitted.push(Submitted {
                 index: *index,
                 result: self.dir.join(format!("{key}.result.json")),
@@ -494,8 +521,8 @@ impl<'a> SlurmExecutor<'a> {
     }
 
     fn finish(&mut self, s: Submitted, outcome: Result<NodeOutcome>) {
-        let record = self.keys_dir().join(&s.key);
-        if std::fs::read_to_string(&record).is_ok_and(|t| t.starts_with(&format!("{} ", s.job_id))) {
+        let record = KeyRecord::path(self.cache, &s.key);
+        if KeyRecord::read(&record).is_some_and(|r| r.job_id == s.job_id) {
             let _ = std::fs::remove_file(record);
         }
         self.finished.push_back((s.index, outcome));
@@ -545,22 +572,37 @@ impl<'a> SlurmExecutor<'a> {
     }
 }
 
+/// For `gc`, while no `mpcs run` uses the cache: removes the folders of Slurm runs (`slurm/<run>/`: job files,
+/// scripts, job output) that no key record names, i.e. whose jobs have all ended (a live job of a dead submitter
+/// keeps its record, and its run's files, for a later run to adopt). Returns how many went.
+pub fn remove_finished_runs(cache: &Cache) -> usize {
+    let dir = cache.root().join(crate::cache::FORMAT_DIR).join("slurm");
+    let Ok(rd) = std::fs::read_dir(&dir) else { return 0 };
+    let named: HashSet<String> = std::fs::read_dir(KeyRecord::dir(cache))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| KeyRecord::read(&e.path()).map(|r| r.run().to_string()))
+        .collect();
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != "keys" && e.path().is_dir() && !named.contains(&name) && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Jobs of live runs (queued or running) for the given keys, from their key records and one `squeue`: key →
 /// (job id, "queued" or "running"). Empty where no record names a key or Slurm cannot be asked.
 pub fn live_jobs(cache: &Cache, keys: &[&str]) -> HashMap<String, (String, &'static str)> {
-    let dir = cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join("keys");
-    let records: Vec<(String, String, String)> = keys
-        .iter()
-        .filter_map(|k| {
-            let text = std::fs::read_to_string(dir.join(k)).ok()?;
-            let mut parts = text.split_whitespace();
-            Some((k.to_string(), parts.next()?.to_string(), parts.next()?.to_string()))
-        })
-        .collect();
+    let records: Vec<(String, KeyRecord)> =
+        keys.iter().filter_map(|k| Some((k.to_string(), KeyRecord::read(&KeyRecord::path(cache, k))?))).collect();
     if records.is_empty() {
         return HashMap::new();
     }
-    let mut names: Vec<&str> = records.iter().map(|r| r.2.as_str()).collect();
+    let mut names: Vec<&str> = records.iter().map(|(_, r)| r.name.as_str()).collect();
     names.sort_unstable();
     names.dedup();
     let Ok(out) =
@@ -574,13 +616,13 @@ pub fn live_jobs(cache: &Cache, keys: &[&str]) -> HashMap<String, (String, &'sta
         .collect();
     records
         .into_iter()
-        .filter_map(|(key, id, _)| {
-            let shown = match states.get(&id)?.as_str() {
+        .filter_map(|(key, record)| {
+            let shown = match states.get(&record.job_id)?.as_str() {
                 "PENDING" | "REQUEUED" | "REQUEUE_HOLD" | "SUSPENDED" => "queued",
                 state if alive(state) => "running",
                 _ => return None,
             };
-            Some((key, (id, shown)))
+            Some((key, (record.job_id, shown)))
         })
         .collect()
 }
@@ -614,18 +656,16 @@ impl Executor for SlurmExecutor<'_> {
         if self.running.len() + self.to_submit.len() >= self.opts.max_jobs {
             return Launch::Full(job);
         }
-        if let Some((job_id, name_and_out)) = self.adoptable.remove(&job.key) {
+        if let Some(record) = self.adoptable.remove(&job.key) {
             self.stats.adopted += 1;
-            let (name, out) = name_and_out.split_once(' ').unwrap_or((&name_and_out, ""));
-            let dir =
-                self.cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join(name.trim_start_matches("mpcs-"));
+            let dir = self.cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join(record.run());
             self.running.push(Submitted {
                 index: job.index,
                 result: dir.join(format!("{}.result.json", job.key)),
-                out: PathBuf::from(out),
+                out: record.out,
                 key: job.key,
-                job_id,
-                name: name.to_string(),
+                job_id: record.job_id,
+                name: record.name,
             });
             return Launch::Started;
         }

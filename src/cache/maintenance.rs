@@ -7,7 +7,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::fingerprint::{hash_tree, tree_digest};
-use super::{Cache, FORMAT_DIR};
+use super::{first_difference, Cache, Difference, FORMAT_DIR};
 use crate::error::Result;
 
 #[derive(Debug, Default)]
@@ -42,9 +42,7 @@ pub fn gc(cache: &Cache, keep: &HashSet<String>, dry_run: bool) -> Result<GcRepo
             report.busy += 1;
             continue;
         };
-        let trash = cache.root().join(FORMAT_DIR).join("tmp").join(format!("{key}.gc.{}", std::process::id()));
-        if fs::rename(&dir, &trash).is_ok() {
-            let _ = fs::remove_dir_all(&trash);
+        if dir.exists() && cache.remove_entry(&key).is_ok() {
             report.removed.push(key);
             report.bytes_freed += size;
         }
@@ -117,10 +115,7 @@ pub fn verify(cache: &Cache, remove: bool) -> Result<VerifyReport> {
         if let Some(p) = problem {
             if remove {
                 if let Ok(Some(_lock)) = cache.try_lock(&key) {
-                    let trash =
-                        cache.root().join(FORMAT_DIR).join("tmp").join(format!("{key}.corrupt.{}", std::process::id()));
-                    if fs::rename(cache.entry_dir(&key), &trash).is_ok() {
-                        let _ = fs::remove_dir_all(&trash);
+                    if cache.entry_dir(&key).exists() && cache.remove_entry(&key).is_ok() {
                         report.removed += 1;
                     }
                 }
@@ -144,22 +139,13 @@ fn check_entry(cache: &Cache, key: &str) -> Option<String> {
         Ok(f) => f,
         Err(e) => return Some(format!("cannot read its files: {e}")),
     };
-    if files != m.files {
-        let recorded: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
-        let present: HashSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
-        if let Some(missing) = recorded.difference(&present).next() {
-            return Some(format!("file {missing} is missing"));
+    match first_difference(&m.files, &files) {
+        Some(Difference::Missing(p)) => return Some(format!("file {p} is missing")),
+        Some(Difference::Added(p)) => return Some(format!("file {p} was added after publishing")),
+        Some(Difference::Changed { path, was, now }) => {
+            return Some(format!("file {path} changed (size {was} → {now}, content differs)"))
         }
-        if let Some(extra) = present.difference(&recorded).next() {
-            return Some(format!("file {extra} was added after publishing"));
-        }
-        for f in &files {
-            if let Some(r) = m.files.iter().find(|r| r.path == f.path) {
-                if r != f {
-                    return Some(format!("file {} changed (size {} → {}, content differs)", f.path, r.size, f.size));
-                }
-            }
-        }
+        None => {}
     }
     if tree_digest(&files) != m.output_digest {
         return Some("output digest does not match the manifest".into());

@@ -167,9 +167,10 @@ impl Cache {
         self.read_manifest::<EntryHead>(key)
     }
 
-    /// Whether entry `key` still holds what its manifest lists, before a node reads it. The stat digest recorded at publish is compared first (no file is read); only when it
-    /// differs (a copied cache, a hard link made to a file, or damage) are the files re-hashed against the
-    /// manifest, and an intact entry gets its stat record refreshed so the next check is cheap again.
+    /// Whether entry `key` still holds what its manifest lists, before a node reads it. The stat digest recorded
+    /// at publish is compared first (no file is read); only when it differs (a copied cache, a hard link made to
+    /// a file, or damage) are the files re-hashed against the manifest, and an intact entry gets its stat record
+    /// refreshed so the next check is cheap again.
     pub fn check_entry(&self, key: &str, recorded_stat: &str) -> EntryCheck {
         let out = self.entry_out(key);
         let now = match fingerprint::stat_digest(&out) {
@@ -189,8 +190,19 @@ impl Cache {
             Ok(f) => f,
             Err(e) => return EntryCheck::Damaged(e),
         };
-        if let Some(difference) = first_difference(&manifest.files, &files) {
-            return EntryCheck::Damaged(difference);
+        let damage = match first_difference(&manifest.files, &files) {
+            None => None,
+            Some(Difference::Missing(p)) => Some(format!("out/{p} is missing")),
+            Some(Difference::Added(p)) => Some(format!("out/{p} was added after it was stored")),
+            Some(Difference::Changed { path, was, now }) if was != now => {
+                Some(format!("out/{path} is {now} bytes, {was} when it was stored"))
+            }
+            Some(Difference::Changed { path, .. }) => {
+                Some(format!("out/{path} has other bytes than when it was stored"))
+            }
+        };
+        if let Some(damage) = damage {
+            return EntryCheck::Damaged(damage);
         }
         // Intact: remember this stat so the next check is cheap (best effort; a failure only costs a re-hash).
         manifest.stat = now.clone();
@@ -202,6 +214,7 @@ impl Cache {
 
     /// Removes a damaged entry (its key then counts as missing and the node runs again). The entry vanishes
     /// with one rename, so a reader sees it whole or not at all.
+    /// Used for damaged entries, `gc` and `verify --remove`; the caller holds the key's lock where it can.
     pub fn remove_entry(&self, key: &str) -> Result<()> {
         let dir = self.entry_dir(key);
         let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -370,26 +383,28 @@ impl Cache {
     }
 }
 
-/// How a tree differs from the listing in its manifest, for messages (None: it does not).
-fn first_difference(recorded: &[FileDigest], now: &[FileDigest]) -> Option<String> {
+/// The first way a tree's listing differs from the one its manifest recorded.
+pub enum Difference<'a> {
+    Missing(&'a str),
+    Added(&'a str),
+    Changed { path: &'a str, was: u64, now: u64 },
+}
+
+/// How `now` differs from `recorded` (None: it does not): a missing file first, then an added one, then a changed
+/// one. `check_entry` (before a node reads an entry) and `mpcs verify` word it each in their own way.
+pub fn first_difference<'a>(recorded: &'a [FileDigest], now: &'a [FileDigest]) -> Option<Difference<'a>> {
     use std::collections::BTreeMap;
-    let now_by_path: BTreeMap<&str, &FileDigest> = now.iter().map(|f| (f.path.as_str(), f)).collect();
-    for r in recorded {
-        match now_by_path.get(r.path.as_str()) {
-            None => return Some(format!("out/{} is missing", r.path)),
-            Some(f) if f.size != r.size => {
-                return Some(format!("out/{} is {} bytes, {} when it was stored", r.path, f.size, r.size))
-            }
-            Some(f) if f.blake3 != r.blake3 => {
-                return Some(format!("out/{} has other bytes than when it was stored", r.path))
-            }
-            Some(_) => {}
-        }
+    let by_path = |files: &'a [FileDigest]| -> BTreeMap<&'a str, &'a FileDigest> {
+        files.iter().map(|f| (f.path.as_str(), f)).collect()
+    };
+    let (was, is) = (by_path(recorded), by_path(now));
+    if let Some(p) = was.keys().find(|p| !is.contains_key(*p)) {
+        return Some(Difference::Missing(p));
     }
-    let recorded_paths: std::collections::BTreeSet<&str> = recorded.iter().map(|f| f.path.as_str()).collect();
-    now.iter()
-        .find(|f| !recorded_paths.contains(f.path.as_str()))
-        .map(|f| format!("out/{} was added after it was stored", f.path))
+    if let Some(p) = is.keys().find(|p| !was.contains_key(*p)) {
+        return Some(Difference::Added(p));
+    }
+    was.iter().find(|(p, r)| is[*p] != **r).map(|(p, r)| Difference::Changed { path: p, was: r.size, now: is[p].size })
 }
 
 /// This machine's host name, for manifests.

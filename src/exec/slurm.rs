@@ -279,7 +279,6 @@ impl<'a> SlurmExecutor<'a> {
         // Created with the first job: a run that submits nothing leaves nothing.
         let dir = cache.root().join(crate::cache::FORMAT_DIR).join("slurm").join(&run);
         let experiment = experiment.canonicalize().map_err(|e| Error::io("cannot resolve", experiment, e))?;
-        let interval = Duration::from_secs_f64(opts.poll_min_s.max(0.1));
         let mut ex = SlurmExecutor {
             project,
             cache,
@@ -292,12 +291,14 @@ impl<'a> SlurmExecutor<'a> {
             arrays: 0,
             finished: VecDeque::new(),
             adoptable: HashMap::new(),
-            next_query: Instant::now() + interval,
-            interval,
+            next_query: Instant::now(),
+            interval: Duration::ZERO,
             cancelled: false,
             stats: SlurmStats::default(),
             opts,
         };
+        ex.interval = ex.poll_min();
+        ex.next_query = Instant::now() + ex.interval;
         ex.find_adoptable()?;
         Ok(ex)
     }
@@ -322,33 +323,22 @@ impl<'a> SlurmExecutor<'a> {
         Ok(())
     }
 
-    /// `squeue` for the jobs of the named runs: job id → (state, reason).
+    /// One `squeue`, counted.
     fn squeue(&mut self, names: &[&str]) -> Result<HashMap<String, (String, String)>> {
         self.stats.squeue += 1;
-        let out = Command::new("squeue")
-            .args(["-h", "-r", "-t", "all", "-o", "%i|%T|%r", "--name"])
-            .arg(names.join(","))
-            .output()
-            .map_err(|e| Error::env(format!("cannot run squeue: {e}; is Slurm's client (slurm-client) installed?")))?;
-        if !out.status.success() {
-            return Err(Error::env(format!(
-                "squeue failed: {}; is slurmctld reachable (SLURM_CONF)?",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let mut parts = l.split('|');
-                let id = parts.next()?.trim().to_string();
-                let state = parts.next()?.trim().to_string();
-                let reason = parts.next().unwrap_or("").trim().to_string();
-                Some((id, (state, reason)))
-            })
-            .collect())
+        squeue_states(names)
     }
 
-    /// Writes the job file and script and submits them; returns the job id.
+    /// `poll_min_s` as a duration (at least 0.1 s).
+    fn poll_min(&self) -> Duration {
+        Duration::from_secs_f64(self.opts.poll_min_s.max(0.1))
+    }
+
+    /// `poll_max_s` as a duration (at least `poll_min`).
+    fn poll_max(&self) -> Duration {
+        Duration::from_secs_f64(self.opts.poll_max_s.max(self.opts.poll_min_s).max(0.1))
+    }
+
     /// Submits jobs of one stage (same resources): one job, or one job array whose elements run and fail
     /// independently (element i runs the i-th job file of a list). On failure, the message for every job.
     fn submit(&mut self, jobs: Vec<Job>) -> std::result::Result<Vec<Submitted>, (Vec<usize>, String)> {
@@ -594,6 +584,32 @@ pub fn remove_finished_runs(cache: &Cache) -> usize {
     removed
 }
 
+/// The jobs of the named runs (array elements one by one, ended ones while Slurm keeps them): job id →
+/// (state, reason).
+fn squeue_states(names: &[&str]) -> Result<HashMap<String, (String, String)>> {
+    let out = Command::new("squeue")
+        .args(["-h", "-r", "-t", "all", "-o", "%i|%T|%r", "--name"])
+        .arg(names.join(","))
+        .output()
+        .map_err(|e| Error::env(format!("cannot run squeue: {e}; is Slurm's client (slurm-client) installed?")))?;
+    if !out.status.success() {
+        return Err(Error::env(format!(
+            "squeue failed: {}; is slurmctld reachable (SLURM_CONF)?",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split('|');
+            let id = parts.next()?.trim().to_string();
+            let state = parts.next()?.trim().to_string();
+            let reason = parts.next().unwrap_or("").trim().to_string();
+            Some((id, (state, reason)))
+        })
+        .collect())
+}
+
 /// Jobs of live runs (queued or running) for the given keys, from their key records and one `squeue`: key →
 /// (job id, "queued" or "running"). Empty where no record names a key or Slurm cannot be asked.
 pub fn live_jobs(cache: &Cache, keys: &[&str]) -> HashMap<String, (String, &'static str)> {
@@ -605,19 +621,11 @@ pub fn live_jobs(cache: &Cache, keys: &[&str]) -> HashMap<String, (String, &'sta
     let mut names: Vec<&str> = records.iter().map(|(_, r)| r.name.as_str()).collect();
     names.sort_unstable();
     names.dedup();
-    let Ok(out) =
-        Command::new("squeue").args(["-h", "-r", "-t", "all", "-o", "%i|%T", "--name"]).arg(names.join(",")).output()
-    else {
-        return HashMap::new();
-    };
-    let states: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('|').map(|(i, s)| (i.trim().to_string(), s.trim().to_string())))
-        .collect();
+    let Ok(states) = squeue_states(&names) else { return HashMap::new() };
     records
         .into_iter()
         .filter_map(|(key, record)| {
-            let shown = match states.get(&record.job_id)?.as_str() {
+            let shown = match states.get(&record.job_id)?.0.as_str() {
                 "PENDING" | "REQUEUED" | "REQUEUE_HOLD" | "SUSPENDED" => "queued",
                 state if alive(state) => "running",
                 _ => return None,
@@ -691,14 +699,12 @@ impl Executor for SlurmExecutor<'_> {
                 continue;
             }
             if Instant::now() >= self.next_query && !self.running.is_empty() {
-                let min = Duration::from_secs_f64(self.opts.poll_min_s.max(0.1));
-                let max = Duration::from_secs_f64(self.opts.poll_max_s.max(self.opts.poll_min_s).max(0.1));
                 self.interval = match self.query() {
-                    Ok(true) => min,
-                    Ok(false) => (self.interval * 2).min(max),
+                    Ok(true) => self.poll_min(),
+                    Ok(false) => (self.interval * 2).min(self.poll_max()),
                     Err(e) => {
                         tracing::warn!("{}", e.message);
-                        max
+                        self.poll_max()
                     }
                 };
                 self.next_query = Instant::now() + self.interval;
@@ -739,7 +745,7 @@ impl Executor for SlurmExecutor<'_> {
             }
         }
         // See the cancelled jobs end soon.
-        self.interval = Duration::from_secs_f64(self.opts.poll_min_s.clamp(0.1, 1.0));
+        self.interval = self.poll_min().min(Duration::from_secs(1));
         self.next_query = Instant::now() + self.interval;
     }
 

@@ -268,23 +268,7 @@ fn a_second_run_adopts_the_first_runs_jobs(c: &Cluster) {
 }
 
 /// A tiny pretraining of 8 epochs on synthetic BreakHis, checkpointing every epoch.
-const TRAINING: &str = r#"[experiment]
-name = "tiny"
-seed = 5
-
-[stage.data]
-kind = "synthetic"
-dataset = "breakhis"
-patients = 16
-size = "70x46"
-seed = 2
-
-[stage.folds]
-kind = "split"
-from = "data"
-dataset = "breakhis"
-folds = 2
-
+const PRETRAINING: &str = r#"
 [stage.pretrain]
 kind = "pretrain"
 from = ["folds", "data"]
@@ -313,7 +297,7 @@ fn epochs_checkpointed(p: &Project) -> Option<u64> {
 fn a_requeued_training_node_resumes_from_its_checkpoint(c: &Cluster) {
     let p = Project::new();
     p.write("profile.toml", PROFILE);
-    p.write("tiny.toml", TRAINING);
+    p.write("tiny.toml", &format!("{}{PRETRAINING}", tiny_training_head("tiny")));
     let child = slurm_cmd(&p, c, "tiny.toml", &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     eventually("two epochs checkpointed", || epochs_checkpointed(&p).is_some_and(|n| n >= 2));
     let stopped_after = epochs_checkpointed(&p).unwrap();

@@ -154,23 +154,9 @@ fn a_misnamed_image_from_a_command_names_that_stage() {
 
 // --------------------------------------------------------------------------------- B3: damaged checkpoints
 
-const TRAIN_HEAD: &str = r#"[experiment]
-name = "ckpt"
-seed = 5
-
-[stage.data]
-kind = "synthetic"
-dataset = "breakhis"
-patients = 16
-size = "70x46"
-seed = 2
-
-[stage.folds]
-kind = "split"
-from = "data"
-dataset = "breakhis"
-folds = 2
-"#;
+fn train_head() -> String {
+    tiny_training_head("ckpt")
+}
 
 const FINETUNE: &str = r#"
 [stage.finetune]
@@ -187,9 +173,9 @@ epochs = 3
 /// holds the checkpoints of 2 of its 3 epochs (written by the training library, as an interrupted run leaves
 /// them). Returns the scratch folder.
 fn interrupted_finetune(p: &Project) -> std::path::PathBuf {
-    p.write("exp.toml", TRAIN_HEAD);
+    p.write("exp.toml", &train_head());
     p.run_ok("exp.toml", &[]);
-    p.write("exp.toml", &format!("{TRAIN_HEAD}{FINETUNE}"));
+    p.write("exp.toml", &format!("{}{FINETUNE}", train_head()));
     let node = p.graph_nodes("exp.toml", &[]).into_iter().find(|n| n["stage"] == "finetune").unwrap();
     let scratch = p.path("cache/v2/scratch").join(node["key"].as_str().unwrap());
     let path_of = |node: &str| {
@@ -262,7 +248,7 @@ fn an_unreadable_checkpoint_state_restarts_the_node() {
 fn a_fold_the_split_does_not_have_is_refused_before_anything_runs() {
     let check = |extra: &str, sets: &[&str], needles: &[&str]| {
         let p = Project::new();
-        p.write("exp.toml", &format!("{TRAIN_HEAD}{extra}"));
+        p.write("exp.toml", &format!("{}{extra}", train_head()));
         let out = p.run_raw("exp.toml", sets);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{err}");
@@ -286,7 +272,7 @@ fn a_fold_the_split_does_not_have_is_refused_before_anything_runs() {
 
     // Enough folds: the experiment is valid.
     let p = Project::new();
-    p.write("exp.toml", &format!("{TRAIN_HEAD}{finetune}"));
+    p.write("exp.toml", &format!("{}{finetune}", train_head()));
     let out = p.mpcs(&["run", "exp.toml", "--dry-run", "--set", "stage.folds.folds=8"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }

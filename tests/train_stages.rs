@@ -4,24 +4,12 @@
 mod common;
 use common::*;
 
-const EXP: &str = r#"[experiment]
-name = "tiny"
-seed = 5
+/// The tiny data and split, then a fine-tuning and its evaluation.
+fn exp() -> String {
+    format!("{}\n{FINETUNE_AND_EVALUATE}", tiny_training_head("tiny"))
+}
 
-[stage.data]
-kind = "synthetic"
-dataset = "breakhis"
-patients = 16
-size = "70x46"
-seed = 2
-
-[stage.folds]
-kind = "split"
-from = "data"
-dataset = "breakhis"
-folds = 2
-
-[stage.finetune]
+const FINETUNE_AND_EVALUATE: &str = r#"[stage.finetune]
 kind = "finetune"
 from = ["folds", "data"]
 matrix = { fold = [0] }
@@ -40,7 +28,7 @@ size = 32
 #[test]
 fn finetune_and_evaluate_run_as_cached_stages() {
     let p = Project::new();
-    p.write("tiny.toml", EXP);
+    p.write("tiny.toml", &exp());
     let first = p.run_ok("tiny.toml", &[]);
     assert_eq!(first.executed, set(&["data", "folds", "finetune[fold=0]", "evaluate[fold=0]"]));
     let out = p.mpcs(&["show", "evaluate[fold=0]", "--exp", "tiny.toml", "--json"]);
@@ -61,11 +49,11 @@ fn finetune_and_evaluate_run_as_cached_stages() {
 #[test]
 fn missing_inputs_and_misplaced_keys_are_clear() {
     let p = Project::new();
-    p.write("tiny.toml", &EXP.replace("from = [\"finetune\", \"folds\", \"data\"]", "from = [\"folds\", \"data\"]"));
+    p.write("tiny.toml", &exp().replace("from = [\"finetune\", \"folds\", \"data\"]", "from = [\"folds\", \"data\"]"));
     let out = p.run_raw("tiny.toml", &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a fine-tuned model among its inputs"));
-    p.write("tiny.toml", &format!("{EXP}epochs = 3\n"));
+    p.write("tiny.toml", &format!("{}epochs = 3\n", exp()));
     let out = p.run_raw("tiny.toml", &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to the training stage"));
@@ -116,7 +104,7 @@ fn state_epochs(p: &Project) -> Option<u64> {
 #[test]
 fn pretraining_killed_mid_way_resumes_from_its_checkpoint() {
     let p = Project::new();
-    p.write("tiny.toml", &format!("{EXP}{PRETRAIN}"));
+    p.write("tiny.toml", &format!("{}{PRETRAIN}", exp()));
     let mut child = p.cmd(&["run", "tiny.toml", "--plain", "--jobs", "1"]).spawn().unwrap();
     let t0 = std::time::Instant::now();
     let killed_after = loop {
@@ -288,7 +276,7 @@ fn bach_style_patch_pipeline_runs_end_to_end() {
 #[test]
 fn bad_training_inputs_fail_the_node_clearly() {
     let p = Project::new();
-    p.write("tiny.toml", EXP);
+    p.write("tiny.toml", &exp());
     std::fs::write(p.path("junk.pth"), b"not weights").unwrap();
     {
         // A checkpoint of another architecture.

@@ -15,6 +15,30 @@ kind = "source"
 path = "data"
 "#;
 
+/// A tiny synthetic BreakHis (16 patients, 70×46) split into 2 folds, under `[experiment] name = NAME, seed = 5`:
+/// the head of the training experiments the tests run in seconds.
+pub fn tiny_training_head(name: &str) -> String {
+    format!(
+        r#"[experiment]
+name = "{name}"
+seed = 5
+
+[stage.data]
+kind = "synthetic"
+dataset = "breakhis"
+patients = 16
+size = "70x46"
+seed = 2
+
+[stage.folds]
+kind = "split"
+from = "data"
+dataset = "breakhis"
+folds = 2
+"#
+    )
+}
+
 pub struct Project {
     pub dir: tempfile::TempDir,
 }

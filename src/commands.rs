@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -120,7 +120,10 @@ pub fn array_element(list: &Path) -> Result<PathBuf> {
 
 /// `mpcs worker JOB`: runs one node of a submitted job on this (compute) node and publishes its entry; a failure
 /// is written beside the job file for the submitter. Refuses to run a node whose key changed since submission.
-pub fn worker(job_file: &Path, cancel: &Arc<AtomicBool>) -> Result<i32> {
+///
+/// `time_up` is raised by Slurm's warning ahead of the job's time limit (SIGUSR1): the worker then stops the node
+/// and requeues its own job, which resumes from the node's checkpoints (at most `time_limit_requeues` times).
+pub fn worker(job_file: &Path, cancel: &Arc<AtomicBool>, time_up: &AtomicBool) -> Result<i32> {
     use crate::exec::slurm::{JobFile, JobResult};
     use crate::exec::worker::{Job, NodeOutcome, WorkerEnv};
     let bytes = std::fs::read(job_file).map_err(|e| Error::io("cannot read the job file", job_file, e))?;
@@ -170,13 +173,35 @@ pub fn worker(job_file: &Path, cancel: &Arc<AtomicBool>) -> Result<i32> {
     let device = exec::DeviceAssignment { gpus, gpus_managed: true };
     let processes = exec::process::ProcessRegistry::default();
     let reporter = exec::progress::Console::new(true);
-    // A SIGTERM (scancel, preemption, a time limit's warning) stops the node's processes: politely, then by force.
+    // A SIGTERM (scancel, preemption) stops the node's processes: politely, then by force. So does the warning
+    // ahead of the time limit, while the job may still requeue itself.
+    let restarts: u32 = std::env::var("SLURM_RESTART_COUNT").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let requeue = AtomicBool::new(false);
     let done = AtomicBool::new(false);
-    let over = || done.load(std::sync::atomic::Ordering::Relaxed);
+    let over = || done.load(Ordering::Relaxed);
     let watch = || {
-        while !cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        while !cancel.load(Ordering::Relaxed) {
             if over() {
                 return;
+            }
+            if time_up.swap(false, Ordering::Relaxed) {
+                if restarts < jf.time_limit_requeues {
+                    eprintln!(
+                        "mpcs worker: the job's time limit is near: stopping node `{}` and requeueing the job (requeue \
+                         {} of at most {}); it resumes from the node's checkpoints",
+                        jf.node,
+                        restarts + 1,
+                        jf.time_limit_requeues
+                    );
+                    requeue.store(true, Ordering::Relaxed);
+                    cancel.store(true, Ordering::Relaxed);
+                    break;
+                }
+                eprintln!(
+                    "mpcs worker: the job's time limit is near, and it was requeued {restarts} times already \
+                     (time_limit_requeues): node `{}` runs on until Slurm stops it",
+                    jf.node
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -189,15 +214,37 @@ pub fn worker(job_file: &Path, cancel: &Arc<AtomicBool>) -> Result<i32> {
         }
         processes.signal_all(libc::SIGKILL);
     };
-    let env = WorkerEnv { project: &project, cache: &cache, cancel, processes: &processes, reporter: &reporter };
+    let env = WorkerEnv {
+        project: &project,
+        cache: &cache,
+        cancel,
+        processes: &processes,
+        reporter: &reporter,
+        job_output: Some(&jf.output),
+    };
     let job = Job { index, key: jf.key.clone(), action: jf.action, inputs: jf.inputs, gpus: jf.gpus };
     let outcome = std::thread::scope(|scope| {
         let watcher = std::thread::Builder::new().spawn_scoped(scope, watch);
         let outcome = crate::runtime::with_cpu_threads(jf.cpus, || env.run(job, device));
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        done.store(true, Ordering::Relaxed);
         drop(watcher);
         outcome
     })?;
+    if requeue.load(Ordering::Relaxed) && !matches!(outcome, NodeOutcome::Done { .. }) {
+        // Cancelled tells the submitter to ask Slurm, which will list the job as requeued. Written first: the
+        // requeue ends this process (SIGTERM).
+        write_result(&JobResult::Cancelled)?;
+        let job_id = std::env::var("SLURM_JOB_ID").unwrap_or_default();
+        let requeued = std::process::Command::new("scontrol").args(["requeue", &job_id]).output();
+        return match requeued {
+            Ok(out) if out.status.success() => Ok(exit::INTERRUPTED),
+            Ok(out) => fail(format!(
+                "the job's time limit was near and `scontrol requeue {job_id}` failed: {}; raise the stage's `time`",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => fail(format!("the job's time limit was near and scontrol cannot run: {e}")),
+        };
+    }
     match outcome {
         NodeOutcome::Done { .. } => Ok(exit::OK),
         NodeOutcome::Failed { message, log } => {
@@ -206,7 +253,7 @@ pub fn worker(job_file: &Path, cancel: &Arc<AtomicBool>) -> Result<i32> {
             if message.contains("killed by signal") {
                 std::thread::sleep(Duration::from_millis(500));
             }
-            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            if cancel.load(Ordering::Relaxed) {
                 write_result(&JobResult::Cancelled)?;
                 return Ok(exit::INTERRUPTED);
             }

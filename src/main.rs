@@ -319,12 +319,15 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
     match cli.command {
         Command::Worker { job, array } => {
             let cancel = cancel_on_signals();
+            // Slurm's warning ahead of the time limit (`--signal=B:USR1@N`).
+            let time_up = Arc::new(AtomicBool::new(false));
+            let _ = signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&time_up));
             let job = match (job, array) {
                 (Some(job), _) => job,
                 (None, Some(list)) => commands::array_element(&list)?,
                 (None, None) => return Err(Error::user("give a job file or --array LIST")),
             };
-            commands::worker(&job, &cancel)
+            commands::worker(&job, &cancel, &time_up)
         }
         Command::Run {
             experiment,

@@ -14,22 +14,29 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start() -> Option<Cluster> {
+    /// A cluster in its own temp folder; `accounting` adds MariaDB + slurmdbd (sacct answers) and makes squeue
+    /// forget ended jobs within seconds (MinJobAge = 2).
+    fn start(accounting: bool) -> Option<Cluster> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/cluster.sh");
-        let dir = std::env::temp_dir().join(format!("mpcs-slurm-test-{}", std::process::id()));
+        let name = if accounting { "acct" } else { "plain" };
+        let dir = std::env::temp_dir().join(format!("mpcs-slurm-test-{name}-{}", std::process::id()));
         // Ports of this test process, so two test runs on one machine (or a developer's cluster) do not meet.
-        let port = 20000 + 2 * (std::process::id() % 10000);
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg("start")
-            .arg(&dir)
-            .env("MPCS_SLURM_CTLD_PORT", port.to_string())
-            .env("MPCS_SLURM_D_PORT", (port + 1).to_string())
-            .output()
-            .ok()?;
+        let port = 20000 + 8 * (std::process::id() % 5000) + if accounting { 4 } else { 0 };
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script).arg("start").arg(&dir);
+        for (i, var) in ["CTLD", "D", "DBD", "DB"].iter().enumerate() {
+            cmd.env(format!("MPCS_SLURM_{var}_PORT"), (port + i as u32).to_string());
+        }
+        if accounting {
+            cmd.env("MPCS_SLURM_ACCOUNTING", "1").env("MPCS_SLURM_MIN_JOB_AGE", "2");
+        }
+        let out = cmd.output().ok()?;
         if !out.status.success() {
-            eprintln!("skipped: no Slurm cluster: {}", String::from_utf8_lossy(&out.stderr).trim());
             let _ = Command::new("bash").arg(&script).arg("stop").arg(&dir).status();
+            let why = String::from_utf8_lossy(&out.stderr);
+            // Status 2: the packages are missing (a machine without Slurm); any other failure is a failure.
+            assert_eq!(out.status.code(), Some(2), "the {name} Slurm cluster did not start: {why}");
+            eprintln!("skipped: no Slurm cluster ({name}): {}", why.trim());
             return None;
         }
         Some(Cluster { dir })
@@ -42,6 +49,22 @@ impl Cluster {
     fn squeue(&self, args: &[&str]) -> String {
         let out = Command::new("squeue").env("SLURM_CONF", self.conf()).args(args).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Queued or running jobs of the runs on `p`'s cache (the time-limit scenario's jobs share the cluster).
+    fn live_jobs(&self, p: &Project) -> usize {
+        let runs: Vec<String> = fs::read_dir(p.path("cache/v2/slurm"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "keys")
+            .map(|n| format!("mpcs-{n}"))
+            .collect();
+        if runs.is_empty() {
+            return 0;
+        }
+        self.squeue(&["-h", "-t", "pending,running", "-o", "%i", "--name", &runs.join(",")]).split_whitespace().count()
     }
 }
 
@@ -76,7 +99,14 @@ fn slurm_executor_on_a_real_cluster() {
         eprintln!("skipped: starting Slurm's daemons needs root");
         return;
     }
-    let Some(cluster) = Cluster::start() else { return };
+    let Some(cluster) = Cluster::start(false) else { return };
+    // The time and memory limits take a minute or two of Slurm's time, and so does the accounting scenario (on a
+    // second cluster, with slurmdbd): they run beside the other scenarios.
+    let limits = LimitRuns::start(&cluster);
+    let accounting = Cluster::start(true).map(|c| {
+        let run = AccountedRun::start(&c);
+        (c, run)
+    });
     two_hundred_nodes_run_once_then_nothing_is_submitted(&cluster);
     gpu_nodes_never_share_a_device(&cluster);
     a_cancelled_job_fails_only_its_node_with_the_reason(&cluster);
@@ -85,6 +115,10 @@ fn slurm_executor_on_a_real_cluster() {
     a_second_run_adopts_the_first_runs_jobs(&cluster);
     a_requeued_training_node_resumes_from_its_checkpoint(&cluster);
     a_reduced_quickstart_gives_the_local_executors_table(&cluster);
+    limits.check();
+    if let Some((_cluster, run)) = accounting {
+        run.check();
+    }
 }
 
 fn two_hundred_nodes_run_once_then_nothing_is_submitted(c: &Cluster) {
@@ -229,9 +263,7 @@ fn ctrl_c_cancels_every_job_and_publishes_nothing(c: &Cluster) {
     assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
     // Batched: one scancel for the queued jobs, one (SIGTERM to the workers) for the running ones.
     assert_eq!(executor_counts(&out)["scancel"], 2, "{}", executor_counts(&out));
-    eventually("every job to leave the queue", || {
-        c.squeue(&["-h", "-t", "pending,running", "-o", "%i"]).trim().is_empty()
-    });
+    eventually("every job to leave the queue", || c.live_jobs(&p) == 0);
     assert!(p.entries().is_empty(), "nothing published");
 }
 
@@ -243,9 +275,7 @@ fn a_second_run_adopts_the_first_runs_jobs(c: &Cluster) {
                matrix = { i = [1, 2, 3] }\nrun = [\"sh\", \"-c\", \"echo {node} >> exec.log; sleep 3; echo > {out}/f\"]\n";
     p.write("a.toml", exp);
     let mut first = slurm_cmd(&p, c, "a.toml", &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    eventually("the first run's jobs to be queued", || {
-        c.squeue(&["-h", "-t", "pending,running", "-o", "%i"]).split_whitespace().count() == 3
-    });
+    eventually("the first run's jobs to be queued", || c.live_jobs(&p) == 3);
     // The first submitter dies; its jobs stay in the queue, and `graph` shows them with their job ids.
     first.kill().unwrap();
     first.wait().unwrap();
@@ -301,8 +331,12 @@ fn a_requeued_training_node_resumes_from_its_checkpoint(c: &Cluster) {
     let child = slurm_cmd(&p, c, "tiny.toml", &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     eventually("two epochs checkpointed", || epochs_checkpointed(&p).is_some_and(|n| n >= 2));
     let stopped_after = epochs_checkpointed(&p).unwrap();
-    let job = c.squeue(&["-h", "-t", "running", "-o", "%i"]).trim().to_string();
-    assert!(!job.is_empty() && !job.contains('\n'), "one running job (the pretraining): {job:?}");
+    let job = fs::read_dir(p.path("cache/v2/slurm/keys")).unwrap().flatten().find_map(|e| {
+        let record = fs::read_to_string(e.path()).unwrap();
+        Some(record.split(' ').next()?.to_string())
+    });
+    let job = job.unwrap_or_default();
+    assert_eq!(c.squeue(&["-h", "-j", &job, "-o", "%T"]).trim(), "RUNNING", "the pretraining's job {job}");
     let scontrol = |args: &[&str]| Command::new("scontrol").env("SLURM_CONF", c.conf()).args(args).status().unwrap();
     assert!(scontrol(&["requeue", &job]).success());
     // A requeued job waits for its begin time; let it start at once.
@@ -379,4 +413,138 @@ fn a_failed_array_element_fails_only_its_node(c: &Cluster) {
     assert_eq!(s.executed.len(), 6, "the source and the other five elements: {s:?}");
     assert_eq!(executor_counts(&out)["sbatch"], 1, "one array for the six nodes");
     assert!(stderr.contains("exited with status 9"), "{stderr}");
+}
+
+/// Two runs that meet Slurm's limits, started at the beginning and checked at the end: a node whose job nears its
+/// time limit requeues itself and resumes from its scratch folder; a node that overruns its time limit without
+/// that, or its memory limit, fails with the reason, what to change, and the job's output as its failure log.
+struct LimitRuns {
+    requeue: (Project, std::process::Child),
+    limits: (Project, std::process::Child),
+}
+
+impl LimitRuns {
+    fn start(c: &Cluster) -> LimitRuns {
+        let requeue = Project::new();
+        requeue.write("data/x.txt", "x");
+        // Slurm signals when the time left is under signal_before_s + 30 s (its check runs every 30 s): with a
+        // 1-minute limit the warning comes 25-55 s into the job.
+        requeue.write("profile.toml", &format!("{PROFILE}signal_before_s = 5\ntime = \"1\"\n"));
+        let exp =
+            "[stage.raw]\nkind = \"source\"\npath = \"data\"\n\n[stage.long]\nkind = \"command\"\nfrom = \"raw\"\n\
+                   run = [\"sh\", \"-c\", \"if [ -f $MPCS_SCRATCH/half ]; then echo resumed after $SLURM_RESTART_COUNT \
+                   requeue > {out}/f; else echo first half; touch $MPCS_SCRATCH/half; sleep 200; fi\"]\n";
+        requeue.write("r.toml", exp);
+        let child =
+            slurm_cmd(&requeue, c, "r.toml", &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let limits = Project::new();
+        limits.write("data/x.txt", "x");
+        limits.write(
+            "profile.toml",
+            &format!(
+                "{PROFILE}signal_before_s = 0\n[slurm.stage.too_slow]\ntime = \"1\"\n[slurm.stage.too_big]\nmem = \"100M\"\n"
+            ),
+        );
+        let exp = r#"
+[stage.raw]
+kind = "source"
+path = "data"
+
+[stage.too_slow]
+kind = "command"
+from = "raw"
+run = ["sh", "-c", "echo working; sleep 300"]
+
+[stage.too_big]
+kind = "command"
+from = "raw"
+run = ["bash", "-c", "echo loading; a=$(yes 0123456789 | head -c 300M); sleep 10; echo > {out}/f"]
+"#;
+        limits.write("l.toml", exp);
+        let child2 =
+            slurm_cmd(&limits, c, "l.toml", &["-k"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        LimitRuns { requeue: (requeue, child), limits: (limits, child2) }
+    }
+
+    fn check(self) {
+        let (p, child) = self.requeue;
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert_eq!(executor_counts(&out)["sbatch"], 1, "the job requeued itself: {}", executor_counts(&out));
+        let show = p.mpcs(&["show", "long", "--exp", "r.toml", "--json"]);
+        let out_dir =
+            PathBuf::from(serde_json::from_slice::<serde_json::Value>(&show.stdout).unwrap()["path"].as_str().unwrap());
+        assert_eq!(fs::read_to_string(out_dir.join("f")).unwrap(), "resumed after 1 requeue\n");
+        // The entry's log ends with the job's own output: both attempts and the worker's notice.
+        let log = fs::read_to_string(out_dir.with_file_name("log.txt")).unwrap();
+        assert!(log.contains("output of the job running this node"), "{log}");
+        assert!(log.contains("time limit is near: stopping node `long` and requeueing the job (requeue 1 of"), "{log}");
+
+        let (p, child) = self.limits;
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(parse_summary(&out).failed, set(&["too_slow", "too_big"]), "{stderr}");
+        assert!(
+            stderr.contains("ended TIMEOUT") && stderr.contains("raise `time` for this stage ([slurm.stage.too_slow])"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("more memory than its limit; raise `mem` for this stage ([slurm.stage.too_big]"),
+            "{stderr}"
+        );
+        // Each failure's log is the job's output, Slurm's own words included; nothing of theirs was published.
+        let logs: Vec<String> = fs::read_dir(p.path("cache/v2/failed"))
+            .unwrap()
+            .flatten()
+            .map(|e| fs::read_to_string(e.path().join("log.txt")).unwrap())
+            .collect();
+        assert_eq!(logs.len(), 2);
+        assert!(logs.iter().any(|l| l.contains("DUE TO TIME LIMIT") && l.contains("working")), "{logs:?}");
+        // Killed outright, its worker could not keep the command's log: it is taken from the staging folder.
+        assert!(logs.iter().any(|l| l.contains("exceeded memory limit") && l.starts_with("loading\n")), "{logs:?}");
+        assert!(p.entries().is_empty(), "nothing of theirs was published");
+    }
+}
+
+/// With accounting, a job that died without a word after squeue forgot it (MinJobAge) still fails its node with
+/// Slurm's state and exit code, from one `sacct`: here a job killed for memory, asked about only after 20 s.
+struct AccountedRun(Project, std::process::Child);
+
+impl AccountedRun {
+    fn start(c: &Cluster) -> AccountedRun {
+        let p = Project::new();
+        p.write("data/x.txt", "x");
+        p.write("profile.toml", "[slurm]\npoll_min_s = 20\npoll_max_s = 20\nmem = \"100M\"\n");
+        let exp = r#"
+[stage.raw]
+kind = "source"
+path = "data"
+
+[stage.too_big]
+kind = "command"
+from = "raw"
+run = ["bash", "-c", "a=$(yes 0123456789 | head -c 300M); sleep 10; echo > {out}/f"]
+"#;
+        p.write("m.toml", exp);
+        let child = slurm_cmd(&p, c, "m.toml", &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        AccountedRun(p, child)
+    }
+
+    fn check(self) {
+        let out = self.1.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let ex = executor_counts(&out);
+        assert_eq!((ex["squeue"].as_u64(), ex["sacct"].as_u64()), (Some(1), Some(1)), "{ex}");
+        // squeue no longer listed the job: state and exit code (killed by signal 9) are sacct's.
+        assert!(
+            stderr.contains("ended FAILED (exit code 0:9) without publishing the entry: it used more memory"),
+            "{stderr}"
+        );
+        let failed = fs::read_dir(self.0.path("cache/v2/failed")).unwrap().flatten().next().unwrap();
+        let log = fs::read_to_string(failed.path().join("log.txt")).unwrap();
+        assert!(log.contains("exceeded memory limit"), "the job's output is the node's failure log: {log}");
+    }
 }

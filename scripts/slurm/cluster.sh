@@ -8,8 +8,11 @@
 #
 # DIR defaults to $MPCS_SLURM_DIR or /tmp/mpcs-slurm. The node claims 16 CPUs (whatever the machine has: tests run
 # many small jobs at once) and eight fake GPUs (character devices, as gres.conf requires), so jobs asking for
-# GPUs get CUDA_VISIBLE_DEVICES. No accounting (no slurmdbd): the executor must work with squeue alone.
+# GPUs get CUDA_VISIBLE_DEVICES. No accounting by default (no slurmdbd): the executor must work with squeue alone.
+# With MPCS_SLURM_ACCOUNTING=1, a MariaDB server and slurmdbd run too (in DIR), so `sacct` answers, and
+# finished jobs leave squeue after MinJobAge = MPCS_SLURM_MIN_JOB_AGE seconds (default 300).
 # Install first: apt-get install --no-install-recommends slurmctld slurmd slurm-client munge
+#   (and for accounting: slurmdbd mariadb-server)
 set -euo pipefail
 
 cmd=${1:-}
@@ -18,11 +21,20 @@ host=$(hostname -s)
 # Ports of our own, so a real Slurm on the machine (default 6817/6818) is not disturbed.
 ctld_port=${MPCS_SLURM_CTLD_PORT:-16817}
 slurmd_port=${MPCS_SLURM_D_PORT:-16818}
+dbd_port=${MPCS_SLURM_DBD_PORT:-16819}
+db_port=${MPCS_SLURM_DB_PORT:-16820}
+accounting=${MPCS_SLURM_ACCOUNTING:-0}
+min_job_age=${MPCS_SLURM_MIN_JOB_AGE:-300}
 
 need() {
   for tool in munged slurmctld slurmd sbatch squeue scancel sinfo; do
     command -v "$tool" >/dev/null || { echo "cluster.sh: $tool is not installed (apt-get install slurmctld slurmd slurm-client munge)" >&2; exit 2; }
   done
+  if [ "$accounting" = 1 ]; then
+    for tool in slurmdbd mariadbd mariadb-install-db sacct sacctmgr; do
+      command -v "$tool" >/dev/null || { echo "cluster.sh: $tool is not installed (apt-get install slurmdbd mariadb-server)" >&2; exit 2; }
+    done
+  fi
   [ "$(id -u)" = 0 ] || { echo "cluster.sh: the daemons must be started as root" >&2; exit 2; }
 }
 
@@ -49,7 +61,8 @@ SlurmdPort=$slurmd_port
 SlurmUser=slurm
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$dir/munge/munge.socket
+# cred_expire also delays a requeued job's restart (default 120 s); tests requeue jobs.
+AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -60,23 +73,79 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=200
+DefMemPerCPU=2000
 SlurmdParameters=config_overrides
 ReturnToService=2
 MpiDefault=none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-MinJobAge=300
+# Memory limits enforced without cgroups: slurmstepd samples each step's memory every second and kills a
+# step over its --mem (the job ends FAILED, its output saying so), as on clusters without cgroup enforcement.
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
+$(if [ "$accounting" = 1 ]; then
+    # With munge, the "password" is the munge socket (for slurmctld and the clients, sacct included).
+    printf 'AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\nAccountingStoragePort=%s\nAccountingStoragePass=%s\n' "$dbd_port" "$dir/munge/munge.socket"
+  else
+    echo AccountingStorageType=accounting_storage/none
+  fi)
+MinJobAge=$min_job_age
 KillWait=2
 SchedulerParameters=sched_interval=1
 GresTypes=gpu
-NodeName=$host NodeAddr=127.0.0.1 CPUs=16 RealMemory=16000 Gres=gpu:fake:8 State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=16 RealMemory=32000 Gres=gpu:fake:8 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
   cat > "$dir/gres.conf" <<EOF
 AutoDetect=off
 NodeName=$host Name=gpu Type=fake File=$dir/gpu/fakegpu[0-7]
 EOF
+}
+
+# MariaDB (its own data folder, TCP on 127.0.0.1 only) and slurmdbd, for `sacct`.
+start_accounting() {
+  mkdir -p "$dir/db"
+  if [ ! -d "$dir/db/data/mysql" ]; then
+    mariadb-install-db --user=root --datadir="$dir/db/data" --skip-test-db >"$dir/log/mariadb-install.log" 2>&1
+  fi
+  if ! pid_alive "$dir/db/mariadb.pid"; then
+    mariadbd --user=root --datadir="$dir/db/data" --socket="$dir/db/mysql.sock" --port="$db_port" \
+      --bind-address=127.0.0.1 --pid-file="$dir/db/mariadb.pid" --log-error="$dir/log/mariadb.log" \
+      --innodb-buffer-pool-size=64M >/dev/null 2>&1 &
+  fi
+  for _ in $(seq 1 60); do
+    mariadb --socket="$dir/db/mysql.sock" -e 'select 1' >/dev/null 2>&1 && break
+    sleep 0.25
+  done
+  mariadb --socket="$dir/db/mysql.sock" -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'mpcs-test';
+    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" || { echo "cluster.sh: MariaDB did not start; see $dir/log/mariadb.log" >&2; return 1; }
+  cat > "$dir/slurmdbd.conf" <<CONF
+AuthType=auth/munge
+AuthInfo=socket=$dir/munge/munge.socket
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$dbd_port
+SlurmUser=slurm
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$db_port
+StorageUser=slurm
+StoragePass=mpcs-test
+StorageLoc=slurm_acct_db
+PidFile=$dir/state/slurmdbd.pid
+LogFile=$dir/log/slurmdbd.log
+CONF
+  # slurmdbd runs as the SlurmUser of slurmctld (it accepts job records from that user only), reads its
+  # configuration beside $SLURM_CONF, and wants it private.
+  chown slurm:slurm "$dir/slurmdbd.conf"
+  chmod 600 "$dir/slurmdbd.conf"
+  pid_alive "$dir/state/slurmdbd.pid" || slurmdbd
+  for _ in $(seq 1 40); do
+    timeout 5 sacctmgr -n list cluster format=cluster 2>/dev/null | grep -q mpcs-test && return 0
+    timeout 5 sacctmgr -i add cluster mpcs-test >/dev/null 2>&1 || true
+    sleep 0.25
+  done
+  echo "cluster.sh: slurmdbd did not answer; see $dir/log/slurmdbd.log" >&2
+  return 1
 }
 
 start() {
@@ -87,6 +156,7 @@ start() {
     runuser -u munge -- munged --socket="$dir/munge/munge.socket" --pid-file="$dir/munge/munged.pid" \
       --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/seed" --force
   fi
+  if [ "$accounting" = 1 ]; then start_accounting; fi
   pid_alive "$dir/slurmctld.pid" || slurmctld -f "$dir/slurm.conf"
   pid_alive "$dir/slurmd.pid" || slurmd -f "$dir/slurm.conf"
   # Bounded wait for the node to accept jobs.
@@ -114,8 +184,13 @@ stop() {
   [ -d "$dir" ] || return 0
   export SLURM_CONF=$dir/slurm.conf
   scancel --quiet --full -u root 2>/dev/null || true
+  # Bounded wait for the cancelled jobs to end, so their slurmstepd processes exit with them.
+  for _ in $(seq 1 20); do
+    [ -z "$(timeout 5 squeue -h -t pending,running,completing -o %i 2>/dev/null)" ] && break
+    sleep 0.25
+  done
   # munged writes its pid file in its own folder (it runs as the munge user).
-  pids=("$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid")
+  pids=("$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/state/slurmdbd.pid" "$dir/db/mariadb.pid" "$dir/munge/munged.pid")
   for f in "${pids[@]}"; do
     if pid_alive "$f"; then
       kill "$(cat "$f")" 2>/dev/null || true
@@ -130,6 +205,12 @@ stop() {
   done
   for f in "${pids[@]}"; do
     pid_alive "$f" && kill -9 "$(cat "$f")" 2>/dev/null || true
+  done
+  # A job step still ending when its slurmd went keeps a slurmstepd alive: find those of this cluster by the
+  # files they hold open in DIR (its slurmd log) and end them.
+  for p in /proc/[0-9]*; do
+    [ "$(cat "$p/comm" 2>/dev/null)" = slurmstepd ] || continue
+    if ls -l "$p/fd" 2>/dev/null | grep -q -- "$dir/"; then kill -9 "${p#/proc/}" 2>/dev/null || true; fi
   done
   rm -rf "$dir"
 }

@@ -286,6 +286,17 @@ impl Cache {
         })
     }
 
+    /// The logs in staging folders for `key`: of a writer at work, or of one killed before it could clean up.
+    pub fn staging_logs(&self, key: &str) -> Vec<PathBuf> {
+        let prefix = format!("{key}.");
+        let Ok(rd) = fs::read_dir(self.base.join("tmp")) else { return Vec::new() };
+        rd.flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path().join("log.txt"))
+            .filter(|p| p.exists())
+            .collect()
+    }
+
     /// Starts writing an entry for `key`; the caller holds the key's lock.
     pub fn begin(&self, key: &str, _lock: &FileLock) -> Result<Staging> {
         let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);

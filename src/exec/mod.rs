@@ -106,7 +106,7 @@ pub fn run(
     cache.sweep_stale_staging();
     let scheduler = schedule::Scheduler::new(resolve::Resolver::new(project, cache)?, opts, reporter);
     let processes = process::ProcessRegistry::default();
-    let env = worker::WorkerEnv { project, cache, cancel, processes: &processes, reporter };
+    let env = worker::WorkerEnv { project, cache, cancel, processes: &processes, reporter, job_output: None };
     match &opts.executor {
         ExecutorChoice::Local => std::thread::scope(|scope| {
             let mut executor = executor::LocalExecutor::new(scope, &env, opts.jobs, opts.gpus.clone());

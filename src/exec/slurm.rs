@@ -6,7 +6,11 @@
 //! result file beside its job file; both are checked every 200 ms by stat(2), which costs slurmctld nothing.
 //! Slurm is asked only about jobs that *died* without a word (scancel, time or memory limit, a lost node): one
 //! `squeue` per round for the whole run (its jobs share one name), backing off from `poll_min` to `poll_max`
-//! while nothing changes. So there is no latency-wait knob, and no accounting (`sacct`) is needed.
+//! while nothing changes. So there is no latency-wait knob, and no accounting is needed; where the cluster has
+//! it, one `sacct` for the jobs that died in a round adds exit codes and covers jobs squeue forgot.
+//!
+//! Near its time limit a job's worker gets SIGUSR1 (`--signal`), stops its node and requeues its own job, which
+//! resumes from the node's checkpoints.
 //!
 //! A second `mpcs run` on the same cache adopts jobs still queued or running for the keys it needs (a record per
 //! key names the job), instead of submitting them again. Ctrl-C cancels every job of the run with one `scancel`.
@@ -54,6 +58,15 @@ pub struct SlurmOptions {
     /// Jobs in the queue at once.
     #[serde(default = "max_jobs")]
     pub max_jobs: usize,
+    /// Seconds before a job's time limit at which Slurm warns its worker (`--signal=B:USR1@N`; 0: no warning).
+    /// The worker then stops the node (its checkpoints stay in the node's scratch area) and requeues the job,
+    /// which resumes from them: a 1000-epoch pretraining runs on through any number of time-limited jobs.
+    #[serde(default = "signal_before")]
+    pub signal_before_s: u32,
+    /// How often one node's job may requeue itself that way; after that it runs until Slurm stops it (TIMEOUT),
+    /// so a node that cannot make progress within the time limit fails instead of looping.
+    #[serde(default = "time_limit_requeues")]
+    pub time_limit_requeues: u32,
     /// Seconds between two `squeue` queries, backing off from the first to the second while nothing changes.
     #[serde(default = "poll_min")]
     pub poll_min_s: f64,
@@ -83,6 +96,12 @@ fn one() -> usize {
 }
 fn max_jobs() -> usize {
     1000
+}
+fn signal_before() -> u32 {
+    300
+}
+fn time_limit_requeues() -> u32 {
+    5
 }
 fn poll_min() -> f64 {
     5.0
@@ -172,6 +191,10 @@ pub struct JobFile {
     pub inputs: Vec<InputDir>,
     pub gpus: u32,
     pub cpus: usize,
+    /// The job's own output file (Slurm writes it; appended to the node's log).
+    pub output: PathBuf,
+    /// How often the job may requeue itself when its time limit is near (`time_limit_requeues`).
+    pub time_limit_requeues: u32,
 }
 
 /// How a node ended on the compute node, when it did not publish an entry (written beside the job file).
@@ -188,6 +211,8 @@ pub enum JobResult {
 pub struct SlurmStats {
     pub sbatch: u64,
     pub squeue: u64,
+    /// Asked only about jobs that died without a word, and not again once the cluster proved to have no accounting.
+    pub sacct: u64,
     pub scancel: u64,
     pub adopted: u64,
 }
@@ -231,6 +256,15 @@ impl KeyRecord {
     }
 }
 
+/// How a job ended, as Slurm tells it.
+#[derive(Clone)]
+struct JobEnd {
+    state: String,
+    reason: String,
+    /// `code:signal`, where accounting knows it.
+    exit_code: Option<String>,
+}
+
 struct Submitted {
     index: usize,
     key: String,
@@ -261,6 +295,8 @@ pub struct SlurmExecutor<'a> {
     next_query: Instant,
     interval: Duration,
     cancelled: bool,
+    /// `sacct` failed once: the cluster keeps no accounting (or slurmdbd is down).
+    no_accounting: bool,
     pub stats: SlurmStats,
 }
 
@@ -294,6 +330,7 @@ impl<'a> SlurmExecutor<'a> {
             next_query: Instant::now(),
             interval: Duration::ZERO,
             cancelled: false,
+            no_accounting: false,
             stats: SlurmStats::default(),
             opts,
         };
@@ -350,9 +387,24 @@ impl<'a> SlurmExecutor<'a> {
         let cpus = res.cpus.unwrap_or(self.opts.cpus).max(1);
         let gpus = jobs[0].gpus;
         std::fs::create_dir_all(&self.dir).map_err(|e| fail(format!("cannot create {}: {e}", self.dir.display())))?;
+        let mpcs = match &self.opts.mpcs {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(|e| fail(format!("cannot find the mpcs binary: {e}")))?,
+        };
+        // One job, or an array whose element i runs the i-th job file of a list; each writes its own output.
+        let array = jobs.len() > 1;
+        let (script, out_pattern, outs) = if array {
+            self.arrays += 1;
+            let n = self.arrays;
+            let outs = (0..jobs.len()).map(|i| self.dir.join(format!("array-{n}_{i}.out"))).collect();
+            (self.dir.join(format!("array-{n}.sh")), self.dir.join(format!("array-{n}_%a.out")), outs)
+        } else {
+            let out = self.dir.join(format!("{}.out", jobs[0].key));
+            (self.dir.join(format!("{}.sh", jobs[0].key)), out.clone(), vec![out])
+        };
         let mut keys = Vec::new();
         let mut job_files = Vec::new();
-        for job in jobs {
+        for (job, output) in jobs.into_iter().zip(&outs) {
             let key = job.key.clone();
             let job_file = self.dir.join(format!("{key}.job.json"));
             let file = JobFile {
@@ -365,6 +417,8 @@ impl<'a> SlurmExecutor<'a> {
                 inputs: job.inputs,
                 gpus: job.gpus,
                 cpus,
+                output: output.clone(),
+                time_limit_requeues: self.opts.time_limit_requeues,
             };
             let bytes =
                 serde_json::to_vec_pretty(&file).map_err(|e| fail(format!("cannot write the job file: {e}")))?;
@@ -373,30 +427,16 @@ impl<'a> SlurmExecutor<'a> {
             keys.push(key);
             job_files.push(job_file);
         }
-        let mpcs = match &self.opts.mpcs {
-            Some(p) => p.clone(),
-            None => std::env::current_exe().map_err(|e| fail(format!("cannot find the mpcs binary: {e}")))?,
-        };
-        let array = job_files.len() > 1;
-        let (script, out_pattern, outs) = if array {
-            self.arrays += 1;
-            let n = self.arrays;
-            let list = self.dir.join(format!("array-{n}.list"));
+        let worker_args = if array {
+            let list = script.with_extension("list");
             let lines: String = job_files.iter().map(|f| format!("{}\n", f.display())).collect();
             std::fs::write(&list, lines).map_err(|e| fail(format!("cannot write {}: {e}", list.display())))?;
-            let script = self.dir.join(format!("array-{n}.sh"));
-            let text = format!("#!/bin/sh\nexec {} worker --array {}\n", shell_quote(&mpcs), shell_quote(&list));
-            std::fs::write(&script, text).map_err(|e| fail(format!("cannot write {}: {e}", script.display())))?;
-            let outs = (0..job_files.len()).map(|i| self.dir.join(format!("array-{n}_{i}.out"))).collect();
-            (script, self.dir.join(format!("array-{n}_%a.out")), outs)
+            format!("--array {}", shell_quote(&list))
         } else {
-            let key = &keys[0];
-            let script = self.dir.join(format!("{key}.sh"));
-            let text = format!("#!/bin/sh\nexec {} worker {}\n", shell_quote(&mpcs), shell_quote(&job_files[0]));
-            std::fs::write(&script, text).map_err(|e| fail(format!("cannot write {}: {e}", script.display())))?;
-            let out = self.dir.join(format!("{key}.out"));
-            (script, out.clone(), vec![out])
+            shell_quote(&job_files[0])
         };
+        let text = format!("#!/bin/sh\nexec {} worker {worker_args}\n", shell_quote(&mpcs));
+        std::fs::write(&script, text).map_err(|e| fail(format!("cannot write {}: {e}", script.display())))?;
         let mut cmd = Command::new("sbatch");
         cmd.arg("--parsable")
             .arg(format!("--job-name={}", self.name))
@@ -405,6 +445,10 @@ impl<'a> SlurmExecutor<'a> {
             .arg(format!("--chdir={}", self.dir.display()))
             .arg(format!("--cpus-per-task={cpus}"))
             .arg("--requeue");
+        if self.opts.signal_before_s > 0 {
+            // To the batch shell only (`B:`): the worker, which execs there, stops the node and requeues the job.
+            cmd.arg(format!("--signal=B:USR1@{}", self.opts.signal_before_s));
+        }
         if array {
             cmd.arg(format!("--array=0-{}", job_files.len() - 1));
         }
@@ -528,6 +572,7 @@ impl<'a> SlurmExecutor<'a> {
         let states = self.squeue(&refs)?;
         let mut changed = false;
         let mut still = Vec::new();
+        let mut dead = Vec::new();
         for s in std::mem::take(&mut self.running) {
             let state = states.get(&s.job_id).cloned();
             if state.as_ref().is_some_and(|(st, _)| alive(st)) {
@@ -540,25 +585,139 @@ impl<'a> SlurmExecutor<'a> {
                 self.finish(s, outcome);
                 continue;
             }
-            let (st, reason) = state.unwrap_or_else(|| ("ENDED".into(), String::new()));
-            let stopped_by_us = self.cancelled && (st == "CANCELLED" || s.result.exists());
-            let outcome = if stopped_by_us {
-                NodeOutcome::Cancelled
+            let stopped_by_us =
+                self.cancelled && (state.as_ref().is_some_and(|(st, _)| st == "CANCELLED") || s.result.exists());
+            if stopped_by_us {
+                self.finish(s, Ok(NodeOutcome::Cancelled));
             } else {
-                let why = if reason.is_empty() || reason == "None" { String::new() } else { format!(", {reason}") };
-                NodeOutcome::Failed {
-                    message: format!(
-                        "Slurm job {} ended {st}{why} without publishing the entry{}",
-                        s.job_id,
-                        super::worker::log_tail(&s.out)
-                    ),
-                    log: Some(s.out.clone()),
-                }
-            };
-            self.finish(s, Ok(outcome));
+                dead.push((s, state));
+            }
         }
         self.running = still;
+        if !dead.is_empty() {
+            // Died without a word: accounting, where the cluster has it, adds the exit code, and knows the jobs
+            // squeue has forgotten (MinJobAge).
+            let ids: Vec<&str> = dead.iter().map(|(s, _)| s.job_id.as_str()).collect();
+            let accounted = self.sacct(&ids);
+            for (s, listed) in dead {
+                let end = match (accounted.get(&s.job_id), listed) {
+                    (Some(end), _) => end.clone(),
+                    (None, Some((state, reason))) => JobEnd { state, reason, exit_code: None },
+                    (None, None) => JobEnd {
+                        state: "ENDED".into(),
+                        reason: "Slurm no longer lists it, and has no accounting (sacct) to ask".into(),
+                        exit_code: None,
+                    },
+                };
+                let outcome = self.died(&s, &end);
+                self.finish(s, Ok(outcome));
+            }
+        }
         Ok(changed)
+    }
+
+    /// How the given jobs ended, from one `sacct` (with a time limit: a dead slurmdbd must not hang the run).
+    /// Empty where the cluster has no accounting, which is then not asked again.
+    fn sacct(&mut self, ids: &[&str]) -> HashMap<String, JobEnd> {
+        if self.no_accounting {
+            return HashMap::new();
+        }
+        self.stats.sacct += 1;
+        let out = Command::new("timeout")
+            .args(["20", "sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Reason", "-j"])
+            .arg(ids.join(","))
+            .output();
+        let out = match out {
+            Ok(out) if out.status.success() => out,
+            Ok(out) => {
+                // "Slurm accounting storage is disabled", or slurmdbd down (timeout's status 124).
+                tracing::info!(
+                    "sacct: {} (status {:?})",
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    out.status.code()
+                );
+                self.no_accounting = true;
+                return HashMap::new();
+            }
+            Err(e) => {
+                tracing::info!("cannot run sacct: {e}");
+                self.no_accounting = true;
+                return HashMap::new();
+            }
+        };
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut parts = l.split('|');
+                let id = parts.next()?.trim().to_string();
+                // "CANCELLED by 0" names who cancelled: the state is its first word.
+                let state = parts.next()?.split_whitespace().next()?.to_string();
+                let exit_code = parts.next().map(|c| c.trim().to_string());
+                let reason = parts.next().unwrap_or("").trim().to_string();
+                Some((id, JobEnd { state, reason, exit_code }))
+            })
+            .collect()
+    }
+
+    /// The failure of a job that ended (Slurm state `state`) without a word from its worker: its message names
+    /// the job, Slurm's state and reason, what to change, and the end of the job's output, which is kept as the
+    /// node's failure log.
+    fn died(&self, s: &Submitted, end: &JobEnd) -> NodeOutcome {
+        let (state, reason) = (end.state.as_str(), end.reason.as_str());
+        let output = std::fs::read_to_string(&s.out).unwrap_or_default();
+        let stage = &self.project.exp.stages[self.project.plan.nodes[s.index].stage].name;
+        // Without cgroups, slurmstepd's own memory check kills the step and Slurm says only FAILED.
+        let out_of_memory = state == "OUT_OF_MEMORY" || output.contains("exceeded memory limit");
+        let hint = if out_of_memory {
+            format!(
+                ": it used more memory than its limit; raise `mem` for this stage ([slurm.stage.{stage}] in the \
+                 profile, or [slurm.kind.KIND])"
+            )
+        } else {
+            match state {
+                "TIMEOUT" => format!(
+                    ": it reached its time limit; raise `time` for this stage ([slurm.stage.{stage}]); a training node \
+                     requeues itself ahead of the limit and resumes from its checkpoints (signal_before_s, \
+                     time_limit_requeues)"
+                ),
+                "CANCELLED" => ": it was cancelled outside this run (scancel, or an administrator)".into(),
+                "NODE_FAIL" | "BOOT_FAIL" => ": the compute node failed; run again (a training node resumes)".into(),
+                "PREEMPTED" => ": it was preempted and not requeued; run again (a training node resumes)".into(),
+                _ => String::new(),
+            }
+        };
+        let mut why: Vec<String> = Vec::new();
+        if !reason.is_empty() && reason != "None" {
+            why.push(reason.to_string());
+        }
+        // `code:signal`, as sacct writes it.
+        if let Some(code) = end.exit_code.as_deref().filter(|c| *c != "0:0") {
+            why.push(format!("exit code {code}"));
+        }
+        let why = if why.is_empty() { String::new() } else { format!(" ({})", why.join(", ")) };
+        // The failure log: what the node wrote before it was stopped (its worker keeps it when a signal stops it;
+        // a worker killed outright leaves it in its staging folder; one older than the job file is an earlier
+        // attempt's), then the job's own output.
+        let log = self.cache.failed_log(&s.key);
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let submitted = modified(&s.result.with_file_name(format!("{}.job.json", s.key)));
+        let this_attempt = |p: &Path| matches!((modified(p), submitted), (Some(t), Some(j)) if t >= j);
+        if !this_attempt(&log) {
+            let _ = log.parent().map(std::fs::create_dir_all);
+            let staged =
+                self.cache.staging_logs(&s.key).into_iter().filter(|p| this_attempt(p)).max_by_key(|p| modified(p));
+            let _ = std::fs::write(&log, staged.and_then(|p| std::fs::read(p).ok()).unwrap_or_default());
+        }
+        super::worker::append_job_output(&log, &s.out);
+        let log = if log.exists() { log } else { s.out.clone() };
+        NodeOutcome::Failed {
+            message: format!(
+                "Slurm job {} ended {state}{why} without publishing the entry{hint}{}",
+                s.job_id,
+                super::worker::log_tail(&s.out)
+            ),
+            log: Some(log),
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! executor runs a node — a thread here, a job on another machine — ends in this function, and reports back
 //! through the cache entry it publishes.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,6 +55,9 @@ pub struct WorkerEnv<'a> {
     pub cancel: &'a Arc<AtomicBool>,
     pub processes: &'a ProcessRegistry,
     pub reporter: &'a dyn Reporter,
+    /// Output of the process this node runs in when something else captures it (a Slurm job's output file):
+    /// appended to the node's log before the entry (or the failure) is stored, so `log.txt` tells everything.
+    pub job_output: Option<&'a Path>,
 }
 
 impl WorkerEnv<'_> {
@@ -96,6 +100,7 @@ impl WorkerEnv<'_> {
             Ok(done) => done,
             Err(message) => {
                 let message = self.with_disk_full_hint(message);
+                self.append_job_output(&staging.log);
                 let log = self.cache.discard(staging, &job.key);
                 return Ok(NodeOutcome::Failed { message, log: Some(log) });
             }
@@ -117,10 +122,18 @@ impl WorkerEnv<'_> {
             metrics,
             stat: String::new(),
         };
+        self.append_job_output(&staging.log);
         let published = self.cache.publish(staging, manifest, &lock)?;
         // The scratch area (checkpoints) is only needed until the entry exists.
         let _ = std::fs::remove_dir_all(self.cache.scratch_dir(&job.key));
         Ok(NodeOutcome::Done { manifest: Box::new(published), executed: true })
+    }
+
+    /// Appends the job's own output (see `job_output`) to the node's log.
+    fn append_job_output(&self, log: &Path) {
+        if let Some(path) = self.job_output {
+            append_job_output(log, path);
+        }
     }
 
     /// A failure for lack of space says which filesystem is full and what to do (the error itself may name a
@@ -255,6 +268,14 @@ impl WorkerEnv<'_> {
         let config = serde_json::Value::Object(fields.map(|(k, v)| (k.clone(), v.clone())).collect());
         kind.execute(&config, &ctx)
     }
+}
+
+/// Appends the output file of the job that ran a node (`job_output`) to the node's log, under a heading naming it.
+pub fn append_job_output(log: &Path, job_output: &Path) {
+    let Ok(text) = std::fs::read(job_output) else { return };
+    let Ok(mut file) = std::fs::OpenOptions::new().append(true).create(true).open(log) else { return };
+    let heading = format!("\n--- output of the job running this node ({}) ---\n", job_output.display());
+    let _ = file.write_all(heading.as_bytes()).and_then(|_| file.write_all(&text));
 }
 
 /// Bytes an unprivileged writer may still use on the filesystem holding `path`.

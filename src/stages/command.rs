@@ -250,8 +250,13 @@ impl CommandConfig {
         }
         let log = std::fs::File::create(ctx.log)
             .map_err(|e| StageFailure(format!("cannot create the log {}: {e}", ctx.log.display())))?;
+        // A folder of the node's own that outlives a failed or interrupted attempt (until the entry is published):
+        // a long command checkpoints there and resumes when run again, e.g. in a requeued Slurm job.
+        std::fs::create_dir_all(&ctx.scratch)
+            .map_err(|e| StageFailure(format!("cannot create the scratch folder {}: {e}", ctx.scratch.display())))?;
         let mut env: Vec<(OsString, OsString)> = vec![
             ("MPCS_OUT".into(), ctx.out.into()),
+            ("MPCS_SCRATCH".into(), ctx.scratch.as_os_str().into()),
             ("MPCS_NODE".into(), (&ctx.node.id).into()),
             ("MPCS_SEED".into(), ctx.node.seed.to_string().into()),
             ("MPCS_DEVICE".into(), ctx.device.label().into()),

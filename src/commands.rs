@@ -752,3 +752,18 @@ pub fn bench(arch: &str, size: usize, batch: usize, steps: usize, threads: Optio
         Err(e) => Err(Error::internal(e.to_string())),
     }
 }
+
+/// `mpcs doctor`: exit 0 when every check passes, 1 on a mismatch.
+pub fn doctor(device: String, archs: &[String], size: usize, batch: usize, seed: u64) -> Result<i32> {
+    let archs = archs
+        .iter()
+        .map(|a| a.parse().map_err(|e: crate::nn::NnError| Error::user(e.to_string())))
+        .collect::<Result<Vec<_>>>()?;
+    if batch < 2 || size < 32 {
+        return Err(Error::user("doctor: --batch must be at least 2 (BatchNorm) and --size at least 32"));
+    }
+    let opts = crate::doctor::DoctorOptions { device, archs, size, batch, seed };
+    let ok =
+        crate::doctor::run(&opts, &mut std::io::stdout().lock()).map_err(|e| Error::env(format!("doctor: {e:#}")))?;
+    Ok(if ok { exit::OK } else { exit::NODE_FAILED })
+}

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cache;
 pub mod commands;
 pub mod data;
+pub mod doctor;
 pub mod download;
 pub mod error;
 pub mod exec;

@@ -240,6 +240,25 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Check the training path of this machine: list its GPUs and compare one ResNet training step (loss,
+    /// gradients, BatchNorm statistics, updated weights) on `--device` against the CPU's fused kernels.
+    /// Exit 0 when every check passes, 1 on a mismatch.
+    Doctor {
+        /// `cuda:N`, or `cpu`: candle's own ops on the CPU, the code a GPU runs
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Comma-separated architectures
+        #[arg(long, default_value = "resnet18,resnet50", value_delimiter = ',')]
+        arch: Vec<String>,
+        /// Square input size in pixels
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Seed of the initial weights and the batch
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 /// `mpcs show … | head -1`: when the reader of stdout goes away, exit quietly (as ripgrep and GNU tools do)
@@ -397,5 +416,6 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
         Command::Bench { what: _, arch, size, batch, steps, threads } => {
             commands::bench(&arch, size, batch, steps, threads)
         }
+        Command::Doctor { device, arch, size, batch, seed } => commands::doctor(device, &arch, size, batch, seed),
     }
 }

@@ -27,11 +27,30 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_c
 }
 
 /// false when the environment sets `MPCS_NN_REFERENCE=1`: every layer then runs through candle's
-/// own ops (the "before" column of the benchmarks; read once per process).
+/// own ops (the "before" column of the benchmarks, and what runs on a GPU), or after
+/// [`set_fast_paths`]`(false)`.
 pub fn fast_paths_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MPCS_NN_REFERENCE").map_or(true, |v| v.is_empty() || v == "0"))
+    use std::sync::atomic::Ordering;
+    match FAST_PATHS.load(Ordering::Relaxed) {
+        UNSET => {
+            let on = std::env::var("MPCS_NN_REFERENCE").map_or(true, |v| v.is_empty() || v == "0");
+            FAST_PATHS.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+        v => v == ON,
+    }
 }
+
+/// Turns the CPU fast paths on or off for the whole process (`mpcs doctor` compares both; never while a
+/// model is being trained).
+pub fn set_fast_paths(on: bool) {
+    FAST_PATHS.store(if on { ON } else { OFF }, std::sync::atomic::Ordering::Relaxed);
+}
+
+const UNSET: u8 = 0;
+const ON: u8 = 1;
+const OFF: u8 = 2;
+static FAST_PATHS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
 
 /// Whether the fused CPU kernels apply: f32, on the CPU, not empty (the kernels walk the data in
 /// per-plane chunks), fast paths enabled.

@@ -41,6 +41,7 @@ pub mod resnet;
 pub mod weights;
 
 pub use batchnorm::BatchNorm;
+pub use cpu::{fast_paths_enabled, set_fast_paths};
 pub use error::{NnError, Result};
 pub use grad::{grad_enabled, no_grad};
 pub use head::Head;

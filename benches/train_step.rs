@@ -46,7 +46,7 @@ fn peak_mb() -> f64 {
 }
 
 fn opts(arch: Arch, size: usize, steps: usize) -> TrainBenchOptions {
-    TrainBenchOptions { arch, size, batch: BATCH, steps, warmup: 1, threads: None }
+    TrainBenchOptions { arch, size, batch: BATCH, steps, ..Default::default() }
 }
 
 fn train(arch: Arch, size: usize, steps: usize) -> anyhow::Result<()> {

@@ -46,11 +46,13 @@ pub struct TrainBenchOptions {
     /// CPU threads for candle and GEMM (sets RAYON_NUM_THREADS for this process); None keeps the
     /// environment's setting.
     pub threads: Option<usize>,
+    /// Where the model runs (`Device::Cpu`, or a CUDA device with the `cuda` feature).
+    pub device: Device,
 }
 
 impl Default for TrainBenchOptions {
     fn default() -> Self {
-        Self { arch: Arch::ResNet18, size: 64, batch: 16, steps: 5, warmup: 1, threads: None }
+        Self { arch: Arch::ResNet18, size: 64, batch: 16, steps: 5, warmup: 1, threads: None, device: Device::Cpu }
     }
 }
 
@@ -105,7 +107,7 @@ fn setup(opts: &TrainBenchOptions) -> Result<Setup, BenchError> {
         // candle reads the thread count from this variable at every op, gemm through candle's value.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
-    let dev = Device::Cpu;
+    let dev = opts.device.clone();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let model = ResNet::new(opts.arch, vb, Some(CLASSES), Dilation::None)?;
@@ -127,9 +129,12 @@ fn step(s: &mut Setup) -> Result<StepTimes, BenchError> {
     }
     let t1 = Instant::now();
     let grads = loss.backward()?;
+    // A GPU runs asynchronously: wait for its work so each phase is timed (a no-op on the CPU).
+    s.x.device().synchronize()?;
     let t2 = Instant::now();
     s.opt.step(&grads)?;
     drop(grads);
+    s.x.device().synchronize()?;
     let t3 = Instant::now();
     Ok(StepTimes {
         forward_s: (t1 - t0).as_secs_f64(),
@@ -171,11 +176,12 @@ pub fn train_bench(opts: &TrainBenchOptions, out: &mut dyn Write) -> Result<f64,
     let mut s = setup(opts)?;
     writeln!(
         out,
-        "bench train: {} {}x{} batch {}, {} thread(s), {} warm-up + {} timed step(s), Adam",
+        "bench train: {} {}x{} batch {} on {}, {} CPU thread(s), {} warm-up + {} timed step(s), Adam",
         opts.arch,
         opts.size,
         opts.size,
         opts.batch,
+        if opts.device.is_cpu() { "the CPU".to_string() } else { format!("{:?}", opts.device.location()) },
         candle_core::utils::get_num_threads(),
         opts.warmup,
         opts.steps

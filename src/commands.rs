@@ -741,13 +741,16 @@ pub fn cam(args: &InferArgs, images: &[PathBuf], out: &Path, class: Option<usize
 }
 /// `mpcs bench train`: training-step throughput on synthetic input (see [`crate::bench`]); the last
 /// stdout line is `images_per_s=<number>`.
-pub fn bench(arch: &str, size: usize, batch: usize, steps: usize, threads: Option<usize>) -> Result<i32> {
+pub fn bench(arch: &str, size: usize, batch: usize, steps: usize, threads: Option<usize>, device: &str) -> Result<i32> {
     use crate::bench::{train_bench, BenchError, TrainBenchOptions};
     let arch = arch.parse().map_err(|e: crate::nn::NnError| Error::user(e.to_string()))?;
-    let opts = TrainBenchOptions { arch, size, batch, steps, warmup: 1, threads };
+    let device = crate::doctor::open_device(device).map_err(|e| Error::user(format!("bench: {e}")))?;
+    let opts = TrainBenchOptions { arch, size, batch, steps, warmup: 1, threads, device };
     let mut out = std::io::stdout().lock();
     match train_bench(&opts, &mut out) {
         Ok(_) => Ok(exit::OK),
+        // `mpcs bench train | head -3`: the reader left; stop quietly.
+        Err(BenchError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(exit::OK),
         Err(e @ BenchError::Options(_)) => Err(Error::user(e.to_string())),
         Err(e) => Err(Error::internal(e.to_string())),
     }
@@ -762,6 +765,8 @@ pub fn doctor(device: String, archs: &[String], size: usize, batch: usize, seed:
     if batch < 2 || size < 32 {
         return Err(Error::user("doctor: --batch must be at least 2 (BatchNorm) and --size at least 32"));
     }
+    // A device that cannot be named or opened is the command line's fault (exit 2), a failing step the machine's.
+    crate::doctor::open_device(&device).map_err(|e| Error::user(format!("doctor: {e}")))?;
     let opts = crate::doctor::DoctorOptions { device, archs, size, batch, seed };
     let ok =
         crate::doctor::run(&opts, &mut std::io::stdout().lock()).map_err(|e| Error::env(format!("doctor: {e:#}")))?;

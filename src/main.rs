@@ -219,7 +219,7 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
-    /// Measure CPU training throughput on synthetic input: `mpcs bench train --arch resnet18 --size 64`.
+    /// Measure training throughput on synthetic input: `mpcs bench train --arch resnet18 --size 64`.
     /// The last output line is `images_per_s=<number>`.
     Bench {
         /// What to measure (only `train`: forward, backward and Adam step per batch)
@@ -239,6 +239,9 @@ enum Command {
         /// CPU threads (default: RAYON_NUM_THREADS, else all cores)
         #[arg(long)]
         threads: Option<usize>,
+        /// `cpu` or `cuda:N` (a build with the `cuda` feature)
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Check the training path of this machine: list its GPUs and compare one ResNet training step (loss,
     /// gradients, BatchNorm statistics, updated weights) on `--device` against the CPU's fused kernels.
@@ -413,8 +416,8 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
         }
         Command::Embed { model, images, out, batch } => commands::embed(&model, &images, &out, batch),
         Command::Cam { model, out, class, alpha, images } => commands::cam(&model, &images, &out, class, alpha),
-        Command::Bench { what: _, arch, size, batch, steps, threads } => {
-            commands::bench(&arch, size, batch, steps, threads)
+        Command::Bench { what: _, arch, size, batch, steps, threads, device } => {
+            commands::bench(&arch, size, batch, steps, threads, &device)
         }
         Command::Doctor { device, arch, size, batch, seed } => commands::doctor(device, &arch, size, batch, seed),
     }

@@ -107,3 +107,23 @@ fn cuda_visible_devices_is_discovered() {
     let used: std::collections::BTreeSet<&str> = log.lines().map(|l| l.split_whitespace().nth(2).unwrap()).collect();
     assert_eq!(used, ["5", "7"].into_iter().collect());
 }
+
+/// `mpcs doctor` without a GPU: candle's own ops (what a GPU runs) agree with the fused CPU kernels on one
+/// training step, judged against a float64 truth; a device that cannot be named is the command line's error.
+/// Run as a process of its own: the doctor switches the fused kernels off and on for the whole process.
+#[test]
+fn the_doctor_checks_the_gpu_code_path_on_the_cpu() {
+    let p = Project::new();
+    let out = p.mpcs(&["doctor", "--arch", "resnet18", "--size", "32", "--batch", "4"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("devices: mpcs built"), "{text}");
+    for what in ["loss", "gradients", "BatchNorm stats", "updated weights"] {
+        let line = text.lines().find(|l| l.trim_start().starts_with(what)).unwrap_or_else(|| panic!("{what}: {text}"));
+        assert!(line.ends_with("ok"), "{line}");
+    }
+    assert!(text.trim_end().ends_with("doctor: every check passed"), "{text}");
+    let bad = p.mpcs(&["doctor", "--device", "gpu0"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("use `cpu` or `cuda:N`"));
+}

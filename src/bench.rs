@@ -77,6 +77,32 @@ impl TrainBenchOptions {
     }
 }
 
+/// The CPU model and the kernel family its training steps run, so a figure can be read beside others:
+/// `cpu: AMD EPYC; kernels: AVX2+FMA (GEMM and lane convolutions)`. The `gemm` crate's AVX-512 kernels are not
+/// compiled in (its `x86-v4` feature is off), so an AVX-512 CPU still runs 256-bit kernels: said so.
+pub fn cpu_report() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    #[cfg(target_arch = "x86_64")]
+    let (fma, avx512) =
+        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"), is_x86_feature_detected!("avx512f"));
+    #[cfg(not(target_arch = "x86_64"))]
+    let (fma, avx512) = (false, false);
+    let family = match (fma, crate::nn::fast_paths_enabled()) {
+        (_, false) => "candle's own ops (MPCS_NN_REFERENCE)",
+        (true, true) => "AVX2+FMA (GEMM and lane convolutions)",
+        (false, true) => "scalar (no AVX2+FMA on this CPU)",
+    };
+    let unused = if avx512 { "; AVX-512 present but unused (256-bit kernels)" } else { "" };
+    format!("cpu: {model}; kernels: {family}{unused}")
+}
+
 /// Seconds spent in each phase of one training step.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StepTimes {
@@ -174,6 +200,7 @@ pub fn measure_inference(opts: &TrainBenchOptions) -> Result<f64, BenchError> {
 /// `images_per_s=<number>` (training images per second over the timed steps). Returns that number.
 pub fn train_bench(opts: &TrainBenchOptions, out: &mut dyn Write) -> Result<f64, BenchError> {
     let mut s = setup(opts)?;
+    writeln!(out, "{}", cpu_report())?;
     writeln!(
         out,
         "bench train: {} {}x{} batch {} on {}, {} CPU thread(s), {} warm-up + {} timed step(s), Adam",

@@ -286,6 +286,13 @@ fn train_bench_reports_images_per_s_on_its_last_line() -> R<()> {
     let value: f64 = last.strip_prefix("images_per_s=").expect("last line is images_per_s=<n>").parse()?;
     assert!(ips.is_finite() && ips > 0.0 && (value - ips).abs() <= 0.01 * ips, "{text}");
     assert_eq!(text.lines().filter(|l| l.starts_with("step ")).count(), 2, "{text}");
+    // The first line names the CPU and the kernel family, so a figure can be read beside others'.
+    let first = text.lines().next().unwrap();
+    assert!(first.starts_with("cpu: ") && first.contains("; kernels: "), "{first}");
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if let Some(model) = cpuinfo.lines().find(|l| l.starts_with("model name")) {
+        assert!(first.contains(model.split(':').nth(1).unwrap().trim()), "{first}");
+    }
     // Bad options are errors that say what to change.
     let bad = TrainBenchOptions { batch: 1, ..opts };
     let err = train_bench(&bad, &mut Vec::new()).unwrap_err().to_string();

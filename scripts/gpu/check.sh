@@ -28,7 +28,7 @@ for round in 1 2; do
   for cfg in "resnet50 224" "resnet18 64"; do
     set -- $cfg
     echo "== round $round: $1 ${2}x$2 batch 64" >>"$out/bench.txt"
-    timeout 90 "$bin" bench train --device cuda:0 --arch "$1" --size "$2" --batch 64 --steps 10 2>&1 | tail -2 >>"$out/bench.txt"
+    timeout 90 "$bin" bench train --device cuda:0 --arch "$1" --size "$2" --batch 64 --steps 10 2>&1 | grep -E "^(cpu|bench train|mean|images_per_s|error)" >>"$out/bench.txt"
     timeout 90 python3 scripts/gpu/torch_step.py "$1" "$2" 64 float32 10 >>"$out/bench.txt" 2>&1
     [ $round = 1 ] && timeout 90 python3 scripts/gpu/torch_step.py "$1" "$2" 64 bfloat16 10 >>"$out/bench.txt" 2>&1
   done

@@ -274,34 +274,30 @@ pub fn worst(
     Ok(delta)
 }
 
-/// max |a − b| / max |b|: how far `a` is from `b`, relative to `b`'s largest magnitude (NaN stays NaN).
+/// max |a − b| / max |b|: how far `a` is from `b`, relative to `b`'s largest magnitude (NaN when either holds a
+/// non-finite value).
 fn relative(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
-    let values = |t: &Tensor| -> anyhow::Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
-    let (a, b) = (values(a)?, values(b)?);
-    anyhow::ensure!(a.len() == b.len(), "tensors of {} and {} values", a.len(), b.len());
-    let (mut diff, mut scale) = (0f64, 0f64);
-    for (x, y) in a.iter().zip(&b) {
-        if !(x.is_finite() && y.is_finite()) {
-            return Ok(f64::NAN);
-        }
-        diff = diff.max((x - y).abs());
-        scale = scale.max(y.abs());
-    }
+    let Some((a, b)) = finite_values(a, b)? else { return Ok(f64::NAN) };
+    let diff = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    let scale = b.iter().fold(0f64, |m, y| m.max(y.abs()));
     Ok(if diff == 0.0 { 0.0 } else { diff / scale.max(1e-12) })
 }
 
-/// ‖a − b‖ / ‖b‖ (NaN where either holds a non-finite value): an error spread over the tensor, where a few
+/// ‖a − b‖ / ‖b‖ (NaN when either holds a non-finite value): an error spread over the tensor, where a few
 /// ill-conditioned elements do not dominate as they do the largest difference.
 fn relative_l2(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
-    let values = |t: &Tensor| -> anyhow::Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
-    let (a, b) = (values(a)?, values(b)?);
-    anyhow::ensure!(a.len() == b.len(), "tensors of {} and {} values", a.len(), b.len());
-    if a.iter().chain(&b).any(|v| !v.is_finite()) {
-        return Ok(f64::NAN);
-    }
+    let Some((a, b)) = finite_values(a, b)? else { return Ok(f64::NAN) };
     let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
     let norm: f64 = b.iter().map(|y| y * y).sum();
     Ok(if diff == 0.0 { 0.0 } else { (diff / norm.max(1e-300)).sqrt() })
+}
+
+/// Both tensors' values as f64, or None when either holds a NaN or an infinity.
+fn finite_values(a: &Tensor, b: &Tensor) -> anyhow::Result<Option<(Vec<f64>, Vec<f64>)>> {
+    let values = |t: &Tensor| -> anyhow::Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
+    let (a, b) = (values(a)?, values(b)?);
+    anyhow::ensure!(a.len() == b.len(), "tensors of {} and {} values", a.len(), b.len());
+    Ok(a.iter().chain(&b).all(|v| v.is_finite()).then_some((a, b)))
 }
 
 /// Memory in use on the GPUs, as nvidia-smi reports it.

@@ -15,6 +15,20 @@ use crate::exec::progress::Reporter;
 use crate::exec::{self, Project, RunOptions};
 use crate::lineage::{self, State};
 use crate::plan::Plan;
+use crate::remote::{Remote, RemoteSpec};
+
+/// The remote a command uses: `--remote`/`MPCS_REMOTE` as given, else the experiment's `[cache] remote` with the
+/// mode and fallback of the command line.
+pub fn remote_spec(given: Option<&RemoteSpec>, project: &Project) -> Option<RemoteSpec> {
+    match (given, &project.exp.remote) {
+        (Some(g), _) if !g.url.is_empty() => Some(g.clone()),
+        (Some(g), Some(url)) => Some(RemoteSpec { url: url.clone(), ..g.clone() }),
+        (None, Some(url)) => {
+            Some(RemoteSpec { url: url.clone(), mode: crate::remote::Mode::ReadWrite, fallback: false })
+        }
+        _ => None,
+    }
+}
 
 /// Loads, validates and expands an experiment with the built-in stage kinds.
 pub fn load(path: &Path, sets: &[String]) -> Result<Project> {
@@ -32,6 +46,8 @@ pub struct RunArgs<'a> {
     /// `--executor` (None: the experiment's `[executor] kind`, else local) and `--profile`.
     pub executor: Option<&'a str>,
     pub profile: Option<&'a Path>,
+    /// `--remote` (None: the experiment's `[cache] remote`, else none).
+    pub remote: Option<&'a RemoteSpec>,
 }
 
 /// `cache_dir` is opened only once the experiment is valid, so a bad file leaves no trace.
@@ -40,10 +56,12 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
     let project = load(args.experiment, args.sets)?;
     let gpus = devices::discover(&args.devices)?;
     let cache = &Cache::open(cache_dir)?;
+    let remote = Remote::connect(remote_spec(args.remote, &project).as_ref())?;
     if args.dry_run {
-        return dry_run(&project, cache, &gpus, args.json);
+        return dry_run(&project, cache, remote.as_deref(), &gpus, args.json);
     }
     let opts = RunOptions {
+        remote,
         jobs: args.jobs,
         gpus,
         keep_going: args.keep_going,
@@ -59,8 +77,9 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
             eprintln!("  log: {}", log.display());
         }
     }
+    let pulled = if opts.remote.is_some() { format!(", {} pulled", summary.pulled.len()) } else { String::new() };
     eprintln!(
-        "{}: {} nodes — {} executed, {} cached, {} failed, {} skipped in {secs:.2} s{}",
+        "{}: {} nodes — {} executed, {} cached{pulled}, {} failed, {} skipped in {secs:.2} s{}",
         exp.name,
         plan.nodes.len(),
         summary.executed.len(),
@@ -92,7 +111,9 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
                 "cached": summary.cached,
                 "failed": failed,
                 "skipped": summary.skipped,
+                "pulled": summary.pulled,
                 "executor": summary.executor,
+                "remote": summary.remote,
             })
         );
     }
@@ -271,17 +292,25 @@ pub fn worker(job_file: &Path, cancel: &Arc<AtomicBool>, time_up: &AtomicBool) -
     }
 }
 
-fn dry_run(project: &Project, cache: &Cache, gpus: &[String], json: bool) -> Result<i32> {
+fn dry_run(project: &Project, cache: &Cache, remote: Option<&Remote>, gpus: &[String], json: bool) -> Result<i32> {
     let (exp, plan) = (&project.exp, &project.plan);
-    let a = lineage::assess(project, cache)?;
+    let a = lineage::assess_with(project, cache, remote)?;
     let mut would = Vec::new();
     let mut cached = Vec::new();
+    let mut pull = Vec::new();
     for &i in &plan.order {
         let node = &plan.nodes[i];
         let decl = &exp.stages[node.stage];
-        if a.nodes[i].state == State::Cached {
-            cached.push(node.id.clone());
-            continue;
+        match a.nodes[i].state {
+            State::Cached => {
+                cached.push(node.id.clone());
+                continue;
+            }
+            State::Remote => {
+                pull.push(serde_json::json!({"id": node.id, "bytes": a.nodes[i].remote_bytes.unwrap_or(0)}));
+                continue;
+            }
+            _ => {}
         }
         let device = if decl.gpus == 0 {
             "cpu".to_string()
@@ -296,8 +325,12 @@ fn dry_run(project: &Project, cache: &Cache, gpus: &[String], json: bool) -> Res
         );
     }
     if json {
-        println!("{}", serde_json::json!({"would_run": would, "cached": cached}));
+        println!("{}", serde_json::json!({"would_run": would, "would_pull": pull, "cached": cached}));
     } else {
+        for p in &pull {
+            let size = crate::remote::human_bytes(p["bytes"].as_u64().unwrap_or(0));
+            println!("would pull {:<44} from the remote ({size})", p["id"].as_str().unwrap_or(""));
+        }
         for w in &would {
             println!(
                 "would run  {:<44} on {:<10} {}",
@@ -306,8 +339,9 @@ fn dry_run(project: &Project, cache: &Cache, gpus: &[String], json: bool) -> Res
                 w["reason"].as_str().unwrap_or("")
             );
         }
+        let pulled = if remote.is_some() { format!(", {} would be pulled", pull.len()) } else { String::new() };
         println!(
-            "{}: {} nodes — {} would run, {} cached (dry run: nothing was executed)",
+            "{}: {} nodes — {} would run{pulled}, {} cached (dry run: nothing was executed)",
             exp.name,
             plan.nodes.len(),
             would.len(),
@@ -331,10 +365,12 @@ pub fn graph(
     format: GraphFormat,
     why: Option<&str>,
     cache_dir: &Path,
+    remote: Option<&RemoteSpec>,
 ) -> Result<i32> {
     let project = load(experiment, sets)?;
     let cache = &Cache::open(cache_dir)?;
-    let a = lineage::assess(&project, cache)?;
+    let remote = Remote::connect(remote_spec(remote, &project).as_ref())?;
+    let a = lineage::assess_with(&project, cache, remote.as_deref())?;
     if let Some(node) = why {
         let i = find_node(&project.plan, node)?;
         print!("{}", lineage::why(&project, &a, cache, i));
@@ -771,4 +807,145 @@ pub fn doctor(device: String, archs: &[String], size: usize, batch: usize, seed:
     let ok =
         crate::doctor::run(&opts, &mut std::io::stdout().lock()).map_err(|e| Error::env(format!("doctor: {e:#}")))?;
     Ok(if ok { exit::OK } else { exit::NODE_FAILED })
+}
+
+/// The remote a push, pull or gc uses; an error when none is configured.
+fn open_remote(spec: &RemoteSpec, project: &Project) -> Result<std::sync::Arc<Remote>> {
+    let spec = remote_spec(Some(spec), project).ok_or_else(|| {
+        Error::user(format!(
+            "no remote cache: pass --remote s3://bucket/prefix, set {}, or add [cache] remote to {}",
+            crate::remote::REMOTE_ENV,
+            project.exp.path.display()
+        ))
+    })?;
+    Remote::connect(Some(&spec))?.ok_or_else(|| Error::env("the remote cache cannot be used (see the warning above)"))
+}
+
+/// `mpcs push EXP`: every entry of the experiment in the local cache that the remote lacks.
+pub fn push(experiment: &Path, sets: &[String], spec: &RemoteSpec, cache: &Cache) -> Result<i32> {
+    let project = load(experiment, sets)?;
+    if !spec.mode.writes() {
+        return Err(Error::user("push writes to the remote: drop --remote-mode read"));
+    }
+    let remote = open_remote(spec, &project)?;
+    let a = lineage::assess(&project, cache)?;
+    let (mut pushed, mut already, mut blobs, mut bytes, mut not_pushed) = (0, 0, 0, 0u64, Vec::new());
+    for (i, st) in a.nodes.iter().enumerate() {
+        let (State::Cached, Some(key), None) = (st.state, &st.key, project.source_of(i)) else { continue };
+        let id = &project.plan.nodes[i].id;
+        match remote.push(cache, key)? {
+            crate::remote::Push::Pushed { blobs: b, bytes: n } => {
+                pushed += 1;
+                blobs += b;
+                bytes += n;
+            }
+            crate::remote::Push::AlreadyThere => already += 1,
+            crate::remote::Push::Skipped(why) => not_pushed.push(format!("{id}: {why}")),
+        }
+    }
+    remote.release_push_lock();
+    println!(
+        "pushed {pushed} entries to {} ({blobs} new blobs, {}); {already} were there already{}",
+        remote.url(),
+        crate::remote::human_bytes(bytes),
+        if not_pushed.is_empty() { String::new() } else { format!("; {} not pushed:", not_pushed.len()) }
+    );
+    for why in &not_pushed {
+        println!("  {why}");
+    }
+    tracing::debug!("remote requests: {}", remote.stats.json());
+    Ok(if not_pushed.is_empty() { exit::OK } else { exit::ENVIRONMENT })
+}
+
+/// `mpcs pull EXP [--only STAGES]`: the experiment's entries the remote has and this cache lacks.
+pub fn pull(experiment: &Path, sets: &[String], only: &[String], spec: &RemoteSpec, cache: &Cache) -> Result<i32> {
+    let project = load(experiment, sets)?;
+    if !spec.mode.reads() {
+        return Err(Error::user("pull reads from the remote: drop --remote-mode write"));
+    }
+    for stage in only {
+        if project.exp.stage(stage).is_none() {
+            let names = project.exp.stages.iter().map(|s| s.name.as_str());
+            let hint = did_you_mean(stage, names).map(|s| format!(" Did you mean `{s}`?")).unwrap_or_default();
+            return Err(Error::user(format!("--only {stage}: the experiment has no stage `{stage}`.{hint}")));
+        }
+    }
+    let remote = open_remote(spec, &project)?;
+    let a = lineage::assess_with(&project, cache, Some(&remote))?;
+    let t0 = Instant::now();
+    let (mut pulled, mut bytes, mut unusable) = (0, 0u64, Vec::new());
+    let mut elsewhere = 0;
+    for (i, st) in a.nodes.iter().enumerate() {
+        let node = &project.plan.nodes[i];
+        let stage = &project.exp.stages[node.stage].name;
+        if !only.is_empty() && !only.contains(stage) {
+            continue;
+        }
+        match (st.state, &st.key) {
+            (State::Remote, Some(key)) => match remote.pull(cache, key)? {
+                crate::remote::Pull::Pulled(_) => {
+                    pulled += 1;
+                    bytes += st.remote_bytes.unwrap_or(0);
+                }
+                crate::remote::Pull::Busy => unusable.push(format!("{}: another mpcs here holds it", node.id)),
+                crate::remote::Pull::Absent => unusable.push(format!("{}: gone from the remote", node.id)),
+                crate::remote::Pull::Unusable(why) => unusable.push(format!("{}: {why}", node.id)),
+            },
+            (State::WillRun | State::Failed | State::Blocked, _) if project.source_of(i).is_none() => elsewhere += 1,
+            _ => {}
+        }
+    }
+    println!(
+        "pulled {pulled} entries from {} ({} in {:.2} s); {elsewhere} nodes are on neither cache (a run computes them){}",
+        remote.url(),
+        crate::remote::human_bytes(bytes),
+        t0.elapsed().as_secs_f64(),
+        if unusable.is_empty() { String::new() } else { format!("; {} could not be pulled:", unusable.len()) }
+    );
+    for why in &unusable {
+        println!("  {why}");
+    }
+    tracing::debug!("remote requests: {}", remote.stats.json());
+    Ok(if unusable.is_empty() { exit::OK } else { exit::ENVIRONMENT })
+}
+
+/// `mpcs gc --remote EXP...`: removes the remote's records that none of the experiments reaches, then the blobs
+/// no remaining record refers to.
+pub fn gc_remote(
+    experiments: &[PathBuf],
+    sets: &[String],
+    dry_run: bool,
+    spec: &RemoteSpec,
+    cache: &Cache,
+) -> Result<i32> {
+    let projects = experiments.iter().map(|p| load(p, sets)).collect::<Result<Vec<_>>>()?;
+    let first =
+        projects.first().ok_or_else(|| Error::user("gc --remote needs the experiments whose entries to keep"))?;
+    let remote = open_remote(spec, first)?;
+    let mut keep = HashSet::new();
+    for project in &projects {
+        let a = lineage::assess_with(project, cache, Some(&remote))?;
+        for (i, st) in a.nodes.iter().enumerate() {
+            if project.source_of(i).is_some() {
+                continue;
+            }
+            if let Some(k) = &st.key {
+                keep.insert(k.clone());
+            } else if let Some(r) = a.last.get(&project.plan.nodes[i].id) {
+                // Blocked: keep its last entry, as local gc does (its inputs may reproduce their outputs).
+                keep.insert(r.key.clone());
+            }
+        }
+    }
+    let r = remote.gc(&keep, dry_run)?;
+    println!(
+        "{} {} records and {} blobs ({}) from {}; kept {} records",
+        if dry_run { "would remove" } else { "removed" },
+        r.records_removed,
+        r.blobs_removed,
+        crate::remote::human_bytes(r.bytes_freed),
+        remote.url(),
+        r.records_kept
+    );
+    Ok(exit::OK)
 }

@@ -3,7 +3,8 @@
 //! The flow of data, one module per step:
 //! `experiment` (TOML → typed, validated stages) → `plan` (matrix expansion into a DAG, action keys) →
 //! `exec` (scheduler, device slots, progress) → `cache` (entries, locks, fingerprints, journal, gc/verify) →
-//! `lineage` (states, why a node reruns, graph renderings). `stages` holds one file per stage kind.
+//! `lineage` (states, why a node reruns, graph renderings); `remote` shares cache entries through S3. `stages` holds
+//! one file per stage kind.
 //! The binary (`src/main.rs`) is a thin CLI over `commands`.
 
 pub mod bench;
@@ -24,6 +25,7 @@ pub mod nn;
 pub mod optim;
 pub mod patchify;
 pub mod plan;
+pub mod remote;
 pub mod report;
 pub mod results;
 pub mod runtime;

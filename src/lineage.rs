@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::cache::journal::Status;
 use crate::cache::Cache;
-pub use crate::exec::resolve::{assess, Assessment, NodeStatus, State};
+pub use crate::exec::resolve::{assess, assess_with, Assessment, NodeStatus, State};
 use crate::exec::Project;
 use crate::plan::key::Action;
 
@@ -19,11 +19,12 @@ pub fn short_reason(p: &Project, a: &Assessment, i: usize) -> String {
     let st = &a.nodes[i];
     match st.state {
         State::Cached => "cached".into(),
+        State::Remote => format!("on the remote: pull {}", crate::remote::human_bytes(st.remote_bytes.unwrap_or(0))),
         State::Blocked => {
             let ups: Vec<&str> = node
                 .inputs
                 .iter()
-                .filter(|&&j| a.nodes[j].state != State::Cached)
+                .filter(|&&j| !matches!(a.nodes[j].state, State::Cached | State::Remote))
                 .map(|&j| plan.nodes[j].id.as_str())
                 .take(3)
                 .collect();
@@ -84,13 +85,13 @@ pub fn why(p: &Project, a: &Assessment, cache: &Cache, i: usize) -> String {
     }
 
     match st.state {
-        State::Missing => {
+        State::Missing | State::Remote => {
             let _ = writeln!(out, "  {}", short_reason(p, a, i));
         }
         State::Blocked => {
             let _ = writeln!(out, "  its key is not known yet: these inputs will run first and may change:");
             for &j in &node.inputs {
-                if a.nodes[j].state != State::Cached {
+                if !matches!(a.nodes[j].state, State::Cached | State::Remote) {
                     let _ = writeln!(
                         out,
                         "    {} ({}): {}",
@@ -186,7 +187,7 @@ fn root_causes(p: &Project, a: &Assessment, i: usize) -> Vec<usize> {
             continue;
         }
         match a.nodes[j].state {
-            State::Cached => {}
+            State::Cached | State::Remote => {}
             State::Blocked => stack.extend(plan.nodes[j].inputs.iter().copied()),
             State::WillRun | State::Failed | State::Missing => roots.push(j),
         }
@@ -322,6 +323,11 @@ pub fn render_text(p: &Project, a: &Assessment) -> String {
         count(State::Blocked),
         count(State::Failed)
     );
+    if count(State::Remote) > 0 {
+        let bytes: u64 = a.nodes.iter().filter_map(|n| n.remote_bytes).sum();
+        let size = crate::remote::human_bytes(bytes);
+        let _ = writeln!(out, "{} on the remote cache, not here ({size} to pull)", count(State::Remote));
+    }
     for (si, stage) in exp.stages.iter().enumerate() {
         let from: Vec<&str> = stage.refs.iter().map(|r| r.text.as_str()).collect();
         let _ = writeln!(
@@ -340,6 +346,7 @@ pub fn render_text(p: &Project, a: &Assessment) -> String {
                 State::Blocked => "·",
                 State::Failed => "✗",
                 State::Missing => "?",
+                State::Remote => "☁",
             };
             let (shown, detail) = match (&st.job, st.state) {
                 (Some((job, live)), _) => (*live, format!("Slurm job {job}")),
@@ -359,6 +366,7 @@ fn color(s: State) -> &'static str {
         State::Blocked => "lightgrey",
         State::Failed => "salmon",
         State::Missing => "orange",
+        State::Remote => "lightblue",
     }
 }
 
@@ -390,7 +398,7 @@ pub fn render_dot(p: &Project, a: &Assessment) -> String {
 pub fn render_mermaid(p: &Project, a: &Assessment) -> String {
     let plan = &p.plan;
     let mut out = String::from("flowchart LR\n");
-    for s in [State::Cached, State::WillRun, State::Blocked, State::Failed] {
+    for s in [State::Cached, State::WillRun, State::Blocked, State::Failed, State::Remote] {
         let _ = writeln!(out, "  classDef {} fill:{};", s.as_str().replace('-', "_"), color(s));
     }
     for &i in &plan.order {

@@ -12,6 +12,7 @@ use mpcs::commands::{self, GraphFormat, RunArgs};
 use mpcs::error::{exit, Error};
 use mpcs::exec::devices::DeviceSpec;
 use mpcs::exec::progress::{Console, Reporter, Silent};
+use mpcs::remote::{Mode, RemoteSpec, REMOTE_ENV};
 
 // mimalloc: ~10% faster CPU training than glibc's malloc (benches/train_step.rs, notes/speed.md).
 #[global_allocator]
@@ -36,6 +37,32 @@ struct Cli {
     verbose: u8,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where the remote cache is and what a command may do with it.
+#[derive(clap::Args, Clone)]
+struct RemoteArgs {
+    /// Remote cache to pull missing entries from and push new ones to: s3://bucket/prefix (credentials and
+    /// endpoint from the AWS environment variables or ~/.aws). Default: the experiment's [cache] remote
+    #[arg(long, env = REMOTE_ENV, value_name = "S3_URL")]
+    remote: Option<String>,
+    /// read: pull only; write: push only; read-write: both
+    #[arg(long, value_enum, env = "MPCS_REMOTE_MODE", default_value = "read-write")]
+    remote_mode: Mode,
+    /// When the remote is down or refuses the credentials, warn and work locally instead of failing
+    #[arg(long, env = "MPCS_REMOTE_FALLBACK")]
+    remote_fallback: bool,
+}
+
+impl RemoteArgs {
+    /// The remote asked for; an empty URL stands for the experiment's `[cache] remote`.
+    fn spec(&self) -> RemoteSpec {
+        RemoteSpec {
+            url: self.remote.clone().unwrap_or_default(),
+            mode: self.remote_mode,
+            fallback: self.remote_fallback,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -76,6 +103,27 @@ enum Command {
         /// per-stage overrides), kept per cluster
         #[arg(long, value_name = "FILE", env = "MPCS_PROFILE")]
         profile: Option<PathBuf>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Upload an experiment's entries that the remote cache lacks (blobs first, then each record).
+    Push {
+        experiment: PathBuf,
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Download an experiment's entries from the remote cache (verified file by file) without running anything.
+    Pull {
+        experiment: PathBuf,
+        /// Only the nodes of these stages (e.g. --only table,evaluate)
+        #[arg(long, value_delimiter = ',', value_name = "STAGES")]
+        only: Vec<String>,
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Run one node of a submitted job (what an `--executor slurm` job runs on its compute node).
     #[command(hide = true)]
@@ -97,6 +145,8 @@ enum Command {
         why: Option<String>,
         #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
         sets: Vec<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Print a cache entry's manifest and where its files and log are (by node id or key prefix).
     Show {
@@ -120,6 +170,10 @@ enum Command {
         /// Only say what would be removed
         #[arg(short = 'n', long)]
         dry_run: bool,
+        /// Collect the remote cache instead of the local one (URL: as for run, default $MPCS_REMOTE, else the
+        /// first experiment's [cache] remote). Refuses while another process pushes to it
+        #[arg(long, value_name = "S3_URL", num_args = 0..=1, default_missing_value = "")]
+        remote: Option<String>,
     },
     /// Generate a synthetic dataset in a real layout (H&E-like images, nested magnifications).
     Synth {
@@ -293,7 +347,8 @@ fn main() -> ExitCode {
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MPCS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        // The S3 client's own retry notices would interleave with progress; its failures reach the user as errors.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},object_store=warn")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -363,6 +418,7 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
             quiet,
             executor,
             profile,
+            remote,
         } => {
             let cancel = cancel_on_signals();
             let executor = executor.map(|e| match e {
@@ -378,7 +434,9 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
                 &console
             };
             let profile = profile.as_deref();
+            let remote = remote.spec();
             let args = RunArgs {
+                remote: Some(&remote),
                 experiment: &experiment,
                 sets: &sets,
                 jobs,
@@ -391,13 +449,24 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
             };
             commands::run(&args, &cache_dir, reporter, &cancel)
         }
-        Command::Graph { experiment, format, why, sets } => {
-            commands::graph(&experiment, &sets, format, why.as_deref(), &cache_dir)
+        Command::Graph { experiment, format, why, sets, remote } => {
+            commands::graph(&experiment, &sets, format, why.as_deref(), &cache_dir, Some(&remote.spec()))
+        }
+        Command::Push { experiment, sets, remote } => commands::push(&experiment, &sets, &remote.spec(), &cache()?),
+        Command::Pull { experiment, only, sets, remote } => {
+            commands::pull(&experiment, &sets, &only, &remote.spec(), &cache()?)
         }
         Command::Show { target, experiment, sets, json } => {
             commands::show(&target, experiment.as_deref(), &sets, json, &cache()?)
         }
-        Command::Gc { experiments, sets, dry_run } => commands::gc(&experiments, &sets, dry_run, &cache()?),
+        Command::Gc { experiments, sets, dry_run, remote: None } => {
+            commands::gc(&experiments, &sets, dry_run, &cache()?)
+        }
+        Command::Gc { experiments, sets, dry_run, remote: Some(url) } => {
+            let url = if url.is_empty() { std::env::var(REMOTE_ENV).unwrap_or_default() } else { url };
+            let spec = RemoteSpec { url, mode: Mode::ReadWrite, fallback: false };
+            commands::gc_remote(&experiments, &sets, dry_run, &spec, &cache()?)
+        }
         // Checking a cache that does not exist must not create one.
         Command::Verify { .. } if !cache_dir.exists() => {
             println!("no cache at {}: nothing to verify", cache_dir.display());

@@ -48,6 +48,9 @@ pub struct RunOptions {
     pub grace: Duration,
     /// Where nodes run.
     pub executor: ExecutorChoice,
+    /// The remote cache: missing entries it has are pulled instead of run, and what runs is pushed (as its
+    /// mode allows).
+    pub remote: Option<Arc<crate::remote::Remote>>,
 }
 
 /// Where a run's nodes execute.
@@ -72,6 +75,8 @@ pub struct Failure {
 pub struct RunSummary {
     pub executed: Vec<String>,
     pub cached: Vec<String>,
+    /// Fetched from the remote cache instead of run.
+    pub pulled: Vec<String>,
     pub failed: Vec<Failure>,
     pub skipped: Vec<String>,
     pub interrupted: bool,
@@ -80,6 +85,8 @@ pub struct RunSummary {
     pub outputs: Vec<Option<PathBuf>>,
     /// What the executor reports (for Slurm: its sbatch/squeue/scancel counts).
     pub executor: serde_json::Value,
+    /// What the remote cache did: pushes, and requests made (null without a remote).
+    pub remote: serde_json::Value,
 }
 
 /// Runs every node of `project` that is not cached, on this machine.
@@ -104,10 +111,15 @@ pub fn run(
     // `gc` removes nothing while this is held: an entry made a moment ago may be the input of the next node.
     let _in_use = cache.hold_for_run()?;
     cache.sweep_stale_staging();
-    let scheduler = schedule::Scheduler::new(resolve::Resolver::new(project, cache)?, opts, reporter);
+    let pusher = opts
+        .remote
+        .as_ref()
+        .filter(|r| r.mode.writes())
+        .map(|r| crate::remote::Pusher::start(Arc::clone(r), cache.clone()));
+    let scheduler = schedule::Scheduler::new(resolve::Resolver::new(project, cache)?, opts, reporter, pusher.as_ref());
     let processes = process::ProcessRegistry::default();
     let env = worker::WorkerEnv { project, cache, cancel, processes: &processes, reporter, job_output: None };
-    match &opts.executor {
+    let mut summary = match &opts.executor {
         ExecutorChoice::Local => std::thread::scope(|scope| {
             let mut executor = executor::LocalExecutor::new(scope, &env, opts.jobs, opts.gpus.clone());
             scheduler.run(&mut executor, cancel)
@@ -116,5 +128,22 @@ pub fn run(
             let mut executor = slurm::SlurmExecutor::new(project, sets, cache, (**options).clone())?;
             scheduler.run(&mut executor, cancel)
         }
+    }?;
+    if let Some(remote) = &opts.remote {
+        let tally = pusher.map(|p| p.finish()).unwrap_or_default();
+        for why in &tally.not_pushed {
+            reporter.event(Event::Notice(&format!("not pushed to {}: {why}", remote.url())));
+        }
+        summary.remote = serde_json::json!({
+            "url": remote.url(),
+            "pulled": summary.pulled.len(),
+            "pushed": tally.pushed,
+            "already_there": tally.already_there,
+            "blobs_uploaded": tally.blobs_uploaded,
+            "bytes_uploaded": tally.bytes_uploaded,
+            "not_pushed": tally.not_pushed.len(),
+            "requests": remote.stats.json(),
+        });
     }
+    Ok(summary)
 }

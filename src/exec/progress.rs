@@ -16,6 +16,8 @@ pub enum Outcome {
     Skipped,
     /// Stopped or never started because the run was interrupted (Ctrl-C).
     Interrupted,
+    /// Fetched from the remote cache instead of run.
+    Pulled,
 }
 
 pub enum Event<'a> {
@@ -61,8 +63,8 @@ struct Bars {
     multi: MultiProgress,
     overall: ProgressBar,
     running: Mutex<HashMap<String, ProgressBar>>,
-    /// executed, cached, failed, skipped so far
-    counts: Mutex<[usize; 5]>,
+    /// executed, cached, failed, skipped, interrupted, pulled so far
+    counts: Mutex<[usize; 6]>,
 }
 
 impl Console {
@@ -80,7 +82,7 @@ impl Console {
                 .progress_chars("=> "),
         );
         overall.set_prefix("mpcs");
-        Console { bars: Some(Bars { multi, overall, running: Mutex::new(HashMap::new()), counts: Mutex::new([0; 5]) }) }
+        Console { bars: Some(Bars { multi, overall, running: Mutex::new(HashMap::new()), counts: Mutex::new([0; 6]) }) }
     }
 }
 
@@ -97,6 +99,7 @@ impl Reporter for Console {
                     Outcome::Failed => tracing::error!("FAILED {node} ({seconds:.2} s)"),
                     Outcome::Skipped => tracing::warn!("skip   {node} (an upstream node failed)"),
                     Outcome::Interrupted => tracing::warn!("stop   {node} (interrupted)"),
+                    Outcome::Pulled => tracing::info!("pulled {node} from the remote cache ({seconds:.2} s)"),
                 },
                 Event::Notice(msg) => tracing::warn!("{msg}"),
             }
@@ -143,7 +146,8 @@ impl Reporter for Console {
                 if let Ok(mut c) = b.counts.lock() {
                     c[outcome as usize] += 1;
                     let failed = if c[2] > 0 { format!(", {} failed, {} skipped", c[2], c[3]) } else { String::new() };
-                    b.overall.set_message(format!("{} run, {} cached{failed}", c[0], c[1]));
+                    let pulled = if c[5] > 0 { format!(", {} pulled", c[5]) } else { String::new() };
+                    b.overall.set_message(format!("{} run, {} cached{pulled}{failed}", c[0], c[1]));
                 }
             }
             Event::Notice(msg) => {

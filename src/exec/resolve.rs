@@ -12,6 +12,7 @@ use crate::cache::journal::{Journal, Record, Status};
 use crate::cache::{Cache, EntryHead};
 use crate::error::Result;
 use crate::plan::key::Action;
+use crate::remote::Remote;
 
 /// What is known about one node.
 pub enum Resolution {
@@ -77,6 +78,8 @@ pub enum State {
     Failed,
     /// A source whose path does not exist (yet): the graph still shows what depends on it; a run stops.
     Missing,
+    /// Not in this cache, but in the remote cache: a run pulls it instead of running it.
+    Remote,
 }
 
 impl State {
@@ -87,6 +90,7 @@ impl State {
             State::Blocked => "blocked",
             State::Failed => "failed",
             State::Missing => "missing",
+            State::Remote => "remote",
         }
     }
 }
@@ -97,6 +101,14 @@ pub struct NodeStatus {
     pub digest: Option<String>,
     /// A cluster job of a live run computing this node: (job id, "queued" or "running").
     pub job: Option<(String, &'static str)>,
+    /// For a `remote` node: the bytes a pull would fetch.
+    pub remote_bytes: Option<u64>,
+}
+
+impl NodeStatus {
+    fn new(state: State, key: Option<String>, digest: Option<String>) -> NodeStatus {
+        NodeStatus { state, key, digest, job: None, remote_bytes: None }
+    }
 }
 
 pub struct Assessment {
@@ -119,6 +131,12 @@ impl Assessment {
 
 /// Every node's state, without running anything.
 pub fn assess(project: &Project, cache: &Cache) -> Result<Assessment> {
+    assess_with(project, cache, None)
+}
+
+/// [`assess`], with the entries a remote cache has counted as `remote` (their records are fetched, one request
+/// per such node, for the output digests their consumers' keys need).
+pub fn assess_with(project: &Project, cache: &Cache, remote: Option<&Remote>) -> Result<Assessment> {
     let resolver = Resolver::new(project, cache)?;
     let n = project.plan.nodes.len();
     let mut digests: Vec<Option<String>> = vec![None; n];
@@ -130,9 +148,9 @@ pub fn assess(project: &Project, cache: &Cache) -> Result<Assessment> {
             s.resolve(&project.exp, decl).is_err()
         });
         let status = if missing {
-            NodeStatus { state: State::Missing, key: None, digest: None, job: None }
+            NodeStatus::new(State::Missing, None, None)
         } else {
-            status_of(&resolver, i, &mut digests, &mut source_paths)?
+            status_of(&resolver, remote, i, &mut digests, &mut source_paths)?
         };
         nodes[i] = Some(status);
     }
@@ -153,6 +171,7 @@ pub fn assess(project: &Project, cache: &Cache) -> Result<Assessment> {
 
 fn status_of(
     r: &Resolver<'_>,
+    remote: Option<&Remote>,
     i: usize,
     digests: &mut [Option<String>],
     source_paths: &mut HashMap<usize, PathBuf>,
@@ -162,17 +181,26 @@ fn status_of(
             source_paths.insert(i, path);
             digests[i] = Some(digest.clone());
             let state = if r.source_changed(i, &digest) { State::WillRun } else { State::Cached };
-            NodeStatus { state, key: Some(source_key(&digest)), digest: Some(digest), job: None }
+            NodeStatus::new(state, Some(source_key(&digest)), Some(digest))
         }
-        Resolution::Blocked => NodeStatus { state: State::Blocked, key: None, digest: None, job: None },
+        Resolution::Blocked => NodeStatus::new(State::Blocked, None, None),
         Resolution::Known { key, cached: Some(head), .. } => {
             let digest = head.output_digest;
             digests[i] = Some(digest.clone());
-            NodeStatus { state: State::Cached, key: Some(key), digest: Some(digest), job: None }
+            NodeStatus::new(State::Cached, Some(key), Some(digest))
         }
         Resolution::Known { key, cached: None, .. } => {
+            let record =
+                remote.filter(|rm| rm.mode.reads() && rm.has(&key)).and_then(|rm| rm.record(&key).ok().flatten());
+            if let Some(record) = record.filter(|rec| rec.manifest.key == key) {
+                let digest = record.manifest.output_digest.clone();
+                digests[i] = Some(digest.clone());
+                let mut st = NodeStatus::new(State::Remote, Some(key), Some(digest));
+                st.remote_bytes = Some(record.blobs().values().sum());
+                return Ok(st);
+            }
             let state = if r.failed_last_time(i, &key) { State::Failed } else { State::WillRun };
-            NodeStatus { state, key: Some(key), digest: None, job: None }
+            NodeStatus::new(state, Some(key), None)
         }
     })
 }

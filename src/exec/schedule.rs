@@ -87,11 +87,18 @@ pub struct Scheduler<'a> {
     started: HashMap<usize, Instant>,
     journal: JournalWriter,
     stop: bool,
+    /// Where computed entries go when the run has a remote cache it may write.
+    pusher: Option<&'a crate::remote::Pusher>,
     pub summary: RunSummary,
 }
 
 impl<'a> Scheduler<'a> {
-    pub fn new(resolver: Resolver<'a>, opts: &'a RunOptions, reporter: &'a dyn Reporter) -> Scheduler<'a> {
+    pub fn new(
+        resolver: Resolver<'a>,
+        opts: &'a RunOptions,
+        reporter: &'a dyn Reporter,
+        pusher: Option<&'a crate::remote::Pusher>,
+    ) -> Scheduler<'a> {
         let plan = &resolver.project.plan;
         let n = plan.nodes.len();
         let journal = JournalWriter {
@@ -113,6 +120,7 @@ impl<'a> Scheduler<'a> {
             started: HashMap::new(),
             journal,
             stop: false,
+            pusher,
             summary: RunSummary { outputs: vec![None; n], ..Default::default() },
             resolver,
         }
@@ -214,6 +222,13 @@ impl<'a> Scheduler<'a> {
                 return Err(Error::internal(format!("node {} became ready with an unknown input", plan.nodes[i].id)));
             };
             let action = || self.resolver.project.action(i, &self.digest).ok_or_else(|| Error::internal("no action"));
+            let (cached, pulled) = match cached {
+                Some(head) => (Some(head), false),
+                None => match self.pull(i, &key)? {
+                    Some(m) => (Some(crate::cache::EntryHead { output_digest: m.output_digest, stat: m.stat }), true),
+                    None => (None, false),
+                },
+            };
             match cached {
                 Some(head) => {
                     let digest = head.output_digest;
@@ -225,8 +240,9 @@ impl<'a> Scheduler<'a> {
                         self.journal.note(&self.resolver.last, record)?;
                     }
                     self.summary.outputs[i] = Some(self.resolver.cache.entry_out(&key));
-                    self.reporter.event(Event::Finished { node: &id, outcome: Outcome::Cached, seconds: 0.0 });
-                    self.summary.cached.push(id);
+                    let outcome = if pulled { Outcome::Pulled } else { Outcome::Cached };
+                    self.reporter.event(Event::Finished { node: &id, outcome, seconds: 0.0 });
+                    if pulled { &mut self.summary.pulled } else { &mut self.summary.cached }.push(id);
                     self.complete(i, digest);
                 }
                 None => {
@@ -238,6 +254,24 @@ impl<'a> Scheduler<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Node `i`'s entry (key `key`, missing here) from the remote cache, if it has a usable one. A damaged or
+    /// unreachable remote entry is a notice, and the node runs.
+    fn pull(&self, i: usize, key: &str) -> Result<Option<crate::cache::Manifest>> {
+        let Some(remote) = self.opts.remote.as_deref().filter(|r| r.mode.reads() && r.has(key)) else {
+            return Ok(None);
+        };
+        let id = &self.resolver.project.plan.nodes[i].id;
+        match remote.pull(self.resolver.cache, key)? {
+            crate::remote::Pull::Pulled(m) => Ok(Some(*m)),
+            crate::remote::Pull::Busy | crate::remote::Pull::Absent => Ok(None),
+            crate::remote::Pull::Unusable(why) => {
+                let notice = format!("the remote entry of `{id}` cannot be used ({why}): running it here instead");
+                self.reporter.event(Event::Notice(&notice));
+                Ok(None)
+            }
+        }
     }
 
     /// Hands ready nodes to the executor, highest priority first, until it has no room; a node that does not
@@ -306,6 +340,9 @@ impl<'a> Scheduler<'a> {
                 self.entries[i] = Some(EntryRef { key, stat: m.stat });
                 let outcome = if executed { Outcome::Executed } else { Outcome::Cached };
                 self.reporter.event(Event::Finished { node: &id, outcome, seconds });
+                if let Some(pusher) = self.pusher.filter(|_| executed) {
+                    pusher.push(&id, &m.key);
+                }
                 if executed { &mut self.summary.executed } else { &mut self.summary.cached }.push(id);
                 self.complete(i, m.output_digest);
             }

@@ -42,6 +42,15 @@ pub struct Experiment {
     /// The `[executor]` table, as written: where the experiment runs by default (`kind = "slurm"`) and the
     /// executor's settings (`[executor.slurm]`); the command line and a profile file override it.
     pub executor: Option<toml::Table>,
+    /// `[cache] remote`: the remote cache this experiment shares its entries through (`--remote` wins).
+    pub remote: Option<String>,
+}
+
+/// The `[cache]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheTable {
+    remote: Option<String>,
 }
 
 /// One `[stage.NAME]` table.
@@ -153,9 +162,9 @@ impl Experiment {
 
         for (key, _) in root.iter() {
             let k: &str = key.get_ref();
-            if k != "experiment" && k != "stage" && k != "executor" {
-                let what = "an experiment file has [experiment], [stage.NAME] and [executor] tables";
-                let hint = did_you_mean(k, ["experiment", "stage", "executor"])
+            if !["experiment", "stage", "executor", "cache"].contains(&k) {
+                let what = "an experiment file has [experiment], [stage.NAME], [executor] and [cache] tables";
+                let hint = did_you_mean(k, ["experiment", "stage", "executor", "cache"])
                     .map(|s| format!("did you mean `{s}`? {what}"))
                     .or_else(|| Some(what.into()));
                 return Err(source.error(key.span(), format!("unknown top-level key `{k}`"), hint));
@@ -173,6 +182,17 @@ impl Experiment {
                 toml::Table::deserialize(toml::de::ValueDeserializer::from(v))
                     .map_err(|e| source.toml_error(&e, "in [executor]", &[]))?,
             ),
+            None => None,
+        };
+
+        let remote = match root.remove("cache") {
+            Some(v) => {
+                CacheTable::deserialize(toml::de::ValueDeserializer::from(v))
+                    .map_err(|e| {
+                        source.toml_error(&e, "in [cache] (it has one key: remote = \"s3://bucket/prefix\")", &[])
+                    })?
+                    .remote
+            }
             None => None,
         };
 
@@ -220,6 +240,7 @@ impl Experiment {
             stages,
             source,
             executor,
+            remote,
         };
         Ok((exp, specs))
     }

@@ -19,6 +19,11 @@ use super::resolve::{source_key, Resolution, Resolver};
 use super::worker::{Job, NodeOutcome};
 use super::{Failure, RunOptions, RunSummary};
 use crate::cache::journal::{Journal, Record, Status};
+use crate::cache::EntryHead;
+use crate::remote::Pull;
+
+/// Remote entries pulled at once (each pull also fetches its files in parallel).
+const PULL_THREADS: usize = 8;
 use crate::error::{Error, Result};
 use crate::plan::key::Action;
 
@@ -217,61 +222,94 @@ impl<'a> Scheduler<'a> {
     /// Resolves nodes whose inputs are all known: a cache hit completes at once and may make more ready.
     fn resolve_newly_ready(&mut self) -> Result<()> {
         let plan = &self.resolver.project.plan;
-        while let Some(i) = self.newly.pop() {
-            let Resolution::Known { key, cached } = self.resolver.resolve(i, &self.digest)? else {
-                return Err(Error::internal(format!("node {} became ready with an unknown input", plan.nodes[i].id)));
-            };
-            let action = || self.resolver.project.action(i, &self.digest).ok_or_else(|| Error::internal("no action"));
-            let (cached, pulled) = match cached {
-                Some(head) => (Some(head), false),
-                None => match self.pull(i, &key)? {
-                    Some(m) => (Some(crate::cache::EntryHead { output_digest: m.output_digest, stat: m.stat }), true),
-                    None => (None, false),
-                },
-            };
-            match cached {
-                Some(head) => {
-                    let digest = head.output_digest;
-                    self.entries[i] = Some(EntryRef { key: key.clone(), stat: head.stat });
-                    let id = plan.nodes[i].id.clone();
-                    // Only a node whose recorded key changed costs a journal record (and building its action).
-                    if !self.journal.is_recorded(&self.resolver.last, &id, &key) {
-                        let record = Record::ok(&id, key.clone(), action()?, &digest);
-                        self.journal.note(&self.resolver.last, record)?;
+        // In waves: every node that became ready is resolved, the misses the remote has are pulled together (in
+        // parallel), and the nodes they complete make the next wave.
+        while !self.newly.is_empty() {
+            let mut wave = Vec::new();
+            for i in std::mem::take(&mut self.newly).into_iter().rev() {
+                let Resolution::Known { key, cached } = self.resolver.resolve(i, &self.digest)? else {
+                    return Err(Error::internal(format!(
+                        "node {} became ready with an unknown input",
+                        plan.nodes[i].id
+                    )));
+                };
+                wave.push((i, key, cached));
+            }
+            let mut pulled = self.pull_wave(&wave)?;
+            for (n, (i, key, cached)) in wave.into_iter().enumerate() {
+                let from_remote = pulled[n].take();
+                let is_pulled = from_remote.is_some();
+                let cached = cached.or(from_remote);
+                let action =
+                    || self.resolver.project.action(i, &self.digest).ok_or_else(|| Error::internal("no action"));
+                match cached {
+                    Some(head) => {
+                        let digest = head.output_digest;
+                        self.entries[i] = Some(EntryRef { key: key.clone(), stat: head.stat });
+                        let id = plan.nodes[i].id.clone();
+                        // Only a node whose recorded key changed costs a journal record (and building its action).
+                        if !self.journal.is_recorded(&self.resolver.last, &id, &key) {
+                            let record = Record::ok(&id, key.clone(), action()?, &digest);
+                            self.journal.note(&self.resolver.last, record)?;
+                        }
+                        self.summary.outputs[i] = Some(self.resolver.cache.entry_out(&key));
+                        let outcome = if is_pulled { Outcome::Pulled } else { Outcome::Cached };
+                        self.reporter.event(Event::Finished { node: &id, outcome, seconds: 0.0 });
+                        if is_pulled { &mut self.summary.pulled } else { &mut self.summary.cached }.push(id);
+                        self.complete(i, digest);
                     }
-                    self.summary.outputs[i] = Some(self.resolver.cache.entry_out(&key));
-                    let outcome = if pulled { Outcome::Pulled } else { Outcome::Cached };
-                    self.reporter.event(Event::Finished { node: &id, outcome, seconds: 0.0 });
-                    if pulled { &mut self.summary.pulled } else { &mut self.summary.cached }.push(id);
-                    self.complete(i, digest);
-                }
-                None => {
-                    let action = action()?;
-                    self.state[i] = St::Ready;
-                    self.ready.0.push((plan.priority[i], Reverse(i)));
-                    self.keys[i] = Some((key, action));
+                    None => {
+                        let action = action()?;
+                        self.state[i] = St::Ready;
+                        self.ready.0.push((plan.priority[i], Reverse(i)));
+                        self.keys[i] = Some((key, action));
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// Node `i`'s entry (key `key`, missing here) from the remote cache, if it has a usable one. A damaged or
-    /// unreachable remote entry is a notice, and the node runs.
-    fn pull(&self, i: usize, key: &str) -> Result<Option<crate::cache::Manifest>> {
-        let Some(remote) = self.opts.remote.as_deref().filter(|r| r.mode.reads() && r.has(key)) else {
-            return Ok(None);
-        };
-        let id = &self.resolver.project.plan.nodes[i].id;
-        match remote.pull(self.resolver.cache, key)? {
-            crate::remote::Pull::Pulled(m) => Ok(Some(*m)),
-            crate::remote::Pull::Busy | crate::remote::Pull::Absent => Ok(None),
-            crate::remote::Pull::Unusable(why) => {
-                let notice = format!("the remote entry of `{id}` cannot be used ({why}): running it here instead");
-                self.reporter.event(Event::Notice(&notice));
-                Ok(None)
+    /// The entries of a wave's local misses that the remote cache has, pulled at once (a few at a time per
+    /// thread, as a wave of 80 fine-tunes is 80 round trips otherwise). A damaged or unreachable remote entry is
+    /// a notice, and its node runs. Aligned with `wave`; None where nothing was pulled.
+    fn pull_wave(&self, wave: &[(usize, String, Option<EntryHead>)]) -> Result<Vec<Option<EntryHead>>> {
+        let mut out: Vec<Option<EntryHead>> = (0..wave.len()).map(|_| None).collect();
+        let Some(remote) = self.opts.remote.as_deref().filter(|r| r.mode.reads()) else { return Ok(out) };
+        let wanted: Vec<usize> = (0..wave.len()).filter(|&n| wave[n].2.is_none() && remote.has(&wave[n].1)).collect();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let cache = self.resolver.cache;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<(usize, Result<Pull>)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..PULL_THREADS.min(wanted.len()))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let w = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&n) = wanted.get(w) else { break };
+                            done.push((n, remote.pull(cache, &wave[n].1)));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+        });
+        for (n, result) in results {
+            match result? {
+                Pull::Pulled(m) => out[n] = Some(EntryHead { output_digest: m.output_digest, stat: m.stat }),
+                Pull::Busy | Pull::Absent => {}
+                Pull::Unusable(why) => {
+                    let id = &self.resolver.project.plan.nodes[wave[n].0].id;
+                    let notice = format!("the remote entry of `{id}` cannot be used ({why}): running it here instead");
+                    self.reporter.event(Event::Notice(&notice));
+                }
             }
         }
+        Ok(out)
     }
 
     /// Hands ready nodes to the executor, highest priority first, until it has no room; a node that does not

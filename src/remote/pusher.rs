@@ -1,6 +1,6 @@
-//! Pushes the entries a run computes, on a thread of its own, so an upload never holds up the scheduler.
+//! Pushes the entries a run computes, on threads of their own, so an upload never holds up the scheduler.
 
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use serde::Serialize;
@@ -21,34 +21,39 @@ pub struct PushTally {
 }
 
 pub struct Pusher {
+    remote: Arc<Remote>,
     tx: Option<mpsc::Sender<(String, String)>>,
-    handle: Option<JoinHandle<PushTally>>,
+    workers: Vec<JoinHandle<PushTally>>,
 }
+
+/// Entries pushed at once: each push is a few round trips (check the blobs, upload the missing ones, write the
+/// record), so one at a time leaves a run waiting on the network long after its last node.
+const PUSH_THREADS: usize = 8;
 
 impl Pusher {
     pub fn start(remote: Arc<Remote>, cache: Cache) -> Pusher {
         let (tx, rx) = mpsc::channel::<(String, String)>();
-        let handle = std::thread::Builder::new()
-            .name("mpcs-push".into())
-            .spawn(move || {
-                let mut tally = PushTally::default();
-                for (node, key) in rx {
-                    match remote.push(&cache, &key) {
-                        Ok(Push::Pushed { blobs, bytes }) => {
-                            tally.pushed += 1;
-                            tally.blobs_uploaded += blobs;
-                            tally.bytes_uploaded += bytes;
+        let rx = Arc::new(Mutex::new(rx));
+        let workers: Vec<JoinHandle<PushTally>> = (0..PUSH_THREADS)
+            .filter_map(|n| {
+                let (remote, cache, rx) = (Arc::clone(&remote), cache.clone(), Arc::clone(&rx));
+                std::thread::Builder::new()
+                    .name(format!("mpcs-push-{n}"))
+                    .spawn(move || {
+                        let mut tally = PushTally::default();
+                        loop {
+                            let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                            let Ok((node, key)) = next else { break };
+                            tally.add(&node, remote.push(&cache, &key));
                         }
-                        Ok(Push::AlreadyThere) => tally.already_there += 1,
-                        Ok(Push::Skipped(why)) => tally.not_pushed.push(format!("{node}: {why}")),
-                        Err(e) => tally.not_pushed.push(format!("{node}: {}", e.message)),
-                    }
-                }
-                remote.release_push_lock();
-                tally
+                        tally
+                    })
+                    .ok()
             })
-            .ok();
-        Pusher { tx: handle.as_ref().map(|_| tx), handle }
+            .collect();
+        // Without a worker thread (none could start) nothing is queued: the run goes on unpushed.
+        let tx = (!workers.is_empty()).then_some(tx);
+        Pusher { remote, tx, workers }
     }
 
     /// Queues the entry of `node` (key `key`) for pushing.
@@ -58,9 +63,34 @@ impl Pusher {
         }
     }
 
-    /// Waits for the queued pushes to end.
+    /// Waits for the queued pushes to end, then gives up this process's push lock.
     pub fn finish(mut self) -> PushTally {
         self.tx.take();
-        self.handle.take().and_then(|h| h.join().ok()).unwrap_or_default()
+        let mut total = PushTally::default();
+        for w in self.workers.drain(..) {
+            let t = w.join().unwrap_or_default();
+            total.pushed += t.pushed;
+            total.already_there += t.already_there;
+            total.blobs_uploaded += t.blobs_uploaded;
+            total.bytes_uploaded += t.bytes_uploaded;
+            total.not_pushed.extend(t.not_pushed);
+        }
+        self.remote.release_push_lock();
+        total
+    }
+}
+
+impl PushTally {
+    fn add(&mut self, node: &str, push: crate::error::Result<Push>) {
+        match push {
+            Ok(Push::Pushed { blobs, bytes }) => {
+                self.pushed += 1;
+                self.blobs_uploaded += blobs;
+                self.bytes_uploaded += bytes;
+            }
+            Ok(Push::AlreadyThere) => self.already_there += 1,
+            Ok(Push::Skipped(why)) => self.not_pushed.push(format!("{node}: {why}")),
+            Err(e) => self.not_pushed.push(format!("{node}: {}", e.message)),
+        }
     }
 }

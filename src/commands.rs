@@ -411,12 +411,28 @@ pub fn report(
     Ok(exit::OK)
 }
 
-pub fn show(target: &str, experiment: Option<&Path>, sets: &[String], json: bool, cache: &Cache) -> Result<i32> {
+pub fn show(
+    target: &str,
+    experiment: Option<&Path>,
+    sets: &[String],
+    json: bool,
+    cache: &Cache,
+    remote: Option<&RemoteSpec>,
+) -> Result<i32> {
     let mut failure: Option<Record> = None;
     let key = if let Some(exp_path) = experiment {
         let project = load(exp_path, sets)?;
         let i = find_node(&project.plan, target)?;
-        let a = lineage::assess(&project, cache)?;
+        let remote = Remote::connect(remote_spec(remote, &project).as_ref())?;
+        let a = lineage::assess_with(&project, cache, remote.as_deref())?;
+        if let (State::Remote, Some(key), Some(remote)) = (a.nodes[i].state, &a.nodes[i].key, &remote) {
+            let record = remote.record(key).map_err(|why| Error::env(format!("{}: {why}", remote.url())))?;
+            let m = record.ok_or_else(|| Error::env(format!("the record of {key} left {}", remote.url())))?.manifest;
+            let stage = &project.exp.stages[project.plan.nodes[i].stage].name;
+            let exp = exp_path.display();
+            let note = format!("on {}, not in this cache: `mpcs pull {exp} --only {stage}` fetches it", remote.url());
+            return print_entry(&m, None, json, Some(note));
+        }
         match (&a.nodes[i].state, &a.nodes[i].key) {
             (State::Cached, Some(k)) if project.source_of(i).is_none() => k.clone(),
             _ => match a.last.get(&project.plan.nodes[i].id) {
@@ -462,14 +478,21 @@ pub fn show(target: &str, experiment: Option<&Path>, sets: &[String], json: bool
         }
         return Err(Error::user(format!("no cache entry {key}")));
     };
+    print_entry(&m, Some(&cache.entry_dir(&key)), json, None)
+}
+
+/// An entry's manifest: where its files are (`dir`, in this cache), or where it is instead (`elsewhere`).
+fn print_entry(m: &crate::cache::Manifest, dir: Option<&Path>, json: bool, elsewhere: Option<String>) -> Result<i32> {
     if json {
         // The manifest plus where its files are.
-        let mut v = serde_json::to_value(&m).map_err(|e| Error::internal(e.to_string()))?;
-        v["path"] = serde_json::Value::String(cache.entry_dir(&key).join("out").display().to_string());
+        let mut v = serde_json::to_value(m).map_err(|e| Error::internal(e.to_string()))?;
+        v["path"] = dir.map(|d| serde_json::Value::String(d.join("out").display().to_string())).unwrap_or_default();
+        if let Some(note) = &elsewhere {
+            v["where"] = serde_json::Value::String(note.clone());
+        }
         println!("{}", serde_json::to_string_pretty(&v).map_err(|e| Error::internal(e.to_string()))?);
         return Ok(exit::OK);
     }
-    let dir = cache.entry_dir(&key);
     println!("entry      {}", m.key);
     println!("node       {} (experiment {})", m.node, m.experiment);
     println!("kind       {} v{}", m.action.kind, m.action.version);
@@ -484,9 +507,14 @@ pub fn show(target: &str, experiment: Option<&Path>, sets: &[String], json: bool
         m.files.iter().map(|f| f.size).sum::<u64>()
     );
     println!("made       {:.2} s on {} ({}), mpcs {}, seed {}", m.duration_s, m.host, m.device, m.tool_version, m.seed);
-    println!("files      {}", dir.join("out").display());
-    println!("log        {}", dir.join("log.txt").display());
-    println!("manifest   {}", dir.join("manifest.json").display());
+    if let Some(dir) = dir {
+        println!("files      {}", dir.join("out").display());
+        println!("log        {}", dir.join("log.txt").display());
+        println!("manifest   {}", dir.join("manifest.json").display());
+    }
+    if let Some(note) = elsewhere {
+        println!("where      {note}");
+    }
     if !m.metrics.is_null() {
         println!("metrics    {}", m.metrics);
     }
@@ -875,24 +903,29 @@ pub fn pull(experiment: &Path, sets: &[String], only: &[String], spec: &RemoteSp
     let t0 = Instant::now();
     let (mut pulled, mut bytes, mut unusable) = (0, 0u64, Vec::new());
     let mut elsewhere = 0;
+    let mut wanted: Vec<usize> = Vec::new();
     for (i, st) in a.nodes.iter().enumerate() {
-        let node = &project.plan.nodes[i];
-        let stage = &project.exp.stages[node.stage].name;
+        let stage = &project.exp.stages[project.plan.nodes[i].stage].name;
         if !only.is_empty() && !only.contains(stage) {
             continue;
         }
-        match (st.state, &st.key) {
-            (State::Remote, Some(key)) => match remote.pull(cache, key)? {
-                crate::remote::Pull::Pulled(_) => {
-                    pulled += 1;
-                    bytes += st.remote_bytes.unwrap_or(0);
-                }
-                crate::remote::Pull::Busy => unusable.push(format!("{}: another mpcs here holds it", node.id)),
-                crate::remote::Pull::Absent => unusable.push(format!("{}: gone from the remote", node.id)),
-                crate::remote::Pull::Unusable(why) => unusable.push(format!("{}: {why}", node.id)),
-            },
-            (State::WillRun | State::Failed | State::Blocked, _) if project.source_of(i).is_none() => elsewhere += 1,
+        match st.state {
+            State::Remote => wanted.push(i),
+            State::WillRun | State::Failed | State::Blocked if project.source_of(i).is_none() => elsewhere += 1,
             _ => {}
+        }
+    }
+    let keys: Vec<&str> = wanted.iter().filter_map(|&i| a.nodes[i].key.as_deref()).collect();
+    for (&i, result) in wanted.iter().zip(remote.pull_many(cache, &keys)) {
+        let id = &project.plan.nodes[i].id;
+        match result? {
+            crate::remote::Pull::Pulled(_) => {
+                pulled += 1;
+                bytes += a.nodes[i].remote_bytes.unwrap_or(0);
+            }
+            crate::remote::Pull::Busy => unusable.push(format!("{id}: another mpcs here holds it")),
+            crate::remote::Pull::Absent => unusable.push(format!("{id}: gone from the remote")),
+            crate::remote::Pull::Unusable(why) => unusable.push(format!("{id}: {why}")),
         }
     }
     println!(

@@ -160,6 +160,8 @@ enum Command {
         /// Print the raw manifest as JSON
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Remove cache entries that none of the given experiments reaches.
     Gc {
@@ -456,8 +458,8 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
         Command::Pull { experiment, only, sets, remote } => {
             commands::pull(&experiment, &sets, &only, &remote.spec(), &cache()?)
         }
-        Command::Show { target, experiment, sets, json } => {
-            commands::show(&target, experiment.as_deref(), &sets, json, &cache()?)
+        Command::Show { target, experiment, sets, json, remote } => {
+            commands::show(&target, experiment.as_deref(), &sets, json, &cache()?, Some(&remote.spec()))
         }
         Command::Gc { experiments, sets, dry_run, remote: None } => {
             commands::gc(&experiments, &sets, dry_run, &cache()?)

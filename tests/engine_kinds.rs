@@ -247,6 +247,7 @@ fn a_changed_default_changes_the_key_and_why_names_it() {
             keep_going: false,
             grace: Duration::from_secs(1),
             executor: Default::default(),
+            remote: None,
         };
         mpcs::exec::run(p, &cache, &opts, &Silent, &Arc::new(Default::default())).unwrap()
     };

@@ -176,6 +176,20 @@ fn a_fresh_cache_pulls_the_whole_dag_runs_nothing_and_a_tampered_blob_reruns_its
     }
     assert!(p.mpcs(&["--cache", "cache-b", "verify"]).status.success(), "pulled entries verify");
 
+    // Without running anything: `show` reads a remote-only node's record, `pull --only` fetches one stage.
+    let show = s3.mpcs(&p, &["--cache", "cache-e", "show", "table", "--exp", "paper.toml", "--remote", remote]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(show.status.success() && text.contains("on s3://mpcs/lab/paper, not in this cache"), "{show:?}");
+    let pull = s3.mpcs(&p, &["--cache", "cache-e", "pull", "paper.toml", "--only", "table", "--remote", remote]);
+    assert!(String::from_utf8_lossy(&pull.stdout).starts_with("pulled 1 entries"), "{pull:?}");
+    let states = s3.mpcs(&p, &["graph", "paper.toml", "--cache", "cache-e", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&states.stdout).unwrap();
+    let table = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "table").unwrap().clone();
+    assert_eq!(table["state"], "blocked", "without the remote, its inputs are unknown here: {table}");
+    let bad = s3.mpcs(&p, &["--cache", "cache-e", "pull", "paper.toml", "--only", "tabel", "--remote", remote]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("Did you mean `table`?"), "{}", stderr(&bad));
+
     // A no-op run with the remote costs one listing and nothing else.
     let again = summary(&run(&s3, &p, "paper.toml", "cache-b", remote, &[]));
     assert_eq!(again["cached"].as_array().unwrap().len(), 200);

@@ -22,8 +22,6 @@ use crate::cache::journal::{Journal, Record, Status};
 use crate::cache::EntryHead;
 use crate::remote::Pull;
 
-/// Remote entries pulled at once (each pull also fetches its files in parallel).
-const PULL_THREADS: usize = 8;
 use crate::error::{Error, Result};
 use crate::plan::key::Action;
 
@@ -270,8 +268,8 @@ impl<'a> Scheduler<'a> {
         Ok(())
     }
 
-    /// The entries of a wave's local misses that the remote cache has, pulled at once (a few at a time per
-    /// thread, as a wave of 80 fine-tunes is 80 round trips otherwise). A damaged or unreachable remote entry is
+    /// The entries of a wave's local misses that the remote cache has, pulled together (a wave of 80
+    /// fine-tunes would be 80 round trips one after another otherwise). A damaged or unreachable remote entry is
     /// a notice, and its node runs. Aligned with `wave`; None where nothing was pulled.
     fn pull_wave(&self, wave: &[(usize, String, Option<EntryHead>)]) -> Result<Vec<Option<EntryHead>>> {
         let mut out: Vec<Option<EntryHead>> = (0..wave.len()).map(|_| None).collect();
@@ -280,24 +278,8 @@ impl<'a> Scheduler<'a> {
         if wanted.is_empty() {
             return Ok(out);
         }
-        let cache = self.resolver.cache;
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<(usize, Result<Pull>)> = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..PULL_THREADS.min(wanted.len()))
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut done = Vec::new();
-                        loop {
-                            let w = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(&n) = wanted.get(w) else { break };
-                            done.push((n, remote.pull(cache, &wave[n].1)));
-                        }
-                        done
-                    })
-                })
-                .collect();
-            workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
-        });
+        let keys: Vec<&str> = wanted.iter().map(|&n| wave[n].1.as_str()).collect();
+        let results = wanted.iter().copied().zip(remote.pull_many(self.resolver.cache, &keys));
         for (n, result) in results {
             match result? {
                 Pull::Pulled(m) => out[n] = Some(EntryHead { output_digest: m.output_digest, stat: m.stat }),

@@ -20,6 +20,8 @@ use crate::cache::{Cache, EntryCheck, Manifest};
 use crate::error::{Error, Result};
 
 const RECORD_FORMAT: u32 = 1;
+/// Entries pulled at once by [`Remote::pull_many`] (each pull also fetches its files in parallel).
+const PULL_THREADS: usize = 8;
 
 /// What `ac/<key>` holds.
 #[derive(Serialize, Deserialize)]
@@ -152,6 +154,29 @@ impl Remote {
         }
         let manifest = cache.publish(staging, record.manifest, &lock)?;
         Ok(Pull::Pulled(Box::new(manifest)))
+    }
+
+    /// Pulls the entries of `keys` into `cache`, [`PULL_THREADS`] at a time; results in the order of `keys`.
+    pub fn pull_many(&self, cache: &Cache, keys: &[&str]) -> Vec<Result<Pull>> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut results: Vec<(usize, Result<Pull>)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..PULL_THREADS.min(keys.len()))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(key) = keys.get(n) else { break };
+                            done.push((n, self.pull(cache, key)));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+        });
+        results.sort_by_key(|(n, _)| *n);
+        results.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Streams blob `digest` into `path`, checking its size and digest; the error says what was wrong.

@@ -17,16 +17,35 @@ use crate::lineage::{self, State};
 use crate::plan::Plan;
 use crate::remote::{Remote, RemoteSpec};
 
-/// The remote a command uses: `--remote`/`MPCS_REMOTE` as given, else the experiment's `[cache] remote` with the
-/// mode and fallback of the command line.
+/// The remote a command uses: `--remote`/`MPCS_REMOTE` as given, else the profile's `[cache] remote` (for `run`),
+/// else the experiment's, with the mode and fallback of the command line.
 pub fn remote_spec(given: Option<&RemoteSpec>, project: &Project) -> Option<RemoteSpec> {
-    match (given, &project.exp.remote) {
+    remote_spec_with(given, None, project)
+}
+
+fn remote_spec_with(given: Option<&RemoteSpec>, profile: Option<String>, project: &Project) -> Option<RemoteSpec> {
+    let configured = profile.or_else(|| project.exp.remote.clone());
+    match (given, configured) {
         (Some(g), _) if !g.url.is_empty() => Some(g.clone()),
-        (Some(g), Some(url)) => Some(RemoteSpec { url: url.clone(), ..g.clone() }),
-        (None, Some(url)) => {
-            Some(RemoteSpec { url: url.clone(), mode: crate::remote::Mode::ReadWrite, fallback: false })
-        }
+        (Some(g), Some(url)) => Some(RemoteSpec { url, ..g.clone() }),
+        (None, Some(url)) => Some(RemoteSpec { url, mode: crate::remote::Mode::ReadWrite, fallback: false }),
         _ => None,
+    }
+}
+
+/// `[cache] remote` of a profile file (the profile's other tables are read by the executor that uses them).
+fn profile_remote(profile: Option<&Path>) -> Result<Option<String>> {
+    let Some(path) = profile else { return Ok(None) };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read the profile", path, e))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| Error::user(format!("profile {}: {e}", path.display())))?;
+    match table.get("cache").map(|c| c.get("remote")) {
+        None => Ok(None),
+        Some(Some(toml::Value::String(url))) => Ok(Some(url.clone())),
+        Some(_) => Err(Error::user(format!(
+            "profile {}: [cache] has one key, remote = \"s3://bucket/prefix\"",
+            path.display()
+        ))),
     }
 }
 
@@ -56,7 +75,7 @@ pub fn run(args: &RunArgs<'_>, cache_dir: &Path, reporter: &dyn Reporter, cancel
     let project = load(args.experiment, args.sets)?;
     let gpus = devices::discover(&args.devices)?;
     let cache = &Cache::open(cache_dir)?;
-    let remote = Remote::connect(remote_spec(args.remote, &project).as_ref())?;
+    let remote = Remote::connect(remote_spec_with(args.remote, profile_remote(args.profile)?, &project).as_ref())?;
     if args.dry_run {
         return dry_run(&project, cache, remote.as_deref(), &gpus, args.json);
     }

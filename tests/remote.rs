@@ -410,7 +410,7 @@ fn gc_remote_keeps_what_the_given_experiments_reach_and_waits_for_pushes() {
     let p = Project::new();
     let exp = |name: &str, word: &str| {
         format!(
-            "[experiment]\nname = \"{name}\"\n\n[stage.make]\nkind = \"command\"\n\
+            "[experiment]\nname = \"{name}\"\n\n[cache]\nremote = \"s3://mpcs/gc\"\n\n[stage.make]\nkind = \"command\"\n\
              run = [\"sh\", \"-c\", \"echo {word} > {{out}}/own.txt; echo shared > {{out}}/shared.txt\"]\n\n\
              [stage.use]\nkind = \"command\"\nfrom = \"make\"\nrun = [\"sh\", \"-c\", \"cat {{in}}/own.txt > {{out}}/copy.txt\"]\n"
         )
@@ -437,7 +437,8 @@ fn gc_remote_keeps_what_the_given_experiments_reach_and_waits_for_pushes() {
         assert!(t0.elapsed() < Duration::from_secs(20), "the run took no push lock");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let busy = s3.mpcs(&p, &["gc", "x.toml", "--remote", remote]);
+    // `--remote` without an address: the experiment's `[cache] remote`.
+    let busy = s3.mpcs(&p, &["gc", "x.toml", "--remote"]);
     assert_eq!(busy.status.code(), Some(3), "{}", stderr(&busy));
     assert!(stderr(&busy).contains("a push at work"), "{}", stderr(&busy));
     assert!(s3.objects("gc/ac").len() >= 4, "nothing removed");
@@ -445,7 +446,7 @@ fn gc_remote_keeps_what_the_given_experiments_reach_and_waits_for_pushes() {
     assert!(s3.objects("gc/locks").is_empty(), "the run's lock is gone with it");
     assert_eq!(s3.objects("gc/ac").len(), 6);
 
-    let dry = s3.mpcs(&p, &["gc", "x.toml", "--remote", remote, "-n"]);
+    let dry = s3.mpcs(&p, &["gc", "x.toml", "--remote", "-n"]);
     assert!(String::from_utf8_lossy(&dry.stdout).starts_with("would remove 4 records"), "{dry:?}");
     assert_eq!(s3.objects("gc/ac").len(), 6, "a dry run removes nothing");
     let gc = s3.mpcs(&p, &["gc", "x.toml", "--remote", remote]);
@@ -456,6 +457,17 @@ fn gc_remote_keeps_what_the_given_experiments_reach_and_waits_for_pushes() {
     // x comes back whole from the remote (its blobs, the shared one included, are all there); y would run.
     let x = summary(&run(&s3, &p, "x.toml", "cache-fresh", remote, &[]));
     assert_eq!(names(&x["pulled"]), ["make", "use"]);
-    let y = summary(&run(&s3, &p, "y.toml", "cache-fresh", remote, &["--remote-mode", "read"]));
+    let y = s3.mpcs(&p, &["run", "y.toml", "--cache", "cache-fresh", "--remote-mode", "read", "--json", "--plain"]);
+    let y = summary(&y);
+    assert_eq!(y["remote"]["url"], remote, "the experiment's [cache] remote");
+    // A profile's [cache] remote wins over the experiment's, and the flag over both.
+    p.write("prof.toml", "[cache]\nremote = \"s3://mpcs/other\"\n");
+    let with_profile = |extra: &[&str]| {
+        let mut args = vec!["run", "x.toml", "--profile", "prof.toml", "--json", "--plain"];
+        args.extend_from_slice(extra);
+        summary(&s3.mpcs(&p, &args))["remote"]["url"].clone()
+    };
+    assert_eq!(with_profile(&[]), "s3://mpcs/other");
+    assert_eq!(with_profile(&["--remote", "s3://mpcs/gc"]), "s3://mpcs/gc");
     assert_eq!(names(&y["executed"]), ["make", "use"]);
 }

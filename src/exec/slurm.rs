@@ -126,9 +126,9 @@ impl SlurmOptions {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read the profile", path, e))?;
             let mut table: toml::Table =
                 toml::from_str(&text).map_err(|e| Error::user(format!("profile {}: {e}", path.display())))?;
-            if let Some(extra) = table.keys().find(|k| *k != "slurm") {
+            if let Some(extra) = table.keys().find(|k| *k != "slurm" && *k != "cache") {
                 return Err(Error::user(format!(
-                    "profile {}: unknown table or key `{extra}`; a profile holds a [slurm] table",
+                    "profile {}: unknown table or key `{extra}`; a profile holds a [slurm] and a [cache] table",
                     path.display()
                 )));
             }

@@ -20,10 +20,9 @@ use super::worker::{Job, NodeOutcome};
 use super::{Failure, RunOptions, RunSummary};
 use crate::cache::journal::{Journal, Record, Status};
 use crate::cache::EntryHead;
-use crate::remote::Pull;
-
 use crate::error::{Error, Result};
 use crate::plan::key::Action;
+use crate::remote::Pull;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum St {

@@ -20,6 +20,10 @@ use crate::cache::{Cache, EntryCheck, Manifest};
 use crate::error::{Error, Result};
 
 const RECORD_FORMAT: u32 = 1;
+/// Files larger than this go up as multipart uploads of [`PART_SIZE`] parts.
+const MULTIPART_ABOVE: u64 = 32 << 20;
+const PART_SIZE: usize = 16 << 20;
+const PARTS_IN_FLIGHT: usize = 4;
 /// Entries pulled at once by [`Remote::pull_many`] (each pull also fetches its files in parallel).
 const PULL_THREADS: usize = 8;
 
@@ -273,6 +277,50 @@ impl Remote {
         Ok(Push::Pushed { blobs: sent.len(), bytes: sent.iter().sum() })
     }
 
+    /// Streams a large file up as a multipart upload, [`PART_SIZE`] at a time (a few parts in flight), hashing as
+    /// it reads: memory stays bounded whatever the file's size, and S3's 5 GB limit on one PUT does not apply. The
+    /// object appears only when the upload completes; a file whose bytes no longer match `digest` aborts it.
+    async fn upload_in_parts(
+        &self,
+        blob: &object_store::path::Path,
+        digest: &str,
+        path: &Path,
+    ) -> std::result::Result<u64, String> {
+        use std::io::Read;
+        let fail = |what: String| format!("cannot upload blob {}: {what}", &digest[..12]);
+        let mut file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Stats::add(&self.stats.put, 1);
+        let upload = self.store.put_multipart(blob).await.map_err(|e| fail(root_cause(&e)))?;
+        let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let read = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(format!("cannot read {}: {e}", path.display()));
+                }
+            };
+            hasher.update(&buf[..read]);
+            n += read as u64;
+            if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                let _ = writer.abort().await;
+                return Err(fail(root_cause(&e)));
+            }
+            writer.write(&buf[..read]);
+        }
+        if hasher.finalize().to_hex().as_str() != digest {
+            let _ = writer.abort().await;
+            return Err(format!("{} changed while it was being pushed", path.display()));
+        }
+        Stats::add(&self.stats.put, n.div_ceil(PART_SIZE as u64) + 1);
+        writer.finish().await.map_err(|e| fail(root_cause(&e)))?;
+        Ok(n)
+    }
+
     /// Uploads `path` as blob `digest` unless the remote has it; Some(bytes) when it was uploaded. A blob of
     /// another size than `size` (left truncated by a server that died mid-write) is uploaded again.
     /// `rewrite`: upload even a blob that is there (to repair one found damaged).
@@ -293,18 +341,23 @@ impl Remote {
                 Err(e) => return Err(format!("cannot check blob {}: {}", &digest[..12], root_cause(&e))),
             }
         }
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        // The entry was checked before the push; a file changed since would store bytes under a wrong name.
-        if blake3::hash(&bytes).to_hex().as_str() != digest {
-            return Err(format!("{} changed while it was being pushed", path.display()));
-        }
-        let n = bytes.len() as u64;
-        Stats::add(&self.stats.put, 1);
-        // One PUT: the object appears whole or not at all, so an interrupted upload leaves nothing.
-        self.store
-            .put(&blob, PutPayload::from(bytes))
-            .await
-            .map_err(|e| format!("cannot upload blob {}: {}", &digest[..12], root_cause(&e)))?;
+        let n = if size > MULTIPART_ABOVE {
+            self.upload_in_parts(&blob, digest, path).await?
+        } else {
+            let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            // The entry was checked before the push; a file changed since would store bytes under a wrong name.
+            if blake3::hash(&bytes).to_hex().as_str() != digest {
+                return Err(format!("{} changed while it was being pushed", path.display()));
+            }
+            let n = bytes.len() as u64;
+            Stats::add(&self.stats.put, 1);
+            // One PUT: the object appears whole or not at all, so an interrupted upload leaves nothing.
+            self.store
+                .put(&blob, PutPayload::from(bytes))
+                .await
+                .map_err(|e| format!("cannot upload blob {}: {}", &digest[..12], root_cause(&e)))?;
+            n
+        };
         Stats::add(&self.stats.bytes_up, n);
         Ok(Some(n))
     }

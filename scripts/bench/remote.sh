@@ -43,7 +43,15 @@ echo "no-op run with remote    (s): ${with[*]}"
 "$mpcs" run exp.toml --cache c1 --remote s3://mpcs/dag --json --quiet | requests
 t0=$(now); "$mpcs" run exp.toml --cache c2 --remote s3://mpcs/dag --json --quiet | requests; t1=$(now)
 echo "fresh cache pulling everything: $(secs "$t0" "$t1") s"
+t0=$(now); "$mpcs" graph exp.toml --cache c-empty --remote s3://mpcs/dag >/dev/null; t1=$(now)
+echo "graph of an empty cache (199 remote nodes, their records fetched): $(secs "$t0" "$t1") s"
 if [ -n "${MPCS_BEFORE:-}" ]; then
+  for _ in 1 2 3; do
+    for bin in "$MPCS_BEFORE" "$mpcs"; do
+      t0=$(now); "$bin" graph exp.toml --cache c-empty --remote s3://mpcs/dag >/dev/null; t1=$(now)
+      echo "graph of an empty cache, $bin: $(secs "$t0" "$t1") s"
+    done
+  done
   for _ in 1 2 3; do
     for bin in "$MPCS_BEFORE" "$mpcs"; do
       rm -rf c3

@@ -134,25 +134,55 @@ pub fn assess(project: &Project, cache: &Cache) -> Result<Assessment> {
     assess_with(project, cache, None)
 }
 
-/// [`assess`], with the entries a remote cache has counted as `remote` (their records are fetched, one request
-/// per such node, for the output digests their consumers' keys need).
+/// [`assess`], with the entries a remote cache has counted as `remote`. Their records are fetched for the output
+/// digests their consumers' keys need: a DAG level at a time, each level's records in parallel.
 pub fn assess_with(project: &Project, cache: &Cache, remote: Option<&Remote>) -> Result<Assessment> {
     let resolver = Resolver::new(project, cache)?;
-    let n = project.plan.nodes.len();
+    let plan = &project.plan;
+    let n = plan.nodes.len();
     let mut digests: Vec<Option<String>> = vec![None; n];
     let mut nodes: Vec<Option<NodeStatus>> = (0..n).map(|_| None).collect();
     let mut source_paths = HashMap::new();
-    for &i in &project.plan.order {
-        let missing = project.source_of(i).is_some_and(|s| {
-            let decl = &project.exp.stages[project.plan.nodes[i].stage];
-            s.resolve(&project.exp, decl).is_err()
-        });
-        let status = if missing {
-            NodeStatus::new(State::Missing, None, None)
-        } else {
-            status_of(&resolver, remote, i, &mut digests, &mut source_paths)?
-        };
-        nodes[i] = Some(status);
+    // A node's level is one more than its deepest input's: a level's keys depend on earlier levels only.
+    let mut level = vec![0usize; n];
+    for &i in &plan.order {
+        level[i] = plan.nodes[i].inputs.iter().map(|&j| level[j] + 1).max().unwrap_or(0);
+    }
+    let mut levels: Vec<Vec<usize>> = vec![Vec::new(); level.iter().max().map_or(0, |m| m + 1)];
+    for &i in &plan.order {
+        levels[level[i]].push(i);
+    }
+    for nodes_of_level in &levels {
+        for &i in nodes_of_level {
+            let missing = project.source_of(i).is_some_and(|s| {
+                let decl = &project.exp.stages[plan.nodes[i].stage];
+                s.resolve(&project.exp, decl).is_err()
+            });
+            nodes[i] = Some(if missing {
+                NodeStatus::new(State::Missing, None, None)
+            } else {
+                status_of(&resolver, i, &mut digests, &mut source_paths)?
+            });
+        }
+        let Some(remote) = remote.filter(|r| r.mode.reads()) else { continue };
+        // This level's misses that the remote has: their records, all at once.
+        let asked: Vec<(usize, String)> = nodes_of_level
+            .iter()
+            .filter_map(|&i| {
+                let st = nodes[i].as_ref()?;
+                let key = st.key.as_ref().filter(|_| matches!(st.state, State::WillRun | State::Failed))?;
+                (project.source_of(i).is_none() && remote.has(key)).then(|| (i, key.clone()))
+            })
+            .collect();
+        let keys: Vec<&str> = asked.iter().map(|(_, k)| k.as_str()).collect();
+        for ((i, key), record) in asked.iter().zip(remote.records(&keys)) {
+            let Some(record) = record.ok().flatten().filter(|rec| rec.manifest.key == *key) else { continue };
+            let digest = record.manifest.output_digest.clone();
+            digests[*i] = Some(digest.clone());
+            let mut st = NodeStatus::new(State::Remote, Some(key.clone()), Some(digest));
+            st.remote_bytes = Some(record.blobs().values().sum());
+            nodes[*i] = Some(st);
+        }
     }
     let mut nodes: Vec<NodeStatus> = nodes.into_iter().flatten().collect();
     // Nodes that a live run has handed to a cluster: shown with their job (one squeue, only if any is recorded).
@@ -171,7 +201,6 @@ pub fn assess_with(project: &Project, cache: &Cache, remote: Option<&Remote>) ->
 
 fn status_of(
     r: &Resolver<'_>,
-    remote: Option<&Remote>,
     i: usize,
     digests: &mut [Option<String>],
     source_paths: &mut HashMap<usize, PathBuf>,
@@ -190,15 +219,6 @@ fn status_of(
             NodeStatus::new(State::Cached, Some(key), Some(digest))
         }
         Resolution::Known { key, cached: None, .. } => {
-            let record =
-                remote.filter(|rm| rm.mode.reads() && rm.has(&key)).and_then(|rm| rm.record(&key).ok().flatten());
-            if let Some(record) = record.filter(|rec| rec.manifest.key == key) {
-                let digest = record.manifest.output_digest.clone();
-                digests[i] = Some(digest.clone());
-                let mut st = NodeStatus::new(State::Remote, Some(key), Some(digest));
-                st.remote_bytes = Some(record.blobs().values().sum());
-                return Ok(st);
-            }
             let state = if r.failed_last_time(i, &key) { State::Failed } else { State::WillRun };
             NodeStatus::new(state, Some(key), None)
         }

@@ -106,6 +106,13 @@ impl Remote {
         self.runtime.block_on(self.fetch_record(key))
     }
 
+    /// The records of `keys`, [`super::PARALLEL`] requests at a time; in the order of `keys`.
+    pub fn records(&self, keys: &[&str]) -> Vec<std::result::Result<Option<Record>, String>> {
+        self.runtime.block_on(
+            futures::stream::iter(keys.iter()).map(|k| self.fetch_record(k)).buffered(PARALLEL).collect::<Vec<_>>(),
+        )
+    }
+
     pub(super) async fn fetch_record(&self, key: &str) -> std::result::Result<Option<Record>, String> {
         Stats::add(&self.stats.get, 1);
         let got = match self.store.get(&self.record_path(key)).await {

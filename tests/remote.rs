@@ -227,26 +227,7 @@ fn the_reduced_quickstart_comes_back_from_the_remote_byte_identical() {
     let p = Project::new();
     let exp = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/quickstart.toml");
     let exp = exp.to_str().unwrap();
-    let reduced: Vec<String> = [
-        "stage.pretrain.matrix.fold=[0]",
-        "stage.finetune.matrix.fold=[0]",
-        "stage.finetune.matrix.magnification=[\"400X\"]",
-        "stage.evaluate.matrix.fold=[0]",
-        "stage.evaluate.matrix.magnification=[\"400X\"]",
-        "stage.breakhis.patients=12",
-        "stage.breakhis.regions_per_patient=2",
-        "stage.breakhis.size=\"48x32\"",
-        "stage.pretrain.epochs=1",
-        "stage.pretrain.size=16",
-        "stage.pretrain.batch_size=4",
-        "stage.finetune.epochs=1",
-        "stage.finetune.size=16",
-        "stage.finetune.batch_size=4",
-        "stage.evaluate.size=16",
-    ]
-    .iter()
-    .flat_map(|s| ["--set".to_string(), s.to_string()])
-    .collect();
+    let reduced = one_fold_quickstart_sets();
     let sets: Vec<&str> = reduced.iter().map(String::as_str).collect();
     let remote = "s3://mpcs/quickstart";
     let a = summary(&run(&s3, &p, exp, "cache-a", remote, &sets));

@@ -360,26 +360,7 @@ fn a_reduced_quickstart_gives_the_local_executors_table(c: &Cluster) {
     p.write("profile.toml", PROFILE);
     let exp = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/quickstart.toml");
     let exp = exp.to_str().unwrap();
-    let reduced: Vec<String> = [
-        "stage.pretrain.matrix.fold=[0]",
-        "stage.finetune.matrix.fold=[0]",
-        "stage.finetune.matrix.magnification=[\"400X\"]",
-        "stage.evaluate.matrix.fold=[0]",
-        "stage.evaluate.matrix.magnification=[\"400X\"]",
-        "stage.breakhis.patients=12",
-        "stage.breakhis.regions_per_patient=2",
-        "stage.breakhis.size=\"48x32\"",
-        "stage.pretrain.epochs=1",
-        "stage.pretrain.size=16",
-        "stage.pretrain.batch_size=4",
-        "stage.finetune.epochs=1",
-        "stage.finetune.size=16",
-        "stage.finetune.batch_size=4",
-        "stage.evaluate.size=16",
-    ]
-    .iter()
-    .flat_map(|s| ["--set".to_string(), s.to_string()])
-    .collect();
+    let reduced = one_fold_quickstart_sets();
     let args: Vec<&str> = reduced.iter().map(String::as_str).collect();
     let out = slurm_cmd(&p, c, exp, &args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

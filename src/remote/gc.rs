@@ -58,7 +58,7 @@ impl Remote {
 
     /// Live locks of `kind` other than `mine`: names younger than `stale`.
     fn live_locks(&self, kind: &str, mine: &str, stale: Duration) -> std::result::Result<Vec<String>, String> {
-        let now = chrono_now();
+        let now = unix_now();
         let locks = self.list("locks/").map_err(|e| format!("cannot list locks: {}", root_cause(&e)))?;
         Ok(locks
             .into_iter()
@@ -153,7 +153,7 @@ impl Remote {
         let blobs = self.list("cas/").map_err(io)?;
         let unreferenced: Vec<_> =
             blobs.into_iter().filter(|m| !referenced.contains(&last_segment(&m.location))).collect();
-        let mut report = RemoteGcReport {
+        let report = RemoteGcReport {
             records_kept: kept.len(),
             records_removed: doomed.len(),
             blobs_removed: unreferenced.len(),
@@ -167,10 +167,7 @@ impl Remote {
         for k in &doomed {
             self.forget_known(k);
         }
-        let blob_paths: Vec<_> = unreferenced.into_iter().map(|m| m.location).collect();
-        let n = blob_paths.len();
-        self.delete_all(blob_paths).map_err(io)?;
-        report.blobs_removed = n;
+        self.delete_all(unreferenced.into_iter().map(|m| m.location).collect()).map_err(io)?;
         Ok(report)
     }
 
@@ -192,6 +189,6 @@ impl Remote {
 }
 
 /// Seconds since the epoch, as the servers' `Last-Modified` counts them.
-fn chrono_now() -> i64 {
+fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }

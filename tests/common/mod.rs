@@ -39,6 +39,31 @@ folds = 2
     )
 }
 
+/// `--set` arguments that reduce the README's quickstart to one fold at one magnification on tiny images: the same
+/// stages in seconds (tests/slurm.rs and tests/remote.rs).
+pub fn one_fold_quickstart_sets() -> Vec<String> {
+    [
+        "stage.pretrain.matrix.fold=[0]",
+        "stage.finetune.matrix.fold=[0]",
+        "stage.finetune.matrix.magnification=[\"400X\"]",
+        "stage.evaluate.matrix.fold=[0]",
+        "stage.evaluate.matrix.magnification=[\"400X\"]",
+        "stage.breakhis.patients=12",
+        "stage.breakhis.regions_per_patient=2",
+        "stage.breakhis.size=\"48x32\"",
+        "stage.pretrain.epochs=1",
+        "stage.pretrain.size=16",
+        "stage.pretrain.batch_size=4",
+        "stage.finetune.epochs=1",
+        "stage.finetune.size=16",
+        "stage.finetune.batch_size=4",
+        "stage.evaluate.size=16",
+    ]
+    .iter()
+    .flat_map(|s| ["--set".to_string(), s.to_string()])
+    .collect()
+}
+
 pub struct Project {
     pub dir: tempfile::TempDir,
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::nn::{trainable_vars, Arch, Dilation, NnError, ResNet};
+use crate::nn::{trainable_vars, Arch, Dilation, Encoder, NnError};
 use crate::optim::{Adam, AdamConfig, OptimError, Optimizer};
 
 /// Errors of the benchmarks.
@@ -65,7 +65,10 @@ impl TrainBenchOptions {
             )));
         }
         if self.size < 32 {
-            return Err(BenchError::Options(format!("--size {} is too small for a ResNet; use 32 or more", self.size)));
+            return Err(BenchError::Options(format!(
+                "--size {} is too small (the encoders downsample 32×); use 32 or more",
+                self.size
+            )));
         }
         if self.steps == 0 {
             return Err(BenchError::Options("--steps must be at least 1".into()));
@@ -121,7 +124,7 @@ const CLASSES: usize = 10;
 
 /// A model with a 10-class head, its Adam, a random batch and labels.
 struct Setup {
-    model: ResNet,
+    model: Encoder,
     opt: Adam,
     x: Tensor,
     labels: Tensor,
@@ -136,7 +139,7 @@ fn setup(opts: &TrainBenchOptions) -> Result<Setup, BenchError> {
     let dev = opts.device.clone();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let model = ResNet::new(opts.arch, vb, Some(CLASSES), Dilation::None)?;
+    let model = Encoder::new(opts.arch, vb, Some(CLASSES), Dilation::None)?;
     let opt = Adam::new(trainable_vars(&varmap, ""), AdamConfig::default())?;
     let x = Tensor::randn(0f32, 1f32, (opts.batch, 3, opts.size, opts.size), &dev)?;
     let labels =

@@ -722,7 +722,7 @@ pub fn stain(method: &str, target: Option<&Path>, inputs: &[PathBuf], out: &Path
 /// Options shared by `mpcs predict`, `embed` and `cam`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct InferArgs {
-    /// resnet18, resnet34, resnet50, resnet101 or resnet152 (default: what the weights look like)
+    /// resnet18, resnet34, resnet50, resnet101, resnet152 or efficientnet_b2 (default: what the weights look like)
     #[arg(long)]
     pub arch: Option<String>,
     /// torchvision checkpoint (.pth / .safetensors) or an mpcs model.safetensors / backbone.safetensors
@@ -763,7 +763,7 @@ impl InferArgs {
                 let names = crate::nn::weights::read_tensors(&self.weights).map_err(infer_error)?;
                 crate::nn::weights::detect_arch(names.keys().map(String::as_str)).ok_or_else(|| {
                     Error::user(format!(
-                        "{}: cannot tell which ResNet these weights are for; pass --arch",
+                        "{}: cannot tell which encoder these weights are for (neither ResNet nor EfficientNet names); pass --arch",
                         self.weights.display()
                     ))
                 })?

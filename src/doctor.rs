@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::nn::weights::is_buffer;
-use crate::nn::{set_fast_paths, Arch, Dilation, ResNet};
+use crate::nn::{set_fast_paths, Arch, Dilation, Encoder};
 use crate::optim::{Adam, AdamConfig, Optimizer};
 
 /// What `mpcs doctor` runs.
@@ -135,7 +135,7 @@ fn discovery() -> String {
 fn compare(arch: Arch, opts: &DoctorOptions, device: &Device, out: &mut dyn Write) -> anyhow::Result<Vec<Delta>> {
     let (size, batch) = (opts.size, opts.batch);
     let init = VarMap::new();
-    ResNet::new(arch, VarBuilder::from_varmap(&init, DType::F32, &Device::Cpu), Some(10), Dilation::None)?;
+    Encoder::new(arch, VarBuilder::from_varmap(&init, DType::F32, &Device::Cpu), Some(10), Dilation::None)?;
     crate::train::seeded_init(&init, opts.seed)?;
     let mut rng = crate::loader::rng::Rng::new(opts.seed);
     let pixels: Vec<f32> = (0..batch * 3 * size * size).map(|_| rng.uniform(-2.0, 2.0) as f32).collect();
@@ -200,7 +200,7 @@ fn one_step(
 ) -> anyhow::Result<StepResult> {
     let t0 = Instant::now();
     let varmap = VarMap::new();
-    let model = ResNet::new(arch, VarBuilder::from_varmap(&varmap, dt, device), Some(10), Dilation::None)?;
+    let model = Encoder::new(arch, VarBuilder::from_varmap(&varmap, dt, device), Some(10), Dilation::None)?;
     let vars = sorted(&varmap);
     {
         let src = init.data().lock().expect("VarMap mutex poisoned");

@@ -281,7 +281,7 @@ enum Command {
         /// What to measure (only `train`: forward, backward and Adam step per batch)
         #[arg(value_parser = ["train"])]
         what: String,
-        /// resnet18, resnet34, resnet50, resnet101 or resnet152
+        /// resnet18, resnet34, resnet50, resnet101, resnet152 or efficientnet_b2
         #[arg(long, default_value = "resnet18")]
         arch: String,
         /// Square input size in pixels
@@ -299,7 +299,7 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Check the training path of this machine: list its GPUs and compare one ResNet training step (loss,
+    /// Check the training path of this machine: list its GPUs and compare one encoder training step (loss,
     /// gradients, BatchNorm statistics, updated weights) on `--device` against the CPU's fused kernels.
     /// Exit 0 when every check passes, 1 on a mismatch.
     Doctor {

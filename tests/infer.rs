@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use mpcs::infer::{self, InputOptions};
 use mpcs::loader::Normalize;
-use mpcs::nn::{save, Arch, Dilation, ResNet};
+use mpcs::nn::{save, Arch, Dilation, Encoder};
 
 type R<T> = anyhow::Result<T>;
 
@@ -34,7 +34,7 @@ use detinit::det_values;
 fn save_weights(arch: Arch, classes: Option<usize>, path: &Path) -> R<()> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    ResNet::new(arch, vb, classes, Dilation::None)?;
+    Encoder::new(arch, vb, classes, Dilation::None)?;
     {
         let data = varmap.data().lock().unwrap();
         for (name, var) in data.iter() {
@@ -268,7 +268,7 @@ fn grad_cam_peaks_where_the_evidence_is() -> R<()> {
     save_weights(Arch::ResNet18, Some(3), &weights)?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let net = ResNet::new(Arch::ResNet18, vb, Some(3), Dilation::None)?;
+    let net = mpcs::nn::ResNet::new(Arch::ResNet18, vb, Some(3), Dilation::None)?;
     mpcs::nn::load_into(&varmap, &weights, false)?;
     let a = net.feature_map_t(&x, false)?.squeeze(0)?; // (512, 4, 4): the square is cell (3, 3)
     let (c, h, w) = a.dims3()?;
@@ -391,5 +391,80 @@ fn output_stride_selects_the_dilated_network() -> R<()> {
     let (bad, _) = run(&["--output-stride", "5"], "bad.csv");
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains('5'));
+    Ok(())
+}
+
+/// EfficientNet-b2 weights in efficientnet_pytorch's layout go through `predict`, `embed` and `cam` with
+/// the architecture read off the weights (its forward pass is checked against efficientnet_pytorch in
+/// tests/nn_efficientnet.rs). Grad-CAM is checked in closed form: in eval mode the logit is
+/// `_fc(mean_hw(A))`, so ∂y_k/∂A_c(i,j) = W[k,c] / (h·w) everywhere, the channel weights are W[k,·]/(h·w),
+/// and the raw map is ReLU(Σ_c w_c A_c) on the head activations A (1408 channels).
+#[test]
+fn efficientnet_b2_through_predict_embed_and_cam() -> R<()> {
+    let dir = tempfile::tempdir()?;
+    let w = dir.path().join("b2.safetensors");
+    save_weights(Arch::EfficientNetB2, Some(2), &w)?;
+    let csv = dir.path().join("preds.csv");
+    let feats = dir.path().join("feats.safetensors");
+    let common = ["--weights", w.to_str().unwrap(), "--images", FIX, "--size", "96"];
+    ok(&mpcs(&[&["predict"][..], &common, &["--out", csv.to_str().unwrap()]].concat()));
+    ok(&mpcs(&[&["embed"][..], &common, &["--arch", "efficientnet-b2", "--out", feats.to_str().unwrap()]].concat()));
+
+    let model = infer::load_model(Arch::EfficientNetB2, &w, &Device::Cpu)?;
+    assert_eq!(model.outputs, 2);
+    let input = InputOptions { size: Some(96), normalize: Normalize::None };
+    let files = infer::list_images(&fixtures())?;
+    let images: Vec<_> = files.iter().map(|(_, p)| infer::images::load_image(p, &input).unwrap()).collect();
+    let x = infer::image_tensor(&images, Normalize::None, &Device::Cpu)?;
+    let logits = model.logits(&x)?.to_vec2::<f32>()?;
+    let (header, rows) = read_csv(&csv);
+    assert_eq!(header, ["file", "out_0", "out_1"]);
+    for ((name, row), want) in rows.iter().zip(&logits) {
+        assert!(max_rel(row, want) < 1e-5, "{name}: {row:?} vs library {want:?}");
+    }
+    let (_, features) = infer::read_embeddings(&feats)?;
+    assert!(features.iter().all(|f| f.len() == 1408), "b2 features are 1408 wide");
+
+    // Grad-CAM against its closed form, on one image at 96 px (a 3×3 head map).
+    let x0 = infer::image_tensor(&images[..1], Normalize::None, &Device::Cpu)?;
+    let cam = infer::grad_cam(&model, &x0, Some(1))?;
+    assert_eq!((cam.fh, cam.fw), (3, 3), "EfficientNet downsamples 32×");
+    let fc_w = mpcs::nn::weights::read_tensors(&w)?["_fc.weight"].to_vec2::<f32>()?;
+    let hw = (cam.fh * cam.fw) as f32;
+    let want_w: Vec<f32> = fc_w[1].iter().map(|v| v / hw).collect();
+    assert!(max_rel(&cam.weights, &want_w) < 1e-5, "channel weights are W[class]/(h·w)");
+    let a = mpcs::nn::no_grad(|| model.net.feature_map_t(&x0, false).map_err(anyhow::Error::from))?
+        .squeeze(0)?
+        .flatten_from(1)?
+        .to_vec2::<f32>()?;
+    let want_raw: Vec<f32> =
+        (0..cam.fh * cam.fw).map(|p| a.iter().zip(&want_w).map(|(ch, wc)| ch[p] * wc).sum::<f32>().max(0.0)).collect();
+    assert!(max_rel(&cam.raw, &want_raw) < 1e-4, "{:?} vs {want_raw:?}", cam.raw);
+
+    let out_dir = dir.path().join("cams");
+    let a_png = fixtures().join("a.png");
+    ok(&mpcs(&["cam", "--weights", w.to_str().unwrap(), "--out", out_dir.to_str().unwrap(), a_png.to_str().unwrap()]));
+    assert!(out_dir.join("a.cam.png").is_file());
+
+    // ResNet weights under --arch efficientnet_b2: refused with the architecture they look like.
+    let r18 = dir.path().join("r18.safetensors");
+    save_weights(Arch::ResNet18, Some(2), &r18)?;
+    let bad = mpcs(&[
+        "predict",
+        "--arch",
+        "efficientnet_b2",
+        "--weights",
+        r18.to_str().unwrap(),
+        "--images",
+        FIX,
+        "--out",
+        csv.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--arch resnet18"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
     Ok(())
 }

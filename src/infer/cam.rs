@@ -1,4 +1,5 @@
-//! Grad-CAM (Selvaraju et al. 2017) on the last convolutional feature map A (C × h × w) of the ResNet:
+//! Grad-CAM (Selvaraju et al. 2017) on the last convolutional feature map A (C × h × w) of the encoder (the
+//! ResNet's `layer4` output; EfficientNet's head activations after `_conv_head`, `_bn1` and swish):
 //! channel weights w_c = spatial mean of ∂y_class/∂A_c, map = ReLU(Σ_c w_c A_c), upsampled bilinearly to the
 //! input size (PyTorch `interpolate(align_corners=False)`, which is also what cv2.resize does when enlarging),
 //! then scaled to [0, 1] by its min and max, and drawn over the image with the jet colour map.

@@ -12,8 +12,8 @@ pub enum InferError {
     Decode { path: PathBuf, reason: String },
     #[error("{}: these weights look like {detected}, not {requested}; use --arch {detected}", path.display())]
     WrongArch { path: PathBuf, requested: String, detected: String },
-    #[error("{}: these weights do not look like a torchvision ResNet (no layer1..layer4 tensors)", path.display())]
-    NotResNet { path: PathBuf },
+    #[error("{}: these weights look like neither a torchvision ResNet (layer1..layer4 tensors) nor an efficientnet_pytorch EfficientNet (_conv_stem, _blocks tensors)", path.display())]
+    UnknownWeights { path: PathBuf },
     #[error("{}: these weights have no classifier (fc.weight); they are an encoder only: use `mpcs embed` for features, or pass a fine-tuned model.safetensors", path.display())]
     NoHead { path: PathBuf },
     #[error("{}: the model has {found} outputs but --classes says {expected}; drop --classes or pass the matching weights", path.display())]

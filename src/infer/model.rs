@@ -1,4 +1,4 @@
-//! A ResNet (with its classifier when the weights have one) loaded for inference.
+//! An encoder (ResNet or EfficientNet-b2, with its classifier when the weights have one) loaded for inference.
 
 use std::path::Path;
 
@@ -7,12 +7,13 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::error::{InferError, Result};
 use crate::nn::weights::{detect_arch, read_tensors};
-use crate::nn::{load_into_with, no_grad, Arch, Dilation, Head, LoadOptions, ResNet};
+use crate::nn::{load_into_with, no_grad, Arch, Dilation, Encoder, Head, LoadOptions};
 
 /// Encoder + optional linear classifier `fc`, in eval mode (BatchNorm running statistics).
 pub struct Model {
-    pub net: ResNet,
-    /// `fc` as in torchvision (and as `train::finetune` saves it); `None` for encoder-only weights.
+    pub net: Encoder,
+    /// The classifier (`fc` in torchvision's ResNet, `_fc` in efficientnet_pytorch, as `train::finetune`
+    /// saves it); `None` for encoder-only weights.
     pub fc: Option<Head>,
     /// Number of outputs of `fc` (0 without one).
     pub outputs: usize,
@@ -32,7 +33,7 @@ pub fn load_model(arch: Arch, weights: &Path, device: &Device) -> Result<Model> 
 pub fn load_model_with(arch: Arch, dilation: Dilation, weights: &Path, device: &Device) -> Result<Model> {
     let tensors = read_tensors(weights)?;
     match detect_arch(tensors.keys().map(String::as_str)) {
-        None => return Err(InferError::NotResNet { path: weights.to_path_buf() }),
+        None => return Err(InferError::UnknownWeights { path: weights.to_path_buf() }),
         Some(found) if found != arch => {
             return Err(InferError::WrongArch {
                 path: weights.to_path_buf(),
@@ -42,16 +43,16 @@ pub fn load_model_with(arch: Arch, dilation: Dilation, weights: &Path, device: &
         }
         Some(_) => {}
     }
-    let outputs = match tensors.get("fc.weight") {
+    let outputs = match tensors.get(&format!("{}.weight", arch.classifier())) {
         Some(t) if t.rank() == 2 => t.dim(0)?,
         _ => 0,
     };
     drop(tensors);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let net = ResNet::new(arch, vb.clone(), None, dilation)?;
+    let net = Encoder::new(arch, vb.clone(), None, dilation)?;
     // Head with dropout 0 is exactly torchvision's `fc` (Linear) under the same names.
-    let fc = (outputs > 0).then(|| Head::new(vb.pp("fc"), net.feature_dim(), outputs, 0.0)).transpose()?;
+    let fc = (outputs > 0).then(|| Head::new(vb.pp(arch.classifier()), net.feature_dim(), outputs, 0.0)).transpose()?;
     load_into_with(&varmap, weights, &LoadOptions::default())?;
     Ok(Model { net, fc, outputs, _varmap: varmap })
 }

@@ -63,6 +63,12 @@ impl BatchNorm {
         })
     }
 
+    /// A BatchNorm with learnable parameters and other hyper-parameters than PyTorch's defaults
+    /// (EfficientNet's: eps 1e-3, momentum 0.01, from TensorFlow's decay 0.99).
+    pub fn with_eps_momentum(num_features: usize, eps: f64, momentum: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { eps, momentum, ..Self::new(num_features, vb)? })
+    }
+
     pub fn running_mean(&self) -> &Tensor {
         self.running_mean.as_tensor()
     }

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 /// Errors raised while building models, loading or saving weights, or computing losses.
 #[derive(Debug, thiserror::Error)]
 pub enum NnError {
-    /// An architecture name that is not one of the supported ResNets.
-    #[error("unknown architecture '{name}'; valid choices: resnet18, resnet34, resnet50, resnet101, resnet152")]
+    /// An architecture name that is not one of the supported encoders.
+    #[error("unknown architecture '{name}'; valid choices: resnet18, resnet34, resnet50, resnet101, resnet152, efficientnet_b2")]
     UnknownArch { name: String },
 
-    /// torchvision's BasicBlock (ResNet-18/34) has no dilated form.
-    #[error("{arch} uses BasicBlock, which has no dilated variant (as in torchvision); use resnet50/101/152 for output stride {output_stride}")]
+    /// Only the bottleneck ResNets have a dilated form (torchvision's BasicBlock and EfficientNet have none).
+    #[error("{arch} has no dilated variant (as in torchvision, only bottleneck ResNets dilate); use resnet50/101/152 for output stride {output_stride}")]
     DilationUnsupported { arch: String, output_stride: usize },
 
     /// An output stride other than 8, 16 or 32.

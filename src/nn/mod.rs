@@ -1,4 +1,5 @@
 //! Neural-network building blocks on candle: torchvision-layout ResNets (plain and dilated),
+//! `efficientnet_pytorch`-layout EfficientNet-b2 (static "same" padding, depthwise convolutions, swish),
 //! BatchNorm with PyTorch's train/eval semantics, the MPCS projector, the classification head,
 //! the contrastive losses, and weight import/export by torchvision names.
 //!
@@ -30,6 +31,8 @@
 pub mod batchnorm;
 pub mod conv;
 mod cpu;
+pub mod efficientnet;
+pub mod encoder;
 pub mod error;
 mod grad;
 pub mod head;
@@ -38,14 +41,17 @@ pub mod pool;
 pub mod projector;
 pub mod relu;
 pub mod resnet;
+pub mod swish;
 pub mod weights;
 
 pub use batchnorm::BatchNorm;
 pub use cpu::{fast_paths_enabled, set_fast_paths};
+pub use efficientnet::EfficientNet;
+pub use encoder::{Arch, Encoder};
 pub use error::{NnError, Result};
 pub use grad::{grad_enabled, no_grad};
 pub use head::Head;
 pub use loss::{mpcs_loss, nt_xent_symmetric, TEMPERATURE};
 pub use projector::{l2_normalize, Projector};
-pub use resnet::{Arch, Dilation, ResNet};
+pub use resnet::{Dilation, ResNet};
 pub use weights::{load_into, load_into_with, save, save_with, trainable_vars, LoadOptions, LoadReport};

@@ -3,98 +3,16 @@
 //! its state dicts load by name: conv1, bn1, layer{1..4}.{i}.conv{1,2,3}/bn{1,2,3},
 //! layer{k}.0.downsample.{0,1}, fc.
 
-use std::str::FromStr;
-
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, Linear, ModuleT, VarBuilder};
 
 use super::batchnorm::{into_candle, BatchNorm};
 use super::conv::{conv2d, conv2d_channel_affine};
+use super::encoder::Arch;
 use super::error::{NnError, Result};
 use super::grad::grad_enabled;
 use super::pool::max_pool2d_padded;
 use super::relu::add_relu;
-
-/// The supported depths.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Arch {
-    ResNet18,
-    ResNet34,
-    ResNet50,
-    ResNet101,
-    ResNet152,
-}
-
-impl Arch {
-    pub const ALL: [Arch; 5] = [Arch::ResNet18, Arch::ResNet34, Arch::ResNet50, Arch::ResNet101, Arch::ResNet152];
-
-    /// torchvision's name, e.g. "resnet50".
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::ResNet18 => "resnet18",
-            Arch::ResNet34 => "resnet34",
-            Arch::ResNet50 => "resnet50",
-            Arch::ResNet101 => "resnet101",
-            Arch::ResNet152 => "resnet152",
-        }
-    }
-
-    /// Blocks per stage (layer1..layer4).
-    pub fn layers(self) -> [usize; 4] {
-        match self {
-            Arch::ResNet18 => [2, 2, 2, 2],
-            Arch::ResNet34 | Arch::ResNet50 => [3, 4, 6, 3],
-            Arch::ResNet101 => [3, 4, 23, 3],
-            Arch::ResNet152 => [3, 8, 36, 3],
-        }
-    }
-
-    /// Bottleneck blocks (expansion 4) rather than basic blocks (expansion 1).
-    pub fn bottleneck(self) -> bool {
-        !matches!(self, Arch::ResNet18 | Arch::ResNet34)
-    }
-
-    fn expansion(self) -> usize {
-        if self.bottleneck() {
-            4
-        } else {
-            1
-        }
-    }
-
-    /// Width of the pooled feature vector: 512 (basic) or 2048 (bottleneck).
-    pub fn feature_dim(self) -> usize {
-        512 * self.expansion()
-    }
-}
-
-impl FromStr for Arch {
-    type Err = NnError;
-    fn from_str(s: &str) -> Result<Self> {
-        let lower = s.trim().to_ascii_lowercase().replace(['-', '_'], "");
-        Arch::ALL.into_iter().find(|a| a.name() == lower).ok_or_else(|| NnError::UnknownArch { name: s.to_string() })
-    }
-}
-
-/// By torchvision's name (`"resnet50"`), as experiment files and configs write it.
-impl serde::Serialize for Arch {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Arch {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl std::fmt::Display for Arch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// torchvision's `replace_stride_with_dilation`, named by the resulting output stride.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -302,6 +220,9 @@ impl ResNet {
     /// Builds the network under `vb` with torchvision's names. `num_classes: None` builds the
     /// feature extractor without `fc` (512-d or 2048-d output); `Some(n)` adds `fc` (n outputs).
     pub fn new(arch: Arch, vb: VarBuilder, num_classes: Option<usize>, dilation: Dilation) -> Result<Self> {
+        let Some(blocks_per_layer) = arch.resnet_layers() else {
+            return Err(NnError::InvalidInput(format!("{arch} is not a ResNet")));
+        };
         let replace = dilation.replace_stride_with_dilation();
         if !arch.bottleneck() && replace.iter().any(|&r| r) {
             return Err(NnError::DilationUnsupported {
@@ -311,11 +232,11 @@ impl ResNet {
         }
         let conv1 = conv(vb.pp("conv1"), 3, 64, 7, 2, 3, 1)?;
         let bn1 = BatchNorm::new(64, vb.pp("bn1"))?;
-        let expansion = arch.expansion();
+        let expansion = if arch.bottleneck() { 4 } else { 1 };
         let mut inplanes = 64;
         let mut cur_dilation = 1;
         let mut layers = Vec::with_capacity(4);
-        for (i, &blocks) in arch.layers().iter().enumerate() {
+        for (i, &blocks) in blocks_per_layer.iter().enumerate() {
             let planes = 64 << i;
             let mut stride = if i == 0 { 1 } else { 2 };
             // Mirrors torchvision's _make_layer: the first block keeps the previous dilation.

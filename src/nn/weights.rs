@@ -8,8 +8,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 
+use super::encoder::Arch;
 use super::error::{NnError, Result};
-use super::resnet::Arch;
 
 /// How to match checkpoint tensors to model variables.
 #[derive(Clone, Debug)]
@@ -86,13 +86,18 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
         .collect())
 }
 
-/// Guesses the torchvision ResNet depth from state-dict names (blocks per layer, and whether
-/// blocks have a `conv3`). None when the names do not look like a torchvision ResNet.
+/// Guesses the encoder from state-dict names: `efficientnet_pytorch`'s `_conv_stem` (EfficientNet-b2,
+/// the one EfficientNet supported: a b1 file has the same names and fails on shapes), else the
+/// torchvision ResNet depth (blocks per layer, and whether blocks have a `conv3`). None when the names
+/// look like neither.
 pub fn detect_arch<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Arch> {
     let mut blocks = [0usize; 4];
     let mut bottleneck = false;
     let mut any = false;
     for name in names {
+        if name.starts_with("_conv_stem.") {
+            return Some(Arch::EfficientNetB2);
+        }
         let mut parts = name.split('.');
         let (Some(layer), Some(idx), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
@@ -112,7 +117,7 @@ pub fn detect_arch<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Arch>
     if !any {
         return None;
     }
-    Arch::ALL.into_iter().find(|a| a.layers() == blocks && a.bottleneck() == bottleneck)
+    Arch::ALL.into_iter().find(|a| a.resnet_layers() == Some(blocks) && a.bottleneck() == bottleneck)
 }
 
 fn examples(names: &[String]) -> String {
@@ -121,8 +126,9 @@ fn examples(names: &[String]) -> String {
     format!("{}{more}", shown.join(", "))
 }
 
+/// A classifier tensor: torchvision's `fc.*` or `efficientnet_pytorch`'s `_fc.*`.
 fn is_fc(name: &str) -> bool {
-    name.starts_with("fc.")
+    name.starts_with("fc.") || name.starts_with("_fc.")
 }
 
 /// Loads a torchvision-named checkpoint into the variables of `varmap` (which the model's

@@ -93,7 +93,7 @@ pub struct TrainSpec {
     pub fold: Option<u32>,
     /// `40X`... (default: the node's `magnification` matrix value; none = every magnification).
     pub magnification: Option<String>,
-    /// `resnet18` (default), `resnet34`, `resnet50`, ...
+    /// `resnet18` (default), `resnet34`, `resnet50`, `resnet101`, `resnet152` or `efficientnet_b2`.
     pub arch: Option<Arch>,
     /// 8 or 16: the dilated ResNet of the paper's BACH / breast-cell experiments (default: none).
     pub output_stride: Option<usize>,

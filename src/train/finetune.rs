@@ -14,7 +14,7 @@ use super::error::{Result, TrainError};
 use super::fold::{expand_patches, read_fold, select, FoldRow, LabelColumn};
 use super::{finite, step_err, to_tensor, write_atomic, TrainEvent};
 use crate::loader::{AugmentConfig, ImageStore, Loader, LoaderConfig, Normalize, Sample, Source};
-use crate::nn::{no_grad, weights, Arch, Dilation, Head, ResNet};
+use crate::nn::{no_grad, weights, Arch, Dilation, Encoder, Head};
 use crate::optim::{
     Adam, AdamConfig, EarlyStopping, Mode, Optimizer, PlateauConfig, ReduceLrOnPlateau, Sgd, SgdConfig,
 };
@@ -161,7 +161,7 @@ pub struct FinetuneOutcome {
 
 /// The encoder + head of a fine-tuned classifier, with its variables in `varmap` under torchvision names.
 pub(crate) struct Classifier {
-    pub net: ResNet,
+    pub net: Encoder,
     pub head: Head,
     pub objective: Objective,
     /// The encoder is frozen (linear evaluation): always eval mode, no gradient through it.
@@ -182,8 +182,8 @@ impl Classifier {
             }
         }
         let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
-        let net = ResNet::new(arch, vb.clone(), None, dilation)?;
-        let head = Head::new(vb.pp("fc"), net.feature_dim(), objective.outputs(), dropout)?;
+        let net = Encoder::new(arch, vb.clone(), None, dilation)?;
+        let head = Head::new(vb.pp(arch.classifier()), net.feature_dim(), objective.outputs(), dropout)?;
         Ok(Classifier { net, head, objective, frozen: false })
     }
 
@@ -361,7 +361,8 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
     let warn = |message: String| progress(TrainEvent::Warning { message });
     let resumed = checkpoint::load(&cfg.scratch_dir, "finetune", &varmap, &|_| Vec::new(), &warn)?;
 
-    let trainable = weights::trainable_vars(&varmap, if cfg.freeze_encoder { "fc." } else { "" });
+    let head_prefix = format!("{}.", cfg.arch.classifier());
+    let trainable = weights::trainable_vars(&varmap, if cfg.freeze_encoder { &head_prefix } else { "" });
     let mut opt: Box<dyn Optimizer> = match cfg.optimizer {
         OptimizerKind::Adam => Box::new(Adam::new(
             trainable,

@@ -18,7 +18,7 @@ use super::{finite, step_err, to_tensor, TrainEvent};
 use crate::data::breakhis::{regions_at_all_magnifications, ImageName, Region, Subtype};
 use crate::data::{Dataset, ImageRecord};
 use crate::loader::{region_samples, AugmentConfig, ImageStore, Loader, LoaderConfig, Normalize, PairMode};
-use crate::nn::{mpcs_loss, weights, Arch, Dilation, Projector, ResNet};
+use crate::nn::{mpcs_loss, weights, Arch, Dilation, Encoder, Projector};
 use crate::optim::{Adam, AdamConfig, Optimizer, PlateauConfig, ReduceLrOnPlateau};
 
 /// The epochs whose best-so-far backbone the paper's code keeps.
@@ -177,7 +177,7 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
     let device = &cfg.device;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let encoder = ResNet::new(cfg.arch, vb.pp("encoder"), None, Dilation::None)?;
+    let encoder = Encoder::new(cfg.arch, vb.pp("encoder"), None, Dilation::None)?;
     let projector = Projector::new(vb.pp("projector"), encoder.feature_dim(), cfg.projector_hidden, 128)?;
     super::seeded_init(&varmap, cfg.seed)?;
     if let Some(path) = &cfg.init {

@@ -24,7 +24,10 @@ use super::grad::grad_enabled;
 /// public here, where the benchmarks look for it.
 pub use super::cpu::fast_paths_enabled;
 
+mod depthwise;
 mod lanes;
+
+pub use depthwise::{depthwise_conv2d, depthwise_conv2d_candle, pad_for_candle, Padding};
 
 /// Convolution geometry for one call: input (n, c, h, w), weight (o, c, kh, kw).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -482,7 +485,7 @@ impl Shift {
 }
 
 /// Output columns `ox_lo..ox_hi` whose input column `ox·s − pad + offset` lies inside `0..w`.
-fn valid_range(ow: usize, w: usize, stride: usize, padding: usize, offset: usize) -> (usize, usize) {
+pub(super) fn valid_range(ow: usize, w: usize, stride: usize, padding: usize, offset: usize) -> (usize, usize) {
     // ix >= 0  ⇔  ox·s >= pad − offset
     let lo = padding.saturating_sub(offset).div_ceil(stride);
     // ix <= w − 1  ⇔  ox·s <= w − 1 + pad − offset

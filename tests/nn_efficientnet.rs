@@ -128,7 +128,7 @@ fn saved_weights_have_exactly_the_reference_state_dict() -> R<()> {
 
 #[test]
 fn pth_and_safetensors_parts_load_by_name() -> R<()> {
-    for file in ["efficientnet_b2_part.pth", "efficientnet_b2_part.safetensors"] {
+    for file in ["efficientnet_b2_part.pth", "efficientnet_b2_part_legacy.pth", "efficientnet_b2_part.safetensors"] {
         let path = golden_path(file);
         let tensors = read_tensors(&path)?;
         assert_eq!(tensors.len(), 22, "{file}");

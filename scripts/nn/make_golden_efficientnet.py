@@ -92,6 +92,8 @@ with torch.no_grad():
 part = OrderedDict((k, v.clone()) for k, v in m.state_dict().items()
                    if k.startswith("_conv_stem.") or k.startswith("_bn0.") or k.startswith("_blocks.0."))
 torch.save(part, f"{OUT}/efficientnet_b2_part.pth")
+# The pre-1.6 (non-zip) format that efficientnet_pytorch's 2019 ImageNet files are in.
+torch.save(part, f"{OUT}/efficientnet_b2_part_legacy.pth", _use_new_zipfile_serialization=False)
 save_file({k: v.contiguous() for k, v in part.items()}, f"{OUT}/efficientnet_b2_part.safetensors")
 print({k: tuple(v.shape) for k, v in out.items()})
 print("part keys:", len(part), "state dict keys:", len(shapes))

@@ -58,7 +58,9 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let mut file = std::fs::File::open(path).map_err(io_err(path))?;
     let n = file.read(&mut magic).map_err(io_err(path))?;
     drop(file);
-    let tensors: Vec<(String, Tensor)> = if n == 4 && magic == *b"PK\x03\x04" {
+    let tensors: Vec<(String, Tensor)> = if n == 4 && magic == LEGACY_PTH_MAGIC[..4] {
+        read_legacy_pth(path)?
+    } else if n == 4 && magic == *b"PK\x03\x04" {
         let mut found = Vec::new();
         for key in [None, Some("state_dict"), Some("model")] {
             found = candle_core::pickle::read_all_with_key(path, key)
@@ -73,7 +75,7 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
         found
     } else {
         let map = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| bad(path, format!("neither a PyTorch .pth (zip) nor a readable .safetensors file: {e}")))?;
+            .map_err(|e| bad(path, format!("neither a PyTorch .pth nor a readable .safetensors file: {e}")))?;
         map.into_iter().collect()
     };
     let strip = !tensors.is_empty() && tensors.iter().all(|(k, _)| k.starts_with("module."));
@@ -84,6 +86,105 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
             (k, v)
         })
         .collect())
+}
+
+/// The first bytes of a `.pth` in torch's legacy (pre-1.6, non-zip) format: pickle protocol 2, then the
+/// magic number 0x1950a86a20f9469cfc6c as a 10-byte LONG1, then STOP.
+const LEGACY_PTH_MAGIC: [u8; 15] = *b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.";
+
+/// Reads a state dict saved by `torch.save` before torch 1.6 (or with `_use_new_zipfile_serialization=False`):
+/// the ImageNet EfficientNet weights efficientnet_pytorch downloads (2019) are in this format. The file is
+/// five pickles in a row (magic number, protocol version, system info, the state dict whose tensors refer to
+/// storages by key, the list of storage keys) followed by each storage as an 8-byte little-endian element
+/// count and its raw little-endian data, in the order of that list.
+fn read_legacy_pth(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    use candle_core::pickle::{Object, Stack};
+    use std::io::Read;
+    let truncated = |what: &str| bad(path, format!("truncated legacy .pth file ({what}); download it again"));
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut r = std::io::BufReader::new(file);
+    let mut head = [0u8; LEGACY_PTH_MAGIC.len()];
+    r.read_exact(&mut head).map_err(|_| truncated("header"))?;
+    if head != LEGACY_PTH_MAGIC {
+        return Err(bad(path, "not a PyTorch .pth file (the legacy format's magic number is missing)"));
+    }
+    let next_pickle = |r: &mut std::io::BufReader<std::fs::File>, what: &str| -> Result<Object> {
+        let mut stack = Stack::empty();
+        stack.read_loop(r).map_err(|e| bad(path, format!("cannot read the {what} of this legacy .pth file: {e}")))?;
+        stack.finalize().map_err(|e| bad(path, format!("cannot read the {what} of this legacy .pth file: {e}")))
+    };
+    match next_pickle(&mut r, "protocol version")? {
+        Object::Int(1001) | Object::Long(1001) => {}
+        other => return Err(bad(path, format!("unsupported legacy .pth protocol version {other:?} (expected 1001)"))),
+    }
+    next_pickle(&mut r, "system info")?;
+    let mut obj = next_pickle(&mut r, "state dict")?;
+    let keys = next_pickle(&mut r, "storage list")?;
+    // A checkpoint that wraps the state dict (`{"state_dict": ...}` or `{"model": ...}`).
+    if let Object::Dict(entries) = &obj {
+        let wrapped = entries.iter().find_map(|(k, v)| match k {
+            Object::Unicode(k) if (k == "state_dict" || k == "model") && matches!(v, Object::Dict(_)) => {
+                Some(v.clone())
+            }
+            _ => None,
+        });
+        if let Some(inner) = wrapped {
+            obj = inner;
+        }
+    }
+    let Object::Dict(entries) = obj else {
+        return Err(bad(
+            path,
+            "this legacy .pth holds no state dict; save it with torch.save(model.state_dict(), path)",
+        ));
+    };
+    let keys: Vec<String> = match keys {
+        Object::List(keys) | Object::Tuple(keys) => keys.into_iter().filter_map(|k| k.unicode().ok()).collect(),
+        _ => return Err(bad(path, "the storage list of this legacy .pth is not a list")),
+    };
+    let infos: Vec<candle_core::pickle::TensorInfo> = entries
+        .into_iter()
+        .filter_map(|(name, value)| value.into_tensor_info(name, Path::new("")).transpose())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| bad(path, format!("cannot read a tensor record of this legacy .pth: {e}")))?;
+    let dtype_of: HashMap<&str, candle_core::DType> =
+        infos.iter().map(|i| (i.path.trim_start_matches('/'), i.dtype)).collect();
+    // The storages, in the order of the key list; a storage no tensor uses is skipped over.
+    let mut storages: HashMap<String, Tensor> = HashMap::new();
+    for key in &keys {
+        let mut count = [0u8; 8];
+        r.read_exact(&mut count).map_err(|_| truncated("storage size"))?;
+        let count = u64::from_le_bytes(count) as usize;
+        let Some(&dtype) = dtype_of.get(key.as_str()) else {
+            return Err(bad(path, format!("storage '{key}' is used by no tensor; cannot tell its element size")));
+        };
+        let mut bytes = vec![0u8; count * dtype.size_in_bytes()];
+        r.read_exact(&mut bytes).map_err(|_| truncated("storage data"))?;
+        let t = Tensor::from_raw_buffer(&bytes, dtype, &[count], &Device::Cpu)
+            .map_err(|e| bad(path, format!("storage '{key}': {e}")))?;
+        storages.insert(key.clone(), t);
+    }
+    let mut out = Vec::with_capacity(infos.len());
+    for info in infos {
+        let key = info.path.trim_start_matches('/');
+        let storage = storages
+            .get(key)
+            .ok_or_else(|| bad(path, format!("tensor '{}': storage '{key}' is missing", info.name)))?;
+        let shape = info.layout.shape().clone();
+        let start = info.layout.start_offset() / info.dtype.size_in_bytes();
+        if !info.layout.is_contiguous() {
+            return Err(bad(
+                path,
+                format!("tensor '{}' is stored non-contiguously; re-save it with a recent torch", info.name),
+            ));
+        }
+        if start + shape.elem_count() > storage.dim(0).unwrap_or(0) {
+            return Err(bad(path, format!("tensor '{}' reaches past the end of its storage", info.name)));
+        }
+        let t = storage.narrow(0, start, shape.elem_count()).and_then(|t| t.reshape(shape)).map_err(NnError::from)?;
+        out.push((info.name, t));
+    }
+    Ok(out)
 }
 
 /// Guesses the encoder from state-dict names: `efficientnet_pytorch`'s `_conv_stem` (EfficientNet-b2,
@@ -189,11 +290,14 @@ pub fn load_into_with(varmap: &VarMap, path: &Path, opts: &LoadOptions) -> Resul
             report.unexpected.push(name.clone());
         }
     }
-    if opts.strict && !report.missing.is_empty() {
+    // As PyTorch's BatchNorm does for checkpoints saved before `num_batches_tracked` existed (torch 0.4.1),
+    // a missing counter is not an error: it stays 0 (it only matters for momentum=None, which no model uses).
+    let missing: Vec<String> = report.missing.iter().filter(|n| !n.ends_with("num_batches_tracked")).cloned().collect();
+    if opts.strict && !missing.is_empty() {
         return Err(NnError::MissingTensors {
             path: path.to_path_buf(),
-            count: report.missing.len(),
-            examples: examples(&report.missing),
+            count: missing.len(),
+            examples: examples(&missing),
             hint,
         });
     }

@@ -176,6 +176,16 @@ impl Encoder {
         }
     }
 
+    /// Dropout probability the encoder applies to its pooled features before any classifier in training:
+    /// efficientnet_pytorch's `_dropout` (0.3 for b2), which stays in front of a replaced `_fc`; none in
+    /// torchvision's ResNet.
+    pub fn classifier_dropout(&self) -> f32 {
+        match self {
+            Encoder::ResNet(_) => 0.0,
+            Encoder::EfficientNet(e) => e.variant().dropout as f32,
+        }
+    }
+
     /// Logits when built with a classifier, else the pooled features.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {

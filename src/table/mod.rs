@@ -46,12 +46,21 @@ impl Entry {
             self.matrix.get(k).map(String::as_str)
         }
     }
+
+    /// The entry's row: the value of the `rows` key, or for several comma-separated keys (`stage,init`)
+    /// their values joined by "/" (`evaluate_b2/FP`), so that two evaluate stages with the same matrix
+    /// values make separate rows.
+    fn row_key(&self, rows: &str) -> Option<String> {
+        let parts: Option<Vec<&str>> = rows.split(',').map(|k| self.key(k.trim())).collect();
+        parts.map(|p| p.join("/"))
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct TableSpec {
     pub title: String,
-    /// The matrix key whose values are the rows (e.g. `init`), or `stage` for one row per evaluate stage.
+    /// The matrix key whose values are the rows (e.g. `init`), `stage` for one row per evaluate stage, or
+    /// several of them comma-separated (`stage,init`: row keys like `evaluate_b2/FP`).
     pub rows: String,
     /// Display names of row values (e.g. `FP` → `MPCS-FP (RN-50)`), also used to find the paper's row.
     pub row_labels: BTreeMap<String, String>,
@@ -148,14 +157,14 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
     // Rows in order of first appearance (the plan's matrix order).
     let mut row_keys: Vec<String> = Vec::new();
     for e in entries {
-        let k = e.key(&spec.rows).ok_or_else(|| {
+        let k = e.row_key(&spec.rows).ok_or_else(|| {
             format!(
-                "the input `{}` has no matrix key `{}` (table rows); set `rows` to one of its keys",
+                "the input `{}` has no matrix key `{}` (table rows); set `rows` to its keys or `stage`",
                 e.stage, spec.rows
             )
         })?;
-        if !row_keys.iter().any(|r| r == k) {
-            row_keys.push(k.to_string());
+        if !row_keys.contains(&k) {
+            row_keys.push(k);
         }
     }
     let mut rows = Vec::new();
@@ -165,7 +174,7 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
         for col in &spec.columns {
             let selected: Vec<&Entry> = entries
                 .iter()
-                .filter(|e| e.key(&spec.rows) == Some(rk.as_str()))
+                .filter(|e| e.row_key(&spec.rows).as_ref() == Some(rk))
                 .filter(|e| col.filter.iter().all(|(k, v)| e.key(k) == Some(v.as_str())))
                 .collect();
             // Sorted by fold (numerically); the values a fold contributes (several for a mean column).
@@ -381,6 +390,32 @@ mod tests {
         let err = build(&s, &e, None).unwrap_err();
         assert!(err.contains("no metric `nope`"), "{err}");
         assert_eq!(metric_value(&e[0].metrics, "per_class.1.precision"), Some(0.25));
+    }
+
+    /// Two evaluate stages with the same matrix values (the ResNet-50 and EfficientNet-b2 rows of Table 2)
+    /// stay apart with `rows = "stage,init"`, each with its own label and paper value.
+    #[test]
+    fn composite_rows_keep_two_stages_apart() {
+        let mut e = vec![entry("FP", 0, "40X", 0.8, 0.5), entry("FP", 1, "40X", 0.9, 0.5)];
+        let mut b2 = vec![entry("FP", 0, "40X", 0.6, 0.5), entry("FP", 1, "40X", 0.7, 0.5)];
+        b2.iter_mut().for_each(|x| x.stage = "evaluate_b2".into());
+        e.extend(b2);
+        let mut s = spec(&["40X"]);
+        s.rows = "stage, init".into();
+        s.row_labels = BTreeMap::from([
+            ("evaluate/FP".to_string(), "MPCS-FP (RN-50)".to_string()),
+            ("evaluate_b2/FP".to_string(), "MPCS-FP (Eff-net b2)".to_string()),
+        ]);
+        let reference = Reference::paper("breakhis").unwrap();
+        let t = build(&s, &e, Some(("breakhis", &reference))).unwrap();
+        let keys: Vec<&str> = t.rows.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["evaluate/FP", "evaluate_b2/FP"]);
+        let image_40 = |r: usize| t.rows[r].cells[3].clone().unwrap();
+        assert!((image_40(0).mean - 85.0).abs() < 1e-9 && (image_40(1).mean - 65.0).abs() < 1e-9);
+        assert_eq!(t.rows[1].label, "MPCS-FP (Eff-net b2)");
+        assert!(image_40(1).paper_mean.is_some() && image_40(1).paper_mean != image_40(0).paper_mean);
+        s.rows = "stage,nope".into();
+        assert!(build(&s, &e, None).unwrap_err().contains("no matrix key `stage,nope`"));
     }
 
     #[test]

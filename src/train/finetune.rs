@@ -194,6 +194,10 @@ impl Classifier {
         } else {
             self.net.features_t(x, true)?
         };
+        // efficientnet_pytorch keeps its own dropout in front of the replaced `_fc` (the paper's
+        // `Dropout(p) + Linear` head): in training both apply, as there.
+        let p = self.net.classifier_dropout();
+        let features = if train && p > 0.0 { candle_nn::ops::dropout(&features, p)? } else { features };
         Ok(self.head.forward_t(&features, train)?)
     }
 

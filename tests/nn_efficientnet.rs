@@ -176,7 +176,8 @@ fn depthwise_convolution_matches_candle_values_and_both_gradients() -> R<()> {
     let dev = Device::Cpu;
     let pad = |t, b, l, r| Padding { top: t, bottom: b, left: l, right: r };
     // (n, c, h, w, k, stride, padding): EfficientNet's static pads (0/1, 1/1, 2/2, 1/2), odd and
-    // rectangular maps, 1×1 maps, a batch larger than one parallel task.
+    // rectangular maps, 1×1 maps, kernels wider than a tiny map (b2's 5×5 layers at a 32 px input, where some
+    // taps read only padding), a batch larger than one parallel task.
     let cases = [
         (2, 3, 13, 11, 3, 1, pad(1, 1, 1, 1)),
         (2, 4, 16, 16, 3, 2, pad(0, 1, 0, 1)),
@@ -184,6 +185,9 @@ fn depthwise_convolution_matches_candle_values_and_both_gradients() -> R<()> {
         (2, 3, 28, 28, 5, 2, pad(1, 2, 1, 2)),
         (2, 6, 9, 7, 5, 1, pad(2, 2, 2, 2)),
         (4, 8, 1, 1, 3, 1, pad(1, 1, 1, 1)),
+        (2, 4, 1, 1, 5, 1, pad(2, 2, 2, 2)),
+        (2, 4, 2, 2, 5, 2, pad(1, 2, 1, 2)),
+        (2, 3, 1, 1, 5, 2, pad(2, 2, 2, 2)),
         (2, 3, 7, 9, 3, 3, pad(0, 2, 1, 0)),
         (16, 40, 24, 24, 3, 1, pad(1, 1, 1, 1)),
     ];

@@ -111,6 +111,10 @@ fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
                 for kx in 0..k {
                     let wv = wc[ky * k + kx];
                     let (lo, hi) = valid_range(g.ow, g.w, s, pl, kx);
+                    // No output reads this tap inside the image (a kernel wider than a tiny input).
+                    if lo >= hi {
+                        continue;
+                    }
                     if s == 1 {
                         let first = lo + kx - pl;
                         for (o, &v) in row[lo..hi].iter_mut().zip(&xr[first..]) {
@@ -144,6 +148,10 @@ fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
                 for kx in 0..k {
                     let wv = wc[ky * k + kx];
                     let (lo, hi) = valid_range(g.ow, g.w, s, pl, kx);
+                    // No output reads this tap inside the image (a kernel wider than a tiny input).
+                    if lo >= hi {
+                        continue;
+                    }
                     if s == 1 {
                         let first = lo + kx - pl;
                         for (d, &v) in xr[first..].iter_mut().zip(&gr[lo..hi]) {
@@ -174,6 +182,9 @@ fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
             for ky in 0..k {
                 for kx in 0..k {
                     let (lo, hi) = valid_range(g.ow, g.w, s, pl, kx);
+                    if lo >= hi {
+                        continue;
+                    }
                     let mut acc = 0f32;
                     for oy in 0..g.oh {
                         let Some(iy) = g.input_row(oy, ky) else { continue };

@@ -45,10 +45,14 @@ fn wacv_table2_expands_to_the_papers_dag() {
         counts(&[
             ("breakhis", 1),
             ("imagenet", 1),
+            ("imagenet_b2", 1),
             ("folds", 1),
             ("pretrain", 15),
             ("finetune", 80),
             ("evaluate", 80),
+            ("pretrain_b2", 15),
+            ("finetune_b2", 80),
+            ("evaluate_b2", 80),
             ("table", 1)
         ])
     );
@@ -64,19 +68,32 @@ fn wacv_table2_expands_to_the_papers_dag() {
         g["evaluate[fold=4,magnification=400X,init=FP]"].1,
         set(&["finetune[fold=4,magnification=400X,init=FP]", "folds", "breakhis"])
     );
-    assert_eq!(g["table"].1.len(), 80);
-    assert!(g["table"].1.iter().all(|d| d.starts_with("evaluate[")));
+    // The EfficientNet-b2 rows: their own ImageNet weights and backbones, never the ResNet-50's.
+    assert_eq!(g["pretrain_b2[fold=1,pair=FP]"].1, set(&["folds", "breakhis", "imagenet_b2"]));
+    assert_eq!(
+        g["finetune_b2[fold=0,magnification=40X,init=RP]"].1,
+        set(&["folds", "breakhis", "imagenet_b2", "pretrain_b2[fold=0,pair=RP]"])
+    );
+    assert_eq!(g["finetune_b2[fold=0,magnification=40X,init=imagenet]"].1, set(&["folds", "breakhis", "imagenet_b2"]));
+    assert_eq!(
+        g["evaluate_b2[fold=3,magnification=200X,init=OP]"].1,
+        set(&["finetune_b2[fold=3,magnification=200X,init=OP]", "folds", "breakhis"])
+    );
+    assert_eq!(g["table"].1.len(), 160);
+    assert_eq!(g["table"].1.iter().filter(|d| d.starts_with("evaluate[")).count(), 80);
+    assert_eq!(g["table"].1.iter().filter(|d| d.starts_with("evaluate_b2[")).count(), 80);
 
     // The dry run: everything would run; training nodes want a GPU, data nodes run on the CPU.
     let out = p.mpcs(&["run", &exp, "--dry-run", "--json", "--devices", "0,1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let would = v["would_run"].as_array().unwrap();
-    assert_eq!(would.len(), 179);
+    assert_eq!(would.len(), 355);
     for w in would {
         let id = w["id"].as_str().unwrap();
         let device = w["device"].as_str().unwrap();
-        let gpu = id.starts_with("pretrain[") || id.starts_with("finetune[") || id.starts_with("evaluate[");
+        let stage = id.split('[').next().unwrap();
+        let gpu = ["pretrain", "finetune", "evaluate"].iter().any(|s| stage.trim_end_matches("_b2") == *s);
         assert_eq!(device, if gpu { "gpu×1" } else { "cpu" }, "{id}");
     }
     // Without GPUs the dry run says where they will run instead.
@@ -131,10 +148,11 @@ fn wacv_breast_cell_graph_shows_a_missing_dataset_and_the_run_says_how_to_fix_it
 }
 
 /// The paper's own file, run end to end on a local copy: a BreakHis-layout archive (synthetic, packed with tar)
-/// and ImageNet-layout ResNet-50 weights, given as `file://` URLs with the weights' digest re-pinned; the matrix
-/// and sizes are cut down with `--set` so it takes seconds. Download + digest + unpack, the split, ResNet-50
-/// pretraining from the weights, fine-tuning (ImageNet row from `weights`, MPCS rows from their backbones),
-/// evaluation, and the table with the paper's values beside ours.
+/// and ImageNet-layout ResNet-50 and EfficientNet-b2 weights, given as `file://` URLs with the weights' digests
+/// re-pinned; the matrix and sizes are cut down with `--set` so it takes seconds. Download + digest + unpack, the
+/// split, pretraining from the weights, fine-tuning (ImageNet row from `weights`, MPCS rows from their backbones),
+/// evaluation, and the table with the paper's values beside ours — all four ResNet-50 rows and two Eff-net b2 rows
+/// (ImageNet and MPCS-RP).
 #[test]
 fn wacv_table2_runs_end_to_end_on_a_local_copy() {
     use sha2::Digest;
@@ -161,10 +179,21 @@ fn wacv_table2_runs_end_to_end_on_a_local_copy() {
         mpcs::nn::weights::save(&vm, &weights).unwrap();
     }
     let sha = format!("{:x}", sha2::Sha256::digest(std::fs::read(&weights).unwrap()));
+    let weights_b2 = p.path("efficientnet-b2-imagenet.safetensors");
+    {
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
+        mpcs::nn::Encoder::new(mpcs::nn::Arch::EfficientNetB2, vb, Some(1000), mpcs::nn::Dilation::None).unwrap();
+        mpcs::train::seeded_init(&vm, 2).unwrap();
+        mpcs::nn::weights::save(&vm, &weights_b2).unwrap();
+    }
+    let sha_b2 = format!("{:x}", sha2::Sha256::digest(std::fs::read(&weights_b2).unwrap()));
     let sets = [
         format!("stage.breakhis.url=\"file://{}\"", archive.display()),
         format!("stage.imagenet.url=\"file://{}\"", weights.display()),
         format!("stage.imagenet.sha256=\"{sha}\""),
+        format!("stage.imagenet_b2.url=\"file://{}\"", weights_b2.display()),
+        format!("stage.imagenet_b2.sha256=\"{sha_b2}\""),
         "stage.pretrain.matrix.fold=[0]".into(),
         "stage.finetune.matrix.fold=[0]".into(),
         "stage.evaluate.matrix.fold=[0]".into(),
@@ -178,6 +207,23 @@ fn wacv_table2_runs_end_to_end_on_a_local_copy() {
         "stage.finetune.size=32".into(),
         "stage.finetune.batch_size=4".into(),
         "stage.evaluate.size=32".into(),
+        // One Eff-net b2 MPCS row (RP) beside its ImageNet row.
+        "stage.pretrain_b2.matrix.fold=[0]".into(),
+        "stage.pretrain_b2.matrix.pair=[\"RP\"]".into(),
+        "stage.finetune_b2.matrix.fold=[0]".into(),
+        "stage.evaluate_b2.matrix.fold=[0]".into(),
+        "stage.finetune_b2.matrix.magnification=[\"200X\"]".into(),
+        "stage.evaluate_b2.matrix.magnification=[\"200X\"]".into(),
+        "stage.finetune_b2.matrix.init=[\"imagenet\", \"RP\"]".into(),
+        "stage.evaluate_b2.matrix.init=[\"imagenet\", \"RP\"]".into(),
+        "stage.pretrain_b2.epochs=1".into(),
+        "stage.pretrain_b2.size=32".into(),
+        "stage.pretrain_b2.batch_size=4".into(),
+        "stage.pretrain_b2.projector_hidden=64".into(),
+        "stage.finetune_b2.epochs=1".into(),
+        "stage.finetune_b2.size=32".into(),
+        "stage.finetune_b2.batch_size=4".into(),
+        "stage.evaluate_b2.size=32".into(),
     ];
     let mut args: Vec<&str> = Vec::new();
     for s in &sets {
@@ -185,7 +231,8 @@ fn wacv_table2_runs_end_to_end_on_a_local_copy() {
     }
     let exp = repo_exp("wacv_table2.toml");
     let s = p.run_ok(&exp, &args);
-    assert_eq!(s.executed.len(), 1 + 1 + 1 + 3 + 4 + 4 + 1, "{:?}", s.executed);
+    // breakhis, imagenet, imagenet_b2, folds; RN-50 3 + 4 + 4; b2 1 + 2 + 2; table.
+    assert_eq!(s.executed.len(), 4 + (3 + 4 + 4) + (1 + 2 + 2) + 1, "{:?}", s.executed);
 
     let show = |node: &str| {
         let mut a = vec!["show", node, "--exp", exp.as_str(), "--json"];
@@ -200,6 +247,11 @@ fn wacv_table2_runs_end_to_end_on_a_local_copy() {
     assert!(log("finetune[fold=0,magnification=200X,init=imagenet]").contains("resnet50-imagenet.safetensors"));
     assert!(log("finetune[fold=0,magnification=200X,init=OP]").contains("backbone.safetensors"));
     assert!(log("pretrain[fold=0,pair=OP]").contains("resnet50-imagenet.safetensors"));
+    assert!(log("pretrain_b2[fold=0,pair=RP]").contains("efficientnet-b2-imagenet.safetensors"));
+    assert!(
+        log("finetune_b2[fold=0,magnification=200X,init=imagenet]").contains("efficientnet-b2-imagenet.safetensors")
+    );
+    assert!(log("finetune_b2[fold=0,magnification=200X,init=RP]").contains("backbone.safetensors"));
     // The table has the paper's rows and its reported values beside ours.
     let table = show("table");
     let t: serde_json::Value = serde_json::from_slice(
@@ -207,10 +259,24 @@ fn wacv_table2_runs_end_to_end_on_a_local_copy() {
     )
     .unwrap();
     let labels: Vec<&str> = t["rows"].as_array().unwrap().iter().map(|r| r["label"].as_str().unwrap()).collect();
-    assert_eq!(labels, ["ImageNet (RN-50)", "MPCS-FP (RN-50)", "MPCS-OP (RN-50)", "MPCS-RP (RN-50)"]);
+    assert_eq!(
+        labels,
+        [
+            "ImageNet (RN-50)",
+            "MPCS-FP (RN-50)",
+            "MPCS-OP (RN-50)",
+            "MPCS-RP (RN-50)",
+            "ImageNet (Eff-net b2)",
+            "MPCS-RP (Eff-net b2)"
+        ]
+    );
     // MPCS-OP (RN-50), image_200X: the paper reports 92.45 ± 3.77.
     let cell = &t["rows"][2]["cells"][2];
     assert_eq!(t["columns"][2], "image_200X");
     assert_eq!(cell["paper_mean"], 92.45);
     assert!((cell["diff"].as_f64().unwrap() - (cell["mean"].as_f64().unwrap() - 92.45)).abs() < 1e-9);
+    // MPCS-RP (Eff-net b2), image_200X: the paper reports 92.28 ± 3.49.
+    let b2 = &t["rows"][5]["cells"][2];
+    assert_eq!(b2["paper_mean"], 92.28);
+    assert!((b2["diff"].as_f64().unwrap() - (b2["mean"].as_f64().unwrap() - 92.28)).abs() < 1e-9);
 }

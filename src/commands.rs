@@ -810,15 +810,23 @@ pub fn embed(args: &InferArgs, images: &Path, out: &Path, batch: usize) -> Resul
 }
 
 /// `mpcs cam`: Grad-CAM overlays, one PNG per image.
-pub fn cam(args: &InferArgs, images: &[PathBuf], out: &Path, class: Option<usize>, alpha: f32) -> Result<i32> {
+pub fn cam(
+    args: &InferArgs,
+    images: &[PathBuf],
+    out: &Path,
+    class: Option<usize>,
+    layer: Option<String>,
+    alpha: f32,
+) -> Result<i32> {
     let (arch, input) = args.resolve()?;
     let mut opts = crate::infer::CamOptions::new(arch, args.weights.clone(), images.to_vec(), out.into());
     opts.input = input;
     opts.dilation = args.dilation()?;
     opts.class = class;
+    opts.layer = layer;
     opts.alpha = alpha;
-    for (png, class) in crate::infer::cam_files(&opts).map_err(infer_error)? {
-        println!("{} (class {class})", png.display());
+    for (png, cam) in crate::infer::cam_files(&opts).map_err(infer_error)? {
+        println!("{} (class {}, {} map {}×{})", png.display(), cam.class, cam.layer, cam.fh, cam.fw);
     }
     Ok(exit::OK)
 }

@@ -269,6 +269,10 @@ enum Command {
         /// Class to explain (default: each image's top class)
         #[arg(long)]
         class: Option<usize>,
+        /// Layer whose map is explained: layer1..layer4 (ResNet), head (EfficientNet). Default: the deepest
+        /// with at least 4×4 cells at this input size (layer4 from about 100 px up)
+        #[arg(long)]
+        layer: Option<String>,
         /// Opacity of the heat map
         #[arg(long, default_value_t = 0.4)]
         alpha: f32,
@@ -486,7 +490,9 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
             commands::predict(&model, &images, &out, classes, batch)
         }
         Command::Embed { model, images, out, batch } => commands::embed(&model, &images, &out, batch),
-        Command::Cam { model, out, class, alpha, images } => commands::cam(&model, &images, &out, class, alpha),
+        Command::Cam { model, out, class, layer, alpha, images } => {
+            commands::cam(&model, &images, &out, class, layer, alpha)
+        }
         Command::Bench { what: _, arch, size, batch, steps, threads, device } => {
             commands::bench(&arch, size, batch, steps, threads, &device)
         }

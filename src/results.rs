@@ -276,13 +276,15 @@ fn grad_cams(p: &Project, a: &Assessment, done: &[Done], opts: &ReportOptions) -
     }
     let per_class = opts.cams.div_ceil(by_class.len().max(1));
     let mut figures = Vec::new();
+    let mut explained: Option<(String, usize, usize)> = None;
     for (label, rows) in &by_class {
         for r in rows.iter().take(per_class) {
             let input = crate::infer::InputOptions { size: Some(t.size), normalize: Normalize::None };
             let img = crate::infer::images::load_image(&t.root.join(&r.file), &input).map_err(report_err)?;
             let x = crate::infer::image_tensor(std::slice::from_ref(&img), Normalize::None, &candle_core::Device::Cpu)
                 .map_err(report_err)?;
-            let cam = crate::infer::grad_cam(&model, &x, None).map_err(report_err)?;
+            let cam = crate::infer::grad_cam(&model, &x, None, None).map_err(report_err)?;
+            explained.get_or_insert_with(|| (cam.layer.clone(), cam.fh, cam.fw));
             // Shown on the image at its own resolution (the network saw it at `size`), so it can be read.
             let full =
                 crate::infer::images::load_image(&t.root.join(&r.file), &Default::default()).map_err(report_err)?;
@@ -302,12 +304,26 @@ fn grad_cams(p: &Project, a: &Assessment, done: &[Done], opts: &ReportOptions) -
             figures.push(Figure::from_png(bytes, &format!("{base}: true {} ({label}); {what}", r.class)));
         }
     }
+    let Some((layer, fh, fw)) = explained else { return Ok(None) };
+    let last = *model.net.cam_layers().last().unwrap_or(&"");
+    let why = if layer == last {
+        "its last convolutional feature maps".to_string()
+    } else {
+        // Say why not the last layer: at small inputs its map is a single cell, which cannot locate anything.
+        format!(
+            "the `{layer}` feature maps (at this input size `{last}` is too small to locate anything; Grad-CAM \
+             takes the deepest layer with at least {min}×{min} cells)",
+            min = crate::infer::cam::MIN_CAM_SIDE
+        )
+    };
     Ok(Some(Section {
         heading: "Where the model looks (Grad-CAM)".into(),
         text: format!(
-            "Grad-CAM of `{}` on test images at the network's input size: the gradient of the explained class's \
-             logit weights the last convolutional feature maps; red is where the evidence is.",
-            t.id
+            "Grad-CAM of `{}` on test images at the network's input size ({size}×{size} px): the gradient of the \
+             explained class's logit weights {why}, a {fh}×{fw} map upsampled onto the image; red is where the \
+             evidence is.",
+            t.id,
+            size = t.size
         ),
         tables: Vec::new(),
         images: figures,

@@ -77,6 +77,8 @@ fn read_csv(path: &Path) -> (Vec<String>, Vec<(String, Vec<f32>)>) {
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
+    // f32::max drops NaN, so a NaN anywhere would otherwise read as a perfect match.
+    assert!(a.iter().chain(b).all(|v| v.is_finite()), "non-finite values in a comparison");
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
@@ -178,23 +180,55 @@ fn grad_cam_matches_pytorch_hooks() -> R<()> {
     for (file, key) in [("a.png", "a"), ("b.png", "b"), ("sub/c.png", "c")] {
         let img = infer::images::load_image(&fixtures().join(file), &input)?;
         let x = infer::image_tensor(std::slice::from_ref(&img), Normalize::ImageNet, &Device::Cpu)?;
-        let cam = infer::grad_cam(&model, &x, Some(1))?;
-        assert_eq!(cam.class, 1);
-        let raw_want = &g[&format!("cam_raw.{key}")];
-        assert_eq!((cam.fh, cam.fw), raw_want.dims2()?, "{file}: feature map size");
-        let w_err = max_rel(&cam.weights, &g[&format!("cam_weights.{key}")].to_vec1::<f32>()?);
-        let raw_err = max_rel(&cam.raw, &raw_want.flatten_all()?.to_vec1::<f32>()?);
-        let map_want = &g[&format!("cam_map.{key}")];
-        assert_eq!((cam.height, cam.width), map_want.dims2()?);
-        let map_err = max_rel(&cam.map, &map_want.flatten_all()?.to_vec1::<f32>()?);
-        println!("{file}: weights {w_err:.2e}, raw {raw_err:.2e}, map {map_err:.2e}");
-        assert!(w_err < 1e-4 && raw_err < 1e-4 && map_err < 1e-3, "{file}");
-        assert!(cam.map.iter().all(|v| (0.0..=1.0).contains(v)));
+        // The last stage (what the automatic choice takes at 128 px) and an earlier one (what it takes at
+        // 32 px), both against PyTorch forward hooks on the same module.
+        for (layer, prefix) in [("layer4", "cam"), ("layer2", "cam2")] {
+            let cam = infer::grad_cam(&model, &x, Some(0), Some(layer))?;
+            assert_eq!((cam.class, cam.layer.as_str()), (0, layer));
+            let raw_want = &g[&format!("{prefix}_raw.{key}")];
+            assert_eq!((cam.fh, cam.fw), raw_want.dims2()?, "{file} {layer}: feature map size");
+            let w_err = max_rel(&cam.weights, &g[&format!("{prefix}_weights.{key}")].to_vec1::<f32>()?);
+            let raw_err = max_rel(&cam.raw, &raw_want.flatten_all()?.to_vec1::<f32>()?);
+            let map_want = &g[&format!("{prefix}_map.{key}")];
+            assert_eq!((cam.height, cam.width), map_want.dims2()?);
+            let map_err = max_rel(&cam.map, &map_want.flatten_all()?.to_vec1::<f32>()?);
+            println!("{file} {layer}: weights {w_err:.2e}, raw {raw_err:.2e}, map {map_err:.2e}");
+            assert!(w_err < 1e-4 && raw_err < 1e-4 && map_err < 1e-3, "{file} {layer}");
+            assert!(cam.raw.iter().any(|&v| v > 0.0), "{file} {layer}: a map with evidence");
+            assert!(cam.map.iter().all(|v| (0.0..=1.0).contains(v)));
+        }
         // Without a class, the top logit is explained.
-        let top = infer::grad_cam(&model, &x, None)?;
+        let top = infer::grad_cam(&model, &x, None, Some("layer4"))?;
         let best = top.logits.iter().cloned().fold(f32::MIN, f32::max);
         assert_eq!(top.logits[top.class], best);
     }
+    Ok(())
+}
+
+#[test]
+fn grad_cam_picks_a_layer_with_spatial_extent() -> R<()> {
+    // ResNet-18 maps at 32 px: layer1 8×8, layer2 4×4, layer3 2×2, layer4 1×1 (nothing to locate); at 128 px
+    // layer4 is 4×4. The automatic choice is the deepest with at least 4×4 cells; a 16 px input has none, so the
+    // largest (layer1) is used.
+    let s = setup();
+    let model = infer::load_model(Arch::ResNet18, &s.weights, &Device::Cpu)?;
+    for (size, layer, side) in [(128, "layer4", 4), (96, "layer3", 6), (32, "layer2", 4), (16, "layer1", 4)] {
+        let input = InputOptions { size: Some(size), normalize: Normalize::ImageNet };
+        let img = infer::images::load_image(&fixtures().join("a.png"), &input)?;
+        let x = infer::image_tensor(std::slice::from_ref(&img), Normalize::ImageNet, &Device::Cpu)?;
+        let cam = infer::grad_cam(&model, &x, None, None)?;
+        assert_eq!((cam.layer.as_str(), cam.fh, cam.fw), (layer, side, side), "{size} px");
+        // The logits do not depend on where the backward pass starts.
+        let whole = infer::grad_cam(&model, &x, None, Some("layer4"))?;
+        assert!(max_rel(&cam.logits, &whole.logits) < 1e-5, "{size} px: logits");
+    }
+    let x = infer::image_tensor(
+        std::slice::from_ref(&infer::images::load_image(&fixtures().join("a.png"), &Default::default())?),
+        Normalize::ImageNet,
+        &Device::Cpu,
+    )?;
+    let err = infer::grad_cam(&model, &x, None, Some("layer5")).unwrap_err().to_string();
+    assert!(err.contains("no layer 'layer5'") && err.contains("layer1, layer2, layer3, layer4"), "{err}");
     Ok(())
 }
 
@@ -216,6 +250,10 @@ fn cam_cli_writes_overlays() -> R<()> {
         c.to_str().unwrap(),
     ]);
     ok(&out);
+    // Which layer each map comes from is said: c (112×96) has a 3×4 layer4 map, so layer3 is explained.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("a.cam.png (class 2, layer4 map 4×4)"), "{stdout}");
+    assert!(stdout.contains("c.cam.png (class 2, layer3 map 6×7)"), "{stdout}");
     for (name, src) in [("a.cam.png", &a), ("c.cam.png", &c)] {
         let png = image::open(out_dir.join(name))?.to_rgb8();
         let orig = image::open(src)?.to_rgb8();
@@ -282,7 +320,8 @@ fn grad_cam_peaks_where_the_evidence_is() -> R<()> {
     save(&varmap, &weights)?;
 
     let model = infer::load_model(Arch::ResNet18, &weights, &Device::Cpu)?;
-    let cam = infer::grad_cam(&model, &x, Some(0))?;
+    let cam = infer::grad_cam(&model, &x, Some(0), None)?;
+    assert_eq!(cam.layer, "layer4");
     let peak = cam.map.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
     let (py, px) = (peak / side, peak % side);
     let (mut inside, mut outside) = ((0f32, 0usize), (0f32, 0usize));
@@ -427,7 +466,8 @@ fn efficientnet_b2_through_predict_embed_and_cam() -> R<()> {
 
     // Grad-CAM against its closed form, on one image at 96 px (a 3×3 head map).
     let x0 = infer::image_tensor(&images[..1], Normalize::None, &Device::Cpu)?;
-    let cam = infer::grad_cam(&model, &x0, Some(1))?;
+    let cam = infer::grad_cam(&model, &x0, Some(1), None)?;
+    assert_eq!(cam.layer, "head");
     assert_eq!((cam.fh, cam.fw), (3, 3), "EfficientNet downsamples 32×");
     let fc_w = mpcs::nn::weights::read_tensors(&w)?["_fc.weight"].to_vec2::<f32>()?;
     let hw = (cam.fh * cam.fw) as f32;

@@ -11,9 +11,11 @@ ImageNet mean/std, no resize.
 
 Stored per image NAME (a, b, c):
   logits.NAME     (3,)      eval-mode outputs
-  cam_weights.NAME (512,)   Grad-CAM channel weights for class 1 (spatial mean of d logit_1 / d layer4 output)
+  cam_weights.NAME (512,)   Grad-CAM channel weights for class 0 (spatial mean of d logit_0 / d layer4 output)
   cam_raw.NAME    (h, w)    ReLU(sum_c w_c A_c) at layer4 resolution
   cam_map.NAME    (H, W)    cam_raw upsampled with F.interpolate(bilinear, align_corners=False), then min-max to [0, 1]
+  cam2_weights.NAME, cam2_raw.NAME, cam2_map.NAME   the same on layer2's output (128 channels; the layer Grad-CAM
+                            uses when the input is so small that layer4's map is 1x1)
 """
 import os
 import sys
@@ -46,6 +48,7 @@ det_init(m)
 m.eval()
 feats = {}
 m.layer4.register_forward_hook(lambda mod, i, o: feats.__setitem__("a", o))
+m.layer2.register_forward_hook(lambda mod, i, o: feats.__setitem__("a2", o))
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -56,19 +59,23 @@ for rel, (src, box) in SOURCES.items():
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     x = (x - MEAN) / STD
     logits = m(x)
-    a = feats["a"]
+    a, a2 = feats["a"], feats["a2"]
     a.retain_grad()
-    logits[0, 1].backward()
-    w = a.grad.mean(dim=(2, 3))[0]
-    raw = F.relu((w.view(1, -1, 1, 1) * a).sum(1))[0]
-    up = F.interpolate(raw[None, None], size=x.shape[2:], mode="bilinear", align_corners=False)[0, 0]
-    up = (up - up.min()) / (up.max() - up.min())
+    a2.retain_grad()
+    # Class 0 has the positive evidence here (class 1's map is all zero after the ReLU: nothing to compare).
+    logits[0, 0].backward()
     name = rel.split("/")[-1].split(".")[0]
     out[f"logits.{name}"] = logits[0].detach()
-    out[f"cam_weights.{name}"] = w.detach()
-    out[f"cam_raw.{name}"] = raw.detach()
-    out[f"cam_map.{name}"] = up.detach()
+    for prefix, act in (("cam", a), ("cam2", a2)):
+        w = act.grad.mean(dim=(2, 3))[0]
+        raw = F.relu((w.view(1, -1, 1, 1) * act).sum(1))[0]
+        up = F.interpolate(raw[None, None], size=x.shape[2:], mode="bilinear", align_corners=False)[0, 0]
+        assert raw.max() > 0, f"{name}: {prefix} map is all zero"
+        up = (up - up.min()) / (up.max() - up.min())
+        out[f"{prefix}_weights.{name}"] = w.detach()
+        out[f"{prefix}_raw.{name}"] = raw.detach()
+        out[f"{prefix}_map.{name}"] = up.detach()
     m.zero_grad()
-    print(rel, img.size, logits[0].tolist(), tuple(raw.shape))
+    print(rel, img.size, logits[0].tolist(), tuple(a.shape), tuple(a2.shape))
 
 save_file({k: v.contiguous() for k, v in out.items()}, "tests/golden/infer/golden.safetensors")

@@ -1,8 +1,10 @@
-//! Grad-CAM (Selvaraju et al. 2017) on the last convolutional feature map A (C × h × w) of the encoder (the
-//! ResNet's `layer4` output; EfficientNet's head activations after `_conv_head`, `_bn1` and swish):
-//! channel weights w_c = spatial mean of ∂y_class/∂A_c, map = ReLU(Σ_c w_c A_c), upsampled bilinearly to the
-//! input size (PyTorch `interpolate(align_corners=False)`, which is also what cv2.resize does when enlarging),
-//! then scaled to [0, 1] by its min and max, and drawn over the image with the jet colour map.
+//! Grad-CAM (Selvaraju et al. 2017) on a convolutional feature map A (C × h × w) of the encoder: by default the
+//! deepest one at least [`MIN_CAM_SIDE`] cells on each side (a ResNet's `layer4` output at the usual input sizes,
+//! an earlier stage when the input is so small that layer4 is 1×1 and carries no position; EfficientNet's head
+//! activations after `_conv_head`, `_bn1` and swish): channel weights w_c = spatial mean of ∂y_class/∂A_c,
+//! map = ReLU(Σ_c w_c A_c), upsampled bilinearly to the input size (PyTorch `interpolate(align_corners=False)`,
+//! which is also what cv2.resize does when enlarging), then scaled to [0, 1] by its min and max, and drawn over the
+//! image with the jet colour map.
 //!
 //! The gradient is taken by candle's backward pass from the class logit to A, with A held as a variable so
 //! the backward pass stops there (nothing below A is needed).
@@ -18,9 +20,15 @@ use crate::loader::Rgb8;
 use crate::nn::{no_grad, Arch};
 use image::ImageEncoder;
 
+/// The automatic layer choice wants a map at least this many cells high and wide: fewer cannot say where in
+/// the image the evidence is (a 2×2 map only says which quarter).
+pub const MIN_CAM_SIDE: usize = 4;
+
 /// One image's Grad-CAM.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cam {
+    /// The layer whose map is explained (`layer4`, `layer2`, `head`, ...).
+    pub layer: String,
     /// The class explained (the given one, or the top-scoring one).
     pub class: usize,
     pub logits: Vec<f32>,
@@ -36,8 +44,9 @@ pub struct Cam {
     pub height: usize,
 }
 
-/// Grad-CAM of a (1, 3, H, W) input for `class` (default: the top logit).
-pub fn grad_cam(model: &Model, x: &Tensor, class: Option<usize>) -> Result<Cam> {
+/// Grad-CAM of a (1, 3, H, W) input for `class` (default: the top logit) on `layer` (one of the encoder's
+/// `cam_layers()`; default: the deepest whose map is at least [`MIN_CAM_SIDE`] on each side, else the shallowest).
+pub fn grad_cam(model: &Model, x: &Tensor, class: Option<usize>, layer: Option<&str>) -> Result<Cam> {
     let Some(fc) = &model.fc else {
         return Err(InferError::Usage("Grad-CAM needs a classifier (fc) in the weights".into()));
     };
@@ -45,8 +54,24 @@ pub fn grad_cam(model: &Model, x: &Tensor, class: Option<usize>) -> Result<Cam> 
     if n != 1 {
         return Err(InferError::Usage(format!("Grad-CAM takes one image at a time, got a batch of {n}")));
     }
-    let a = Var::from_tensor(&no_grad(|| model.net.feature_map_t(x, false))?)?;
-    let logits = fc.forward_t(&a.as_tensor().mean((2, 3))?, false)?;
+    let names = model.net.cam_layers();
+    let maps = no_grad(|| model.net.cam_layer_maps_t(x, false))?;
+    let index = match layer {
+        Some(name) => names.iter().position(|l| *l == name).ok_or_else(|| {
+            InferError::Usage(format!(
+                "{} has no layer '{name}' for Grad-CAM; use one of: {}",
+                model.net.arch(),
+                names.join(", ")
+            ))
+        })?,
+        None => {
+            let big_enough = |m: &Tensor| m.dims().iter().skip(2).all(|&d| d >= MIN_CAM_SIDE);
+            maps.iter().rposition(big_enough).unwrap_or(0)
+        }
+    };
+    let a = Var::from_tensor(&maps[index])?;
+    let last = model.net.last_map_from_t(a.as_tensor(), index, false)?;
+    let logits = fc.forward_t(&last.mean((2, 3))?, false)?;
     let logit_values = logits.i(0)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
     let class = match class {
         Some(c) if c >= model.outputs => return Err(InferError::ClassOutOfRange { class: c, outputs: model.outputs }),
@@ -64,6 +89,7 @@ pub fn grad_cam(model: &Model, x: &Tensor, class: Option<usize>) -> Result<Cam> 
     let mut map = upsample_bilinear(&raw, fh, fw, height, width);
     normalise(&mut map);
     Ok(Cam {
+        layer: names[index].to_string(),
         class,
         logits: logit_values,
         weights: weights.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?,
@@ -157,6 +183,8 @@ pub struct CamOptions {
     pub out: PathBuf,
     /// Class to explain; `None` = each image's top class.
     pub class: Option<usize>,
+    /// Layer to explain (see [`grad_cam`]); `None` = automatic.
+    pub layer: Option<String>,
     pub input: InputOptions,
     /// Opacity of the heat map over the image.
     pub alpha: f32,
@@ -172,6 +200,7 @@ impl CamOptions {
             images,
             out,
             class: None,
+            layer: None,
             input: InputOptions::default(),
             alpha: 0.4,
             device: Device::Cpu,
@@ -179,8 +208,8 @@ impl CamOptions {
     }
 }
 
-/// Writes one overlay PNG per image (at the network's input size); returns (PNG path, explained class) per image.
-pub fn cam_files(opts: &CamOptions) -> Result<Vec<(PathBuf, usize)>> {
+/// Writes one overlay PNG per image (at the network's input size); returns (PNG path, the image's Grad-CAM).
+pub fn cam_files(opts: &CamOptions) -> Result<Vec<(PathBuf, Cam)>> {
     if opts.images.is_empty() {
         return Err(InferError::Usage("no images given; pass one or more image files".into()));
     }
@@ -206,9 +235,9 @@ pub fn cam_files(opts: &CamOptions) -> Result<Vec<(PathBuf, usize)>> {
     for (path, out) in opts.images.iter().zip(names) {
         let img = load_image(path, &opts.input)?;
         let x = image_tensor(std::slice::from_ref(&img), opts.input.normalize, &opts.device)?;
-        let cam = grad_cam(&model, &x, opts.class)?;
+        let cam = grad_cam(&model, &x, opts.class, opts.layer.as_deref())?;
         write_png(&out, &overlay(&img, &cam.map, opts.alpha))?;
-        done.push((out, cam.class));
+        done.push((out, cam));
     }
     Ok(done)
 }

@@ -168,6 +168,32 @@ impl Encoder {
         }
     }
 
+    /// The layers Grad-CAM can look at, shallow to deep, by their reference module names: a ResNet's
+    /// `layer1`…`layer4`; an EfficientNet's `head` (after `_conv_head`, `_bn1` and swish).
+    pub fn cam_layers(&self) -> &'static [&'static str] {
+        match self {
+            Encoder::ResNet(_) => &["layer1", "layer2", "layer3", "layer4"],
+            Encoder::EfficientNet(_) => &["head"],
+        }
+    }
+
+    /// The outputs of every `cam_layers` entry from one forward pass, in that order.
+    pub fn cam_layer_maps_t(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        match self {
+            Encoder::ResNet(r) => r.stage_maps_t(x, train),
+            Encoder::EfficientNet(e) => Ok(vec![e.feature_map_t(x, train)?]),
+        }
+    }
+
+    /// The last feature map (what `feature_map_t` returns) from the output `a` of `cam_layers()[index]`.
+    pub fn last_map_from_t(&self, a: &Tensor, index: usize, train: bool) -> Result<Tensor> {
+        match self {
+            Encoder::ResNet(r) => r.last_map_from_t(a, index + 1, train),
+            Encoder::EfficientNet(_) if index == 0 => Ok(a.clone()),
+            Encoder::EfficientNet(_) => Err(NnError::InvalidInput(format!("EfficientNet has no CAM layer {index}"))),
+        }
+    }
+
     /// Globally average-pooled features (N, feature_dim).
     pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {

@@ -294,6 +294,12 @@ impl ResNet {
     /// The last feature map (N, feature_dim, H/os, W/os), before global pooling (for Grad-CAM
     /// and dense heads). Input: (N, 3, H, W).
     pub fn feature_map_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.stage_maps_t(x, train)?.pop().expect("a ResNet has four stages"))
+    }
+
+    /// The outputs of `layer1` … `layer4` from one forward pass (Grad-CAM on an earlier stage, where the last
+    /// map is too small to locate anything: 1×1 for a 32 px input).
+    pub fn stage_maps_t(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         if x.rank() != 4 || x.dim(1)? != 3 {
             return Err(NnError::InvalidInput(format!(
                 "ResNet expects an (N, 3, H, W) image batch, got {:?}",
@@ -302,7 +308,23 @@ impl ResNet {
         }
         let mut y = self.conv1.forward_bn(x, &self.bn1, train, true)?;
         y = max_pool2d_padded(&y, 3, 2, 1)?;
+        let mut maps = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
+            for block in layer {
+                y = block.forward_t(&y, train)?;
+            }
+            maps.push(y.clone());
+        }
+        Ok(maps)
+    }
+
+    /// The last feature map from the output of `layer{stage}` (1-based): runs the stages after it.
+    pub fn last_map_from_t(&self, a: &Tensor, stage: usize, train: bool) -> Result<Tensor> {
+        if stage == 0 || stage > self.layers.len() {
+            return Err(NnError::InvalidInput(format!("a ResNet has stages layer1..layer4, not {stage}")));
+        }
+        let mut y = a.clone();
+        for layer in &self.layers[stage..] {
             for block in layer {
                 y = block.forward_t(&y, train)?;
             }

@@ -7,8 +7,9 @@
 //! Peer: scripts/bench/bench_torch.py prints the same rows for PyTorch. Each configuration runs
 //! in a child process (this binary re-run with `--child <job>`) so that its peak resident memory
 //! (VmHWM) is its own. Rows:
-//! - train step (forward, backward, Adam step) of ResNet-18 at 64×64 and ResNet-50 at 224×224,
-//!   batch 16: images/s and ms per phase;
+//! - train step (forward, backward, Adam step) of ResNet-18 at 64×64, ResNet-50 at 224×224 and
+//!   EfficientNet-b2 at 128×128 (`train-b2`: depthwise convolutions, SE blocks, swish), batch 16:
+//!   images/s and ms per phase;
 //! - forward-only inference (eval mode) of the same;
 //! - single layers at ResNet-50 shapes, batch 16: 3×3 conv 64→64 at 56×56, 1×1 conv 256→64 at
 //!   56×56, the 7×7/s2 stem on 224×224, max-pool 3×3/s2/p1 on 64×112×112; forward and forward+backward;
@@ -218,19 +219,34 @@ fn child(job: &str) -> anyhow::Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let r18_steps = env_usize("BENCH_R18_STEPS", 5);
     let r50_steps = env_usize("BENCH_R50_STEPS", 2);
+    let b2_steps = env_usize("BENCH_B2_STEPS", 3);
     match job {
         "train-r18" => train(Arch::ResNet18, 64, r18_steps),
         "train-r50" => train(Arch::ResNet50, 224, r50_steps),
         "infer-r18" => infer(Arch::ResNet18, 64, r18_steps),
         "infer-r50" => infer(Arch::ResNet50, 224, r50_steps),
+        "train-b2" => train(Arch::EfficientNetB2, 128, b2_steps),
+        "infer-b2" => infer(Arch::EfficientNetB2, 128, b2_steps),
         "data" => data(threads),
         "convs-r18" => r18_convs(),
         l => layer(l),
     }
 }
 
-const JOBS: &[&str] =
-    &["conv3x3", "conv1x1", "stem", "maxpool", "convs-r18", "train-r18", "infer-r18", "train-r50", "infer-r50", "data"];
+const JOBS: &[&str] = &[
+    "conv3x3",
+    "conv1x1",
+    "stem",
+    "maxpool",
+    "convs-r18",
+    "train-r18",
+    "infer-r18",
+    "train-r50",
+    "infer-r50",
+    "train-b2",
+    "infer-b2",
+    "data",
+];
 
 fn main() -> anyhow::Result<()> {
     if std::env::var_os("BENCH_PURGE").is_none() {

@@ -5,6 +5,7 @@
 #   scripts/bench/alternate.sh                       # ResNet-18 3 times, ResNet-50 twice, layers once; 1 and 2 threads
 #   REPS=5 THREADS=1 JOBS=infer-r18 scripts/bench/alternate.sh
 #   LANES_OFF=1 JOBS=convs-r18 scripts/bench/alternate.sh   # also mpcs with MPCS_NN_LANES=0 each time
+#   JOBS=train-b2,infer-b2 scripts/bench/alternate.sh       # EfficientNet-b2 (needs pip efficientnet-pytorch)
 #
 # Prints the rows of benches/train_step.rs and scripts/bench/bench_torch.py as they come.
 set -euo pipefail

@@ -4,7 +4,8 @@
     BENCH_THREADS=1,2 python3 scripts/bench/bench_torch.py
 
 Run by hand (not in CI). Each configuration runs in a child process so its peak RSS is its own.
-Rows: train step (forward, backward, Adam) of ResNet-18 64x64 and ResNet-50 224x224, batch 16;
+Rows: train step (forward, backward, Adam) of ResNet-18 64x64, ResNet-50 224x224 and EfficientNet-b2 128x128
+(efficientnet_pytorch 0.7.1, as the paper's code builds it), batch 16;
 forward-only inference (eval, no_grad); single layers at ResNet-50 shapes, forward and
 forward+backward (3x3 conv 64->64 56x56, 1x1 conv 256->64 56x56, the 7x7/s2 stem on 224x224,
 max-pool 3x3/s2/p1 on 64x112x112); every convolution shape of ResNet-18 at 64x64 as eval inference
@@ -39,12 +40,21 @@ def child(job):
     torch.set_num_threads(int(os.environ.get("BENCH_T", "1")))
     r18_steps = env_int("BENCH_R18_STEPS", 5)
     r50_steps = env_int("BENCH_R50_STEPS", 2)
+    b2_steps = env_int("BENCH_B2_STEPS", 3)
 
     def model_for(arch):
+        if arch == "efficientnet_b2":
+            from efficientnet_pytorch import EfficientNet
+
+            return EfficientNet.from_name("efficientnet-b2", num_classes=10)
         return getattr(torchvision.models, arch)(num_classes=10)
 
     if job.startswith("train-") or job.startswith("infer-"):
-        arch, size, steps = ("resnet18", 64, r18_steps) if job.endswith("r18") else ("resnet50", 224, r50_steps)
+        arch, size, steps = {
+            "r18": ("resnet18", 64, r18_steps),
+            "r50": ("resnet50", 224, r50_steps),
+            "b2": ("efficientnet_b2", 128, b2_steps),
+        }[job.split("-")[1]]
         m = model_for(arch)
         x = torch.randn(BATCH, 3, size, size)
         labels = torch.arange(BATCH) % 10
@@ -158,7 +168,8 @@ def child(job):
     )
 
 
-JOBS = ["conv3x3", "conv1x1", "stem", "maxpool", "convs-r18", "train-r18", "infer-r18", "train-r50", "infer-r50"]
+JOBS = ["conv3x3", "conv1x1", "stem", "maxpool", "convs-r18", "train-r18", "infer-r18", "train-r50", "infer-r50",
+        "train-b2", "infer-b2"]
 
 
 def main():

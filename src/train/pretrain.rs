@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
 
 use super::checkpoint::{self, State};
 use super::error::{Result, TrainError};
@@ -176,7 +176,7 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
 
     let device = &cfg.device;
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let vb = super::deferred_init_builder(&varmap, device);
     let encoder = Encoder::new(cfg.arch, vb.pp("encoder"), None, Dilation::None)?;
     let projector = Projector::new(vb.pp("projector"), encoder.feature_dim(), cfg.projector_hidden, 128)?;
     super::seeded_init(&varmap, cfg.seed)?;

@@ -64,6 +64,7 @@ impl StageKind for Table {
             folds: spec.folds.clone().unwrap_or_else(|| "fold".into()),
             reference: spec.reference,
             decimals: spec.decimals.unwrap_or(2),
+            baseline: spec.baseline.clone(),
         })
     }
 
@@ -113,6 +114,8 @@ pub struct TableStageSpec {
     /// A table of the paper to compare with: `breakhis`, `bach` or `breast_cell`.
     pub reference: Option<PaperTable>,
     pub decimals: Option<usize>,
+    /// A row (e.g. `random`) the others are compared with, run by run, with a sign test.
+    pub baseline: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -142,6 +145,8 @@ pub struct TableConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<PaperTable>,
     pub decimals: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -202,6 +207,7 @@ impl TableConfig {
             folds: self.folds.clone(),
             columns,
             decimals: self.decimals,
+            baseline: self.baseline.clone(),
         };
         let reference = match self.reference {
             Some(r) => Some((r.name(), Reference::paper(r.name()).map_err(StageFailure)?)),

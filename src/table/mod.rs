@@ -10,7 +10,7 @@ mod reference;
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use reference::{Reference, PAPER_TABLES};
@@ -47,6 +47,12 @@ impl Entry {
         }
     }
 
+    /// The entry's run (what mean ± std is taken over): the values of the `folds` key(s), e.g. `fold` or
+    /// `fold,replicate`, each sorted naturally; a missing key counts as run 0.
+    fn run_key(&self, keys: &str) -> Vec<(u8, i64, String)> {
+        keys.split(',').map(|k| natural(self.key(k.trim()).unwrap_or("0"))).collect()
+    }
+
     /// The entry's row: the value of the `rows` key, or for several comma-separated keys (`stage,init`)
     /// their values joined by "/" (`evaluate_b2/FP`), so that two evaluate stages with the same matrix
     /// values make separate rows.
@@ -64,10 +70,13 @@ pub struct TableSpec {
     pub rows: String,
     /// Display names of row values (e.g. `FP` → `MPCS-FP (RN-50)`), also used to find the paper's row.
     pub row_labels: BTreeMap<String, String>,
-    /// The matrix key of the folds.
+    /// The matrix key of the folds, or several comma-separated (`fold,replicate`): each distinct combination is
+    /// one run, and cells are mean ± std over runs.
     pub folds: String,
     pub columns: Vec<ColumnSpec>,
     pub decimals: usize,
+    /// A row key (e.g. `random`) every other row is compared with, run by run (see [`Comparison`]).
+    pub baseline: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -96,6 +105,83 @@ pub struct Table {
     pub rows: Vec<Row>,
     pub reference: Option<String>,
     pub notes: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<Comparison>,
+}
+
+/// Each row against a baseline row, paired by run: same fold (and replicate), same data, only the
+/// initialisation differs. Run-to-run spread is mostly shared between the two (a hard fold is hard for both),
+/// so the paired difference says more than two overlapping mean ± std.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Comparison {
+    /// The baseline row's label.
+    pub baseline: String,
+    /// The columns compared: the "mean" columns when there are any, else all.
+    pub columns: Vec<String>,
+    pub rows: Vec<ComparedRow>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ComparedRow {
+    pub label: String,
+    pub deltas: Vec<Option<Delta>>,
+    /// On the first compared column: `better` or `worse` than the baseline when the sign test says so at [`ALPHA`], else
+    /// `inconclusive` (too few runs, or too many going the other way).
+    pub verdict: String,
+}
+
+/// Row minus baseline over the runs both have.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Delta {
+    pub mean: f64,
+    pub std: f64,
+    pub better: usize,
+    pub worse: usize,
+    pub ties: usize,
+    /// One-sided exact sign test (ties dropped): P(at least `better` of `better + worse` fair coin flips).
+    pub p_better: f64,
+    pub p_worse: f64,
+}
+
+/// Significance level of the verdict.
+pub const ALPHA: f64 = 0.05;
+
+/// P(X ≥ k) for X ~ Binomial(n, 1/2).
+pub fn sign_test_p(k: usize, n: usize) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    // Σ_{i=k}^{n} C(n, i) / 2^n, with C(n, i) built up in floating point (n is a few dozen runs at most).
+    let mut c = 1f64; // C(n, 0)
+    let mut tail = 0f64;
+    for i in 0..=n {
+        if i >= k {
+            tail += c;
+        }
+        c = c * (n - i) as f64 / (i + 1) as f64;
+    }
+    (tail / 2f64.powi(n as i32)).min(1.0)
+}
+
+fn delta(row: &BTreeMap<Vec<(u8, i64, String)>, f64>, base: &BTreeMap<Vec<(u8, i64, String)>, f64>) -> Option<Delta> {
+    let diffs: Vec<f64> = row.iter().filter_map(|(run, v)| base.get(run).map(|b| v - b)).collect();
+    if diffs.is_empty() {
+        return None;
+    }
+    let (mean, std) = mean_std(&diffs);
+    // Differences below display precision are ties (two identical models differ by float noise only).
+    let better = diffs.iter().filter(|d| **d > 1e-9).count();
+    let worse = diffs.iter().filter(|d| **d < -1e-9).count();
+    let n = better + worse;
+    Some(Delta {
+        mean,
+        std,
+        better,
+        worse,
+        ties: diffs.len() - n,
+        p_better: sign_test_p(better, n),
+        p_worse: sign_test_p(worse, n),
+    })
 }
 
 /// The paper's BreakHis layout: patient-level accuracy per magnification and their mean, then image-level.
@@ -167,20 +253,27 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
             row_keys.push(k);
         }
     }
+    if let Some(b) = &spec.baseline {
+        if !row_keys.contains(b) {
+            return Err(format!("baseline `{b}` is not a row of the table; its rows are: {}", row_keys.join(", ")));
+        }
+    }
+    type Runs = BTreeMap<Vec<(u8, i64, String)>, f64>;
+    let mut runs_of: Vec<Vec<Runs>> = Vec::new();
     let mut rows = Vec::new();
     for rk in &row_keys {
         let label = spec.row_labels.get(rk).cloned().unwrap_or_else(|| rk.clone());
         let mut cells = Vec::new();
+        let mut row_runs = Vec::new();
         for col in &spec.columns {
             let selected: Vec<&Entry> = entries
                 .iter()
                 .filter(|e| e.row_key(&spec.rows).as_ref() == Some(rk))
                 .filter(|e| col.filter.iter().all(|(k, v)| e.key(k) == Some(v.as_str())))
                 .collect();
-            // Sorted by fold (numerically); the values a fold contributes (several for a mean column).
-            let mut per_fold: BTreeMap<(u8, i64, String), Vec<f64>> = BTreeMap::new();
+            // Sorted by run (numerically); the values a run contributes (several for a mean column).
+            let mut per_fold: BTreeMap<Vec<(u8, i64, String)>, Vec<f64>> = BTreeMap::new();
             for e in &selected {
-                let fold = e.key(&spec.folds).unwrap_or("0");
                 let value = metric_value(&e.metrics, &col.metric).ok_or_else(|| {
                     format!(
                         "column `{}`: `{}` has no metric `{}` in its metrics.json",
@@ -189,10 +282,11 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
                         col.metric
                     )
                 })?;
-                per_fold.entry(natural(fold)).or_default().push(value);
+                per_fold.entry(e.run_key(&spec.folds)).or_default().push(value);
             }
             let mut fold_values = Vec::new();
-            for vals in per_fold.into_values() {
+            let mut runs = Runs::new();
+            for (run, vals) in per_fold {
                 if col.mean_over.is_none() && vals.len() > 1 {
                     return Err(format!(
                         "column `{}`, row `{rk}`: {} evaluate results fall in one fold; add a `where` filter that \
@@ -201,8 +295,11 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
                         vals.len()
                     ));
                 }
-                fold_values.push(vals.iter().sum::<f64>() / vals.len() as f64 * col.scale);
+                let v = vals.iter().sum::<f64>() / vals.len() as f64 * col.scale;
+                fold_values.push(v);
+                runs.insert(run, v);
             }
+            row_runs.push(runs);
             if fold_values.is_empty() {
                 cells.push(None);
                 continue;
@@ -219,17 +316,51 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
             }));
         }
         rows.push(Row { key: rk.clone(), label, cells });
+        runs_of.push(row_runs);
     }
-    let folds = entries.iter().filter_map(|e| e.key(&spec.folds)).collect::<std::collections::BTreeSet<_>>().len();
+    let comparison = spec.baseline.as_ref().map(|b| {
+        let bi = row_keys.iter().position(|k| k == b).expect("checked above");
+        let means: Vec<usize> = (0..spec.columns.len()).filter(|&c| spec.columns[c].mean_over.is_some()).collect();
+        let compared = if means.is_empty() { (0..spec.columns.len()).collect() } else { means };
+        let baseline = rows[bi].label.clone();
+        let compared_rows = (0..rows.len())
+            .filter(|&r| r != bi)
+            .map(|r| {
+                let deltas: Vec<Option<Delta>> =
+                    compared.iter().map(|&c| delta(&runs_of[r][c], &runs_of[bi][c])).collect();
+                let verdict = match deltas.first().cloned().flatten() {
+                    Some(d) if d.p_better < ALPHA => "better",
+                    Some(d) if d.p_worse < ALPHA => "worse",
+                    _ => "inconclusive",
+                };
+                ComparedRow { label: rows[r].label.clone(), deltas, verdict: verdict.into() }
+            })
+            .collect();
+        Comparison {
+            baseline,
+            columns: compared.iter().map(|&c| spec.columns[c].name.clone()).collect(),
+            rows: compared_rows,
+        }
+    });
+    let runs: std::collections::BTreeSet<_> = entries.iter().map(|e| e.run_key(&spec.folds)).collect();
+    let over = if spec.folds.contains(',') {
+        format!(
+            "{} run(s) ({})",
+            runs.len().max(1),
+            spec.folds.split(',').map(str::trim).collect::<Vec<_>>().join(" × ")
+        )
+    } else {
+        format!("{} fold(s)", runs.len().max(1))
+    };
     let compared = rows.iter().flat_map(|r| &r.cells).flatten().any(|c| c.paper_mean.is_some());
     Ok(Table {
         title: spec.title.clone(),
         columns: spec.columns.iter().map(|c| c.name.clone()).collect(),
         rows,
         reference: reference.map(|(n, _)| n.to_string()),
+        comparison,
         notes: format!(
-            "mean ± std (population, ddof 0) over {} fold(s); accuracies in percent{}",
-            folds.max(1),
+            "mean ± std (population, ddof 0) over {over}; accuracies in percent{}",
             match reference {
                 _ if compared => {
                     "; in brackets the paper's value and our difference".to_string()
@@ -272,6 +403,9 @@ impl Table {
             s.push_str(&format!("| {} | {} |\n", r.label, cells.join(" | ")));
         }
         s.push_str(&format!("\n{}\n", self.notes));
+        if let Some(c) = &self.comparison {
+            s.push_str(&c.to_markdown(decimals));
+        }
         s
     }
 
@@ -315,6 +449,52 @@ impl Table {
     }
 }
 
+impl Delta {
+    /// `+1.23 ± 0.45, better in 5/6`.
+    pub fn text(&self, d: usize) -> String {
+        let sign = if self.mean >= 0.0 { "+" } else { "−" };
+        let n = self.better + self.worse + self.ties;
+        format!("{sign}{:.d$} ± {:.d$}, better in {}/{n}", self.mean.abs(), self.std, self.better)
+    }
+}
+
+impl ComparedRow {
+    /// The verdict with its evidence: `better (sign test p = 0.016)`.
+    pub fn verdict_text(&self) -> String {
+        match self.deltas.first().cloned().flatten() {
+            Some(d) => {
+                let p = if self.verdict == "worse" { d.p_worse } else { d.p_better };
+                format!("{} (one-sided sign test p = {p:.3})", self.verdict)
+            }
+            None => "no runs in common".into(),
+        }
+    }
+}
+
+impl Comparison {
+    pub fn to_markdown(&self, decimals: usize) -> String {
+        let first = self.columns.first().map(String::as_str).unwrap_or("");
+        let mut s = format!(
+            "\n### Against {}: paired differences, run by run\n\n| method | {} | verdict on {first} |\n|---|",
+            self.baseline,
+            self.columns.iter().map(|c| format!("Δ {c}")).collect::<Vec<_>>().join(" | ")
+        );
+        s.push_str(&"---|".repeat(self.columns.len() + 1));
+        s.push('\n');
+        for r in &self.rows {
+            let cells: Vec<String> =
+                r.deltas.iter().map(|d| d.as_ref().map_or("–".to_string(), |d| d.text(decimals))).collect();
+            s.push_str(&format!("| {} | {} | {} |\n", r.label, cells.join(" | "), r.verdict_text()));
+        }
+        s.push_str(&format!(
+            "\nΔ = method − {} on the same run, mean ± std over runs; `better`/`worse` when the one-sided sign \
+             test gives p < {ALPHA} over the runs that differ, else `inconclusive`.\n",
+            self.baseline
+        ));
+        s
+    }
+}
+
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
@@ -348,6 +528,7 @@ mod tests {
             folds: "fold".into(),
             columns: breakhis_columns(&mags.iter().map(|m| m.to_string()).collect::<Vec<_>>()),
             decimals: 2,
+            baseline: None,
         }
     }
 
@@ -416,6 +597,71 @@ mod tests {
         assert!(image_40(1).paper_mean.is_some() && image_40(1).paper_mean != image_40(0).paper_mean);
         s.rows = "stage,nope".into();
         assert!(build(&s, &e, None).unwrap_err().contains("no matrix key `stage,nope`"));
+    }
+
+    #[test]
+    fn sign_test_matches_the_binomial_tail() {
+        // P(X ≥ k), X ~ Bin(n, 1/2), by hand: n = 6 → 1/64, 7/64, 22/64; n = 0 or k = 0 → 1.
+        assert!((sign_test_p(6, 6) - 1.0 / 64.0).abs() < 1e-15);
+        assert!((sign_test_p(5, 6) - 7.0 / 64.0).abs() < 1e-15);
+        assert!((sign_test_p(4, 6) - 22.0 / 64.0).abs() < 1e-15);
+        assert_eq!(sign_test_p(0, 0), 1.0);
+        assert_eq!(sign_test_p(0, 5), 1.0);
+        // n = 24, k = 18: Σ_{i=18}^{24} C(24, i) / 2^24 = 190051 / 16777216 exactly (Python's math.comb).
+        assert!((sign_test_p(18, 24) - 190051.0 / 16777216.0).abs() < 1e-15);
+    }
+
+    /// Runs are (fold, replicate) pairs; each row is compared with the baseline on the same run. FP beats random
+    /// on all 4 runs by 10 points (sign test 1/16 = 0.0625: not below 0.05 with 4 runs, so no verdict); OP ties
+    /// on two and loses on two.
+    #[test]
+    fn rows_are_compared_with_the_baseline_run_by_run() {
+        let mut e = Vec::new();
+        for fold in 0..2 {
+            for rep in 1..=2 {
+                let base = 0.5 + 0.1 * fold as f64 + 0.01 * rep as f64;
+                for (init, acc) in
+                    [("random", base), ("FP", base + 0.1), ("OP", base - if rep == 1 { 0.0 } else { 0.05 })]
+                {
+                    let mut x = entry(init, fold, "40X", acc, acc);
+                    x.matrix.insert("replicate".into(), rep.to_string());
+                    e.push(x);
+                }
+            }
+        }
+        let mut s = spec(&["40X"]);
+        s.folds = "fold,replicate".into();
+        s.baseline = Some("random".into());
+        let t = build(&s, &e, None).unwrap();
+        assert!(t.notes.contains("over 4 run(s) (fold × replicate)"), "{}", t.notes);
+        let c = t.comparison.as_ref().unwrap();
+        assert_eq!(c.baseline, "random");
+        assert_eq!(c.columns, ["patient_mean", "image_mean"]);
+        let fp = &c.rows[0];
+        assert_eq!(fp.label, "MPCS-FP (RN-50)");
+        let d = fp.deltas[0].clone().unwrap();
+        assert!((d.mean - 10.0).abs() < 1e-9 && d.std < 1e-9, "{d:?}");
+        assert_eq!((d.better, d.worse, d.ties), (4, 0, 0));
+        assert!((d.p_better - 0.0625).abs() < 1e-12);
+        assert_eq!(fp.verdict, "inconclusive");
+        let op = c.rows[1].deltas[0].clone().unwrap();
+        assert_eq!((op.better, op.worse, op.ties), (0, 2, 2));
+        assert!((op.mean + 2.5).abs() < 1e-9);
+        let md = t.to_markdown(2);
+        assert!(md.contains("### Against random: paired differences, run by run"), "{md}");
+        assert!(md.contains("| MPCS-FP (RN-50) | +10.00 ± 0.00, better in 4/4 | +10.00 ± 0.00, better in 4/4 | inconclusive (one-sided sign test p = 0.062) |"), "{md}");
+        // With 5 fold × replicate runs all better, the verdict is `better` (1/32 < 0.05).
+        let mut more = e.clone();
+        for (init, acc) in [("random", 0.5), ("FP", 0.7), ("OP", 0.5)] {
+            let mut x = entry(init, 2, "40X", acc, acc);
+            x.matrix.insert("replicate".into(), "1".into());
+            more.push(x);
+        }
+        assert_eq!(build(&s, &more, None).unwrap().comparison.unwrap().rows[0].verdict, "better");
+        // A baseline that is not a row is refused with the rows there are.
+        s.baseline = Some("imagenet".into());
+        let err = build(&s, &e, None).unwrap_err();
+        assert!(err.contains("baseline `imagenet` is not a row") && err.contains("random, FP, OP"), "{err}");
     }
 
     #[test]

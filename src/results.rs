@@ -79,31 +79,47 @@ pub fn write_report(p: &Project, cache: &Cache, opts: &ReportOptions) -> Result<
 
     // Tables.
     let mut tables = Vec::new();
+    let table_count = done.iter().filter(|d| p.kind_of(d.index) == "table").count();
     for d in done.iter().filter(|d| p.kind_of(d.index) == "table") {
         let text = std::fs::read(d.out.join("table.json")).map_err(|e| Error::io("cannot read", &d.out, e))?;
         let t: serde_json::Value = serde_json::from_slice(&text).map_err(report_err)?;
         let columns: Vec<String> =
             t["columns"].as_array().into_iter().flatten().filter_map(|c| c.as_str().map(String::from)).collect();
-        let mut rows = Vec::new();
-        for r in t["rows"].as_array().into_iter().flatten() {
-            let mut row = vec![r["label"].as_str().unwrap_or("").to_string()];
-            for c in r["cells"].as_array().into_iter().flatten() {
-                row.push(cell_text(c));
+        let title = t["title"].as_str().unwrap_or("");
+        let notes = t["notes"].as_str().unwrap_or("");
+        // The paper's layout has ten columns (patient- and image-level); one table per level fits a window.
+        for (level, indices) in column_groups(&columns) {
+            let mut rows = Vec::new();
+            for r in t["rows"].as_array().into_iter().flatten() {
+                let mut row = vec![r["label"].as_str().unwrap_or("").to_string()];
+                row.extend(indices.iter().map(|&i| cell_text(&r["cells"][i])));
+                rows.push(row);
             }
-            rows.push(row);
+            let mut header = vec!["method".to_string()];
+            header.extend(
+                indices
+                    .iter()
+                    .map(|&i| columns[i].strip_prefix(&format!("{level}_")).unwrap_or(&columns[i]).to_string()),
+            );
+            // The page's heading is the experiment's title, which is usually the table's: name the level instead.
+            let caption = match (level.as_str(), table_count > 1) {
+                ("", _) => format!("{title} — {notes}"),
+                (l, false) => format!("{}{}-level accuracy — {notes}", l[..1].to_uppercase(), &l[1..]),
+                (l, true) => format!("{title}: {l}-level — {notes}"),
+            };
+            tables.push(Table::new(&caption, header, rows));
         }
-        let mut header = vec!["method".to_string()];
-        header.extend(columns);
-        let caption = format!("{} — {}", t["title"].as_str().unwrap_or(""), t["notes"].as_str().unwrap_or(""));
-        tables.push(Table::new(&caption, header, rows));
+        if let Some(c) = comparison_table(&t["comparison"]) {
+            tables.push(c);
+        }
     }
     if tables.is_empty() {
         notes.push("No table yet: run the experiment (`mpcs run`) first.".to_string());
     }
     sections.push(Section {
         heading: "Results".into(),
-        text: "Mean ± standard deviation over folds, in percent unless the column says otherwise; in brackets \
-               the paper's value and our difference."
+        text: "Mean ± standard deviation over folds (or runs), in percent unless the column says otherwise; beneath \
+               each value the paper's and our difference, where the paper reports that method."
             .into(),
         tables,
         images: Vec::new(),
@@ -179,11 +195,54 @@ pub fn write_report(p: &Project, cache: &Cache, opts: &ReportOptions) -> Result<
     Ok(path)
 }
 
+/// The table's comparison with its baseline row (`baseline = "random"`), as its own table.
+fn comparison_table(c: &serde_json::Value) -> Option<Table> {
+    let c: crate::table::Comparison = serde_json::from_value(c.clone()).ok()?;
+    let mut header = vec!["method".to_string()];
+    header.extend(c.columns.iter().map(|n| format!("Δ {n}")));
+    header.push("verdict".into());
+    let rows = c
+        .rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![r.label.clone()];
+            row.extend(r.deltas.iter().map(|d| d.as_ref().map_or("–".to_string(), |d| d.text(2))));
+            row.push(r.verdict_text());
+            row
+        })
+        .collect();
+    let caption = format!(
+        "Against {}: method − {} on the same run (same fold and replicate), mean ± std over runs; the verdict is on {} \
+         (better/worse when a one-sided sign test over the runs gives p < {})",
+        c.baseline,
+        c.baseline,
+        c.columns.first().map(String::as_str).unwrap_or(""),
+        crate::table::ALPHA
+    );
+    Some(Table::new(&caption, header, rows))
+}
+
+/// The table's columns by level: `patient_*` and `image_*` (the BreakHis layout) as two groups named by the
+/// prefix, in order; any other set of columns as one group named "".
+fn column_groups(columns: &[String]) -> Vec<(String, Vec<usize>)> {
+    let levels = ["patient", "image"];
+    let level_of = |c: &str| levels.iter().find(|l| c.starts_with(&format!("{l}_"))).copied();
+    if columns.is_empty() || !columns.iter().all(|c| level_of(c).is_some()) {
+        return vec![(String::new(), (0..columns.len()).collect())];
+    }
+    levels
+        .iter()
+        .map(|l| (l.to_string(), (0..columns.len()).filter(|&i| level_of(&columns[i]) == Some(l)).collect::<Vec<_>>()))
+        .filter(|(_, ix)| !ix.is_empty())
+        .collect()
+}
+
+/// "mean ± std", with the paper's value and our difference on a second line when there is one.
 fn cell_text(c: &serde_json::Value) -> String {
     let (Some(mean), Some(std)) = (c["mean"].as_f64(), c["std"].as_f64()) else { return "–".into() };
     match (c["paper_mean"].as_f64(), c["diff"].as_f64()) {
         (Some(p), Some(d)) => {
-            format!("{mean:.2} ± {std:.2} (paper {p:.2}, {}{:.2})", if d >= 0.0 { "+" } else { "−" }, d.abs())
+            format!("{mean:.2} ± {std:.2}\npaper {p:.2}, {}{:.2}", if d >= 0.0 { "+" } else { "−" }, d.abs())
         }
         _ => format!("{mean:.2} ± {std:.2}"),
     }

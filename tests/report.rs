@@ -168,6 +168,15 @@ fn plots_are_pngs_with_text() -> R<()> {
     let (w, h, colours, _) = png_stats(&scatter, 0..600);
     assert_eq!((w, h), (700, 600));
     assert!(colours > 5);
+    // A 2-class matrix (BreakHis) is narrower than its title would be: the picture widens so that the title keeps
+    // clear of both edges (it was cut at both ends).
+    let two = dir.path().join("two.png");
+    confusion_png(&[vec![30, 4], vec![2, 40]], &["benign".into(), "malignant".into()], &two)?;
+    let img = image::open(&two)?.to_rgb8();
+    let dark = |x: u32| (0..40).any(|y| img.get_pixel(x, y).0.iter().all(|&c| c < 128));
+    let inked: Vec<u32> = (0..img.width()).filter(|&x| dark(x)).collect();
+    let (first, last) = (inked[0], *inked.last().unwrap());
+    assert!(first >= 8 && last + 8 < img.width(), "title from x = {first} to {last} in a {} px picture", img.width());
     // Errors are messages, not panics.
     assert!(confusion_png(&[vec![1, 2]], &["a".into()], &dir.path().join("x.png")).is_err());
     assert!(scatter_png(&[[0.0, 0.0]], &[3], &["a".into()], &dir.path().join("x.png")).is_err());
@@ -196,7 +205,7 @@ fn sample_report(dir: &Path) -> R<Report> {
                             "MPCS ordered pair".into(),
                             "91.2 ± 3.1 (paper 93.0, −1.8)".into(),
                             "92.0 ± 2.2 (paper 92.8, −0.8)".into(),
-                            "94.1 ± 1.9 (paper 94.3, −0.2)".into(),
+                            "94.1 ± 1.9\npaper 94.3, −0.2".into(),
                             "90.5 ± 2.7 (paper 91.7, −1.2)".into(),
                         ],
                         vec![
@@ -246,6 +255,8 @@ fn html_is_self_contained_and_escaped() -> R<()> {
     assert!(!html.contains("<script"), "text is escaped");
     assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt; &amp; more"));
     assert!(html.contains("<td class=\"num\">91.2 ± 3.1 (paper 93.0, −1.8)</td>"));
+    // A second line in a cell is set beneath the value, smaller.
+    assert!(html.contains("<td class=\"num\">94.1 ± 1.9<span class=\"sub\">paper 94.3, −0.2</span></td>"), "{html}");
     assert!(html.contains("<td>MPCS ordered pair</td>"));
     assert!(html.contains("3fa1c0de9b2e4f71a0c3d5e6f7a8b9c0") && html.contains("How this was made"));
     // A ragged table is refused, naming it.

@@ -122,7 +122,7 @@ const CSS: &str = r#"
 * { box-sizing: border-box; }
 body { margin: 0; color: var(--ink); background: #fff;
   font: 15px/1.5 -apple-system, "Segoe UI", "Helvetica Neue", "DejaVu Sans", "Liberation Sans", Arial, sans-serif; }
-main { max-width: 1120px; margin: 0 auto; padding: 28px 32px 48px; }
+main { max-width: 1120px; margin: 0 auto; padding: 24px clamp(12px, 3vw, 32px) 48px; }
 h1 { font-size: 28px; margin: 0 0 6px; }
 h2 { font-size: 21px; margin: 36px 0 10px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
 p { margin: 8px 0; max-width: 80ch; }
@@ -132,11 +132,13 @@ nav a { color: var(--accent); text-decoration: none; margin-right: 16px; }
 .table-wrap { overflow-x: auto; margin: 14px 0 18px; }
 table { border-collapse: collapse; font-size: 14px; min-width: 40%; }
 caption { text-align: left; font-weight: 600; padding: 0 0 6px; }
-th, td { padding: 6px 12px; border: 1px solid var(--line); vertical-align: top; }
+th, td { padding: 5px 10px; border: 1px solid var(--line); vertical-align: top; }
+th:first-child, td:first-child { white-space: nowrap; }
+td .sub { display: block; font-size: 12px; color: var(--muted); }
 th { background: var(--head); text-align: left; font-weight: 600; }
 tbody tr:nth-child(even) { background: #fafbfc; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 18px;
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(460px, 100%), 1fr)); gap: 18px;
   margin: 14px 0; align-items: start; }
 figure { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 10px; background: #fff; }
 figure img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
@@ -271,8 +273,15 @@ fn table(h: &mut String, t: &Table, section: &str) -> Result<()> {
     for r in &t.rows {
         h.push_str("<tr>");
         for c in r {
-            let class = if numeric(c) { " class=\"num\"" } else { "" };
-            let _ = write!(h, "<td{class}>{}</td>", esc(c));
+            // A cell's first line is its value; further lines (e.g. the paper's value) are set smaller beneath.
+            let mut lines = c.split('\n');
+            let first = lines.next().unwrap_or("");
+            let class = if numeric(first) { " class=\"num\"" } else { "" };
+            let _ = write!(h, "<td{class}>{}", esc(first));
+            for line in lines {
+                let _ = write!(h, "<span class=\"sub\">{}</span>", esc(line));
+            }
+            h.push_str("</td>");
         }
         h.push_str("</tr>\n");
     }

@@ -145,13 +145,17 @@ pub fn confusion_png(matrix: &[Vec<usize>], class_names: &[String], path: &Path)
     let label_w = 30 + 11 * class_names.iter().map(|n| n.chars().count()).max().unwrap_or(1).min(24) as u32;
     let (left, top) = (label_w + 30, 50u32);
     let bottom = 24 + 11 * class_names.iter().map(|n| n.chars().count()).max().unwrap_or(1).min(24) as u32;
-    let (w, h) = (left + cell * k as u32 + 40, top + cell * k as u32 + bottom);
+    // The picture is at least as wide as its title (a 2-class matrix is narrower than the title at 20 px:
+    // the title was cut at both ends). About 0.6 em per character in the embedded font, plus margins.
+    const TITLE: &str = "rows: true class, columns: predicted";
+    let title_w = 12 * TITLE.chars().count() as u32 + 40;
+    let (w, h) = ((left + cell * k as u32 + 40).max(title_w), top + cell * k as u32 + bottom);
     render(path, (w, h), |root| {
         let text = |s: &str, size: u32, x: i32, y: i32, h: HPos| {
             let style = TextStyle::from((FAMILY, size).into_font()).pos(Pos::new(h, VPos::Center));
             root.draw(&Text::new(s.to_string(), (x, y), style)).map_err(draw_err)
         };
-        text("Confusion matrix (rows: true, columns: predicted)", 20, (w / 2) as i32, 20, HPos::Center)?;
+        text(TITLE, 20, (w / 2) as i32, 20, HPos::Center)?;
         for (t, row) in matrix.iter().enumerate() {
             let total: usize = row.iter().sum();
             for (p, &count) in row.iter().enumerate() {

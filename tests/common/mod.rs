@@ -44,7 +44,10 @@ folds = 2
 pub fn one_fold_quickstart_sets() -> Vec<String> {
     [
         "stage.pretrain.matrix.fold=[0]",
+        "stage.pretrain.matrix.replicate=[1]",
         "stage.finetune.matrix.fold=[0]",
+        "stage.finetune.matrix.replicate=[1]",
+        "stage.evaluate.matrix.replicate=[1]",
         "stage.finetune.matrix.magnification=[\"400X\"]",
         "stage.evaluate.matrix.fold=[0]",
         "stage.evaluate.matrix.magnification=[\"400X\"]",

@@ -38,6 +38,10 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape");
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
+    // max_all skips NaN: a NaN on either side would otherwise read as agreement.
+    for t in [&a, &b] {
+        assert!(t.abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().is_finite(), "non-finite values");
+    }
     let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
     let scale = b.abs().unwrap().max_all().unwrap();
     diff.to_scalar::<f64>().unwrap() / scale.to_scalar::<f64>().unwrap().max(1e-30)

@@ -33,6 +33,10 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape");
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
+    // max_all skips NaN: a NaN on either side would otherwise read as agreement.
+    for t in [&a, &b] {
+        assert!(t.abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().is_finite(), "non-finite values");
+    }
     let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
     diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-30)
 }
@@ -167,6 +171,9 @@ fn efficientnet_has_no_dilated_form_and_rejects_bad_input() {
 /// Largest |a - b| relative to the largest |b| (at least 1).
 fn rel_err_unit(a: &Tensor, b: &Tensor) -> R<f32> {
     assert_eq!(a.dims(), b.dims());
+    for t in [a, b] {
+        assert!(t.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite(), "non-finite values");
+    }
     let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
     Ok(diff / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0))
 }

@@ -10,6 +10,10 @@ type R<T> = anyhow::Result<T>;
 /// Largest |a - b| relative to the largest |b| (1 when b is all zeros).
 fn rel_err(a: &Tensor, b: &Tensor) -> R<f32> {
     assert_eq!(a.dims(), b.dims());
+    // max_all skips NaN: a NaN on either side would otherwise read as agreement.
+    for t in [a, b] {
+        assert!(t.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite(), "non-finite values");
+    }
     let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
     let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
     Ok(diff / scale)

@@ -88,6 +88,12 @@ impl Geometry {
         self.oh * self.ow
     }
 
+    /// For each tap column kx, the output columns [lo, hi) whose input column is inside the image. The same for
+    /// every row and plane: computed once per call (it divides; per row it cost more than the arithmetic).
+    fn tap_columns(&self) -> Vec<(usize, usize)> {
+        (0..self.k).map(|kx| valid_range(self.ow, self.w, self.stride, self.pad.left, kx)).collect()
+    }
+
     /// The input row read by output row `oy` at tap row `ky`, when inside the image.
     fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
         let iy = (oy * self.stride + ky).checked_sub(self.pad.top)?;
@@ -98,6 +104,7 @@ impl Geometry {
 /// y = depthwise(x, w), one plane per chunk.
 fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
     let (k, s, pl) = (g.k, g.stride, g.pad.left);
+    let columns = g.tap_columns();
     let mut y = vec![0f32; g.n * g.c * g.plane_out()];
     par_chunks(&mut y, g.plane_out(), |plane, out| {
         let c = plane % g.c;
@@ -108,21 +115,20 @@ fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
             for ky in 0..k {
                 let Some(iy) = g.input_row(oy, ky) else { continue };
                 let xr = &xp[iy * g.w..][..g.w];
-                for kx in 0..k {
+                for (kx, &(lo, hi)) in columns.iter().enumerate() {
                     let wv = wc[ky * k + kx];
-                    let (lo, hi) = valid_range(g.ow, g.w, s, pl, kx);
                     // No output reads this tap inside the image (a kernel wider than a tiny input).
                     if lo >= hi {
                         continue;
                     }
+                    let first = lo * s + kx - pl;
                     if s == 1 {
-                        let first = lo + kx - pl;
                         for (o, &v) in row[lo..hi].iter_mut().zip(&xr[first..]) {
                             *o += wv * v;
                         }
                     } else {
-                        for (ox, o) in row.iter_mut().enumerate().take(hi).skip(lo) {
-                            *o += wv * xr[ox * s + kx - pl];
+                        for (o, &v) in row[lo..hi].iter_mut().zip(xr[first..].iter().step_by(s)) {
+                            *o += wv * v;
                         }
                     }
                 }
@@ -135,6 +141,7 @@ fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
 /// dx from dy: every output's gradient, times each tap's weight, added to the input it read.
 fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
     let (k, s, pl) = (g.k, g.stride, g.pad.left);
+    let columns = g.tap_columns();
     let mut dx = vec![0f32; g.n * g.c * g.plane_in()];
     par_chunks(&mut dx, g.plane_in(), |plane, dxp| {
         let c = plane % g.c;
@@ -145,21 +152,20 @@ fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
             for ky in 0..k {
                 let Some(iy) = g.input_row(oy, ky) else { continue };
                 let xr = &mut dxp[iy * g.w..][..g.w];
-                for kx in 0..k {
+                for (kx, &(lo, hi)) in columns.iter().enumerate() {
                     let wv = wc[ky * k + kx];
-                    let (lo, hi) = valid_range(g.ow, g.w, s, pl, kx);
                     // No output reads this tap inside the image (a kernel wider than a tiny input).
                     if lo >= hi {
                         continue;
                     }
+                    let first = lo * s + kx - pl;
                     if s == 1 {
-                        let first = lo + kx - pl;
                         for (d, &v) in xr[first..].iter_mut().zip(&gr[lo..hi]) {
                             *d += wv * v;
                         }
                     } else {
-                        for (ox, &v) in gr.iter().enumerate().take(hi).skip(lo) {
-                            xr[ox * s + kx - pl] += wv * v;
+                        for (d, &v) in xr[first..].iter_mut().step_by(s).zip(&gr[lo..hi]) {
+                            *d += wv * v;
                         }
                     }
                 }
@@ -173,6 +179,7 @@ fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
 /// input-times-gradient products.
 fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (k, s, pl) = (g.k, g.stride, g.pad.left);
+    let columns = g.tap_columns();
     let mut dw = vec![0f32; g.c * k * k];
     par_chunks(&mut dw, k * k, |c, dwc| {
         for img in 0..g.n {
@@ -180,21 +187,21 @@ fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
             let xp = &x[plane * g.plane_in()..][..g.plane_in()];
             let dyp = &dy[plane * g.plane_out()..][..g.plane_out()];
             for ky in 0..k {
-                for kx in 0..k {
-                    let (lo, hi) = valid_range(g.ow, g.w, s, pl, kx);
+                for (kx, &(lo, hi)) in columns.iter().enumerate() {
                     if lo >= hi {
                         continue;
                     }
+                    let first = lo * s + kx - pl;
                     let mut acc = 0f32;
                     for oy in 0..g.oh {
                         let Some(iy) = g.input_row(oy, ky) else { continue };
                         let xr = &xp[iy * g.w..][..g.w];
                         let gr = &dyp[oy * g.ow..][..g.ow];
                         if s == 1 {
-                            let first = lo + kx - pl;
                             acc += gr[lo..hi].iter().zip(&xr[first..]).map(|(a, b)| a * b).sum::<f32>();
                         } else {
-                            acc += (lo..hi).map(|ox| gr[ox] * xr[ox * s + kx - pl]).sum::<f32>();
+                            acc +=
+                                gr[lo..hi].iter().zip(xr[first..].iter().step_by(s)).map(|(a, b)| a * b).sum::<f32>();
                         }
                     }
                     dwc[ky * k + kx] += acc;

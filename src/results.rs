@@ -104,7 +104,7 @@ pub fn write_report(p: &Project, cache: &Cache, opts: &ReportOptions) -> Result<
             // The page's heading is the experiment's title, which is usually the table's: name the level instead.
             let caption = match (level.as_str(), table_count > 1) {
                 ("", _) => format!("{title} — {notes}"),
-                (l, false) => format!("{}{}-level accuracy — {notes}", l[..1].to_uppercase(), &l[1..]),
+                (l, false) => format!("{}{}-level — {notes}", l[..1].to_uppercase(), &l[1..]),
                 (l, true) => format!("{title}: {l}-level — {notes}"),
             };
             tables.push(Table::new(&caption, header, rows));

@@ -294,25 +294,16 @@ impl ResNet {
     /// The last feature map (N, feature_dim, H/os, W/os), before global pooling (for Grad-CAM
     /// and dense heads). Input: (N, 3, H, W).
     pub fn feature_map_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.stage_maps_t(x, train)?.pop().expect("a ResNet has four stages"))
+        self.run_stages(self.stem_t(x, train)?, &self.layers, train)
     }
 
     /// The outputs of `layer1` … `layer4` from one forward pass (Grad-CAM on an earlier stage, where the last
     /// map is too small to locate anything: 1×1 for a 32 px input).
     pub fn stage_maps_t(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        if x.rank() != 4 || x.dim(1)? != 3 {
-            return Err(NnError::InvalidInput(format!(
-                "ResNet expects an (N, 3, H, W) image batch, got {:?}",
-                x.dims()
-            )));
-        }
-        let mut y = self.conv1.forward_bn(x, &self.bn1, train, true)?;
-        y = max_pool2d_padded(&y, 3, 2, 1)?;
+        let mut y = self.stem_t(x, train)?;
         let mut maps = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            for block in layer {
-                y = block.forward_t(&y, train)?;
-            }
+        for stage in self.layers.chunks(1) {
+            y = self.run_stages(y, stage, train)?;
             maps.push(y.clone());
         }
         Ok(maps)
@@ -323,11 +314,24 @@ impl ResNet {
         if stage == 0 || stage > self.layers.len() {
             return Err(NnError::InvalidInput(format!("a ResNet has stages layer1..layer4, not {stage}")));
         }
-        let mut y = a.clone();
-        for layer in &self.layers[stage..] {
-            for block in layer {
-                y = block.forward_t(&y, train)?;
-            }
+        self.run_stages(a.clone(), &self.layers[stage..], train)
+    }
+
+    /// conv1, bn1, ReLU and the max-pool: what every stage map starts from.
+    fn stem_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if x.rank() != 4 || x.dim(1)? != 3 {
+            return Err(NnError::InvalidInput(format!(
+                "ResNet expects an (N, 3, H, W) image batch, got {:?}",
+                x.dims()
+            )));
+        }
+        max_pool2d_padded(&self.conv1.forward_bn(x, &self.bn1, train, true)?, 3, 2, 1)
+    }
+
+    /// `y` through every block of `stages`, in order (each intermediate dropped as soon as the next exists).
+    fn run_stages(&self, mut y: Tensor, stages: &[Vec<Block>], train: bool) -> Result<Tensor> {
+        for block in stages.iter().flatten() {
+            y = block.forward_t(&y, train)?;
         }
         Ok(y)
     }

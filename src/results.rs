@@ -212,8 +212,8 @@ fn comparison_table(c: &serde_json::Value) -> Option<Table> {
         })
         .collect();
     let caption = format!(
-        "Against {}: method − {} on the same run (same fold and replicate), mean ± std over runs; the verdict is on {} \
-         (better/worse when a one-sided sign test over the runs gives p < {})",
+        "Against {}: method − {} on the same run, mean ± std over runs; the verdict is on {} (better/worse when a \
+         one-sided sign test over the runs gives p < {})",
         c.baseline,
         c.baseline,
         c.columns.first().map(String::as_str).unwrap_or(""),

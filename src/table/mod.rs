@@ -169,7 +169,7 @@ fn delta(row: &BTreeMap<Vec<(u8, i64, String)>, f64>, base: &BTreeMap<Vec<(u8, i
         return None;
     }
     let (mean, std) = mean_std(&diffs);
-    // Differences below display precision are ties (two identical models differ by float noise only).
+    // Differences within float noise are ties (e.g. two models that classify every test image alike).
     let better = diffs.iter().filter(|d| **d > 1e-9).count();
     let worse = diffs.iter().filter(|d| **d < -1e-9).count();
     let n = better + worse;
@@ -284,7 +284,6 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
                 })?;
                 per_fold.entry(e.run_key(&spec.folds)).or_default().push(value);
             }
-            let mut fold_values = Vec::new();
             let mut runs = Runs::new();
             for (run, vals) in per_fold {
                 if col.mean_over.is_none() && vals.len() > 1 {
@@ -295,10 +294,10 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
                         vals.len()
                     ));
                 }
-                let v = vals.iter().sum::<f64>() / vals.len() as f64 * col.scale;
-                fold_values.push(v);
-                runs.insert(run, v);
+                runs.insert(run, vals.iter().sum::<f64>() / vals.len() as f64 * col.scale);
             }
+            // In run order (the map's), as the cell lists them.
+            let fold_values: Vec<f64> = runs.values().copied().collect();
             row_runs.push(runs);
             if fold_values.is_empty() {
                 cells.push(None);
@@ -363,7 +362,7 @@ pub fn build(spec: &TableSpec, entries: &[Entry], reference: Option<(&str, &Refe
             "mean ± std (population, ddof 0) over {over}; accuracies in percent{}",
             match reference {
                 _ if compared => {
-                    "; in brackets the paper's value and our difference".to_string()
+                    "; with each value the paper's and our difference".to_string()
                 }
                 Some((name, _)) => format!("; no row label matches a method of the paper's `{name}` table"),
                 None => String::new(),

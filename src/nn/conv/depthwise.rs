@@ -89,7 +89,7 @@ impl Geometry {
     }
 
     /// For each tap column kx, the output columns [lo, hi) whose input column is inside the image. The same for
-    /// every row and plane: computed once per call (it divides; per row it cost more than the arithmetic).
+    /// every row and plane, so computed once per call rather than per row and tap (it divides).
     fn tap_columns(&self) -> Vec<(usize, usize)> {
         (0..self.k).map(|kx| valid_range(self.ow, self.w, self.stride, self.pad.left, kx)).collect()
     }

@@ -208,11 +208,12 @@ fn grad_cam_matches_pytorch_hooks() -> R<()> {
 #[test]
 fn grad_cam_picks_a_layer_with_spatial_extent() -> R<()> {
     // ResNet-18 maps at 32 px: layer1 8×8, layer2 4×4, layer3 2×2, layer4 1×1 (nothing to locate); at 128 px
-    // layer4 is 4×4. The automatic choice is the deepest with at least 4×4 cells; a 16 px input has none, so the
-    // largest (layer1) is used.
+    // layer4 is 4×4. The automatic choice is the deepest with at least 4×4 cells (layer1 at 16 px); an 8 px input
+    // has none (layer1 is 2×2), so the largest map, layer1's, is used.
     let s = setup();
     let model = infer::load_model(Arch::ResNet18, &s.weights, &Device::Cpu)?;
-    for (size, layer, side) in [(128, "layer4", 4), (96, "layer3", 6), (32, "layer2", 4), (16, "layer1", 4)] {
+    let cases = [(128, "layer4", 4), (96, "layer3", 6), (32, "layer2", 4), (16, "layer1", 4), (8, "layer1", 2)];
+    for (size, layer, side) in cases {
         let input = InputOptions { size: Some(size), normalize: Normalize::ImageNet };
         let img = infer::images::load_image(&fixtures().join("a.png"), &input)?;
         let x = infer::image_tensor(std::slice::from_ref(&img), Normalize::ImageNet, &Device::Cpu)?;

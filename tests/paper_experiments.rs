@@ -170,61 +170,54 @@ fn wacv_table2_runs_end_to_end_on_a_local_copy() {
         .status()
         .unwrap();
     assert!(tar.success());
-    let weights = p.path("resnet50-imagenet.safetensors");
-    {
+    // ImageNet-layout weights of each encoder (seeded, with their 1000-class head) and their digest.
+    let imagenet = |arch, seed, name: &str| {
+        let path = p.path(name);
         let vm = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
-        mpcs::nn::ResNet::new(mpcs::nn::Arch::ResNet50, vb, Some(1000), mpcs::nn::Dilation::None).unwrap();
-        mpcs::train::seeded_init(&vm, 1).unwrap();
-        mpcs::nn::weights::save(&vm, &weights).unwrap();
-    }
-    let sha = format!("{:x}", sha2::Sha256::digest(std::fs::read(&weights).unwrap()));
-    let weights_b2 = p.path("efficientnet-b2-imagenet.safetensors");
-    {
-        let vm = candle_nn::VarMap::new();
-        let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
-        mpcs::nn::Encoder::new(mpcs::nn::Arch::EfficientNetB2, vb, Some(1000), mpcs::nn::Dilation::None).unwrap();
-        mpcs::train::seeded_init(&vm, 2).unwrap();
-        mpcs::nn::weights::save(&vm, &weights_b2).unwrap();
-    }
-    let sha_b2 = format!("{:x}", sha2::Sha256::digest(std::fs::read(&weights_b2).unwrap()));
-    let sets = [
+        mpcs::nn::Encoder::new(arch, vb, Some(1000), mpcs::nn::Dilation::None).unwrap();
+        mpcs::train::seeded_init(&vm, seed).unwrap();
+        mpcs::nn::weights::save(&vm, &path).unwrap();
+        let sha = format!("{:x}", sha2::Sha256::digest(std::fs::read(&path).unwrap()));
+        (path, sha)
+    };
+    let (weights, sha) = imagenet(mpcs::nn::Arch::ResNet50, 1, "resnet50-imagenet.safetensors");
+    let (weights_b2, sha_b2) = imagenet(mpcs::nn::Arch::EfficientNetB2, 2, "efficientnet-b2-imagenet.safetensors");
+    let mut sets = vec![
         format!("stage.breakhis.url=\"file://{}\"", archive.display()),
         format!("stage.imagenet.url=\"file://{}\"", weights.display()),
         format!("stage.imagenet.sha256=\"{sha}\""),
         format!("stage.imagenet_b2.url=\"file://{}\"", weights_b2.display()),
         format!("stage.imagenet_b2.sha256=\"{sha_b2}\""),
-        "stage.pretrain.matrix.fold=[0]".into(),
-        "stage.finetune.matrix.fold=[0]".into(),
-        "stage.evaluate.matrix.fold=[0]".into(),
-        "stage.finetune.matrix.magnification=[\"200X\"]".into(),
-        "stage.evaluate.matrix.magnification=[\"200X\"]".into(),
-        "stage.pretrain.epochs=1".into(),
-        "stage.pretrain.size=32".into(),
-        "stage.pretrain.batch_size=4".into(),
-        "stage.pretrain.projector_hidden=64".into(),
-        "stage.finetune.epochs=1".into(),
-        "stage.finetune.size=32".into(),
-        "stage.finetune.batch_size=4".into(),
-        "stage.evaluate.size=32".into(),
         // One Eff-net b2 MPCS row (RP) beside its ImageNet row.
-        "stage.pretrain_b2.matrix.fold=[0]".into(),
         "stage.pretrain_b2.matrix.pair=[\"RP\"]".into(),
-        "stage.finetune_b2.matrix.fold=[0]".into(),
-        "stage.evaluate_b2.matrix.fold=[0]".into(),
-        "stage.finetune_b2.matrix.magnification=[\"200X\"]".into(),
-        "stage.evaluate_b2.matrix.magnification=[\"200X\"]".into(),
         "stage.finetune_b2.matrix.init=[\"imagenet\", \"RP\"]".into(),
         "stage.evaluate_b2.matrix.init=[\"imagenet\", \"RP\"]".into(),
-        "stage.pretrain_b2.epochs=1".into(),
-        "stage.pretrain_b2.size=32".into(),
-        "stage.pretrain_b2.batch_size=4".into(),
-        "stage.pretrain_b2.projector_hidden=64".into(),
-        "stage.finetune_b2.epochs=1".into(),
-        "stage.finetune_b2.size=32".into(),
-        "stage.finetune_b2.batch_size=4".into(),
-        "stage.evaluate_b2.size=32".into(),
     ];
+    // Both encoders' stages cut to fold 0, 200X, one epoch on 32 px images.
+    for b2 in ["", "_b2"] {
+        sets.extend(
+            [
+                "pretrain.matrix.fold=[0]",
+                "finetune.matrix.fold=[0]",
+                "evaluate.matrix.fold=[0]",
+                "finetune.matrix.magnification=[\"200X\"]",
+                "evaluate.matrix.magnification=[\"200X\"]",
+                "pretrain.epochs=1",
+                "pretrain.size=32",
+                "pretrain.batch_size=4",
+                "pretrain.projector_hidden=64",
+                "finetune.epochs=1",
+                "finetune.size=32",
+                "finetune.batch_size=4",
+                "evaluate.size=32",
+            ]
+            .map(|set| {
+                let (stage, rest) = set.split_once('.').unwrap();
+                format!("stage.{stage}{b2}.{rest}")
+            }),
+        );
+    }
     let mut args: Vec<&str> = Vec::new();
     for s in &sets {
         args.extend(["--set", s.as_str()]);

@@ -1,5 +1,5 @@
 //! The README's main command, `mpcs run experiments/quickstart.toml`, reduced with `--set` to seconds (tiny
-//! images, one epoch, 2 of its 3 folds and 2 of its 4 magnifications, both replicates) but with the same stages:
+//! images, one epoch, 2 of its 3 folds, its 2 magnifications and both replicates) but with the same stages:
 //! synthetic BreakHis → Macenko → split → MPCS pretraining (FP, OP, RP) → few-label fine-tuning (random and each
 //! MPCS backbone) × folds × magnifications × replicates → evaluation → table with the comparison against random.
 

@@ -72,8 +72,8 @@ pub(crate) fn step_err(e: crate::optim::OptimError, epoch: usize, batch: usize) 
 
 /// A `VarBuilder` for a model whose weights `seeded_init` (or a weights file) sets right after it is built:
 /// variables candle would fill with random numbers start as zeros instead (constant initialisations such as
-/// BatchNorm's running variance of 1 are kept). Drawing candle's random weights only to overwrite them took a
-/// quarter of a small fine-tuning node's time.
+/// BatchNorm's running variance of 1 are kept). Drawing random weights twice, candle's and then ours, was about a
+/// quarter of the CPU samples (perf) of a one-epoch ResNet-18 fine-tune at 32 px.
 pub(crate) fn deferred_init_builder(
     varmap: &candle_nn::VarMap,
     device: &candle_core::Device,
@@ -193,7 +193,8 @@ mod tests {
         let mean = w.iter().map(|&v| v as f64).sum::<f64>() / n;
         let std = (w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
         let want = (2.0f64 / 2304.0).sqrt();
-        assert!(mean.abs() < 3.0 * want / n.sqrt() * 2.0, "mean {mean}");
+        // The sample mean's standard error is want/√n; six of them is far beyond chance.
+        assert!(mean.abs() < 6.0 * want / n.sqrt(), "mean {mean}");
         assert!((std / want - 1.0).abs() < 0.01, "std {std} vs {want}");
         // Normal, not uniform: about 68.3 % within one standard deviation.
         let within = w.iter().filter(|v| (**v as f64).abs() < want).count() as f64 / n;

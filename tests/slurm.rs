@@ -261,8 +261,11 @@ fn ctrl_c_cancels_every_job_and_publishes_nothing(c: &Cluster) {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
-    // Batched: one scancel for the queued jobs, one (SIGTERM to the workers) for the running ones.
-    assert_eq!(executor_counts(&out)["scancel"], 2, "{}", executor_counts(&out));
+    // Batched: one scancel for the queued jobs, one (SIGTERM to the workers) for the running ones, and at most one
+    // more for all that still run after the grace period (a job caught between PENDING and RUNNING matches
+    // neither state filter; on a loaded CI machine this happened) — never one per job (there are 20).
+    let scancels = executor_counts(&out)["scancel"].as_u64().unwrap();
+    assert!((2..=3).contains(&scancels), "{}", executor_counts(&out));
     eventually("every job to leave the queue", || c.live_jobs(&p) == 0);
     assert!(p.entries().is_empty(), "nothing published");
 }

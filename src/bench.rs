@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::nn::{trainable_vars, Arch, Dilation, Encoder, NnError};
+use crate::nn::{autocast, trainable_vars, Arch, Dilation, Encoder, NnError, Precision};
 use crate::optim::{Adam, AdamConfig, OptimError, Optimizer};
 
 /// Errors of the benchmarks.
@@ -48,11 +48,22 @@ pub struct TrainBenchOptions {
     pub threads: Option<usize>,
     /// Where the model runs (`Device::Cpu`, or a CUDA device with the `cuda` feature).
     pub device: Device,
+    /// The forward pass's convolutions and linear layers in f32 or bf16 (`nn::precision`).
+    pub precision: Precision,
 }
 
 impl Default for TrainBenchOptions {
     fn default() -> Self {
-        Self { arch: Arch::ResNet18, size: 64, batch: 16, steps: 5, warmup: 1, threads: None, device: Device::Cpu }
+        Self {
+            arch: Arch::ResNet18,
+            size: 64,
+            batch: 16,
+            steps: 5,
+            warmup: 1,
+            threads: None,
+            device: Device::Cpu,
+            precision: Precision::F32,
+        }
     }
 }
 
@@ -126,6 +137,7 @@ const CLASSES: usize = 10;
 /// A model with a 10-class head, its Adam, a random batch and labels.
 struct Setup {
     model: Encoder,
+    precision: Precision,
     opt: Adam,
     x: Tensor,
     labels: Tensor,
@@ -145,12 +157,12 @@ fn setup(opts: &TrainBenchOptions) -> Result<Setup, BenchError> {
     let x = Tensor::randn(0f32, 1f32, (opts.batch, 3, opts.size, opts.size), &dev)?;
     let labels =
         Tensor::from_vec((0..opts.batch as u32).map(|i| i % CLASSES as u32).collect::<Vec<_>>(), opts.batch, &dev)?;
-    Ok(Setup { model, opt, x, labels })
+    Ok(Setup { model, precision: opts.precision, opt, x, labels })
 }
 
 fn step(s: &mut Setup) -> Result<StepTimes, BenchError> {
     let t0 = Instant::now();
-    let logits = s.model.forward_t(&s.x, true)?;
+    let logits = autocast(s.precision, || s.model.forward_t(&s.x, true))?;
     let loss = candle_nn::loss::cross_entropy(&logits, &s.labels)?;
     // Reading the loss forces nothing extra on the CPU (ops are eager) but checks it is finite.
     let value = loss.to_scalar::<f32>()?;
@@ -207,11 +219,12 @@ pub fn train_bench(opts: &TrainBenchOptions, out: &mut dyn Write) -> Result<f64,
     writeln!(out, "{}", cpu_report())?;
     writeln!(
         out,
-        "bench train: {} {}x{} batch {} on {}, {} CPU thread(s), {} warm-up + {} timed step(s), Adam",
+        "bench train: {} {}x{} batch {} {} on {}, {} CPU thread(s), {} warm-up + {} timed step(s), Adam",
         opts.arch,
         opts.size,
         opts.size,
         opts.batch,
+        opts.precision.name(),
         if opts.device.is_cpu() { "the CPU".to_string() } else { format!("{:?}", opts.device.location()) },
         candle_core::utils::get_num_threads(),
         opts.warmup,
@@ -248,4 +261,93 @@ pub fn train_bench(opts: &TrainBenchOptions, out: &mut dyn Write) -> Result<f64,
     )?;
     writeln!(out, "images_per_s={images_per_s:.2}")?;
     Ok(images_per_s)
+}
+
+/// What to run: `mpcs bench loader --size 224 --batch 64 --threads 16`.
+#[derive(Clone, Debug)]
+pub struct LoaderBenchOptions {
+    /// Square output side in pixels (the stored images have this size, as the pretraining stage stores them).
+    pub size: usize,
+    pub batch: usize,
+    /// Loader worker threads.
+    pub threads: usize,
+    /// Batches timed per configuration (after one untimed batch).
+    pub batches: usize,
+}
+
+/// `mpcs bench loader`: images/s the training loader delivers with the MPCS pretraining augmentation
+/// (ColorJitter, Flip, Rotate, Affine, Resize), as MPCS pairs (two views per sample, pretraining)
+/// and as single views (fine-tuning), through the same prefetching [`crate::loader::Loader`] the
+/// stages use. Put the figure beside `mpcs bench train`'s on the same machine: the loader keeps a
+/// device fed when it delivers more images/s than the training step consumes. The LAST line is
+/// `images_per_s=<number>` for the pairs. Synthetic texture stands in for tissue: the transforms'
+/// cost depends on the image size, not its content.
+pub fn loader_bench(opts: &LoaderBenchOptions, out: &mut dyn Write) -> Result<f64, BenchError> {
+    use crate::loader::{AugmentConfig, ImageStore, Loader, LoaderConfig, Rgb8, Sample, Source};
+    use std::sync::Arc;
+    if opts.size < 8 || opts.batch == 0 || opts.threads == 0 || opts.batches == 0 {
+        return Err(BenchError::Options("--size must be at least 8, --batch, --threads and --steps at least 1".into()));
+    }
+    writeln!(out, "{}", cpu_report())?;
+    // One epoch of `batches` + 1 full batches (the first untimed), four magnifications per region;
+    // the images repeat a few textures (content does not change the cost).
+    let regions = opts.batch * (opts.batches + 1);
+    let side = opts.size;
+    let textures: Vec<Rgb8> = (0..7)
+        .map(|i| {
+            let data = (0..side * side * 3)
+                .map(|j| {
+                    let (p, c) = (j / 3, j % 3);
+                    let (x, y) = (p % side, p / side);
+                    ((x * (3 + c) + y * (5 + i) + (x * y) % (11 + c)) % 256) as u8
+                })
+                .collect();
+            Rgb8::from_raw(side, side, data).expect("size matches")
+        })
+        .collect();
+    let images: Vec<Rgb8> = (0..4 * regions).map(|i| textures[i % textures.len()].clone()).collect();
+    let store = Arc::new(ImageStore::from_images((0..images.len()).map(|i| i.to_string()).collect(), images));
+    let mut pairs_per_s = 0.0;
+    for paired in [false, true] {
+        let samples: Vec<Sample> = if paired {
+            (0..regions)
+                .map(|r| Sample {
+                    source: Source::Region {
+                        images: [4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3],
+                        mode: crate::loader::PairMode::Ordered,
+                    },
+                    label: 0,
+                })
+                .collect()
+        } else {
+            (0..regions).map(|i| Sample { source: Source::Image(i), label: 0 }).collect()
+        };
+        let mut cfg = LoaderConfig::new(opts.batch, 7, AugmentConfig::mpcs_pretrain(opts.size));
+        cfg.threads = opts.threads;
+        let loader = Loader::new(store.clone(), samples, cfg).map_err(|e| BenchError::Options(e.to_string()))?;
+        let views_of = |b: &crate::loader::Batch| b.shape[0] * if b.view2.is_some() { 2 } else { 1 };
+        let (mut views, mut timed) = (0usize, 0usize);
+        let mut start = Instant::now();
+        for (i, b) in loader.epoch(0).enumerate() {
+            let b = b.map_err(|e| BenchError::Options(e.to_string()))?;
+            if i == 0 {
+                start = Instant::now();
+            } else {
+                views += views_of(&b);
+                timed += 1;
+            }
+        }
+        let per_s = views as f64 / start.elapsed().as_secs_f64();
+        let kind = if paired { "MPCS pairs (OP), 2 views per sample" } else { "single views" };
+        writeln!(
+            out,
+            "loader {side}x{side} batch {} {kind}, {} thread(s), {timed} batches: {per_s:.1} images/s",
+            opts.batch, opts.threads
+        )?;
+        if paired {
+            pairs_per_s = per_s;
+        }
+    }
+    writeln!(out, "images_per_s={pairs_per_s:.1}")?;
+    Ok(pairs_per_s)
 }

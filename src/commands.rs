@@ -832,15 +832,37 @@ pub fn cam(
 }
 /// `mpcs bench train`: training-step throughput on synthetic input (see [`crate::bench`]); the last
 /// stdout line is `images_per_s=<number>`.
-pub fn bench(arch: &str, size: usize, batch: usize, steps: usize, threads: Option<usize>, device: &str) -> Result<i32> {
+pub fn bench(
+    arch: &str,
+    size: usize,
+    batch: usize,
+    steps: usize,
+    threads: Option<usize>,
+    device: &str,
+    precision: &str,
+) -> Result<i32> {
     use crate::bench::{train_bench, BenchError, TrainBenchOptions};
     let arch = arch.parse().map_err(|e: crate::nn::NnError| Error::user(e.to_string()))?;
+    let precision = precision.parse().map_err(|e: String| Error::user(format!("bench: --precision: {e}")))?;
     let device = crate::doctor::open_device(device).map_err(|e| Error::user(format!("bench: {e}")))?;
-    let opts = TrainBenchOptions { arch, size, batch, steps, warmup: 1, threads, device };
+    let opts = TrainBenchOptions { arch, size, batch, steps, warmup: 1, threads, device, precision };
     let mut out = std::io::stdout().lock();
     match train_bench(&opts, &mut out) {
         Ok(_) => Ok(exit::OK),
         // `mpcs bench train | head -3`: the reader left; stop quietly.
+        Err(BenchError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(exit::OK),
+        Err(e @ BenchError::Options(_)) => Err(Error::user(e.to_string())),
+        Err(e) => Err(Error::internal(e.to_string())),
+    }
+}
+
+/// `mpcs bench loader`: the loader's images/s at `size` with `threads` workers (default: every core).
+pub fn bench_loader(size: usize, batch: usize, batches: usize, threads: Option<usize>) -> Result<i32> {
+    use crate::bench::{loader_bench, BenchError, LoaderBenchOptions};
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let opts = LoaderBenchOptions { size, batch, threads, batches };
+    match loader_bench(&opts, &mut std::io::stdout().lock()) {
+        Ok(_) => Ok(exit::OK),
         Err(BenchError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(exit::OK),
         Err(e @ BenchError::Options(_)) => Err(Error::user(e.to_string())),
         Err(e) => Err(Error::internal(e.to_string())),

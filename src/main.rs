@@ -282,8 +282,9 @@ enum Command {
     /// Measure training throughput on synthetic input: `mpcs bench train --arch resnet18 --size 64`.
     /// The last output line is `images_per_s=<number>`.
     Bench {
-        /// What to measure (only `train`: forward, backward and Adam step per batch)
-        #[arg(value_parser = ["train"])]
+        /// `train`: forward, backward and Adam step per batch; `loader`: images/s the training loader
+        /// delivers with the MPCS augmentation (uses --size, --batch, --threads, --steps as batches)
+        #[arg(value_parser = ["train", "loader"])]
         what: String,
         /// resnet18, resnet34, resnet50, resnet101, resnet152 or efficientnet_b2
         #[arg(long, default_value = "resnet18")]
@@ -302,6 +303,9 @@ enum Command {
         /// `cpu` or `cuda:N` (a build with the `cuda` feature)
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// `f32`, or `bf16`: convolutions and linear layers in bfloat16 (a training stage's `precision`)
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Check the training path of this machine: list its GPUs and compare one encoder training step (loss,
     /// gradients, BatchNorm statistics, updated weights) on `--device` against the CPU's fused kernels.
@@ -493,8 +497,12 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
         Command::Cam { model, out, class, layer, alpha, images } => {
             commands::cam(&model, &images, &out, class, layer, alpha)
         }
-        Command::Bench { what: _, arch, size, batch, steps, threads, device } => {
-            commands::bench(&arch, size, batch, steps, threads, &device)
+        Command::Bench { what, arch, size, batch, steps, threads, device, precision } => {
+            if what == "loader" {
+                commands::bench_loader(size, batch, steps, threads)
+            } else {
+                commands::bench(&arch, size, batch, steps, threads, &device, &precision)
+            }
         }
         Command::Doctor { device, arch, size, batch, seed } => commands::doctor(device, &arch, size, batch, seed),
     }

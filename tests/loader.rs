@@ -358,3 +358,22 @@ fn whole_pixel_translation_equals_the_general_warp() {
     assert_eq!(shifted.px(1, 0), img.px(1, 0));
     assert_eq!(shifted.px(2, 0), img.px(0, 0));
 }
+
+/// `mpcs bench loader`: both sample kinds reported over the timed batches (the first is untimed), the
+/// pairs' rate last; nonsense options refused.
+#[test]
+fn loader_bench_reports_both_kinds_over_the_timed_batches() {
+    use mpcs::bench::{loader_bench, BenchError, LoaderBenchOptions};
+    let opts = LoaderBenchOptions { size: 32, batch: 4, threads: 2, batches: 3 };
+    let mut out = Vec::new();
+    let pairs = loader_bench(&opts, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("cpu: "), "{text}");
+    assert!(lines[1].contains("single views, 2 thread(s), 3 batches"), "{text}");
+    assert!(lines[2].contains("MPCS pairs (OP), 2 views per sample, 2 thread(s), 3 batches"), "{text}");
+    assert_eq!(lines.last().unwrap(), &format!("images_per_s={pairs:.1}"));
+    assert!(pairs.is_finite() && pairs > 0.0);
+    let bad = LoaderBenchOptions { size: 4, ..opts };
+    assert!(matches!(loader_bench(&bad, &mut Vec::new()), Err(BenchError::Options(_))));
+}

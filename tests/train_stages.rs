@@ -59,6 +59,29 @@ fn missing_inputs_and_misplaced_keys_are_clear() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to the training stage"));
 }
 
+#[test]
+fn precision_is_part_of_the_training_key() {
+    let p = Project::new();
+    p.write("tiny.toml", &exp());
+    p.run_ok("tiny.toml", &[]);
+    // Spelling out the default changes nothing: the key of an f32 node is the key it had before
+    // `precision` existed, so no cache entry is orphaned.
+    assert!(p.run_ok("tiny.toml", &["--set", "stage.finetune.precision=\"f32\""]).executed.is_empty());
+    // bf16 is another model: it and its evaluation rerun, nothing upstream does.
+    let s = p.run_ok("tiny.toml", &["--set", "stage.finetune.precision=\"bf16\""]);
+    assert_eq!(s.executed, set(&["finetune[fold=0]", "evaluate[fold=0]"]));
+    let out = p.mpcs(&["show", "evaluate[fold=0]", "--exp", "tiny.toml", "--json"]);
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!((0.0..=1.0).contains(&m["metrics"]["accuracy"].as_f64().unwrap()), "{m}");
+    // Both models stay cached side by side.
+    assert!(p.run_ok("tiny.toml", &[]).executed.is_empty());
+    // An unknown precision is refused before anything runs, naming the choices.
+    let out = p.run_raw("tiny.toml", &["--set", "stage.finetune.precision=\"fp16\""]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fp16") && err.contains("bf16"), "{err}");
+}
+
 const PRETRAIN: &str = r#"
 [stage.pretrain]
 kind = "pretrain"

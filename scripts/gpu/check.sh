@@ -4,7 +4,9 @@
 #   env.txt        nvidia-smi, the libraries the binary resolves
 #   doctor.txt     `mpcs doctor --device cuda:0`: one training step on the GPU against the CPU and a float64 truth
 #   bench.txt      mpcs vs PyTorch eager training steps on the GPU, ResNet-50 224x224 and ResNet-18 64x64,
-#                  batch 64, alternating (PyTorch also in bf16 autocast; mpcs has no bf16 yet)
+#                  batch 64, fp32 and bf16 (mpcs `--precision bf16`, PyTorch autocast), alternating
+#   loader.txt     images/s the training loader delivers at 224x224 on this machine's cores (MPCS pairs and
+#                  single views), to set beside the GPU step's images/s in bench.txt
 #   quickstart.txt the quickstart end to end with its GPU nodes on cuda:0, two at a time (--devices 0,0)
 # Each step has its own time limit so the whole stays within about 8 minutes.
 set -uo pipefail
@@ -28,11 +30,17 @@ for round in 1 2; do
   for cfg in "resnet50 224" "resnet18 64"; do
     set -- $cfg
     echo "== round $round: $1 ${2}x$2 batch 64" >>"$out/bench.txt"
-    timeout 90 "$bin" bench train --device cuda:0 --arch "$1" --size "$2" --batch 64 --steps 10 2>&1 | grep -E "^(cpu|bench train|mean|images_per_s|error)" >>"$out/bench.txt"
-    timeout 90 python3 scripts/gpu/torch_step.py "$1" "$2" 64 float32 10 >>"$out/bench.txt" 2>&1
-    [ $round = 1 ] && timeout 90 python3 scripts/gpu/torch_step.py "$1" "$2" 64 bfloat16 10 >>"$out/bench.txt" 2>&1
+    for prec in f32 bf16; do
+      [ $prec = bf16 ] && [ $round = 2 ] && continue
+      torch_prec=$([ $prec = f32 ] && echo float32 || echo bfloat16)
+      timeout 90 "$bin" bench train --device cuda:0 --arch "$1" --size "$2" --batch 64 --steps 10 --precision $prec 2>&1 | grep -E "^(cpu|bench train|mean|images_per_s|error)" >>"$out/bench.txt"
+      timeout 90 python3 scripts/gpu/torch_step.py "$1" "$2" 64 $torch_prec 10 >>"$out/bench.txt" 2>&1
+    done
   done
 done
+
+timeout 120 "$bin" bench loader --size 224 --batch 64 --steps 8 >"$out/loader.txt" 2>&1
+echo "exit $?" >>"$out/loader.txt"
 
 t0=$(date +%s)
 timeout 240 "$bin" run experiments/quickstart.toml --devices 0,0 --cache "$work/cache" --plain >"$out/quickstart.txt" 2>&1

@@ -14,13 +14,14 @@
 //! - Swish activations, squeeze-and-excitation with biased 1×1 convolutions, and drop-connect on the
 //!   residual branch at rate 0.2·i/23 for block i while training.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Init, Linear, VarBuilder};
 
 use super::batchnorm::BatchNorm;
 use super::conv::{conv2d, conv2d_channel_affine, depthwise_conv2d, pad_for_candle, Padding};
 use super::error::{NnError, Result};
 use super::grad::grad_enabled;
+use super::precision::with_compute_dtype;
 use super::resnet::linear;
 use super::swish::swish;
 
@@ -135,8 +136,10 @@ impl SqueezeExcite {
         let (n, c, _, _) = x.dims4()?;
         let pooled = x.mean((2, 3))?; // (N, C)
         let squeezed = self.reduce_w.dim(0)?;
-        let r = pooled.matmul(&self.reduce_w.reshape((squeezed, c))?.t()?)?.broadcast_add(&self.reduce_b)?;
-        let e = swish(&r)?.matmul(&self.expand_w.reshape((c, squeezed))?.t()?)?.broadcast_add(&self.expand_b)?;
+        // The products in bf16 under bf16 autocast (`nn::precision`), the biases added in f32.
+        let matmul_t = |a: &Tensor, w: &Tensor| with_compute_dtype(a, w, |a, w| Ok(a.matmul(&w.t()?)?));
+        let r = matmul_t(&pooled, &self.reduce_w.reshape((squeezed, c))?)?.broadcast_add(&self.reduce_b)?;
+        let e = matmul_t(&swish(&r)?, &self.expand_w.reshape((c, squeezed))?)?.broadcast_add(&self.expand_b)?;
         let gate = candle_nn::ops::sigmoid(&e)?.reshape((n, c, 1, 1))?;
         Ok(x.broadcast_mul(&gate)?)
     }
@@ -300,7 +303,7 @@ impl EfficientNet {
             Some(fc) => {
                 let p = self.variant.dropout as f32;
                 let f = if train && p > 0.0 { candle_nn::ops::dropout(&f, p)? } else { f };
-                Ok(fc.forward(&f)?)
+                super::precision::linear(fc, &f)
             }
             None => Ok(f),
         }

@@ -4,7 +4,7 @@
 //! head built at `vb.pp("fc")` saves as torchvision's `fc.weight`/`fc.bias` and the fine-tuned
 //! model loads into torchvision's ResNet with `fc = Linear(num_features, n)`.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Dropout, Linear, VarBuilder};
 
 use super::error::{NnError, Result};
@@ -41,6 +41,6 @@ impl Head {
             )));
         }
         let x = if train && self.p > 0.0 { self.dropout.forward(x, true)? } else { x.clone() };
-        Ok(self.fc.forward(&x)?)
+        super::precision::linear(&self.fc, &x)
     }
 }

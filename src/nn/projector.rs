@@ -4,11 +4,12 @@
 //! Parameter names follow a PyTorch `nn.Sequential` of those five modules, so under a prefix `p`
 //! they are `p.0.weight`, `p.1.{weight,bias,running_*}`, `p.3.weight`, `p.4.running_*`.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Linear, VarBuilder};
 
 use super::batchnorm::BatchNorm;
 use super::error::{NnError, Result};
+use super::precision::linear as linear_at_precision;
 use super::resnet::linear;
 
 /// MPCS's defaults: 2048 → 1024 → 128.
@@ -45,8 +46,8 @@ impl Projector {
                 x.dims()
             )));
         }
-        let h = self.bn1.forward_t(&self.fc1.forward(x)?, train)?.relu()?;
-        let z = self.bn2.forward_t(&self.fc2.forward(&h)?, train)?;
+        let h = self.bn1.forward_t(&linear_at_precision(&self.fc1, x)?, train)?.relu()?;
+        let z = self.bn2.forward_t(&linear_at_precision(&self.fc2, &h)?, train)?;
         l2_normalize(&z)
     }
 }

@@ -3,7 +3,7 @@
 //! its state dicts load by name: conv1, bn1, layer{1..4}.{i}.conv{1,2,3}/bn{1,2,3},
 //! layer{k}.0.downsample.{0,1}, fc.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Init, Linear, ModuleT, VarBuilder};
 
 use super::batchnorm::{into_candle, BatchNorm};
@@ -346,7 +346,7 @@ impl ResNet {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let f = self.features_t(x, train)?;
         match &self.fc {
-            Some(fc) => Ok(fc.forward(&f)?),
+            Some(fc) => super::precision::linear(fc, &f),
             None => Ok(f),
         }
     }

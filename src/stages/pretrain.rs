@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
 use crate::experiment::{Experiment, StageDecl};
 use crate::loader::PairMode;
-use crate::nn::Arch;
+use crate::nn::{Arch, Precision};
 use crate::train::{pretrain, PretrainConfig};
 
 pub struct Pretrain;
@@ -65,6 +65,7 @@ impl StageKind for Pretrain {
             weights_file,
             weights_stage: weights_stage_of(node, spec.weights.as_deref()),
             seed: node.node.seed,
+            precision: spec.precision.unwrap_or(d.precision),
         })
     }
 
@@ -96,6 +97,9 @@ pub struct PretrainSpec {
     pub buckets: Option<Vec<usize>>,
     /// Initial encoder weights: a file, or the name of an input stage whose output holds one.
     pub weights: Option<String>,
+    /// `"f32"` (default, the paper) or `"bf16"`: convolutions and linear layers in bfloat16, BatchNorm, loss
+    /// and optimiser in f32 (`nn::precision`). Part of the node's key.
+    pub precision: Option<Precision>,
 }
 
 /// A `pretrain` node, every default filled in (from `crate::train::PretrainConfig::new`).
@@ -121,6 +125,9 @@ pub struct PretrainStageConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_stage: Option<String>,
     pub seed: u64,
+    /// Left out of the key when f32, so the keys of nodes from before this setting existed still hold.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl PretrainSpec {
@@ -169,6 +176,7 @@ impl PretrainStageConfig {
         cfg.init = init_weights(ctx, &self.init, self.weights_file.as_deref())?;
         cfg.device = candle_device(ctx)?;
         cfg.seed = self.seed;
+        cfg.precision = self.precision;
         log_line(ctx, &format!("initial encoder weights: {:?} (none = seeded random)", cfg.init));
         let progress = progress_reporter(ctx, cfg.batch_size);
         let outcome = pretrain(&cfg, &progress).map_err(|e| StageFailure(e.to_string()))?;

@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::exec::{ExecContext, NodeView, StageFailure, StageKind};
 use crate::experiment::{Experiment, StageDecl};
 use crate::loader::Normalize;
-use crate::nn::{Arch, Dilation};
+use crate::nn::{Arch, Dilation, Precision};
 use crate::train::{
     evaluate, finetune, EvalConfig, FinetuneConfig, Init, LabelColumn, Objective, OptimizerKind, TrainEvent,
 };
@@ -124,6 +124,9 @@ pub struct TrainSpec {
     pub weights: Option<String>,
     /// Start from the pretraining's epoch-`bucket` backbone instead of its overall best.
     pub bucket: Option<usize>,
+    /// `"f32"` (default, the paper) or `"bf16"`: the training steps' convolutions and linear layers in
+    /// bfloat16, BatchNorm, loss and optimiser in f32 (`nn::precision`). Part of the node's key.
+    pub precision: Option<Precision>,
     /// evaluate only (default: the node's `portion` matrix value, else `test_20`):
     pub test_portion: Option<String>,
 }
@@ -142,6 +145,7 @@ const FINETUNE_ONLY: &[&str] = &[
     "early_stop_patience",
     "weights",
     "bucket",
+    "precision",
 ];
 
 /// Where a training node's encoder weights come from.
@@ -200,6 +204,9 @@ pub struct TrainConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_stage: Option<String>,
     pub seed: u64,
+    /// Left out of the key when f32, so the keys of nodes from before this setting existed still hold.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 /// An `evaluate` node, every default filled in.
@@ -342,6 +349,7 @@ impl TrainSpec {
             weights_file,
             weights_stage: weights_stage_of(node, self.weights.as_deref()),
             seed: node.node.seed,
+            precision: self.precision.unwrap_or(d.precision),
         })
     }
 
@@ -650,6 +658,7 @@ fn execute_training(c: &TrainConfig, ctx: &ExecContext<'_>) -> Result<Value, Sta
     cfg.train_portion = c.train_portion.clone();
     cfg.val_portion = c.val_portion.clone();
     cfg.seed = c.seed;
+    cfg.precision = c.precision;
     cfg.init = match init_weights(ctx, &c.init, c.weights_file.as_deref())? {
         Some(file) => Init::Weights(file),
         None => Init::Random,

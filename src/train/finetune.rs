@@ -14,7 +14,7 @@ use super::error::{Result, TrainError};
 use super::fold::{expand_patches, read_fold, select, FoldRow, LabelColumn};
 use super::{finite, step_err, to_tensor, write_atomic, TrainEvent};
 use crate::loader::{AugmentConfig, ImageStore, Loader, LoaderConfig, Normalize, Sample, Source};
-use crate::nn::{no_grad, weights, Arch, Dilation, Encoder, Head};
+use crate::nn::{autocast, no_grad, weights, Arch, Dilation, Encoder, Head, Precision};
 use crate::optim::{
     Adam, AdamConfig, EarlyStopping, Mode, Optimizer, PlateauConfig, ReduceLrOnPlateau, Sgd, SgdConfig,
 };
@@ -98,6 +98,9 @@ pub struct FinetuneConfig {
     pub normalize: Normalize,
     /// Seed of the weight initialisation, shuffling and augmentation.
     pub seed: u64,
+    /// The convolutions and linear layers of the training steps in bf16 or f32 (`nn::precision`);
+    /// validation and evaluation stay f32. The paper: f32.
+    pub precision: Precision,
     /// Loader threads; 0 = one per core.
     pub threads: usize,
     /// Where `model.safetensors` and `metrics.jsonl` go.
@@ -136,6 +139,7 @@ impl FinetuneConfig {
             augment: true,
             normalize: Normalize::None,
             seed: 1,
+            precision: Precision::F32,
             threads: 0,
             out_dir: out_dir.to_path_buf(),
             scratch_dir: scratch_dir.to_path_buf(),
@@ -426,7 +430,8 @@ pub fn finetune(cfg: &FinetuneConfig, progress: &dyn Fn(TrainEvent)) -> Result<F
             let batch = batch?;
             let n = batch.labels.len();
             let x = to_tensor(batch.view1, batch.shape, device)?;
-            let loss = clf.loss(&clf.logits(&x, true)?, &batch.labels)?;
+            let logits = autocast(cfg.precision, || clf.logits(&x, true))?;
+            let loss = clf.loss(&logits, &batch.labels)?;
             let value = finite(loss.to_scalar::<f32>()? as f64, epoch, i)?;
             let grads = loss.backward()?;
             opt.step(&grads).map_err(|e| step_err(e, epoch, i))?;

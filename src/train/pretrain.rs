@@ -18,7 +18,7 @@ use super::{finite, step_err, to_tensor, TrainEvent};
 use crate::data::breakhis::{regions_at_all_magnifications, ImageName, Region, Subtype};
 use crate::data::{Dataset, ImageRecord};
 use crate::loader::{region_samples, AugmentConfig, ImageStore, Loader, LoaderConfig, Normalize, PairMode};
-use crate::nn::{mpcs_loss, weights, Arch, Dilation, Encoder, Projector};
+use crate::nn::{autocast, mpcs_loss, weights, Arch, Dilation, Encoder, Precision, Projector};
 use crate::optim::{Adam, AdamConfig, Optimizer, PlateauConfig, ReduceLrOnPlateau};
 
 /// The epochs whose best-so-far backbone the paper's code keeps.
@@ -48,6 +48,8 @@ pub struct PretrainConfig {
     /// 100, 200, 300, 400, 500, 800, 1000), so fine-tuning can start from a shorter pretraining.
     pub buckets: Vec<usize>,
     pub seed: u64,
+    /// The convolutions and linear layers in bf16 or f32 (`nn::precision`); the paper: f32.
+    pub precision: Precision,
     pub threads: usize,
     /// Where `backbone.safetensors` and `loss.jsonl` go.
     pub out_dir: PathBuf,
@@ -76,6 +78,7 @@ impl PretrainConfig {
             plateau_patience: 50,
             buckets: PAPER_BUCKETS.to_vec(),
             seed: 1,
+            precision: Precision::F32,
             threads: 0,
             out_dir: out_dir.to_path_buf(),
             scratch_dir: scratch_dir.to_path_buf(),
@@ -237,7 +240,7 @@ pub fn pretrain(cfg: &PretrainConfig, progress: &dyn Fn(TrainEvent)) -> Result<P
             // Both views through the encoder as one batch of 2B, as the reference code does.
             let x =
                 Tensor::cat(&[to_tensor(batch.view1, batch.shape, device)?, to_tensor(v2, batch.shape, device)?], 0)?;
-            let z = projector.forward_t(&encoder.features_t(&x, true)?, true)?;
+            let z = autocast(cfg.precision, || projector.forward_t(&encoder.features_t(&x, true)?, true))?;
             let f = Tensor::stack(&[z.narrow(0, 0, b)?, z.narrow(0, b, b)?], 1)?;
             let loss = mpcs_loss(&f, cfg.temperature)?;
             let value = finite(loss.to_scalar::<f32>()? as f64, epoch, i)?;

@@ -313,6 +313,12 @@ impl CustomOp2 for WeightGrad {
 /// CPU takes the direct kernel; anything else [`depthwise_conv2d_candle`].
 pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Padding) -> Result<Tensor> {
     Geometry::new(x.dims(), w.dims(), stride, pad)?;
+    // Under bf16 autocast (`nn::precision`): candle's grouped convolution on bf16 copies.
+    super::super::precision::with_compute_dtype(x, w, |x, w| depthwise_conv2d_as_is(x, w, stride, pad))
+}
+
+/// [`depthwise_conv2d`] in the dtype of its arguments.
+fn depthwise_conv2d_as_is(x: &Tensor, w: &Tensor, stride: usize, pad: Padding) -> Result<Tensor> {
     if !(fast_cpu_f32(x) && fast_cpu_f32(w)) {
         return depthwise_conv2d_candle(x, w, stride, pad);
     }

@@ -844,6 +844,12 @@ impl CustomOp2 for WeightGrad {
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
     // Validates the shapes (clear errors instead of candle's) on every path.
     Geometry::new(x.dims(), w.dims(), stride, padding, dilation)?;
+    // Under bf16 autocast (`nn::precision`): candle's convolution on bf16 copies, output back in f32.
+    super::precision::with_compute_dtype(x, w, |x, w| conv2d_as_is(x, w, stride, padding, dilation))
+}
+
+/// [`conv2d`] in the dtype of its arguments.
+fn conv2d_as_is(x: &Tensor, w: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
     let fast =
         fast_paths_enabled() && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32;
     if !fast || x.elem_count() == 0 || w.elem_count() == 0 {
@@ -882,7 +888,10 @@ pub fn conv2d_channel_affine(
     let shapes_ok = scale.dims() == [g.o]
         && shift.dims() == [g.o]
         && residual.is_none_or(|r| r.dims() == [g.n, g.o, g.oh, g.ow] && f32_cpu(r));
-    let fast = fast_paths_enabled() && [x, w, scale, shift].into_iter().all(f32_cpu) && shapes_ok;
+    let fast = fast_paths_enabled()
+        && [x, w, scale, shift].into_iter().all(f32_cpu)
+        && shapes_ok
+        && super::precision::cast_to(x).is_none();
     if fast && !grad_enabled() && x.elem_count() > 0 && w.elem_count() > 0 {
         let (x, w) = (x.detach().contiguous()?, w.detach().contiguous()?);
         let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);

@@ -33,7 +33,7 @@ pub fn od_to_rgb(od: f64, io: f64) -> f64 {
 /// sRGB → XYZ (D65) matrix used by torchstain (`_rgb2xyz`).
 pub const RGB2XYZ: Mat3 =
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]];
-const WHITE: [f64; 3] = [0.95047, 1.0, 1.08883];
+pub const WHITE: [f64; 3] = [0.95047, 1.0, 1.08883];
 
 /// sRGB gamma expansion of an 8-bit value (v/255), as torchstain's `rgb2lab`.
 pub fn srgb_linear_table() -> [f64; 256] {

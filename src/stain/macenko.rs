@@ -7,7 +7,7 @@
 use image::RgbImage;
 
 use super::color::od_table_torchstain;
-use super::simd::{self, OdTables, V, W};
+use super::simd::{self, Planes, Px, V, W};
 use super::stats::{eigh3, lerp, Mat3, TailSelect};
 use super::{Method, Normalised, StainError, StainTarget, DEFAULT_MIN_TISSUE_FRACTION};
 
@@ -137,7 +137,14 @@ impl Macenko {
         });
         let raw = img.as_raw();
         let mut out = vec![0u8; raw.len()];
-        simd::od_output(simd::level(), raw, &tab, io, &mut out);
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            // `estimate` left this image's planes in the scratch, unless it released them
+            if s.planes.px().pixels != raw.len() / 3 {
+                s.planes.fill(simd::level(), raw);
+            }
+            simd::od_output(simd::level(), s.planes.px(), &tab, io, &mut out);
+        });
         let image = RgbImage::from_raw(img.width(), img.height(), out).expect("same size");
         Normalised::done(image)
     }
@@ -147,6 +154,9 @@ impl Macenko {
 /// cost page faults. Buffers larger than `KEEP` elements are released after use.
 #[derive(Default)]
 struct Scratch {
+    /// The image's channel planes, and those of the sample.
+    planes: Planes,
+    sample_planes: Planes,
     /// Values of one chunk of pixels, two streams.
     chunk: [Vec<V>; 2],
     /// The pixels of the sample that sets the tail thresholds.
@@ -176,7 +186,7 @@ fn tail_order_stats(
     streams: [usize; 2],
     qs: [f64; 2],
     s: &mut Scratch,
-    fill: impl Fn(&[u8], &mut [V], &mut [V]),
+    fill: impl Fn(Px<'_>, &mut [V], &mut [V]),
 ) -> [(f64, f64, f64); 2] {
     let pixels = raw.len() / 3;
     let stride = (pixels / SAMPLE).max(1);
@@ -184,33 +194,33 @@ fn tail_order_stats(
     for p in raw.chunks_exact(3).step_by(stride) {
         s.sample_raw.extend_from_slice(p);
     }
-    let sample_px = s.sample_raw.len() / 3;
+    s.sample_planes.fill(simd::level(), &s.sample_raw);
+    let sample = s.sample_planes.px();
     let [c0, c1] = &mut s.chunk;
     for c in [&mut *c0, &mut *c1] {
-        c.resize(simd::blocks(CHUNK.max(sample_px)), [0.0; W]);
+        c.resize(simd::blocks(CHUNK).max(sample.blocks()), [0.0; W]);
     }
-    fill(&s.sample_raw, &mut c0[..simd::blocks(sample_px)], &mut c1[..simd::blocks(sample_px)]);
+    let nb = sample.blocks();
+    fill(sample, &mut c0[..nb], &mut c1[..nb]);
     for k in 0..2 {
         let src = if k == 0 { &*c0 } else { &*c1 };
         s.sample[k].clear();
-        s.sample[k].extend(src.iter().flatten().take(sample_px).copied().filter(|x| !x.is_nan()));
+        s.sample[k].extend(src.as_flattened()[..sample.pixels].iter().copied().filter(|x| !x.is_nan()));
     }
     let mut tails: [TailSelect; 2] = std::array::from_fn(|k| {
         let mut sample = s.sample[streams[k]].clone();
         TailSelect::new(qs[k], &mut sample, std::mem::take(&mut s.kept[k]))
     });
+    let all = s.planes.px();
     let mut pass = |tails: &mut [TailSelect; 2], todo: [bool; 2]| {
-        for chunk in raw.chunks(3 * CHUNK) {
-            let px = chunk.len() / 3;
-            let nb = simd::blocks(px);
-            fill(chunk, &mut c0[..nb], &mut c1[..nb]);
+        for start in (0..all.blocks()).step_by(CHUNK / W) {
+            let run = all.range(start, start + CHUNK / W);
+            let nb = run.blocks();
+            fill(run, &mut c0[..nb], &mut c1[..nb]);
             for k in 0..2 {
-                if !todo[k] {
-                    continue;
-                }
-                let src = if streams[k] == 0 { &c0[..nb] } else { &c1[..nb] };
-                for &x in src.iter().flatten().take(px) {
-                    tails[k].offer(x);
+                if todo[k] {
+                    let src = if streams[k] == 0 { &c0[..nb] } else { &c1[..nb] };
+                    tails[k].offer_slice(&src.as_flattened()[..run.pixels]);
                 }
             }
         }
@@ -275,7 +285,7 @@ pub fn estimate(img: &RgbImage, params: &MacenkoParams) -> Result<MacenkoEstimat
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         let r = estimate_with(img, params, &mut s);
-        if s.kept.iter().chain(&s.sample).any(|v| v.capacity() > KEEP) {
+        if s.kept.iter().chain(&s.sample).any(|v| v.capacity() > KEEP) || s.planes.capacity() > KEEP {
             *s = Scratch::default();
         }
         r
@@ -288,6 +298,7 @@ fn estimate_with(img: &RgbImage, params: &MacenkoParams, scratch: &mut Scratch) 
     let raw = img.as_raw();
     let total = raw.len() / 3;
     let needed = ((params.min_tissue_fraction * total as f64).ceil() as usize).max(3);
+    scratch.planes.fill(level, raw);
     // tissue pixels (ODhat): no channel with OD < beta. OD falls as the byte rises, so that is
     // every byte <= tmax, a test on the bytes themselves.
     let tmax = od.iter().take_while(|&&v| !(v < params.beta)).count() as i32 - 1;
@@ -296,7 +307,7 @@ fn estimate_with(img: &RgbImage, params: &MacenkoParams, scratch: &mut Scratch) 
 
     // np.cov(ODhat.T): sample covariance (ddof = 1), one pass of moments about a tissue pixel's OD
     let shift = raw.chunks_exact(3).find(|p| tissue(p)).map_or([0.0; 3], |p| [p[0], p[1], p[2]].map(|v| od[v as usize]));
-    let m = simd::od_moments(level, raw, &od, tmax, shift);
+    let m = simd::od_moments(level, scratch.planes.px(), &od, tmax, shift);
     let count = m.count;
     if count < needed {
         return Err(NoEstimate::TooLittleTissue { found: count, total, needed });
@@ -316,10 +327,8 @@ fn estimate_with(img: &RgbImage, params: &MacenkoParams, scratch: &mut Scratch) 
     let dot = |a: &[f64; 3], b: &[f64; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
 
     // phi = arctan2(That[:, 1], That[:, 0]); its alpha / 100-alpha percentiles
-    let proj = |e: &[f64; 3]| -> OdTables { std::array::from_fn(|c| std::array::from_fn(|v| od[v] * e[c])) };
-    let (tx, ty) = (proj(&e1), proj(&e2));
     let [lo, hi] = tail_order_stats(raw, count, [0, 0], [params.alpha, 100.0 - params.alpha], scratch, |px, a, _| {
-        simd::od_angle_keys(level, px, &tx, &ty, tmax, a)
+        simd::od_angle_keys(level, px, &od, e1, e2, tmax, a)
     });
     let min_phi = lerp(angle_of(lo.0), angle_of(lo.1), lo.2);
     let max_phi = lerp(angle_of(hi.0), angle_of(hi.1), hi.2);
@@ -344,11 +353,9 @@ fn estimate_with(img: &RgbImage, params: &MacenkoParams, scratch: &mut Scratch) 
     let gi = [[g[1][1] / det, -g[0][1] / det], [-g[1][0] / det, g[0][0] / det]];
     let pinv: [[f64; 3]; 2] =
         std::array::from_fn(|s| std::array::from_fn(|c| gi[s][0] * stains[0][c] + gi[s][1] * stains[1][c]));
-    let tab: [OdTables; 2] =
-        std::array::from_fn(|s| std::array::from_fn(|c| std::array::from_fn(|v| pinv[s][c] * od[v])));
     // the 99th percentile of each concentration over ALL pixels
     let [c0, c1] = tail_order_stats(raw, total, [0, 1], [99.0, 99.0], scratch, |px, a, b| {
-        simd::od_linear2(level, px, &tab[0], &tab[1], a, b)
+        simd::od_linear2(level, px, &od, pinv[0], pinv[1], a, b)
     });
     let m0 = lerp(c0.0, c0.1, c0.2);
     let m1 = lerp(c1.0, c1.1, c1.2);

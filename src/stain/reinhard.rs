@@ -12,7 +12,7 @@
 use image::RgbImage;
 
 use super::color::{srgb_linear_table, xyz2rgb, Luminosity, Ruderman, SrgbQuantiser, RGB2LMS, RGB2XYZ, WHITE};
-use super::simd::{self, LabConsts, Moments, V};
+use super::simd::{self, LabConsts, Moments, Planes, Px, V};
 use super::stats::Mat3;
 use super::{Method, Normalised, StainError, DEFAULT_MIN_TISSUE_FRACTION};
 
@@ -77,22 +77,26 @@ fn check_target(img: &RgbImage, min_fraction: f64, what: &str) -> Result<(), Sta
     Ok(())
 }
 
-/// Runs `f` on a per-thread buffer of `blocks` 8-pixel blocks: a fresh multi-megabyte allocation
-/// per image costs more in page faults than the colour arithmetic. Large buffers are released
-/// afterwards. The contents on entry are stale; the kernels overwrite every block.
-fn with_blocks<R>(blocks: usize, f: impl FnOnce(&mut [[V; 3]]) -> R) -> R {
+/// Runs `f` on the image's channel planes and a per-thread buffer of one entry per 8-pixel block:
+/// a fresh multi-megabyte allocation per image costs more in page faults than the colour
+/// arithmetic. Large buffers are released afterwards. The block buffer's contents on entry are
+/// stale; the kernels overwrite every block.
+fn with_blocks<R>(raw: &[u8], f: impl FnOnce(Px<'_>, &mut [[V; 3]]) -> R) -> R {
     thread_local! {
-        static BUF: std::cell::RefCell<Vec<[V; 3]>> = const { std::cell::RefCell::new(Vec::new()) };
+        static BUF: std::cell::RefCell<(Planes, Vec<[V; 3]>)> = std::cell::RefCell::new(Default::default());
     }
     BUF.with(|b| {
         let mut b = b.borrow_mut();
-        if b.len() != blocks {
-            b.clear();
-            b.resize(blocks, [[0.0; simd::W]; 3]);
+        let (planes, buf) = &mut *b;
+        planes.fill(simd::level(), raw);
+        let blocks = simd::blocks(raw.len() / 3);
+        if buf.len() != blocks {
+            buf.clear();
+            buf.resize(blocks, [[0.0; simd::W]; 3]);
         }
-        let r = f(&mut b);
-        if b.len() > (1 << 20) / simd::W {
-            *b = Vec::new();
+        let r = f(planes.px(), buf);
+        if buf.len() > (1 << 20) / simd::W {
+            *b = Default::default();
         }
         r
     })
@@ -190,9 +194,7 @@ impl Reinhard {
     /// HistomicsTK `lab_mean_std`: mean and std of an image in lαβ.
     pub fn stats_of(img: &RgbImage) -> ChannelStats {
         let space = Ruderman::default();
-        with_blocks(simd::blocks(img.as_raw().len() / 3), |lab| {
-            stats(&simd::lab_beta_forward(simd::level(), img.as_raw(), &RGB2LMS, &space.lms2lab, lab))
-        })
+        with_blocks(img.as_raw(), |px, lab| stats(&simd::lab_beta_forward(simd::level(), px, &RGB2LMS, &space.lms2lab, lab)))
     }
 
     pub fn target(&self) -> ChannelStats {
@@ -206,8 +208,8 @@ impl Reinhard {
         }
         let raw = img.as_raw();
         let level = simd::level();
-        with_blocks(simd::blocks(raw.len() / 3), |lab| {
-            let src = stats(&simd::lab_beta_forward(level, raw, &RGB2LMS, &self.space.lms2lab, lab));
+        with_blocks(raw, |px, lab| {
+            let src = stats(&simd::lab_beta_forward(level, px, &RGB2LMS, &self.space.lms2lab, lab));
             if degenerate(&src) {
                 return Normalised::pass(img);
             }
@@ -252,9 +254,7 @@ impl ReinhardLab {
         check_target(target, DEFAULT_MIN_TISSUE_FRACTION, what)?;
         let lin = srgb_linear_table();
         let k = LabConsts { lin: &lin, rgb2xyz: &RGB2XYZ, white: WHITE };
-        let stats = with_blocks(simd::blocks(target.as_raw().len() / 3), |lab| {
-            stats(&simd::lab_forward(simd::level(), target.as_raw(), &k, lab))
-        });
+        let stats = with_blocks(target.as_raw(), |px, lab| stats(&simd::lab_forward(simd::level(), px, &k, lab)));
         check_target_stats(&stats, Method::ReinhardLab, CIE_LAB, FLAT_LAB_CIE, what)?;
         Self::from_stats(stats)
     }
@@ -271,8 +271,8 @@ impl ReinhardLab {
         let raw = img.as_raw();
         let level = simd::level();
         let k = LabConsts { lin: &self.lin, rgb2xyz: &RGB2XYZ, white: WHITE };
-        with_blocks(simd::blocks(raw.len() / 3), |lab| {
-            let src = stats(&simd::lab_forward(level, raw, &k, lab));
+        with_blocks(raw, |px, lab| {
+            let src = stats(&simd::lab_forward(level, px, &k, lab));
             if degenerate(&src) {
                 return Normalised::pass(img);
             }

@@ -73,6 +73,24 @@ impl TailSelect {
         }
     }
 
+    /// Offers every value of `xs` (NaNs are never kept).
+    pub fn offer_slice(&mut self, xs: &[f64]) {
+        let thr = self.thr;
+        if self.upper {
+            for &x in xs {
+                if x >= thr {
+                    self.kept.push(x);
+                }
+            }
+        } else {
+            for &x in xs {
+                if x <= thr {
+                    self.kept.push(x);
+                }
+            }
+        }
+    }
+
     /// [`order_stats`] of all `n` values offered at percentile `q`, or `None` when the needed ranks
     /// are not among the kept values.
     pub fn finish(&mut self, n: usize, q: f64) -> Option<(f64, f64, f64)> {

@@ -19,7 +19,7 @@ use image::RgbImage;
 use rayon::prelude::*;
 
 use super::color::{od_table_staintools, Luminosity};
-use super::simd::{self, V, W};
+use super::simd;
 use super::stats::{lerp, order_stats, TailSelect};
 use super::{Method, Normalised, StainError, StainTarget, DEFAULT_MIN_TISSUE_FRACTION};
 
@@ -127,21 +127,7 @@ impl Vahadane {
         let scale = [self.target.max_conc[0] / max_c[0], self.target.max_conc[1] / max_c[1]];
         let s = &self.target.stains;
         let mut out = vec![0u8; conc.len() * 3];
-        for (blk, o) in conc.chunks(W).zip(out.chunks_mut(3 * W)) {
-            let mut od = [[0.0; W]; 3];
-            for (i, a) in blk.iter().enumerate() {
-                let (c0, c1) = (a[0] * scale[0], a[1] * scale[1]);
-                for ch in 0..3 {
-                    od[ch][i] = -(c0 * s[0][ch] + c1 * s[1][ch]);
-                }
-            }
-            let rgb: [V; 3] = od.map(simd::exp8);
-            for i in 0..blk.len() {
-                for ch in 0..3 {
-                    o[3 * i + ch] = (255.0 * rgb[ch][i]).min(255.0) as u8;
-                }
-            }
-        }
+        simd::conc_output(simd::level(), &conc, scale, s, &mut out);
         Normalised::done(RgbImage::from_raw(img.width(), img.height(), out).expect("same size"))
     }
 }

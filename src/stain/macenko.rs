@@ -129,22 +129,23 @@ impl Macenko {
         let io = self.params.io;
         let s = &self.target.stains;
         let od = od_table_torchstain(io);
-        let tab: [[[f64; 256]; 3]; 3] = std::array::from_fn(|ch| {
-            std::array::from_fn(|j| {
-                let a = s[0][ch] * est.pinv[0][j] * scale[0] + s[1][ch] * est.pinv[1][j] * scale[1];
-                std::array::from_fn(|v| (-a * od[v]).exp())
-            })
+        // tab[j][v][ch] = exp(-A[ch][j] · OD(v)), with io folded into the red-byte table:
+        // (io · t0) · t1 · t2 in the order of the scalar formula
+        let a: [[f64; 3]; 3] = std::array::from_fn(|ch| {
+            std::array::from_fn(|j| s[0][ch] * est.pinv[0][j] * scale[0] + s[1][ch] * est.pinv[1][j] * scale[1])
         });
+        let mut tab = [[[0.0f64; 4]; 256]; 3];
+        for j in 0..3 {
+            for v in 0..256 {
+                for ch in 0..3 {
+                    let t = (-a[ch][j] * od[v]).exp();
+                    tab[j][v][ch] = if j == 0 { io * t } else { t };
+                }
+            }
+        }
         let raw = img.as_raw();
         let mut out = vec![0u8; raw.len()];
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            // `estimate` left this image's planes in the scratch, unless it released them
-            if s.planes.px().pixels != raw.len() / 3 {
-                s.planes.fill(simd::level(), raw);
-            }
-            simd::od_output(simd::level(), s.planes.px(), &tab, io, &mut out);
-        });
+        simd::od_output(simd::level(), raw, &tab, &mut out);
         let image = RgbImage::from_raw(img.width(), img.height(), out).expect("same size");
         Normalised::done(image)
     }

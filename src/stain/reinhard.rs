@@ -194,7 +194,9 @@ impl Reinhard {
     /// HistomicsTK `lab_mean_std`: mean and std of an image in lαβ.
     pub fn stats_of(img: &RgbImage) -> ChannelStats {
         let space = Ruderman::default();
-        with_blocks(img.as_raw(), |px, lab| stats(&simd::lab_beta_forward(simd::level(), px, &RGB2LMS, &space.lms2lab, lab)))
+        with_blocks(img.as_raw(), |px, lab| {
+            stats(&simd::lab_beta_forward(simd::level(), px, &RGB2LMS, &space.lms2lab, lab))
+        })
     }
 
     pub fn target(&self) -> ChannelStats {

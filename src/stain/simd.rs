@@ -567,7 +567,7 @@ kernel! {
             for c in 0..3 {
                 for i in 0..W {
                     let x = rgb[c][i];
-                    q[c][i] = if x.is_nan() { 0 } else { x.clamp(0.0, 255.0) as u8 };
+                    q[c][i] = if x.is_nan() { 0 } else { x.clamp(0.0, 255.0) as i32 as u8 };
                 }
             }
             store_rgb(&q, (pixels - W * b).min(W), &mut out[3 * W * b..]);
@@ -740,8 +740,10 @@ kernel! {
                 v[k] = a[k] * b[k] * c[k];
             }
             // torchstain: Inorm[Inorm > 255] = 255, then astype(uint8) truncates
+            // (products of positive factors: 0 <= v; `as i32` converts without the saturating
+            // u8 cast's scalar fix-ups, same value)
             for k in 0..3 {
-                o[k] = v[k].min(255.0) as u8;
+                o[k] = v[k].min(255.0) as i32 as u8;
             }
         }
     }
@@ -765,7 +767,7 @@ kernel! {
             }
             for i in 0..blk.len() {
                 for ch in 0..3 {
-                    o[3 * i + ch] = (255.0 * rgb[ch][i]).min(255.0) as u8;
+                    o[3 * i + ch] = (255.0 * rgb[ch][i]).min(255.0) as i32 as u8; // exp > 0
                 }
             }
         }
@@ -892,7 +894,10 @@ mod tests {
         let (mut e_lab, mut e_beta): (f64, f64) = (0.0, 0.0);
         for (p, px) in raw.chunks_exact(3).enumerate() {
             // torchstain's formulas with libm's cube root
-            let xyz = super::super::stats::mul_vec(&super::super::color::RGB2XYZ, [px[0], px[1], px[2]].map(|v| lin[v as usize]));
+            let xyz = super::super::stats::mul_vec(
+                &super::super::color::RGB2XYZ,
+                [px[0], px[1], px[2]].map(|v| lin[v as usize]),
+            );
             let f: [f64; 3] = std::array::from_fn(|c| {
                 let t = xyz[c] * (1.0 / k.white[c]);
                 if t > 0.008856 {

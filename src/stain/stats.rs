@@ -73,22 +73,25 @@ impl TailSelect {
         }
     }
 
-    /// Offers every value of `xs` (NaNs are never kept).
+    /// Offers every value of `xs` (NaNs are never kept). Branch-free: each value is written past
+    /// the kept ones and the length only advances when it belongs to the tail.
     pub fn offer_slice(&mut self, xs: &[f64]) {
         let thr = self.thr;
+        let mut len = self.kept.len();
+        self.kept.resize(len + xs.len(), 0.0);
+        let buf = &mut self.kept[..];
         if self.upper {
             for &x in xs {
-                if x >= thr {
-                    self.kept.push(x);
-                }
+                buf[len] = x;
+                len += (x >= thr) as usize;
             }
         } else {
             for &x in xs {
-                if x <= thr {
-                    self.kept.push(x);
-                }
+                buf[len] = x;
+                len += (x <= thr) as usize;
             }
         }
+        self.kept.truncate(len);
     }
 
     /// [`order_stats`] of all `n` values offered at percentile `q`, or `None` when the needed ranks

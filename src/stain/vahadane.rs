@@ -143,7 +143,8 @@ pub fn stain_matrix(img: &RgbImage, params: &VahadaneParams) -> Result<[[f64; 3]
     if found < needed {
         return Err(NoEstimate::TooLittleTissue { found, total, needed });
     }
-    let x: Vec<[f64; 3]> = colours.iter().map(|&c| [c >> 16, (c >> 8) & 255, c & 255].map(|v| od[v as usize])).collect();
+    let x: Vec<[f64; 3]> =
+        colours.iter().map(|&c| [c >> 16, (c >> 8) & 255, c & 255].map(|v| od[v as usize])).collect();
     let w: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
     let mut d = learn_dictionary(&x, &w, params.regulariser, params.max_iter)?;
     // H first: larger red OD

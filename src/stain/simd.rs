@@ -797,6 +797,7 @@ mod tests {
             let (a, b) = (exp(x), x.exp());
             worst = worst.max(((a - b) / b).abs());
         }
+        eprintln!("exp: worst relative error {worst:e}");
         assert!(worst <= 2.3e-16, "exp worst relative error {worst:e}");
         assert_eq!(exp(0.0), 1.0);
     }
@@ -812,6 +813,7 @@ mod tests {
                 rel = rel.max(((a - b) / b).abs());
             }
         }
+        eprintln!("ln: worst absolute error near 1 {near1:e}, relative elsewhere {rel:e}");
         // measured 3.5e-16 near 1: a bound at the measured value is too tight
         assert!(near1 <= 5e-16, "ln worst absolute error near 1 {near1:e}");
         assert!(rel <= 2.5e-16, "ln worst relative error {rel:e}");
@@ -825,6 +827,7 @@ mod tests {
             let (a, b) = (cbrt(x), x.cbrt());
             worst = worst.max(((a - b) / b).abs());
         }
+        eprintln!("cbrt: worst relative error {worst:e}");
         assert!(worst <= 5e-16, "cbrt worst relative error {worst:e}");
     }
 

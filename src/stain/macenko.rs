@@ -304,7 +304,7 @@ fn estimate_with(img: &RgbImage, params: &MacenkoParams, scratch: &mut Scratch) 
     scratch.planes.fill(level, raw);
     // tissue pixels (ODhat): no channel with OD < beta. OD falls as the byte rises, so that is
     // every byte <= tmax, a test on the bytes themselves.
-    let tmax = od.iter().take_while(|&&v| !(v < params.beta)).count() as i32 - 1;
+    let tmax = od.iter().take_while(|&&v| v >= params.beta || v.is_nan()).count() as i32 - 1;
     debug_assert!(od.iter().skip((tmax + 1) as usize).all(|&v| v < params.beta));
     let tissue = |p: &[u8]| p.iter().all(|&v| v as i32 <= tmax);
 

@@ -137,8 +137,10 @@ pub fn exp8(x: V) -> V {
 #[inline(always)]
 fn exp1(x: f64) -> f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
-    const LN2_HI: f64 = 6.931471803691238165e-01; // 0x3FE62E42FEE00000: n·LN2_HI is exact
-    const LN2_LO: f64 = 1.908214929270587700e-10;
+    // ln 2 = LN2_HI + LN2_LO (6.93147180369123816490e-01 + 1.90821492927058770002e-10): the high
+    // part ends in 21 zero bits, so n·LN2_HI is exact for |n| < 2^11
+    const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
     // 1/k! for k = 13..2
     const C: [f64; 12] = [
         1.0 / 6227020800.0,
@@ -178,8 +180,8 @@ pub fn ln8(x: V) -> V {
 #[inline(always)]
 fn ln1(x: f64) -> f64 {
     const SQRT_HALF_BITS: u64 = 0x3FE6_A09E_667F_3BCD;
-    const LN2_HI: f64 = 6.931471803691238165e-01;
-    const LN2_LO: f64 = 1.908214929270587700e-10;
+    const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
     const TWO52: f64 = 4503599627370496.0;
     // 1/(2k+1) for k = 9..1, of atanh's series in z = s²
     const C: [f64; 9] =

@@ -11,7 +11,7 @@ py=${PY:-python3}
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 cargo bench --bench stain --no-run >/dev/null 2>&1
 bin=$(cargo bench --bench stain --no-run --message-format=json 2>/dev/null |
-  sed -n 's/.*"executable":"\([^"]*stain-[^"]*\)".*/\1/p' | tail -1)
+  sed -n 's/.*"executable":"\([^"]*\/deps\/stain-[0-9a-f]*\)".*/\1/p' | tail -1)
 grep -m1 "model name" /proc/cpuinfo || true
 for r in $(seq 1 "$rounds"); do
   echo "== round $r"

@@ -1,25 +1,41 @@
-"""Time torchstain 1.4.1's numpy backend on the image the Rust bench uses (benches/stain.rs).
+"""Time the Python references on the image and target the Rust bench uses (benches/stain.rs).
 
-  python scripts/stain/bench_torchstain.py            # from the repo root
-Prints images/s for Macenko and Reinhard (LAB), fit once on ts_target.png, normalise many; and,
-for the lαβ Reinhard, HistomicsTK's reinhard() loaded as in make_golden.py when it is installed.
-numpy here is single-threaded for these element-wise operations (BLAS only enters eigh/lstsq on
-tiny matrices), so compare with the Rust single-thread figure.
+  OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python scripts/stain/bench_torchstain.py [--quick]
+
+from the repo root. One thread: the BLAS variables above keep numpy/spams on the calling thread, so
+`time.thread_time()` counts all the work (compare with the Rust "1-thread pool" rows). Prints, per
+row, ms/image of wall and thread-CPU time:
+
+* torchstain 1.4.1 numpy backend: Macenko and Reinhard (CIE LAB), fitted on ts_target.png;
+* HistomicsTK 1.4.0 Reinhard (Ruderman lαβ), fitted on the same target (`lab_mean_std`), loaded as
+  in make_golden.py; skipped with a message when not installed;
+* staintools 2.1.2 Vahadane (`StainNormalizer("vahadane")`), fit once, `transform` timed;
+* PIL PNG decode (bytes in memory to an RGB array) and encode (default settings, to memory),
+  apart from the maths, as the Rust `png` rows.
 """
+import io
+import os
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
 
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer  # noqa: E402
+
+QUICK = "--quick" in sys.argv
 FIX = Path("tests/fixtures/stain")
+png_bytes = (FIX / "bh_f_full.png").read_bytes()
 img = np.asarray(Image.open(FIX / "bh_f_full.png").convert("RGB"))
 target = np.asarray(Image.open(FIX / "ts_target.png").convert("RGB"))
 assert img.shape == (460, 700, 3)
 
 
 def bench(name, fn, n=20):
+    n = max(2, n // 4) if QUICK else n
     fn()  # warm-up
     t, cpu = time.perf_counter(), time.thread_time()
     for _ in range(n):
@@ -27,22 +43,44 @@ def bench(name, fn, n=20):
     dt = (time.perf_counter() - t) / n
     dcpu = (time.thread_time() - cpu) / n
     # thread CPU time is steadier than wall time on a shared machine
-    print(f"{name:<28} {1 / dt:8.1f} images/s ({dt * 1000:7.2f} ms/image wall, "
-          f"{dcpu * 1000:7.2f} ms/image thread CPU)")
+    print(f"py {name:<30} {dt * 1000:8.2f} ms/image wall {dcpu * 1000:8.2f} ms/image thread-CPU", flush=True)
 
 
 mac = NumpyMacenkoNormalizer()
 mac.fit(target)
-bench("torchstain numpy macenko", lambda: mac.normalize(I=img, stains=False))
+bench("torchstain macenko", lambda: mac.normalize(I=img, stains=False))
 rl = NumpyReinhardNormalizer()
 rl.fit(target)
-bench("torchstain numpy reinhard", lambda: rl.normalize(img))
+bench("torchstain reinhard-lab", lambda: rl.normalize(img))
 try:
+    sys.path.insert(0, str(Path(__file__).parent))
     import make_golden  # noqa: E402  (same folder)
 
-    _, reinhard = make_golden.load_histomicstk()
-    mu = np.array([8.74108109, -0.12440419, 0.0444982])
-    sd = np.array([0.6135447, 0.10989545, 0.0286032])
-    bench("histomicstk reinhard (lab)", lambda: reinhard(img, mu, sd))
+    cc, reinhard = make_golden.load_histomicstk()
+    mu, sd = cc.lab_mean_std(target)
+    bench("histomicstk reinhard (lab-beta)", lambda: reinhard(img, mu, sd))
 except Exception as e:  # histomicstk is optional here
     print("histomicstk not timed:", e)
+try:
+    from staintools import StainNormalizer
+
+    vn = StainNormalizer("vahadane")
+    vn.fit(target.copy())
+    bench("staintools vahadane", lambda: vn.transform(img.copy()), n=4)
+except Exception as e:  # staintools/spams are optional here
+    print("staintools not timed:", e)
+
+
+def decode():
+    return np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB"))
+
+
+def encode():
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getbuffer().nbytes
+
+
+bench("PIL png decode", decode)
+bench("PIL png encode", encode)
+print(f"py PIL png encode size {encode()} bytes (input file {len(png_bytes)} bytes)")

@@ -33,7 +33,7 @@ pub fn od_to_rgb(od: f64, io: f64) -> f64 {
 /// sRGB → XYZ (D65) matrix used by torchstain (`_rgb2xyz`).
 pub const RGB2XYZ: Mat3 =
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]];
-const WHITE: [f64; 3] = [0.95047, 1.0, 1.08883];
+pub const WHITE: [f64; 3] = [0.95047, 1.0, 1.08883];
 
 /// sRGB gamma expansion of an 8-bit value (v/255), as torchstain's `rgb2lab`.
 pub fn srgb_linear_table() -> [f64; 256] {
@@ -127,9 +127,10 @@ pub fn xyz2rgb() -> Mat3 {
 /// replaces a `powf` per channel by a binary search over 255 values.
 #[derive(Debug, Clone)]
 pub struct SrgbQuantiser {
-    thresholds: [f64; 255],
-    /// `start[i]`: the quantised value of `i / BUCKETS`, so a lookup is one table read and a step
-    /// or two of linear search instead of a branchy binary search.
+    /// 255 thresholds and a sentinel (+∞) so that a lookup needs no bounds test.
+    thresholds: [f64; 256],
+    /// `start[i]`: the quantised value of `i / BUCKETS`, so a lookup is one table read and one
+    /// comparison (no bucket holds two thresholds; `new` checks it).
     start: Vec<u8>,
 }
 
@@ -144,6 +145,9 @@ impl Default for SrgbQuantiser {
 impl SrgbQuantiser {
     pub fn new() -> Self {
         let thresholds = std::array::from_fn(|i| {
+            if i == 255 {
+                return f64::INFINITY;
+            }
             let y = (i + 1) as f64 / 255.0;
             // inverse of the gamma compression used by torchstain's lab2rgb
             if y <= 12.92 * 0.0031308 {
@@ -165,12 +169,17 @@ impl SrgbQuantiser {
             }
             q.thresholds[k] = t;
         }
+        // every lin >= 1 quantises to 255 (the formula clamps at 1)
+        for t in &mut q.thresholds[..255] {
+            *t = t.min(1.0);
+        }
         q.start = (0..=BUCKETS).map(|i| q.search(i as f64 / BUCKETS as f64)).collect();
+        assert!(q.start.windows(2).all(|w| w[1] - w[0] <= 1), "a quantiser bucket holds two thresholds");
         q
     }
 
     fn search(&self, lin: f64) -> u8 {
-        self.thresholds.partition_point(|&t| t <= lin) as u8
+        self.thresholds[..255].partition_point(|&t| t <= lin) as u8
     }
 
     fn forward(lin: f64) -> f64 {
@@ -178,19 +187,14 @@ impl SrgbQuantiser {
         c.clamp(0.0, 1.0)
     }
 
-    /// 8-bit value of a linear RGB component (truncating, as numpy's `astype(uint8)`).
+    /// 8-bit value of a linear RGB component (truncating, as numpy's `astype(uint8)`; NaN and
+    /// values <= 0 give 0, values >= 1 give 255).
+    #[inline(always)]
     pub fn quantise(&self, lin: f64) -> u8 {
-        if lin.is_nan() || lin <= 0.0 {
-            return 0;
-        }
-        if lin >= 1.0 {
-            return 255;
-        }
-        let mut k = self.start[(lin * BUCKETS as f64) as usize] as usize;
-        while k < 255 && self.thresholds[k] <= lin {
-            k += 1;
-        }
-        k as u8
+        let x = if lin > 0.0 { lin.min(1.0) } else { 0.0 };
+        // BUCKETS is a power of two: x · BUCKETS is exact, so bucket i starts at or below x
+        let k = self.start[(x * BUCKETS as f64) as usize] as usize;
+        (k + (self.thresholds[k] <= x) as usize) as u8
     }
 }
 

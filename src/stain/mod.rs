@@ -16,6 +16,7 @@ pub mod color;
 pub mod files;
 pub mod macenko;
 pub mod reinhard;
+pub mod simd;
 pub mod stats;
 pub mod vahadane;
 

@@ -11,10 +11,8 @@
 
 use image::RgbImage;
 
-use super::color::{
-    lab_to_linear_rgb, linear_rgb_to_lab, linear_rgb_to_lab4, srgb_linear_table, xyz2rgb, Luminosity, Ruderman,
-    SrgbQuantiser,
-};
+use super::color::{srgb_linear_table, xyz2rgb, Luminosity, Ruderman, SrgbQuantiser, RGB2LMS, RGB2XYZ, WHITE};
+use super::simd::{self, LabConsts, Moments, Planes, Px, V};
 use super::stats::Mat3;
 use super::{Method, Normalised, StainError, DEFAULT_MIN_TISSUE_FRACTION};
 
@@ -49,17 +47,24 @@ impl ChannelStats {
     }
 }
 
-/// Fraction-of-tissue check shared by both variants; returns (found, needed).
-fn tissue_count(img: &RgbImage, min_fraction: f64) -> (usize, usize) {
+/// Fraction-of-tissue check shared by both variants: (found, needed). With `stop_early` the count
+/// stops once `needed` is reached (a tissue image is decided after a few rows).
+fn tissue_count(img: &RgbImage, min_fraction: f64, stop_early: bool) -> (usize, usize) {
     let lum = Luminosity::new(TISSUE_LUMINOSITY);
-    let found = img.pixels().filter(|p| lum.is_tissue(p.0)).count();
     let total = (img.width() * img.height()) as usize;
     let needed = ((min_fraction * total as f64).ceil() as usize).max(1);
+    let mut found = 0;
+    for rows in img.as_raw().chunks(3 * 4096) {
+        found += rows.chunks_exact(3).filter(|p| lum.is_tissue([p[0], p[1], p[2]])).count();
+        if stop_early && found >= needed {
+            break;
+        }
+    }
     (found, needed)
 }
 
 fn check_target(img: &RgbImage, min_fraction: f64, what: &str) -> Result<(), StainError> {
-    let (found, needed) = tissue_count(img, min_fraction);
+    let (found, needed) = tissue_count(img, min_fraction, false);
     if found < needed {
         return Err(StainError::TargetNoTissue {
             what: what.to_string(),
@@ -72,40 +77,34 @@ fn check_target(img: &RgbImage, min_fraction: f64, what: &str) -> Result<(), Sta
     Ok(())
 }
 
-/// Runs `f` on a cleared per-thread pixel buffer: a fresh multi-megabyte allocation per image
-/// costs more in page faults than the colour arithmetic. Large buffers are released afterwards.
-fn with_buffer<R>(f: impl FnOnce(&mut Vec<[f64; 3]>) -> R) -> R {
+/// Runs `f` on the image's channel planes and a per-thread buffer of one entry per 8-pixel block:
+/// a fresh multi-megabyte allocation per image costs more in page faults than the colour
+/// arithmetic. Large buffers are released afterwards. The block buffer's contents on entry are
+/// stale; the kernels overwrite every block.
+fn with_blocks<R>(raw: &[u8], f: impl FnOnce(Px<'_>, &mut [[V; 3]]) -> R) -> R {
     thread_local! {
-        static BUF: std::cell::RefCell<Vec<[f64; 3]>> = const { std::cell::RefCell::new(Vec::new()) };
+        static BUF: std::cell::RefCell<(Planes, Vec<[V; 3]>)> = std::cell::RefCell::new(Default::default());
     }
     BUF.with(|b| {
         let mut b = b.borrow_mut();
-        b.clear();
-        let r = f(&mut b);
-        if b.capacity() > 4 << 20 {
-            *b = Vec::new();
+        let (planes, buf) = &mut *b;
+        planes.fill(simd::level(), raw);
+        let blocks = simd::blocks(raw.len() / 3);
+        if buf.len() != blocks {
+            buf.clear();
+            buf.resize(blocks, [[0.0; simd::W]; 3]);
+        }
+        let r = f(planes.px(), buf);
+        if buf.len() > (1 << 20) / simd::W {
+            *b = Default::default();
         }
         r
     })
 }
 
-/// Mean/std over pixels of a per-pixel 3-vector (two passes, f64).
-fn channel_stats(values: &[[f64; 3]]) -> ChannelStats {
-    let n = values.len().max(1) as f64;
-    let mut mean = [0.0; 3];
-    for v in values {
-        for c in 0..3 {
-            mean[c] += v[c];
-        }
-    }
-    mean = mean.map(|m| m / n);
-    let mut var = [0.0; 3];
-    for v in values {
-        for c in 0..3 {
-            var[c] += (v[c] - mean[c]) * (v[c] - mean[c]);
-        }
-    }
-    ChannelStats { mean, std: var.map(|s| (s / n).sqrt()) }
+fn stats(m: &Moments) -> ChannelStats {
+    let (mean, std) = m.mean_std();
+    ChannelStats { mean, std }
 }
 
 /// A colour space's name and its channels' names, for messages.
@@ -187,15 +186,17 @@ impl Reinhard {
 
     pub(crate) fn fit_named(target: &RgbImage, what: &str) -> Result<Self, StainError> {
         check_target(target, DEFAULT_MIN_TISSUE_FRACTION, what)?;
-        let space = Ruderman::default();
-        let stats = channel_stats(&to_lab(&space, target));
+        let stats = Self::stats_of(target);
         check_target_stats(&stats, Method::Reinhard, RUDERMAN, FLAT_LAB_RUDERMAN, what)?;
         Self::from_stats(stats)
     }
 
     /// HistomicsTK `lab_mean_std`: mean and std of an image in lαβ.
     pub fn stats_of(img: &RgbImage) -> ChannelStats {
-        channel_stats(&to_lab(&Ruderman::default(), img))
+        let space = Ruderman::default();
+        with_blocks(img.as_raw(), |px, lab| {
+            stats(&simd::lab_beta_forward(simd::level(), px, &RGB2LMS, &space.lms2lab, lab))
+        })
     }
 
     pub fn target(&self) -> ChannelStats {
@@ -203,35 +204,23 @@ impl Reinhard {
     }
 
     pub fn normalise(&self, img: &RgbImage) -> Normalised {
-        let (found, needed) = tissue_count(img, self.min_tissue_fraction);
+        let (found, needed) = tissue_count(img, self.min_tissue_fraction, true);
         if found < needed {
             return Normalised::pass(img);
         }
-        with_buffer(|lab| {
-            lab.extend(img.pixels().map(|p| self.space.rgb_to_lab(p.0.map(f64::from))));
-            self.transfer(img, lab)
+        let raw = img.as_raw();
+        let level = simd::level();
+        with_blocks(raw, |px, lab| {
+            let src = stats(&simd::lab_beta_forward(level, px, &RGB2LMS, &self.space.lms2lab, lab));
+            if degenerate(&src) {
+                return Normalised::pass(img);
+            }
+            let (gain, shift) = affine(&src, &self.target);
+            let mut out = vec![0u8; raw.len()];
+            simd::lab_beta_inverse(level, lab, gain, shift, &self.space.lab2lms, &self.space.lms2rgb, &mut out);
+            Normalised::done(RgbImage::from_raw(img.width(), img.height(), out).expect("same size"))
         })
     }
-
-    fn transfer(&self, img: &RgbImage, lab: &[[f64; 3]]) -> Normalised {
-        let src = channel_stats(lab);
-        if degenerate(&src) {
-            return Normalised::pass(img);
-        }
-        let (gain, shift) = affine(&src, &self.target);
-        let mut out = Vec::with_capacity(lab.len() * 3);
-        for v in lab {
-            let l: [f64; 3] = std::array::from_fn(|c| v[c] * gain[c] + shift[c]);
-            // HistomicsTK: clip to [0, 255] then astype(uint8) truncates (NaN -> 0)
-            let rgb = self.space.lab_to_rgb(l);
-            out.extend(rgb.map(|x| if x.is_nan() { 0 } else { x.clamp(0.0, 255.0) as u8 }));
-        }
-        Normalised::done(RgbImage::from_raw(img.width(), img.height(), out).expect("same size"))
-    }
-}
-
-fn to_lab(space: &Ruderman, img: &RgbImage) -> Vec<[f64; 3]> {
-    img.pixels().map(|p| space.rgb_to_lab(p.0.map(f64::from))).collect()
 }
 
 // ---------------------------------------------------------------- CIE LAB (torchstain)
@@ -266,7 +255,8 @@ impl ReinhardLab {
     pub(crate) fn fit_named(target: &RgbImage, what: &str) -> Result<Self, StainError> {
         check_target(target, DEFAULT_MIN_TISSUE_FRACTION, what)?;
         let lin = srgb_linear_table();
-        let stats = channel_stats(&lab_of(&lin, target));
+        let k = LabConsts { lin: &lin, rgb2xyz: &RGB2XYZ, white: WHITE };
+        let stats = with_blocks(target.as_raw(), |px, lab| stats(&simd::lab_forward(simd::level(), px, &k, lab)));
         check_target_stats(&stats, Method::ReinhardLab, CIE_LAB, FLAT_LAB_CIE, what)?;
         Self::from_stats(stats)
     }
@@ -276,41 +266,22 @@ impl ReinhardLab {
     }
 
     pub fn normalise(&self, img: &RgbImage) -> Normalised {
-        let (found, needed) = tissue_count(img, self.min_tissue_fraction);
+        let (found, needed) = tissue_count(img, self.min_tissue_fraction, true);
         if found < needed {
             return Normalised::pass(img);
         }
-        with_buffer(|lab| {
-            let lin = &*self.lin;
-            let raw = img.as_raw();
-            let mut quads = raw.chunks_exact(12);
-            for q in &mut quads {
-                let px: [[f64; 3]; 4] = std::array::from_fn(|k| std::array::from_fn(|c| lin[q[3 * k + c] as usize]));
-                lab.extend(linear_rgb_to_lab4(&px));
+        let raw = img.as_raw();
+        let level = simd::level();
+        let k = LabConsts { lin: &self.lin, rgb2xyz: &RGB2XYZ, white: WHITE };
+        with_blocks(raw, |px, lab| {
+            let src = stats(&simd::lab_forward(level, px, &k, lab));
+            if degenerate(&src) {
+                return Normalised::pass(img);
             }
-            for p in quads.remainder().chunks_exact(3) {
-                lab.push(linear_rgb_to_lab([p[0], p[1], p[2]].map(|v| lin[v as usize])));
-            }
-            self.transfer(img, lab)
+            let (gain, shift) = affine(&src, &self.target);
+            let mut out = vec![0u8; raw.len()];
+            simd::lab_inverse(level, lab, gain, shift, &self.xyz2rgb, WHITE, &self.quant, &mut out);
+            Normalised::done(RgbImage::from_raw(img.width(), img.height(), out).expect("same size"))
         })
     }
-
-    fn transfer(&self, img: &RgbImage, lab: &[[f64; 3]]) -> Normalised {
-        let src = channel_stats(lab);
-        if degenerate(&src) {
-            return Normalised::pass(img);
-        }
-        let (gain, shift) = affine(&src, &self.target);
-        let mut out = Vec::with_capacity(lab.len() * 3);
-        for v in lab {
-            let l: [f64; 3] = std::array::from_fn(|c| v[c] * gain[c] + shift[c]);
-            let rgb = lab_to_linear_rgb(l, &self.xyz2rgb);
-            out.extend(rgb.map(|x| self.quant.quantise(x)));
-        }
-        Normalised::done(RgbImage::from_raw(img.width(), img.height(), out).expect("same size"))
-    }
-}
-
-fn lab_of(lin: &[f64; 256], img: &RgbImage) -> Vec<[f64; 3]> {
-    img.pixels().map(|p| linear_rgb_to_lab(p.0.map(|v| lin[v as usize]))).collect()
 }

@@ -27,6 +27,106 @@ pub fn order_stats(v: &mut [f64], q: f64) -> (f64, f64, f64) {
     (a, b, t)
 }
 
+/// Exact numpy order statistics in one tail (a percentile near 0 or 100) without storing every
+/// value: a threshold is chosen from a sample, the values beyond it are kept as they are offered,
+/// and the order statistics are selected among those. When the sample misjudged the tail,
+/// [`TailSelect::finish`] says so and the caller offers the values again to [`TailSelect::all`].
+/// Values must not be NaN.
+#[derive(Debug, Clone)]
+pub struct TailSelect {
+    upper: bool,
+    thr: f64,
+    /// The values offered beyond the threshold.
+    pub kept: Vec<f64>,
+}
+
+impl TailSelect {
+    /// For percentile `q` of a population of which `sample` is a sample (reordered). The threshold
+    /// sits three times deeper into the tail than `q`, plus half a percent.
+    pub fn new(q: f64, sample: &mut [f64], kept: Vec<f64>) -> Self {
+        let upper = q >= 50.0;
+        let tail = if upper { 100.0 - q } else { q };
+        let deeper = (3.0 * tail + 0.5).min(50.0);
+        let thr = if sample.len() < 64 {
+            if upper {
+                f64::NEG_INFINITY
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            let (a, _, _) = order_stats(sample, if upper { 100.0 - deeper } else { deeper });
+            a
+        };
+        TailSelect { upper, thr, kept: reuse(kept) }
+    }
+
+    /// Keeps every value offered (the fallback).
+    pub fn all(q: f64, kept: Vec<f64>) -> Self {
+        let upper = q >= 50.0;
+        TailSelect { upper, thr: if upper { f64::NEG_INFINITY } else { f64::INFINITY }, kept: reuse(kept) }
+    }
+
+    #[inline(always)]
+    pub fn offer(&mut self, x: f64) {
+        if (self.upper && x >= self.thr) || (!self.upper && x <= self.thr) {
+            self.kept.push(x);
+        }
+    }
+
+    /// Offers every value of `xs` (NaNs are never kept). Branch-free: each value is written past
+    /// the kept ones and the length only advances when it belongs to the tail.
+    pub fn offer_slice(&mut self, xs: &[f64]) {
+        let thr = self.thr;
+        let mut len = self.kept.len();
+        self.kept.resize(len + xs.len(), 0.0);
+        let buf = &mut self.kept[..];
+        if self.upper {
+            for &x in xs {
+                buf[len] = x;
+                len += (x >= thr) as usize;
+            }
+        } else {
+            for &x in xs {
+                buf[len] = x;
+                len += (x <= thr) as usize;
+            }
+        }
+        self.kept.truncate(len);
+    }
+
+    /// [`order_stats`] of all `n` values offered at percentile `q`, or `None` when the needed ranks
+    /// are not among the kept values.
+    pub fn finish(&mut self, n: usize, q: f64) -> Option<(f64, f64, f64)> {
+        if n == 0 {
+            return Some((f64::NAN, f64::NAN, 0.0));
+        }
+        let m = self.kept.len();
+        let pos = (q / 100.0) * (n - 1) as f64;
+        let lo = (pos.floor() as usize).min(n - 1);
+        let t = pos - lo as f64;
+        let need_next = lo + 1 < n && t != 0.0;
+        // ranks of the kept values among all n: upper tail n-m..n, lower tail 0..m
+        let first = if self.upper { n.checked_sub(m)? } else { 0 };
+        let covered = |r: usize| r >= first && r < first + m;
+        if !covered(lo) || (need_next && !covered(lo + 1)) {
+            return None;
+        }
+        let local = lo - first;
+        let (_, a, right) = self.kept.select_nth_unstable_by(local, f64::total_cmp);
+        let a = *a;
+        if !need_next {
+            return Some((a, a, 0.0));
+        }
+        let b = right.iter().copied().fold(f64::INFINITY, f64::min);
+        Some((a, b, t))
+    }
+}
+
+fn reuse(mut v: Vec<f64>) -> Vec<f64> {
+    v.clear();
+    v
+}
+
 /// numpy's `_lerp`: interpolate from the nearer end for accuracy.
 pub fn lerp(a: f64, b: f64, t: f64) -> f64 {
     let d = b - a;
@@ -157,6 +257,47 @@ mod tests {
         assert_eq!(percentile(&mut [5.0, 1.0, 4.0], 50.0), 4.0);
         assert_eq!(percentile(&mut [7.0], 1.0), 7.0);
         assert!(percentile(&mut [], 1.0).is_nan());
+    }
+
+    #[test]
+    fn order_statistics_match_a_sort() {
+        // deterministic pseudo-random data with many ties, several sizes and percentiles
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for n in [1usize, 2, 3, 10, 100, 1000, 20_000] {
+            let v: Vec<f64> = (0..n).map(|_| ((next() % 5000) as f64 - 2500.0) * 0.37).collect();
+            let mut sorted = v.clone();
+            sorted.sort_by(f64::total_cmp);
+            for q in [0.0, 0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5, 100.0] {
+                let pos = q / 100.0 * (n - 1) as f64;
+                let lo = pos.floor() as usize;
+                let t = pos - lo as f64;
+                let b = if lo + 1 < n && t != 0.0 { sorted[lo + 1] } else { sorted[lo] };
+                let want = (sorted[lo], b, if lo + 1 < n && t != 0.0 { t } else { 0.0 });
+                assert_eq!(order_stats(&mut v.clone(), q), want, "n {n} q {q}");
+                // the tail selector, from a sample of every 7th value, and its fallback
+                let mut sample: Vec<f64> = v.iter().step_by(7).copied().collect();
+                let mut tail = TailSelect::new(q, &mut sample, Vec::new());
+                v.iter().for_each(|&x| tail.offer(x));
+                let got = tail.finish(n, q).or_else(|| {
+                    let mut all = TailSelect::all(q, Vec::new());
+                    v.iter().for_each(|&x| all.offer(x));
+                    all.finish(n, q)
+                });
+                assert_eq!(got, Some(want), "tail n {n} q {q}");
+            }
+        }
+        // a sample that misjudges the tail is reported, not answered wrongly
+        let v: Vec<f64> = (0..1000).map(f64::from).collect();
+        let mut sample: Vec<f64> = (0..100).map(f64::from).collect();
+        let mut tail = TailSelect::new(1.0, &mut sample, Vec::new());
+        v.iter().for_each(|&x| tail.offer(x));
+        assert_eq!(tail.finish(1000, 1.0), None);
     }
 
     #[test]

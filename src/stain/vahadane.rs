@@ -7,7 +7,10 @@
 //!    Σᵢ ½‖xᵢ − D αᵢ‖² + λ‖αᵢ‖₁ over αᵢ ≥ 0, D ≥ 0, ‖dⱼ‖ ≤ 1 (spams `trainDL`, mode 2, λ = 0.1).
 //!    staintools calls spams' stochastic online solver; here the same objective is minimised by
 //!    deterministic batch alternation: an exact two-variable non-negative lasso per pixel, then
-//!    block-coordinate dictionary updates (Mairal et al. 2010, Algorithm 2);
+//!    block-coordinate dictionary updates (Mairal et al. 2010, Algorithm 2). The objective is a
+//!    sum over pixels of a function of the pixel's colour, so it runs over the DISTINCT tissue
+//!    colours weighted by their pixel counts (a histology image has several times fewer colours
+//!    than pixels): the same sums, in another order;
 //! 4. rows ordered hematoxylin first (larger red OD) and normalised;
 //! 5. concentrations of all pixels by non-negative lasso (λ = 0.01), 99th-percentile scaling,
 //!    output `255·exp(−C·S_target)` truncated to u8.
@@ -16,7 +19,8 @@ use image::RgbImage;
 use rayon::prelude::*;
 
 use super::color::{od_table_staintools, Luminosity};
-use super::stats::percentile;
+use super::simd;
+use super::stats::{lerp, order_stats, TailSelect};
 use super::{Method, Normalised, StainError, StainTarget, DEFAULT_MIN_TISSUE_FRACTION};
 
 /// Vahadane parameters (staintools defaults).
@@ -122,14 +126,8 @@ impl Vahadane {
         };
         let scale = [self.target.max_conc[0] / max_c[0], self.target.max_conc[1] / max_c[1]];
         let s = &self.target.stains;
-        let mut out = Vec::with_capacity(conc.len() * 3);
-        for a in &conc {
-            let (c0, c1) = (a[0] * scale[0], a[1] * scale[1]);
-            for ch in 0..3 {
-                let v = 255.0 * (-(c0 * s[0][ch] + c1 * s[1][ch])).exp();
-                out.push(v.min(255.0) as u8);
-            }
-        }
+        let mut out = vec![0u8; conc.len() * 3];
+        simd::conc_output(simd::level(), &conc, scale, s, &mut out);
         Normalised::done(RgbImage::from_raw(img.width(), img.height(), out).expect("same size"))
     }
 }
@@ -138,13 +136,17 @@ impl Vahadane {
 pub fn stain_matrix(img: &RgbImage, params: &VahadaneParams) -> Result<[[f64; 3]; 2], NoEstimate> {
     let lum = Luminosity::new(params.luminosity_threshold);
     let od = od_table_staintools();
-    let x: Vec<[f64; 3]> = img.pixels().filter(|p| lum.is_tissue(p.0)).map(|p| p.0.map(|v| od[v as usize])).collect();
+    let (colours, counts) = distinct_tissue_colours(img, &lum);
+    let found: usize = counts.iter().map(|&c| c as usize).sum();
     let total = (img.width() * img.height()) as usize;
     let needed = ((params.min_tissue_fraction * total as f64).ceil() as usize).max(2);
-    if x.len() < needed {
-        return Err(NoEstimate::TooLittleTissue { found: x.len(), total, needed });
+    if found < needed {
+        return Err(NoEstimate::TooLittleTissue { found, total, needed });
     }
-    let mut d = learn_dictionary(&x, params.regulariser, params.max_iter)?;
+    let x: Vec<[f64; 3]> =
+        colours.iter().map(|&c| [c >> 16, (c >> 8) & 255, c & 255].map(|v| od[v as usize])).collect();
+    let w: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
+    let mut d = learn_dictionary(&x, &w, params.regulariser, params.max_iter)?;
     // H first: larger red OD
     if d[0][0] < d[1][0] {
         d.swap(0, 1);
@@ -176,10 +178,8 @@ pub fn concentrations(
             gram.lasso(stains, &x, lambda)
         })
         .collect();
-    let mut col: Vec<f64> = conc.iter().map(|a| a[0]).collect();
-    let m0 = percentile(&mut col, 99.0);
-    col.iter_mut().zip(&conc).for_each(|(c, a)| *c = a[1]);
-    let m1 = percentile(&mut col, 99.0);
+    let m0 = tail_percentile(conc.iter().map(|a| a[0]), conc.len(), 99.0);
+    let m1 = tail_percentile(conc.iter().map(|a| a[1]), conc.len(), 99.0);
     if !(m0 > 1e-9 && m1 > 1e-9 && m0.is_finite() && m1.is_finite()) {
         return Err(NoEstimate::Degenerate(format!("99th-percentile concentrations are not positive ({m0}, {m1})")));
     }
@@ -244,30 +244,32 @@ impl Gram {
 
 /// Batch alternating minimisation of the spams `trainDL` objective (mode 2, positive codes and
 /// atoms, ‖dⱼ‖ ≤ 1), started from the two extreme OD directions of the data.
-fn learn_dictionary(x: &[[f64; 3]], lambda: f64, max_iter: usize) -> Result<[[f64; 3]; 2], NoEstimate> {
-    let mut d = initial_atoms(x)?;
+fn learn_dictionary(x: &[[f64; 3]], w: &[f64], lambda: f64, max_iter: usize) -> Result<[[f64; 3]; 2], NoEstimate> {
+    let mut d = initial_atoms(x, w)?;
     let mut prev = f64::INFINITY;
     for _ in 0..max_iter {
         let gram = Gram::new(&d);
         // sparse coding, then the sufficient statistics A = Σ ααᵀ, B = Σ x αᵀ
         let (a, b, obj) = x
             .par_chunks(4096)
-            .map(|chunk| {
+            .zip(w.par_chunks(4096))
+            .map(|(chunk, wc)| {
                 let mut a = [[0.0; 2]; 2];
                 let mut b = [[0.0; 3]; 2];
                 let mut obj = 0.0;
-                for xi in chunk {
+                for (xi, &wi) in chunk.iter().zip(wc) {
                     let al = gram.lasso(&d, xi, lambda);
+                    let wal = [wi * al[0], wi * al[1]];
                     for j in 0..2 {
                         for k in 0..2 {
-                            a[j][k] += al[j] * al[k];
+                            a[j][k] += wal[j] * al[k];
                         }
                         for c in 0..3 {
-                            b[j][c] += xi[c] * al[j];
+                            b[j][c] += xi[c] * wal[j];
                         }
                     }
                     let r: [f64; 3] = std::array::from_fn(|c| xi[c] - d[0][c] * al[0] - d[1][c] * al[1]);
-                    obj += 0.5 * dot(&r, &r) + lambda * (al[0] + al[1]);
+                    obj += wi * (0.5 * dot(&r, &r) + lambda * (al[0] + al[1]));
                 }
                 (a, b, obj)
             })
@@ -307,8 +309,9 @@ fn learn_dictionary(x: &[[f64; 3]], lambda: f64, max_iter: usize) -> Result<[[f6
 }
 
 /// Deterministic start: the mean unit OD direction of the pixels at either end of the first
-/// principal axis of the unit OD directions (a Macenko-like pair of extremes).
-fn initial_atoms(x: &[[f64; 3]]) -> Result<[[f64; 3]; 2], NoEstimate> {
+/// principal axis of the unit OD directions (a Macenko-like pair of extremes). `x` are distinct
+/// colours, `w` their pixel counts: every statistic is over pixels.
+fn initial_atoms(x: &[[f64; 3]], w: &[f64]) -> Result<[[f64; 3]; 2], NoEstimate> {
     let u: Vec<[f64; 3]> = x
         .iter()
         .map(|v| {
@@ -316,25 +319,28 @@ fn initial_atoms(x: &[[f64; 3]]) -> Result<[[f64; 3]; 2], NoEstimate> {
             v.map(|c| c / n)
         })
         .collect();
-    let n = u.len() as f64;
+    let n: f64 = w.iter().sum();
     let mut mean = [0.0; 3];
-    u.iter().for_each(|v| (0..3).for_each(|c| mean[c] += v[c] / n));
+    u.iter().zip(w).for_each(|(v, &wi)| (0..3).for_each(|c| mean[c] += wi * v[c] / n));
     let mut cov = [[0.0; 3]; 3];
-    for v in &u {
+    for (v, &wi) in u.iter().zip(w) {
         for i in 0..3 {
             for j in 0..3 {
-                cov[i][j] += (v[i] - mean[i]) * (v[j] - mean[j]) / n;
+                cov[i][j] += wi * (v[i] - mean[i]) * (v[j] - mean[j]) / n;
             }
         }
     }
     let (_, vecs) = super::stats::eigh3(&cov);
     let axis = [vecs[0][2], vecs[1][2], vecs[2][2]];
-    let mut proj: Vec<f64> = u.iter().map(|v| dot(v, &axis)).collect();
-    let lo = percentile(&mut proj, 5.0);
-    let hi = percentile(&mut proj, 95.0);
+    // np.percentile over pixels of the projections: sort the distinct values, walk their counts
+    let mut proj: Vec<(f64, f64)> = u.iter().zip(w).map(|(v, &wi)| (dot(v, &axis), wi)).collect();
+    proj.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    let pixels = n as usize;
+    let lo = weighted_percentile(&proj, pixels, 5.0);
+    let hi = weighted_percentile(&proj, pixels, 95.0);
     let mut ends = [[0.0; 3]; 2];
-    let mut counts = [0usize; 2];
-    for v in &u {
+    let mut counts = [0.0f64; 2];
+    for (v, &wi) in u.iter().zip(w) {
         let p = dot(v, &axis);
         let side = if p <= lo {
             0
@@ -343,15 +349,98 @@ fn initial_atoms(x: &[[f64; 3]]) -> Result<[[f64; 3]; 2], NoEstimate> {
         } else {
             continue;
         };
-        counts[side] += 1;
-        (0..3).for_each(|c| ends[side][c] += v[c]);
+        counts[side] += wi;
+        (0..3).for_each(|c| ends[side][c] += wi * v[c]);
     }
     for (e, &k) in ends.iter_mut().zip(&counts) {
         let nn = norm(e);
-        if k == 0 || nn.is_nan() || nn <= 0.0 {
+        if k == 0.0 || nn.is_nan() || nn <= 0.0 {
             return Err(NoEstimate::Degenerate("tissue OD has no spread to separate two stains".to_string()));
         }
         *e = e.map(|c| c / nn);
     }
     Ok(ends)
+}
+
+/// `np.percentile` (linear) of `pixels` values given as sorted distinct `(value, count)` pairs.
+fn weighted_percentile(sorted: &[(f64, f64)], pixels: usize, q: f64) -> f64 {
+    if pixels == 0 {
+        return f64::NAN;
+    }
+    let pos = (q / 100.0) * (pixels - 1) as f64;
+    let lo = (pos.floor() as usize).min(pixels - 1);
+    let t = pos - lo as f64;
+    // the value at sorted rank r
+    let at = |r: usize| {
+        let mut seen = 0usize;
+        for &(v, c) in sorted {
+            seen += c as usize;
+            if r < seen {
+                return v;
+            }
+        }
+        sorted.last().map_or(f64::NAN, |p| p.0)
+    };
+    let a = at(lo);
+    if lo + 1 >= pixels || t == 0.0 {
+        return a;
+    }
+    lerp(a, at(lo + 1), t)
+}
+
+/// The distinct colours (`r << 16 | g << 8 | b`, ascending) of the tissue pixels and their counts.
+fn distinct_tissue_colours(img: &RgbImage, lum: &Luminosity) -> (Vec<u32>, Vec<u32>) {
+    let mut codes: Vec<u32> = img
+        .as_raw()
+        .chunks_exact(3)
+        .filter(|p| lum.is_tissue([p[0], p[1], p[2]]))
+        .map(|p| (p[0] as u32) << 16 | (p[1] as u32) << 8 | p[2] as u32)
+        .collect();
+    radix_sort24(&mut codes);
+    let mut colours = Vec::new();
+    let mut counts: Vec<u32> = Vec::new();
+    for &c in &codes {
+        if colours.last() == Some(&c) {
+            *counts.last_mut().expect("one per colour") += 1;
+        } else {
+            colours.push(c);
+            counts.push(1);
+        }
+    }
+    (colours, counts)
+}
+
+/// Sorts 24-bit keys: two counting passes of 12 bits.
+fn radix_sort24(v: &mut Vec<u32>) {
+    let mut tmp = vec![0u32; v.len()];
+    for shift in [0u32, 12] {
+        let mut start = vec![0usize; 4097];
+        for &x in v.iter() {
+            start[((x >> shift) & 4095) as usize + 1] += 1;
+        }
+        for i in 1..4097 {
+            start[i] += start[i - 1];
+        }
+        for &x in v.iter() {
+            let k = ((x >> shift) & 4095) as usize;
+            tmp[start[k]] = x;
+            start[k] += 1;
+        }
+        std::mem::swap(v, &mut tmp);
+    }
+}
+
+/// `np.percentile(values, q)` for q near 100 of `n` values offered twice at most: a tail above a
+/// threshold from a sample, or every value when the sample misjudged it.
+fn tail_percentile(values: impl Iterator<Item = f64> + Clone, n: usize, q: f64) -> f64 {
+    let stride = (n / 8192).max(1);
+    let mut sample: Vec<f64> = values.clone().step_by(stride).collect();
+    let mut tail = TailSelect::new(q, &mut sample, Vec::new());
+    values.clone().for_each(|x| tail.offer(x));
+    if let Some((a, b, t)) = tail.finish(n, q) {
+        return lerp(a, b, t);
+    }
+    let mut all: Vec<f64> = values.collect();
+    let (a, b, t) = order_stats(&mut all, q);
+    lerp(a, b, t)
 }

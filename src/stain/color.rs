@@ -74,33 +74,6 @@ pub fn linear_rgb_to_lab(rgb: [f64; 3]) -> [f64; 3] {
     [116.0 * f[1] - 16.0, 500.0 * (f[0] - f[1]), 200.0 * (f[1] - f[2])]
 }
 
-/// [`linear_rgb_to_lab`] of four pixels at once, written branch-free so the compiler can run the
-/// twelve cube roots side by side (SIMD lanes, overlapping divisions). Same results.
-pub fn linear_rgb_to_lab4(rgb: &[[f64; 3]; 4]) -> [[f64; 3]; 4] {
-    let mut t = [0.0f64; 12];
-    for (k, p) in rgb.iter().enumerate() {
-        let xyz = mul_vec(&RGB2XYZ, *p);
-        for c in 0..3 {
-            t[3 * k + c] = xyz[c] * (1.0 / WHITE[c]);
-        }
-    }
-    let mut f = [0.0f64; 12];
-    for i in 0..12 {
-        let x = t[i].max(1e-300); // the cube-root lane must not see 0; the linear branch is used there
-        let mut g = f64::from_bits(x.to_bits() / 3 + 0x2A9F_7893_782D_A1CE);
-        let g3 = g * g * g;
-        g *= (g3 + 2.0 * x) / (2.0 * g3 + x);
-        let g3 = g * g * g;
-        g *= (g3 + 2.0 * x) / (2.0 * g3 + x);
-        let lin = 7.787 * t[i] + 16.0 / 116.0;
-        f[i] = if t[i] > 0.008856 { g } else { lin };
-    }
-    std::array::from_fn(|k| {
-        let f = &f[3 * k..3 * k + 3];
-        [116.0 * f[1] - 16.0, 500.0 * (f[0] - f[1]), 200.0 * (f[1] - f[2])]
-    })
-}
-
 /// CIE L*a*b* → linear RGB (not clipped), torchstain's `lab2rgb` before its gamma step.
 pub fn lab_to_linear_rgb(lab: [f64; 3], xyz2rgb: &Mat3) -> [f64; 3] {
     let y = (lab[0] + 16.0) * (1.0 / 116.0);
@@ -317,20 +290,6 @@ mod tests {
         // white is L=100, a=b=0
         let w = linear_rgb_to_lab([1.0, 1.0, 1.0]);
         assert!((w[0] - 100.0).abs() < 1e-3 && w[1].abs() < 1e-2 && w[2].abs() < 1e-2);
-    }
-
-    #[test]
-    fn lab4_equals_scalar_lab() {
-        let lin = srgb_linear_table();
-        let px: [[f64; 3]; 4] =
-            [[0, 0, 0], [255, 255, 255], [200, 120, 180], [3, 250, 9]].map(|p: [usize; 3]| p.map(|v| lin[v]));
-        let four = linear_rgb_to_lab4(&px);
-        for k in 0..4 {
-            let one = linear_rgb_to_lab(px[k]);
-            for c in 0..3 {
-                assert!((four[k][c] - one[c]).abs() < 1e-9, "{k}: {four:?} vs {one:?}");
-            }
-        }
     }
 
     #[test]

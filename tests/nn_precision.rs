@@ -122,8 +122,12 @@ fn bf16_training_step_follows_the_f32_one() {
     println!("gradient cosine bf16 vs f32: all {cos:.5}, worst weight {:.5} ({})", worst.0, worst.1);
     // bf16 keeps 8 significant bits, and every layer the gradient passes back through rounds it
     // again (the convolutions' outputs and input gradients): the agreement falls smoothly with
-    // depth, measured 0.9997 at fc, 0.97-0.98 in layer4, 0.93 at conv1, 0.945 over all. A wrong
-    // cast, a missing gradient path or f16-like overflow would fall far below these bounds.
+    // depth, measured 0.9997 at fc, 0.97-0.98 in layer4, 0.93 at conv1, 0.945 over all. PyTorch's
+    // own autocast on the same kind of step lands as far from its f32 one (loss 8.3e-4, cosine
+    // 0.939: scripts/nn/bf16_autocast_reference.py). A wrong cast, a missing gradient path or
+    // f16-like overflow would fall far below these bounds. (ResNet-50 is not used here: at random
+    // initialisation on 8 images its bf16 gradient direction is not reproducible, cosine 0.18 in
+    // PyTorch.)
     assert!(cos > 0.9, "gradients under bf16 diverge from f32: cosine {cos:.5}");
     assert!(worst.0 > 0.88, "{}: gradient cosine {:.5}", worst.1, worst.0);
     assert!(fc_cos > 0.995, "fc.weight, one rounding from the loss: gradient cosine {fc_cos:.5}");

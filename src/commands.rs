@@ -688,6 +688,26 @@ pub fn synth(dataset: &str, out: &Path, seed: u64, patients: Option<usize>, size
     Ok(exit::OK)
 }
 
+/// `mpcs init-weights`: seeded weights of an encoder with a `classes`-way head, saved by torchvision's names.
+pub fn init_weights(arch: &str, out: &Path, classes: usize, seed: u64) -> Result<i32> {
+    let arch: crate::nn::Arch = arch.parse().map_err(|e: crate::nn::NnError| Error::user(e.to_string()))?;
+    if classes == 0 {
+        return Err(Error::user("init-weights: --classes must be at least 1"));
+    }
+    if out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        return Err(Error::user(format!("init-weights: {} must end in .safetensors", out.display())));
+    }
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &candle_core::Device::Cpu);
+    crate::nn::Encoder::new(arch, vb, Some(classes), crate::nn::Dilation::None)
+        .map_err(|e| Error::internal(e.to_string()))?;
+    crate::train::seeded_init(&varmap, seed).map_err(|e| Error::internal(e.to_string()))?;
+    crate::nn::weights::save(&varmap, out)
+        .map_err(|e| Error::env(format!("init-weights: cannot write {}: {e}", out.display())))?;
+    println!("wrote seeded {arch} weights ({classes}-class head, seed {seed}) to {}", out.display());
+    Ok(exit::OK)
+}
+
 /// `mpcs stain`: normalise single images to a target.
 pub fn stain(method: &str, target: Option<&Path>, inputs: &[PathBuf], out: &Path) -> Result<i32> {
     use crate::stain::{normalise_files, Method, Normaliser, StainError};

@@ -193,6 +193,22 @@ enum Command {
         #[arg(long)]
         size: Option<String>,
     },
+    /// Write seeded encoder weights in torchvision's layout, with ImageNet's 1000-class head by default: a stand-in
+    /// for downloaded ImageNet weights where there is no network (a GPU machine, a test), e.g.
+    /// `--set stage.imagenet.url=file:///tmp/rn50.safetensors` in a paper experiment. Not pretrained: random.
+    InitWeights {
+        /// resnet18, resnet34, resnet50, resnet101, resnet152 or efficientnet_b2
+        #[arg(long)]
+        arch: String,
+        /// Output file (.safetensors)
+        #[arg(long)]
+        out: PathBuf,
+        /// Classes of the head
+        #[arg(long, default_value_t = 1000)]
+        classes: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Stain-normalise single images to a target (outputs keep their input's name, as PNG).
     Stain {
         /// macenko, reinhard (HistomicsTK lαβ), reinhard-lab (CIE LAB) or vahadane
@@ -486,6 +502,7 @@ fn real_main(cli: Cli) -> Result<i32, Error> {
         Command::Report { experiment, out, cams, tsne_points, sets } => {
             commands::report(&experiment, &sets, out, cams, tsne_points, &cache()?)
         }
+        Command::InitWeights { arch, out, classes, seed } => commands::init_weights(&arch, &out, classes, seed),
         Command::Stain { method, target, out, inputs } => commands::stain(&method, target.as_deref(), &inputs, &out),
         Command::Synth { dataset, out, seed, patients, size } => {
             commands::synth(&dataset, &out, seed, patients, size.as_deref())

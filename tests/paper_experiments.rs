@@ -170,19 +170,17 @@ fn wacv_table2_runs_end_to_end_on_a_local_copy() {
         .status()
         .unwrap();
     assert!(tar.success());
-    // ImageNet-layout weights of each encoder (seeded, with their 1000-class head) and their digest.
-    let imagenet = |arch, seed, name: &str| {
+    // ImageNet-layout weights of each encoder (seeded, with their 1000-class head) and their digest, written by
+    // `mpcs init-weights` as scripts/gpu/check.sh writes them where there is no network.
+    let imagenet = |arch: &str, seed: &str, name: &str| {
         let path = p.path(name);
-        let vm = candle_nn::VarMap::new();
-        let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
-        mpcs::nn::Encoder::new(arch, vb, Some(1000), mpcs::nn::Dilation::None).unwrap();
-        mpcs::train::seeded_init(&vm, seed).unwrap();
-        mpcs::nn::weights::save(&vm, &path).unwrap();
+        let out = p.mpcs(&["init-weights", "--arch", arch, "--seed", seed, "--out", path.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let sha = format!("{:x}", sha2::Sha256::digest(std::fs::read(&path).unwrap()));
         (path, sha)
     };
-    let (weights, sha) = imagenet(mpcs::nn::Arch::ResNet50, 1, "resnet50-imagenet.safetensors");
-    let (weights_b2, sha_b2) = imagenet(mpcs::nn::Arch::EfficientNetB2, 2, "efficientnet-b2-imagenet.safetensors");
+    let (weights, sha) = imagenet("resnet50", "1", "resnet50-imagenet.safetensors");
+    let (weights_b2, sha_b2) = imagenet("efficientnet_b2", "2", "efficientnet-b2-imagenet.safetensors");
     let mut sets = vec![
         format!("stage.breakhis.url=\"file://{}\"", archive.display()),
         format!("stage.imagenet.url=\"file://{}\"", weights.display()),
@@ -272,4 +270,42 @@ fn wacv_table2_runs_end_to_end_on_a_local_copy() {
     let b2 = &t["rows"][5]["cells"][2];
     assert_eq!(b2["paper_mean"], 92.28);
     assert!((b2["diff"].as_f64().unwrap() - (b2["mean"].as_f64().unwrap() - 92.28)).abs() < 1e-9);
+}
+
+/// `mpcs init-weights` stands in for ImageNet weights where there is no network: torchvision's names and shapes
+/// with the head asked for, the same bytes for the same seed, other values for another seed; a name it could not
+/// load later or an unknown architecture is refused before anything is written.
+#[test]
+fn init_weights_writes_seeded_torchvision_layout_weights_and_refuses_bad_arguments() {
+    let p = Project::new();
+    let write = |seed: &str, name: &str| {
+        let out = p.mpcs(&["init-weights", "--arch", "resnet18", "--classes", "7", "--seed", seed, "--out", name]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read(p.path(name)).unwrap()
+    };
+    let (a, again, other) = (write("1", "a.safetensors"), write("1", "b.safetensors"), write("2", "c.safetensors"));
+    assert_eq!(a, again, "one seed, one file");
+    assert_ne!(a, other, "another seed, other weights");
+    let tensors = candle_core::safetensors::load(p.path("a.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(tensors["fc.weight"].dims(), &[7, 512]);
+    assert_eq!(tensors["conv1.weight"].dims(), &[64, 3, 7, 7]);
+    assert!(tensors.contains_key("layer4.1.bn2.running_var"), "{:?}", tensors.keys().collect::<Vec<_>>());
+    // Kaiming-style spread, not zeros: the file is usable as a starting point.
+    let std = tensors["conv1.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let rms = (std.iter().map(|v| v * v).sum::<f32>() / std.len() as f32).sqrt();
+    assert!(rms > 1e-3, "conv1 weights rms {rms}");
+
+    for (args, needle) in [
+        (vec!["--arch", "resnet19", "--out", "x.safetensors"], "resnet19"),
+        (vec!["--arch", "resnet18", "--out", "x.pth"], "must end in .safetensors"),
+        (vec!["--arch", "resnet18", "--classes", "0", "--out", "x.safetensors"], "--classes"),
+    ] {
+        let mut all = vec!["init-weights"];
+        all.extend(args);
+        let out = p.mpcs(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+        assert!(!p.path("x.safetensors").exists() && !p.path("x.pth").exists());
+    }
 }

@@ -92,10 +92,11 @@ impl TrainBenchOptions {
 }
 
 /// The CPU model and the kernel families its training steps run, so a figure can be read beside others:
-/// `cpu: AMD EPYC; kernels: GEMM AVX-512, lane convolutions AVX2+FMA`. The `gemm` crate picks its 512-bit kernels
-/// at run time where the CPU has AVX-512F (its `x86-v4` feature is on); the batch-in-lanes convolutions stay on
-/// 256-bit FMA (one image tile of 16 is one 512-bit register, which would halve their independent accumulators).
+/// `cpu: Intel Xeon; kernels: GEMM AVX-512, lane convolutions AVX-512`. The `gemm` crate picks its 512-bit kernels
+/// at run time where the CPU has AVX-512F (its `x86-v4` feature is on); the batch-in-lanes convolutions too, for
+/// runs of adjacent output positions (see `nn::conv::lanes`), unless `MPCS_NN_LANES` says otherwise.
 pub fn cpu_report() -> String {
+    use crate::nn::conv::{lane_kernels, LaneKernels};
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -109,11 +110,21 @@ pub fn cpu_report() -> String {
         (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"), is_x86_feature_detected!("avx512f"));
     #[cfg(not(target_arch = "x86_64"))]
     let (fma, avx512) = (false, false);
-    let family = match (fma, avx512, crate::nn::fast_paths_enabled()) {
-        (_, _, false) => "candle's own ops (MPCS_NN_REFERENCE)",
-        (true, true, true) => "GEMM AVX-512, lane convolutions AVX2+FMA",
-        (true, false, true) => "AVX2+FMA (GEMM and lane convolutions)",
-        (false, _, true) => "scalar (no AVX2+FMA on this CPU)",
+    let gemm = match (fma, avx512) {
+        (_, true) => "AVX-512",
+        (true, false) => "AVX2+FMA",
+        (false, false) => "scalar",
+    };
+    let lanes = match lane_kernels() {
+        Some(LaneKernels::Avx512) => "AVX-512",
+        Some(LaneKernels::Avx2) => "AVX2+FMA",
+        None if fma => "off (MPCS_NN_LANES=0)",
+        None => "off (no AVX2+FMA)",
+    };
+    let family = if crate::nn::fast_paths_enabled() {
+        format!("GEMM {gemm}, lane convolutions {lanes}")
+    } else {
+        "candle's own ops (MPCS_NN_REFERENCE)".into()
     };
     format!("cpu: {model}; kernels: {family}")
 }

@@ -5,6 +5,7 @@
 #   scripts/bench/alternate.sh                       # ResNet-18 3 times, ResNet-50 twice, layers once; 1 and 2 threads
 #   REPS=5 THREADS=1 JOBS=infer-r18 scripts/bench/alternate.sh
 #   LANES_OFF=1 JOBS=convs-r18 scripts/bench/alternate.sh   # also mpcs with MPCS_NN_LANES=0 each time
+#   LANES_AVX2=1 JOBS=convs-r18 scripts/bench/alternate.sh  # also mpcs with MPCS_NN_LANES=avx2 (AVX-512 CPUs)
 #   JOBS=train-b2,infer-b2 scripts/bench/alternate.sh       # EfficientNet-b2 (needs pip efficientnet-pytorch)
 #
 # Prints the rows of benches/train_step.rs and scripts/bench/bench_torch.py as they come.
@@ -20,6 +21,10 @@ run() { # jobs reps
       if [ -n "${LANES_OFF:-}" ]; then # the same binary without the batch-in-lanes convolutions
         echo "(MPCS_NN_LANES=0)"
         MPCS_NN_LANES=0 BENCH_THREADS=$t BENCH_JOBS=$1 "$bench" --bench | grep -v '^=='
+      fi
+      if [ -n "${LANES_AVX2:-}" ]; then # the lane convolutions on 256-bit kernels only
+        echo "(MPCS_NN_LANES=avx2)"
+        MPCS_NN_LANES=avx2 BENCH_THREADS=$t BENCH_JOBS=$1 "$bench" --bench | grep -v '^=='
       fi
       BENCH_THREADS=$t BENCH_JOBS=$1 python3 scripts/bench/bench_torch.py | grep -v '^=='
     done

@@ -14,6 +14,15 @@
 //! Each output is the sum over its valid taps in (ki, kj) order of a sum over input channels in
 //! order: the same additions whatever the thread count, so results are bit-identical under any
 //! number of threads. Only on x86-64 with AVX2 and FMA (gemm's own kernels there).
+//!
+//! With AVX-512 one 16-image tile is a single 512-bit register, so a one-position call would
+//! have 6 accumulators where the 256-bit kernel has 12. A stride-1 convolution instead takes up to
+//! four adjacent output positions of a row in one call: their input lanes are adjacent in the
+//! transposed input (the next column) and their outputs adjacent in the transposed output, so the
+//! four tiles are one 64-row operand and the kernel keeps 24 accumulators. Every lane still gets
+//! the same fused multiply-adds in the same order, so both kernel families give bit-identical
+//! results (tested). For a strided convolution the transposed input stores each row's columns by
+//! phase (even, then odd for stride 2) so that the same holds there.
 
 use std::ops::Range;
 
@@ -51,18 +60,58 @@ type MicroKernel = unsafe fn(
     *const f32,
 );
 
-/// Whether this CPU can run the lane path (x86-64 with AVX2 and FMA, checked once), unless
-/// `MPCS_NN_LANES=0` turns it off (the benchmarks' comparison with im2col + GEMM).
-fn available() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        let wanted = std::env::var("MPCS_NN_LANES").map_or(true, |v| v != "0");
+/// The micro-kernels a lane convolution calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// gemm's 256-bit FMA kernels: one output position per call.
+    Avx2,
+    /// gemm's 512-bit kernels for runs of up to four consecutive positions, the 256-bit ones for
+    /// single positions.
+    Avx512,
+}
+
+impl Kernels {
+    /// Whether this CPU can run these kernels.
+    pub fn supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        let cpu = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        {
+            let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            match self {
+                Kernels::Avx2 => fma,
+                Kernels::Avx512 => fma && is_x86_feature_detected!("avx512f"),
+            }
+        }
         #[cfg(not(target_arch = "x86_64"))]
-        let cpu = false;
-        wanted && cpu
+        {
+            false
+        }
+    }
+
+    /// Adjacent output positions one call may take.
+    fn max_run(self) -> usize {
+        match self {
+            Kernels::Avx2 => 1,
+            Kernels::Avx512 => 4,
+        }
+    }
+}
+
+/// The kernels the lane path runs on this CPU (checked once), None where it cannot run
+/// (no AVX2+FMA) or `MPCS_NN_LANES=0` turns it off (the benchmarks' comparison with im2col +
+/// GEMM); `MPCS_NN_LANES=avx2` keeps it on 256-bit kernels where the CPU has AVX-512.
+pub fn kernels() -> Option<Kernels> {
+    static CHOSEN: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let wanted = std::env::var("MPCS_NN_LANES").unwrap_or_default();
+        [Kernels::Avx512, Kernels::Avx2]
+            .into_iter()
+            .filter(|k| !(wanted == "avx2" && *k == Kernels::Avx512))
+            .find(|k| wanted != "0" && k.supported())
     })
+}
+
+fn available() -> bool {
+    kernels().is_some()
 }
 
 /// Whether a convolution takes this path: a spatial kernel (a 1×1 convolution has no padding to
@@ -74,15 +123,20 @@ pub(super) fn suits(g: &Geometry) -> bool {
     available() && g.kh * g.kw > 1 && g.h * g.w <= 64 && g.c >= 16 && g.n >= 8
 }
 
-/// The micro-kernel for an m × n tile (m ≤ 16 images, n ≤ 6 channels).
+/// The micro-kernel for `run` adjacent positions of m images (m ≤ 16; all 16 lanes when run > 1)
+/// × n ≤ 6 channels: 256-bit for one position, 512-bit (run 16-lane registers) for more.
 #[cfg(target_arch = "x86_64")]
-fn kernel(m: usize, n: usize) -> MicroKernel {
-    gemm_f32::microkernel::fma::f32::UKR[m.div_ceil(8) - 1][n - 1]
+fn kernel(run: usize, m: usize, n: usize) -> MicroKernel {
+    if run == 1 {
+        gemm_f32::microkernel::fma::f32::UKR[m.div_ceil(8) - 1][n - 1]
+    } else {
+        gemm_f32::microkernel::avx512f::f32::UKR[run - 1][n - 1]
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn kernel(_m: usize, _n: usize) -> MicroKernel {
-    unreachable!("lane convolution used without checking `available()`")
+fn kernel(_run: usize, _m: usize, _n: usize) -> MicroKernel {
+    unreachable!("lane convolution used without checking `kernels()`")
 }
 
 /// Kernel taps `lo..hi` (along one axis) whose input index `out·stride − pad + tap·dilation`
@@ -183,7 +237,8 @@ unsafe impl Sync for OutPtr {}
 
 /// y (n, o, oh, ow) from x (n, c, h, w) and weight (o, c·kh·kw), with the epilogue applied.
 pub(super) fn forward(g: &Geometry, x: &[f32], wt: &[f32], threads: usize, post: Option<Epilogue>) -> Vec<f32> {
-    forward_packed(g, x, &PackedWeights::new(g, wt), threads, post)
+    let kernels = kernels().expect("lane convolution used without checking `suits`");
+    forward_packed(g, x, &PackedWeights::new(g, wt), threads, post, kernels)
 }
 
 /// The input gradient dx (n, c, h, w) of a stride-1 convolution from dy (n, o, oh, ow), when the
@@ -191,26 +246,38 @@ pub(super) fn forward(g: &Geometry, x: &[f32], wt: &[f32], threads: usize, post:
 /// (input and output channels swapped) and flipped, and padding d·(k − 1) − pad. None otherwise
 /// (strided, non-square or over-padded kernels, or large maps), for im2col's GEMM + col2im.
 pub(super) fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32], threads: usize) -> Option<Vec<f32>> {
+    input_grad_with(g, dy, wt, threads, kernels()?)
+}
+
+/// [`input_grad`] on the given kernels.
+fn input_grad_with(g: &Geometry, dy: &[f32], wt: &[f32], threads: usize, kernels: Kernels) -> Option<Vec<f32>> {
     let reach = g.dilation * (g.kh - 1);
-    if g.stride != 1 || g.kh != g.kw || g.padding > reach || !available() {
+    if g.stride != 1 || g.kh != g.kw || g.padding > reach {
         return None;
     }
     let gt = Geometry::new(&[g.n, g.o, g.oh, g.ow], &[g.c, g.o, g.kh, g.kw], 1, reach - g.padding, g.dilation).ok()?;
     if !suits(&gt) || (gt.oh, gt.ow) != (g.h, g.w) {
         return None;
     }
-    Some(forward_packed(&gt, dy, &PackedWeights::transposed_flipped(g, wt), threads, None))
+    Some(forward_packed(&gt, dy, &PackedWeights::transposed_flipped(g, wt), threads, None, kernels))
 }
 
 /// [`forward`] with the weight already packed.
-fn forward_packed(g: &Geometry, x: &[f32], w: &PackedWeights, threads: usize, post: Option<Epilogue>) -> Vec<f32> {
+fn forward_packed(
+    g: &Geometry,
+    x: &[f32],
+    w: &PackedWeights,
+    threads: usize,
+    post: Option<Epilogue>,
+    kernels: Kernels,
+) -> Vec<f32> {
     let p = g.p();
     let mut y = vec![0f32; g.n * g.o * p];
     with_scratch(g.c * channel_stride(g), g.o * p * LANES, |xt, yt| {
         for first in (0..g.n).step_by(LANES) {
             let images = first..(first + LANES).min(g.n);
             transpose_in(g, x, images.clone(), xt);
-            let group = Group { g, w, xt, lanes: images.len() };
+            let group = Group { g, w, xt, lanes: images.len(), max_run: kernels.max_run() };
             let out = OutPtr(yt.as_mut_ptr());
             // Threads share the output channels: each then reads only its part of the weights
             // (a 3×3 512→512 layer has 9 MB of them, more than a core's L2).
@@ -235,15 +302,34 @@ fn channel_stride(g: &Geometry) -> usize {
     (g.h * g.w + 1) * LANES
 }
 
-/// xt[ci, (iy, ix), lane] = x[first + lane, ci, iy, ix]; lanes past the last image are zero.
+/// Where input column ix lies within its row of the transposed input. With stride s the columns
+/// are stored by phase (ix mod s: the even ones first, then the odd ones for stride 2), so the
+/// columns that consecutive output positions read for one tap are adjacent and several positions
+/// fit one micro-kernel call. The identity for stride 1.
+fn column_slot(g: &Geometry, ix: usize) -> usize {
+    let (s, phase) = (g.stride, ix % g.stride);
+    phase * (g.w / s) + phase.min(g.w % s) + ix / s
+}
+
+/// xt[ci, (iy, column_slot(ix)), lane] = x[first + lane, ci, iy, ix]; lanes past the last image
+/// are zero.
 fn transpose_in(g: &Geometry, x: &[f32], images: Range<usize>, xt: &mut [f32]) {
     let (plane, stride) = (g.h * g.w, channel_stride(g));
+    // The slot of each input position, for strided convolutions.
+    let slots: Vec<usize> =
+        if g.stride == 1 { Vec::new() } else { (0..plane).map(|i| i - i % g.w + column_slot(g, i % g.w)).collect() };
     par_chunks(&mut xt[..g.c * stride], stride, |ci, channel| {
         for l in 0..LANES {
             if l < images.len() {
                 let src = &x[((images.start + l) * g.c + ci) * plane..][..plane];
-                for (d, &v) in channel[l..].iter_mut().step_by(LANES).zip(src) {
-                    *d = v;
+                if slots.is_empty() {
+                    for (d, &v) in channel[l..].iter_mut().step_by(LANES).zip(src) {
+                        *d = v;
+                    }
+                } else {
+                    for (&slot, &v) in slots.iter().zip(src) {
+                        channel[slot * LANES + l] = v;
+                    }
                 }
             } else {
                 channel[l..plane * LANES].iter_mut().step_by(LANES).for_each(|d| *d = 0.0);
@@ -272,6 +358,8 @@ struct Group<'a> {
     w: &'a PackedWeights,
     xt: &'a [f32],
     lanes: usize,
+    /// Consecutive output positions one micro-kernel call may take.
+    max_run: usize,
 }
 
 impl Group<'_> {
@@ -279,7 +367,7 @@ impl Group<'_> {
     /// position.
     fn tiles(&self, panels: Range<usize>, yt: OutPtr) {
         let g = self.g;
-        let (p, m) = (g.p(), self.lanes);
+        let p = g.p();
         // The taps inside the image, (rows, columns) of the kernel, for each output position.
         let taps: Vec<_> = (0..p)
             .map(|pos| {
@@ -292,7 +380,6 @@ impl Group<'_> {
             .collect();
         for j in panels {
             let n = NR.min(g.o - j * NR);
-            let k = kernel(m, n);
             // Positions whose every tap is in the padding (only with padding ≥ the kernel's reach).
             for (pos, &((ki0, ki1), (kj0, kj1))) in taps.iter().enumerate() {
                 if ki0 == ki1 || kj0 == kj1 {
@@ -305,45 +392,102 @@ impl Group<'_> {
             for ki in 0..g.kh {
                 for kj in 0..g.kw {
                     let rhs = self.w.panel(j, ki * g.kw + kj);
+                    // Runs of consecutive positions where this tap is inside, reads consecutive
+                    // input positions (stride 1; across a row's end only where the output is as
+                    // wide as the input) and that agree on overwriting (their first valid tap) or
+                    // adding.
+                    let mut run: Option<(usize, usize, u8)> = None; // (first position, length, status)
                     for (pos, &((ki0, ki1), (kj0, kj1))) in taps.iter().enumerate() {
                         if !(ki0..ki1).contains(&ki) || !(kj0..kj1).contains(&kj) {
+                            if let Some((first, len, status)) = run.take() {
+                                self.call(j, n, (ki, kj), rhs, first, len, status, yt);
+                            }
                             continue;
                         }
-                        let (oy, ox) = (pos / g.ow, pos % g.ow);
-                        let iy = oy * g.stride + ki * g.dilation - g.padding;
-                        let ix = ox * g.stride + kj * g.dilation - g.padding;
-                        let lhs = self.xt[(iy * g.w + ix) * LANES..].as_ptr();
                         // The first valid tap of a position overwrites its tile; later ones add.
                         let status = if (ki, kj) == (ki0, kj0) { 0 } else { 1 };
-                        // SAFETY: the kernel reads m ≤ 16 lanes at lhs + ci·channel_stride for ci < c
-                        // (inside xt: (iy, ix) is inside the map), n values at rhs + ci·taps·NR
-                        // for ci < c (inside panel j), and writes m lanes × n channels of this position's tile in yt
-                        // (channels j·NR.. < o); threads own disjoint channels.
-                        unsafe {
-                            k(
-                                m,
-                                n,
-                                g.c,
-                                yt.0.add((j * NR * p + pos) * LANES),
-                                lhs,
-                                rhs,
-                                (p * LANES) as isize,
-                                1,
-                                channel_stride(g) as isize,
-                                (g.kh * g.kw * NR) as isize,
-                                1,
-                                1.0,
-                                1.0,
-                                status,
-                                false,
-                                false,
-                                false,
-                                std::ptr::null(),
-                            )
+                        match run {
+                            Some((first, len, s))
+                                if s == status
+                                    && len < self.max_run
+                                    && first + len == pos
+                                    && self.input_pos(pos, ki, kj) == self.input_pos(first, ki, kj) + len =>
+                            {
+                                run = Some((first, len + 1, s));
+                            }
+                            _ => {
+                                if let Some((first, len, status)) = run.take() {
+                                    self.call(j, n, (ki, kj), rhs, first, len, status, yt);
+                                }
+                                run = Some((pos, 1, status));
+                            }
                         }
+                    }
+                    if let Some((first, len, status)) = run {
+                        self.call(j, n, (ki, kj), rhs, first, len, status, yt);
                     }
                 }
             }
+        }
+    }
+
+    /// The input position (iy·w + column slot) in the transposed input that tap (ki, kj) of output
+    /// position `pos` reads (the tap inside the map).
+    fn input_pos(&self, pos: usize, ki: usize, kj: usize) -> usize {
+        let g = self.g;
+        let (oy, ox) = (pos / g.ow, pos % g.ow);
+        let iy = oy * g.stride + ki * g.dilation - g.padding;
+        let ix = ox * g.stride + kj * g.dilation - g.padding;
+        iy * g.w + column_slot(g, ix)
+    }
+
+    /// Tap (ki, kj) of weight panel j (its n channels at `rhs`) for the `len` positions from
+    /// `first` on (the tap inside the map for each, reading consecutive input positions),
+    /// overwriting (status 0) or adding to (1) their tiles.
+    #[allow(clippy::too_many_arguments)]
+    fn call(
+        &self,
+        j: usize,
+        n: usize,
+        (ki, kj): (usize, usize),
+        rhs: *const f32,
+        first: usize,
+        len: usize,
+        status: u8,
+        yt: OutPtr,
+    ) {
+        let g = self.g;
+        let p = g.p();
+        let lhs = self.xt[self.input_pos(first, ki, kj) * LANES..].as_ptr();
+        // One position: its images. Several: all 16 lanes of each (lanes past the group's
+        // images hold zeros in, and give unread zeros out).
+        let m = if len == 1 { self.lanes } else { len * LANES };
+        // SAFETY: the kernel reads m lanes at lhs + ci·channel_stride for ci < c, inside xt: the
+        // len input positions read are inside the map (the tap is inside for each output
+        // position, and they are consecutive); n values at rhs + ci·taps·NR for ci < c (inside panel j);
+        // and writes m lanes × n channels of these positions' tiles in yt (channels j·NR.. < o,
+        // positions first..first + len < p). Threads own disjoint channels.
+        unsafe {
+            kernel(len, m, n)(
+                m,
+                n,
+                g.c,
+                yt.0.add((j * NR * p + first) * LANES),
+                lhs,
+                rhs,
+                (p * LANES) as isize,
+                1,
+                channel_stride(g) as isize,
+                (g.kh * g.kw * NR) as isize,
+                1,
+                1.0,
+                1.0,
+                status,
+                false,
+                false,
+                false,
+                std::ptr::null(),
+            )
         }
     }
 }
@@ -351,6 +495,151 @@ impl Group<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values in [-1, 1) from a fixed xorshift sequence.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Direct convolution in f64: y (n, o, oh, ow).
+    fn direct_forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f64> {
+        let mut y = vec![0f64; g.n * g.o * g.p()];
+        for (b, oc, oy, ox) in itertools(g) {
+            let mut acc = 0f64;
+            for ci in 0..g.c {
+                for ki in 0..g.kh {
+                    for kj in 0..g.kw {
+                        let iy = (oy * g.stride + ki * g.dilation) as isize - g.padding as isize;
+                        let ix = (ox * g.stride + kj * g.dilation) as isize - g.padding as isize;
+                        if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                            let xv = x[((b * g.c + ci) * g.h + iy as usize) * g.w + ix as usize];
+                            acc += xv as f64 * wt[((oc * g.c + ci) * g.kh + ki) * g.kw + kj] as f64;
+                        }
+                    }
+                }
+            }
+            y[((b * g.o + oc) * g.oh + oy) * g.ow + ox] = acc;
+        }
+        y
+    }
+
+    /// Direct input gradient in f64: dx (n, c, h, w) of sum(y · dy).
+    fn direct_input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f64> {
+        let mut dx = vec![0f64; g.n * g.c * g.h * g.w];
+        for (b, oc, oy, ox) in itertools(g) {
+            let d = dy[((b * g.o + oc) * g.oh + oy) * g.ow + ox] as f64;
+            for ci in 0..g.c {
+                for ki in 0..g.kh {
+                    for kj in 0..g.kw {
+                        let iy = (oy * g.stride + ki * g.dilation) as isize - g.padding as isize;
+                        let ix = (ox * g.stride + kj * g.dilation) as isize - g.padding as isize;
+                        if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                            dx[((b * g.c + ci) * g.h + iy as usize) * g.w + ix as usize] +=
+                                d * wt[((oc * g.c + ci) * g.kh + ki) * g.kw + kj] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        dx
+    }
+
+    /// Every (image, output channel, row, column) of the output.
+    fn itertools(g: &Geometry) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        (0..g.n).flat_map(move |b| {
+            (0..g.o).flat_map(move |oc| (0..g.oh).flat_map(move |oy| (0..g.ow).map(move |ox| (b, oc, oy, ox))))
+        })
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+        let err = got.iter().zip(want).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+        assert!(err / scale < 1e-5, "{what}: relative error {}", err / scale);
+    }
+
+    /// Geometries on the lane path: (n, c, h, w, o, k, stride, padding, dilation).
+    const CASES: &[[usize; 9]] = &[
+        [16, 16, 8, 8, 19, 3, 1, 1, 1], // runs of four on 8 columns; 19 channels: a 1-channel panel
+        [21, 20, 4, 4, 17, 3, 1, 1, 1], // a full group and one of 5 images (runs over unused lanes)
+        [9, 16, 7, 5, 16, 3, 1, 1, 1],  // odd rows: runs of 4 and 1 per row, 9 lanes
+        [9, 16, 7, 5, 6, 3, 2, 1, 1],   // stride 2: one position per call
+        [12, 17, 6, 6, 16, 3, 1, 2, 2], // dilation 2
+        [8, 16, 2, 2, 16, 3, 1, 1, 1],  // 2×2 map: the first tap differs between the two columns
+        [8, 16, 2, 2, 5, 3, 1, 3, 1],   // positions with no tap inside
+        [8, 16, 8, 8, 16, 3, 1, 0, 1],  // no padding: 6 of 8 columns, runs must stop at a row's end
+        [16, 16, 8, 8, 24, 3, 2, 1, 1], // stride 2 on columns stored by phase: runs of four
+        [9, 16, 7, 7, 16, 3, 3, 1, 1],  // stride 3, an odd map: phases of 3, 2 and 2 columns
+        [10, 24, 5, 5, 18, 5, 1, 2, 1], // 5×5 kernel
+    ];
+
+    /// Every kernel family this CPU has gives the direct convolution's values and input gradient,
+    /// and the 512-bit runs give exactly the 256-bit path's bits.
+    #[test]
+    fn kernel_families_match_direct_convolution_and_each_other() {
+        let families: Vec<Kernels> = [Kernels::Avx2, Kernels::Avx512].into_iter().filter(|k| k.supported()).collect();
+        for missing in [Kernels::Avx2, Kernels::Avx512].iter().filter(|k| !families.contains(k)) {
+            eprintln!("skipped: lane convolutions on {missing:?} (this CPU lacks the instructions)");
+        }
+        for (i, &[n, c, h, w, o, k, stride, pad, dil]) in CASES.iter().enumerate() {
+            let g = Geometry::new(&[n, c, h, w], &[o, c, k, k], stride, pad, dil).unwrap();
+            assert!(g.h * g.w <= 64 && g.c >= 16 && g.n >= 8, "case {i} is not on the lane path");
+            let x = values(n * c * h * w, 2 * i as u64);
+            let wt = values(o * c * k * k, 2 * i as u64 + 1);
+            let dy = values(g.n * g.o * g.p(), 7 + i as u64);
+            let want_y = direct_forward(&g, &x, &wt);
+            let want_dx = direct_input_grad(&g, &dy, &wt);
+            let mut first: Option<(Vec<f32>, Option<Vec<f32>>)> = None;
+            for &kernels in &families {
+                for threads in [1, 2] {
+                    let what = format!("case {i} {kernels:?} {threads} threads");
+                    let y = forward_packed(&g, &x, &PackedWeights::new(&g, &wt), threads, None, kernels);
+                    assert_close(&y, &want_y, &format!("{what}: forward"));
+                    let dx = input_grad_with(&g, &dy, &wt, threads, kernels);
+                    if let Some(dx) = &dx {
+                        assert_close(dx, &want_dx, &format!("{what}: input gradient"));
+                    }
+                    assert_eq!(
+                        dx.is_some(),
+                        stride == 1 && pad <= dil * (k - 1) && o >= 16,
+                        "{what}: input gradient path"
+                    );
+                    match &first {
+                        None => first = Some((y, dx)),
+                        Some((y0, dx0)) => {
+                            assert!(y0.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: forward bits");
+                            assert_eq!(
+                                dx0.as_ref().map(|d| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>()),
+                                dx.as_ref().map(|d| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>()),
+                                "{what}: input-gradient bits"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn column_slots_are_a_permutation_with_each_phase_in_order() {
+        for (w, stride) in [(8, 1), (8, 2), (7, 2), (5, 3), (7, 3), (2, 2), (1, 2)] {
+            let g = Geometry::new(&[1, 1, 1, w], &[1, 1, 1, 1], stride, 0, 1).unwrap();
+            let slots: Vec<usize> = (0..w).map(|ix| column_slot(&g, ix)).collect();
+            let mut sorted = slots.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..w).collect::<Vec<_>>(), "w {w} stride {stride}: {slots:?}");
+            for ix in 0..w.saturating_sub(stride) {
+                assert_eq!(slots[ix + stride], slots[ix] + 1, "w {w} stride {stride}: {slots:?}");
+            }
+        }
+    }
 
     #[test]
     fn tap_range_matches_brute_force() {

@@ -28,6 +28,7 @@ mod depthwise;
 mod lanes;
 
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_candle, pad_for_candle, Padding};
+pub use lanes::{kernels as lane_kernels, Kernels as LaneKernels};
 
 /// Convolution geometry for one call: input (n, c, h, w), weight (o, c, kh, kw).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

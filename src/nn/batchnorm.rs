@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 
-use super::cpu::{f32_slice, fast_cpu_f32, internal, par_chunks, par_map, with_f32};
+use super::cpu::{f32_slice, fast_cpu_f32, internal, par_chunks, par_map, with_f32, zeros};
 use super::error::{NnError, Result};
 use super::grad::grad_enabled;
 
@@ -282,7 +282,7 @@ fn channel_stats(x: &[f32], c: usize, spatial: usize) -> (Vec<f64>, Vec<f64>) {
 /// the forward pass of both BatchNorm modes, planes in parallel.
 fn channel_affine(x: &[f32], spatial: usize, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
     let c = scale.len();
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeros(x.len());
     par_chunks(&mut y, spatial, |i, out| {
         let (a, b) = (scale[i % c], shift[i % c]);
         let block = &x[i * spatial..];
@@ -370,7 +370,7 @@ impl CustomOp3 for BnTrain {
                     // Pass 2: dx = w·invstd·(dy − Σdy/M − x̂·Σdy·x̂/M).
                     let dx = need_dx.then(|| {
                         let count = (xs.len() / c) as f64;
-                        let mut dx = vec![0f32; xs.len()];
+                        let mut dx = zeros(xs.len());
                         par_chunks(&mut dx, s, |i, db| {
                             let ch = i % c;
                             let (m, is) = (self.mean[ch], self.invstd[ch]);
@@ -461,7 +461,7 @@ impl CustomOp3 for ChannelAffine {
         let (dx, dscale, dshift) = with_f32(x, |xs| {
             with_f32(y, |ys| {
                 with_f32(&dy, |g| {
-                    let mut dx = if want_dx { vec![0f32; xs.len()] } else { Vec::new() };
+                    let mut dx = if want_dx { zeros(xs.len()) } else { Vec::new() };
                     let (mut dscale, mut dshift) = (vec![0f64; c], vec![0f64; c]);
                     for i in 0..xs.len() / s {
                         let ch = i % c;

@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::valid_range;
-use crate::nn::cpu::{f32_slice, fast_cpu_f32, par_chunks};
+use crate::nn::cpu::{f32_slice, fast_cpu_f32, par_chunks, zeros};
 use crate::nn::error::{NnError, Result};
 use crate::nn::grad::grad_enabled;
 
@@ -105,7 +105,7 @@ impl Geometry {
 fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
     let (k, s, pl) = (g.k, g.stride, g.pad.left);
     let columns = g.tap_columns();
-    let mut y = vec![0f32; g.n * g.c * g.plane_out()];
+    let mut y = zeros(g.n * g.c * g.plane_out());
     par_chunks(&mut y, g.plane_out(), |plane, out| {
         let c = plane % g.c;
         let xp = &x[plane * g.plane_in()..][..g.plane_in()];
@@ -142,7 +142,7 @@ fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
 fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
     let (k, s, pl) = (g.k, g.stride, g.pad.left);
     let columns = g.tap_columns();
-    let mut dx = vec![0f32; g.n * g.c * g.plane_in()];
+    let mut dx = zeros(g.n * g.c * g.plane_in());
     par_chunks(&mut dx, g.plane_in(), |plane, dxp| {
         let c = plane % g.c;
         let dyp = &dy[plane * g.plane_out()..][..g.plane_out()];

@@ -29,7 +29,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::{with_scratch, Epilogue, Geometry};
-use crate::nn::cpu::par_chunks;
+use crate::nn::cpu::{par_chunks, zeros};
 
 /// Images per tile: the micro-kernel's two 8-lane registers.
 const LANES: usize = 16;
@@ -272,7 +272,7 @@ fn forward_packed(
     kernels: Kernels,
 ) -> Vec<f32> {
     let p = g.p();
-    let mut y = vec![0f32; g.n * g.o * p];
+    let mut y = zeros(g.n * g.o * p);
     with_scratch(g.c * channel_stride(g), g.o * p * LANES, |xt, yt| {
         for first in (0..g.n).step_by(LANES) {
             let images = first..(first + LANES).min(g.n);

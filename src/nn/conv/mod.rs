@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use std::cell::Cell;
 use std::ops::Range;
 
-use super::cpu::f32_slice;
+use super::cpu::{f32_slice, zeros};
 use super::error::{NnError, Result};
 use super::grad::grad_enabled;
 
@@ -587,7 +587,7 @@ fn forward_with(g: &Geometry, x: &[f32], wt: &[f32], post: Option<Epilogue>) -> 
         return lanes::forward(g, x, wt, threads, post);
     }
     let per_image = g.o * g.p();
-    let mut y = vec![0f32; g.n * per_image];
+    let mut y = zeros(g.n * per_image);
     let parts = image_parts(g, threads);
     let par = inner_parallelism(threads, parts.len());
     for_each_part(&parts, &mut y, per_image, |images, out| forward_part(g, x, wt, images, out, par, post));
@@ -644,7 +644,7 @@ fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
         return dx;
     }
     let per_image = g.c * g.h * g.w;
-    let mut dx = vec![0f32; g.n * per_image];
+    let mut dx = zeros(g.n * per_image);
     let parts = image_parts(g, threads);
     let par = inner_parallelism(threads, parts.len());
     for_each_part(&parts, &mut dx, per_image, |images, out| input_grad_part(g, dy, wt, images, out, par));
@@ -684,7 +684,7 @@ fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let threads = crate::runtime::cpu_threads();
     let parts = image_parts(g, WEIGHT_GRAD_PARTS);
     let par = inner_parallelism(threads, parts.len());
-    let mut partials = vec![0f32; parts.len() * len];
+    let mut partials = zeros(parts.len() * len);
     let part = |(dw, images): (&mut [f32], &Range<usize>)| weight_grad_part(g, x, dy, images.clone(), dw, par);
     if threads == 1 || parts.len() == 1 {
         partials.chunks_mut(len).zip(&parts).for_each(part);

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 
-use super::cpu::{f32_slice, fast_cpu_f32, internal, par_chunks, par_map, with_f32, zeros};
+use super::cpu::{f32_slice, fast_cpu_f32, internal, par_chunks, par_filled, par_map, with_f32, zeros};
 use super::error::{NnError, Result};
 use super::grad::grad_enabled;
 
@@ -282,8 +282,7 @@ fn channel_stats(x: &[f32], c: usize, spatial: usize) -> (Vec<f64>, Vec<f64>) {
 /// the forward pass of both BatchNorm modes, planes in parallel.
 fn channel_affine(x: &[f32], spatial: usize, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
     let c = scale.len();
-    let mut y = zeros(x.len());
-    par_chunks(&mut y, spatial, |i, out| {
+    par_filled(x.len(), spatial, |i, out| {
         let (a, b) = (scale[i % c], shift[i % c]);
         let block = &x[i * spatial..];
         if relu {
@@ -295,8 +294,7 @@ fn channel_affine(x: &[f32], spatial: usize, scale: &[f32], shift: &[f32], relu:
                 *o = v * a + b;
             }
         }
-    });
-    y
+    })
 }
 
 /// y = (x − mean) · invstd · weight + bias with the batch statistics fixed at construction,

@@ -69,7 +69,7 @@ const MIN_TASK_LEN: usize = 1 << 14;
 
 /// Runs `f(i, chunk)` for each `len`-value chunk of `out` (the last may be shorter), sharing the
 /// chunks between rayon's threads. Each chunk is computed the same way whichever thread runs it.
-pub(crate) fn par_chunks(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+pub(crate) fn par_chunks<T: Send>(out: &mut [T], len: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
     let len = len.max(1);
     if !worth_splitting(out.len()) {
         return out.chunks_mut(len).enumerate().for_each(|(i, chunk)| f(i, chunk));
@@ -111,43 +111,53 @@ pub(crate) fn zeros(len: usize) -> Vec<f32> {
     v
 }
 
+/// A new buffer of `len` values that `f(i, chunk)` fills, chunk by chunk of `chunk_len` values
+/// (the last may be shorter), the chunks shared between rayon's threads as in [`par_chunks`]. The
+/// task that fills a chunk zeroes it first: the zeros are still in cache when `f` overwrites them,
+/// where [`zeros`] followed by [`par_chunks`] streams the buffer through memory twice.
+pub(crate) fn par_filled(len: usize, chunk_len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(len);
+    par_chunks(&mut v.spare_capacity_mut()[..len], chunk_len, |i, chunk| {
+        chunk.fill(std::mem::MaybeUninit::new(0.0));
+        // SAFETY: every value of the chunk was initialised just above; MaybeUninit<f32> has f32's layout.
+        f(i, unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) })
+    });
+    // SAFETY: the chunks cover all `len` values, each initialised above.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// Elements per task of the flat (shape-blind) element-wise kernels.
 pub(crate) const FLAT_CHUNK: usize = 1 << 14;
 
 /// `g` where `y > 0`, else 0: the gradient through a ReLU whose output is `y` (PyTorch's
 /// convention at 0).
 pub(crate) fn relu_grad(y: &[f32], g: &[f32]) -> Vec<f32> {
-    let mut dx = zeros(y.len());
-    par_chunks(&mut dx, FLAT_CHUNK, |i, out| {
+    par_filled(y.len(), FLAT_CHUNK, |i, out| {
         let at = i * FLAT_CHUNK;
         for ((d, &y), &g) in out.iter_mut().zip(&y[at..]).zip(&g[at..]) {
             *d = if y > 0.0 { g } else { 0.0 };
         }
-    });
-    dx
+    })
 }
 
 /// `f(a)` for every element, in parallel.
 pub(crate) fn par_map_values(a: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
-    let mut out = zeros(a.len());
-    par_chunks(&mut out, FLAT_CHUNK, |i, o| {
+    par_filled(a.len(), FLAT_CHUNK, |i, o| {
         for (o, &v) in o.iter_mut().zip(&a[i * FLAT_CHUNK..]) {
             *o = f(v);
         }
-    });
-    out
+    })
 }
 
 /// `f(a, b)` for every pair of elements, in parallel.
 pub(crate) fn par_zip_values(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
-    let mut out = zeros(a.len());
-    par_chunks(&mut out, FLAT_CHUNK, |i, o| {
+    par_filled(a.len(), FLAT_CHUNK, |i, o| {
         let at = i * FLAT_CHUNK;
         for ((o, &x), &y) in o.iter_mut().zip(&a[at..]).zip(&b[at..]) {
             *o = f(x, y);
         }
-    });
-    out
+    })
 }
 
 #[cfg(test)]
@@ -163,6 +173,28 @@ mod tests {
                 let z = crate::runtime::with_cpu_threads(threads, || zeros(len));
                 assert_eq!(z.len(), len);
                 assert!(z.iter().all(|&v| v.to_bits() == 0), "len {len}, {threads} threads: a value is not +0.0");
+            }
+        }
+    }
+
+    #[test]
+    fn par_filled_gives_each_chunk_its_values_and_zeros_where_left_alone() {
+        for (len, chunk) in [(0, 7), (5, 7), (3 * MIN_TASK_LEN + 11, 1000), (1 << 20, FLAT_CHUNK)] {
+            for threads in [1, 2] {
+                drop(vec![f32::NAN; len]);
+                let v = crate::runtime::with_cpu_threads(threads, || {
+                    par_filled(len, chunk, |i, out| {
+                        // Every other value: the rest must read as the zeros the chunk started with.
+                        for (j, o) in out.iter_mut().enumerate().step_by(2) {
+                            *o = (i * chunk + j) as f32;
+                        }
+                    })
+                });
+                assert_eq!(v.len(), len);
+                for (k, &x) in v.iter().enumerate() {
+                    let want = if (k % chunk) % 2 == 0 { k as f32 } else { 0.0 };
+                    assert_eq!(x.to_bits(), want.to_bits(), "len {len}, chunk {chunk}, {threads} threads, value {k}");
+                }
             }
         }
     }

@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::cpu::{f32_slice, fast_cpu_f32, internal, par_chunks, with_f32, zeros};
+use super::cpu::{f32_slice, fast_cpu_f32, internal, par_chunks, par_filled, with_f32, zeros};
 use super::error::{NnError, Result};
 
 /// The 2-D max-pool custom op (f32, CPU).
@@ -43,13 +43,13 @@ impl CustomOp1 for MaxPool {
         let x = f32_slice(s, l, self.name())?;
         let (n, c, h, w) = l.shape().dims4()?;
         let (oh, ow) = (self.out_size(h), self.out_size(w));
-        let mut y = zeros(n * c * oh * ow);
+
         // Separable: the maximum over each window's columns for every input row, then over rows.
         // The same values as the argmax scan of the backward pass, with fewer branches.
         let col_ranges: Vec<(usize, usize)> = (0..ow).map(|o| self.window(o, w)).collect();
         let row_ranges: Vec<(usize, usize)> = (0..oh).map(|o| self.window(o, h)).collect();
         // Planes in parallel; each task keeps its row maxima (h × ow) in a small buffer.
-        par_chunks(&mut y, oh * ow, |i, out| {
+        let y = par_filled(n * c * oh * ow, oh * ow, |i, out| {
             let plane = &x[i * h * w..(i + 1) * h * w];
             let mut rows = vec![f32::NEG_INFINITY; h * ow];
             for (src, dst) in plane.chunks_exact(w).zip(rows.chunks_exact_mut(ow)) {

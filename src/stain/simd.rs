@@ -751,6 +751,41 @@ kernel! {
     }
 }
 
+/// [`od_output`] with each pixel's three table rows as one 256-bit vector each (AVX2 and up): three
+/// loads, two multiplies, a minimum and a truncation per pixel. The compiler's own AVX2 and
+/// AVX-512 builds of `od_output` vectorise across pixels with gathers, slower than its baseline
+/// build on Zen 4 and on the Xeon (Macenko 4.1–4.4 ms against 3.7). The same operations in the same
+/// order as `od_output`, so the same bytes (tested).
+pub fn od_output_rows(level: Level, raw: &[u8], tab: &[[[f64; 4]; 256]; 3], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 && Level::Avx2.available() {
+        // SAFETY: AVX2 is available (checked above).
+        return unsafe { od_output_avx2(raw, tab, out) };
+    }
+    od_output(Level::Baseline, raw, tab, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn od_output_avx2(raw: &[u8], tab: &[[[f64; 4]; 256]; 3], out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let max = _mm256_set1_pd(255.0);
+    // The low byte of each 32-bit lane, in order, into the low 4 bytes.
+    let low_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    for (p, o) in raw.chunks_exact(3).zip(out.chunks_exact_mut(3)) {
+        let (a, b, c) = (&tab[0][p[0] as usize], &tab[1][p[1] as usize], &tab[2][p[2] as usize]);
+        // SAFETY: each row is 4 f64 (an unaligned 256-bit load).
+        let (a, b, c) =
+            unsafe { (_mm256_loadu_pd(a.as_ptr()), _mm256_loadu_pd(b.as_ptr()), _mm256_loadu_pd(c.as_ptr())) };
+        // (a·b)·c as in `od_output`; min(v, 255) gives 255 for a NaN v (0 · inf), as f64::min does.
+        let v = _mm256_min_pd(_mm256_mul_pd(_mm256_mul_pd(a, b), c), max);
+        // Truncation toward zero, as `as i32`; 0 <= v <= 255, so the low byte is the value.
+        let q = _mm_shuffle_epi8(_mm256_cvttpd_epi32(v), low_bytes);
+        let bytes = (_mm_cvtsi128_si32(q) as u32).to_le_bytes();
+        o.copy_from_slice(&bytes[..3]);
+    }
+}
+
 kernel! {
     /// Vahadane's output: channel `ch` = `min(255 · exp(-(c0·scale0·s[0][ch] + c1·scale1·s[1][ch])), 255)`
     /// truncated to u8, for concentrations `conc` of each pixel.
@@ -839,6 +874,70 @@ mod tests {
         raw[..3].copy_from_slice(&[0, 0, 0]);
         raw[3..6].copy_from_slice(&[255, 255, 255]);
         raw
+    }
+
+    #[test]
+    fn od_output_rows_gives_od_outputs_bytes() {
+        // Tables with ordinary factors, 0, huge values (products past 255) and inf (0 · inf is NaN).
+        let mut tab = [[[0.0f64; 4]; 256]; 3];
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        for (j, t) in tab.iter_mut().enumerate() {
+            for (v, row) in t.iter_mut().enumerate() {
+                for (ch, x) in row.iter_mut().enumerate() {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    *x = match (v + ch + j) % 53 {
+                        0 => 0.0,
+                        1 => f64::INFINITY,
+                        2 => 1e300,
+                        _ => (s >> 11) as f64 / (1u64 << 53) as f64 * if j == 0 { 300.0 } else { 1.2 },
+                    };
+                }
+            }
+        }
+        // Rows 1..: factors whose product truncates differently as (a·b)·c and as a·(b·c), so
+        // that the order of the multiplications shows in the bytes.
+        let mut order_rows = 0;
+        'search: for n in 3..2000u32 {
+            for k in 1..255u32 {
+                let (a, b, c) = (k as f64, 1.0 / n as f64, n as f64);
+                if ((a * b) * c) as i32 != (a * (b * c)) as i32 {
+                    order_rows += 1;
+                    tab[0][order_rows] = [a; 4];
+                    tab[1][order_rows] = [b; 4];
+                    tab[2][order_rows] = [c; 4];
+                    if order_rows == 8 {
+                        break 'search;
+                    }
+                }
+            }
+        }
+        assert_eq!(order_rows, 8, "no order-sensitive products found");
+        // Row 0: 0 in the red table and inf in the green one: a NaN product, which gives 255.
+        tab[0][0] = [0.0; 4];
+        tab[1][0] = [f64::INFINITY; 4];
+        let mut raw: Vec<u8> = (0..3 * 70_001u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for v in 0..=order_rows as u8 {
+            raw.extend([v, v, v]);
+        }
+        let mut want = vec![0u8; raw.len()];
+        od_output(Level::Baseline, &raw, &tab, &mut want);
+        for level in Level::ALL {
+            if !level.available() {
+                eprintln!("skipped: od_output_rows at {level:?} (this CPU lacks it)");
+                continue;
+            }
+            let mut got = vec![7u8; raw.len()];
+            od_output_rows(level, &raw, &tab, &mut got);
+            assert!(
+                got == want,
+                "{level:?}: first difference at byte {:?}",
+                got.iter().zip(&want).position(|(a, b)| a != b)
+            );
+        }
+        assert!(want.contains(&255) && want.contains(&0), "the table must reach both ends");
+        assert_eq!(want[want.len() - 3 * (order_rows + 1)..][..3], [255; 3], "0 · inf clamps to 255");
     }
 
     #[test]

@@ -297,6 +297,25 @@ fn train_bench_reports_images_per_s_on_its_last_line() -> R<()> {
     if let Some(model) = cpuinfo.lines().find(|l| l.starts_with("model name")) {
         assert!(first.contains(model.split(':').nth(1).unwrap().trim()), "{first}");
     }
+    // The lane convolutions take the widest kernels the CPU has, and the line says which.
+    use mpcs::nn::conv::{lane_kernels, LaneKernels};
+    #[cfg(target_arch = "x86_64")]
+    if std::env::var_os("MPCS_NN_LANES").is_none() {
+        let want = if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            Some(LaneKernels::Avx512)
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            Some(LaneKernels::Avx2)
+        } else {
+            None
+        };
+        assert_eq!(lane_kernels(), want);
+    }
+    let family = match lane_kernels() {
+        Some(LaneKernels::Avx512) => "lane convolutions AVX-512",
+        Some(LaneKernels::Avx2) => "lane convolutions AVX2+FMA",
+        None => "lane convolutions off",
+    };
+    assert!(first.contains(family), "{first}");
     // Bad options are errors that say what to change.
     let bad = TrainBenchOptions { batch: 1, ..opts };
     let err = train_bench(&bad, &mut Vec::new()).unwrap_err().to_string();

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 
-use super::cpu::{f32_slice, fast_cpu_f32, internal, par_chunks, par_filled, par_map, with_f32, zeros};
+use super::cpu::{f32_slice, fast_cpu_f32, internal, par_filled, par_map, with_f32, zeros};
 use super::error::{NnError, Result};
 use super::grad::grad_enabled;
 
@@ -368,8 +368,7 @@ impl CustomOp3 for BnTrain {
                     // Pass 2: dx = w·invstd·(dy − Σdy/M − x̂·Σdy·x̂/M).
                     let dx = need_dx.then(|| {
                         let count = (xs.len() / c) as f64;
-                        let mut dx = zeros(xs.len());
-                        par_chunks(&mut dx, s, |i, db| {
+                        par_filled(xs.len(), s, |i, db| {
                             let ch = i % c;
                             let (m, is) = (self.mean[ch], self.invstd[ch]);
                             let k = wv[ch] * is;
@@ -380,8 +379,7 @@ impl CustomOp3 for BnTrain {
                                 let xhat = (xv - m) * is;
                                 *d = k * (grad(yv, gv) - mean_dy - xhat * mean_dy_xhat);
                             }
-                        });
-                        dx
+                        })
                     });
                     let to_f32 = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect::<Vec<f32>>();
                     (dx, to_f32(sum_dy_xhat), to_f32(sum_dy))

@@ -99,16 +99,7 @@ pub(crate) fn worth_splitting(total: usize) -> bool {
 /// reused memory), and in a 2-thread ResNet-50 training step that serial zeroing of the kernels'
 /// output buffers was 5.9 % of all samples, with the other thread waiting (notes/speed.md).
 pub(crate) fn zeros(len: usize) -> Vec<f32> {
-    if !worth_splitting(len) {
-        return vec![0f32; len];
-    }
-    let mut v = Vec::<f32>::with_capacity(len);
-    v.spare_capacity_mut()[..len]
-        .par_chunks_mut(4 * FLAT_CHUNK)
-        .for_each(|chunk| chunk.fill(std::mem::MaybeUninit::new(0.0)));
-    // SAFETY: the loop above wrote all `len` values.
-    unsafe { v.set_len(len) };
-    v
+    par_filled(len, 4 * FLAT_CHUNK, |_, _| {})
 }
 
 /// A new buffer of `len` values that `f(i, chunk)` fills, chunk by chunk of `chunk_len` values

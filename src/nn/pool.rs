@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::cpu::{f32_slice, fast_cpu_f32, internal, par_chunks, par_filled, with_f32, zeros};
+use super::cpu::{f32_slice, fast_cpu_f32, internal, par_filled, with_f32};
 use super::error::{NnError, Result};
 
 /// The 2-D max-pool custom op (f32, CPU).
@@ -43,7 +43,6 @@ impl CustomOp1 for MaxPool {
         let x = f32_slice(s, l, self.name())?;
         let (n, c, h, w) = l.shape().dims4()?;
         let (oh, ow) = (self.out_size(h), self.out_size(w));
-
         // Separable: the maximum over each window's columns for every input row, then over rows.
         // The same values as the argmax scan of the backward pass, with fewer branches.
         let col_ranges: Vec<(usize, usize)> = (0..ow).map(|o| self.window(o, w)).collect();
@@ -78,8 +77,7 @@ impl CustomOp1 for MaxPool {
         let dx = with_f32(x, |xs| {
             with_f32(y, |ys| {
                 with_f32(&dy, |g| {
-                    let mut dx = zeros(xs.len());
-                    par_chunks(&mut dx, h * w, |i, dp| {
+                    par_filled(xs.len(), h * w, |i, dp| {
                         let plane = &xs[i * h * w..(i + 1) * h * w];
                         let (yp, gp) = (&ys[i * oh * ow..(i + 1) * oh * ow], &g[i * oh * ow..(i + 1) * oh * ow]);
                         for (oy, &(ya, yb)) in row_ranges.iter().enumerate() {
@@ -99,8 +97,7 @@ impl CustomOp1 for MaxPool {
                                 }
                             }
                         }
-                    });
-                    dx
+                    })
                 })
             })
         })

@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::valid_range;
-use crate::nn::cpu::{f32_slice, fast_cpu_f32, par_chunks, zeros};
+use crate::nn::cpu::{f32_slice, fast_cpu_f32, par_chunks, par_filled};
 use crate::nn::error::{NnError, Result};
 use crate::nn::grad::grad_enabled;
 
@@ -105,8 +105,7 @@ impl Geometry {
 fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
     let (k, s, pl) = (g.k, g.stride, g.pad.left);
     let columns = g.tap_columns();
-    let mut y = zeros(g.n * g.c * g.plane_out());
-    par_chunks(&mut y, g.plane_out(), |plane, out| {
+    par_filled(g.n * g.c * g.plane_out(), g.plane_out(), |plane, out| {
         let c = plane % g.c;
         let xp = &x[plane * g.plane_in()..][..g.plane_in()];
         let wc = &wt[c * k * k..][..k * k];
@@ -134,16 +133,14 @@ fn forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f32> {
                 }
             }
         }
-    });
-    y
+    })
 }
 
 /// dx from dy: every output's gradient, times each tap's weight, added to the input it read.
 fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
     let (k, s, pl) = (g.k, g.stride, g.pad.left);
     let columns = g.tap_columns();
-    let mut dx = zeros(g.n * g.c * g.plane_in());
-    par_chunks(&mut dx, g.plane_in(), |plane, dxp| {
+    par_filled(g.n * g.c * g.plane_in(), g.plane_in(), |plane, dxp| {
         let c = plane % g.c;
         let dyp = &dy[plane * g.plane_out()..][..g.plane_out()];
         let wc = &wt[c * k * k..][..k * k];
@@ -171,8 +168,7 @@ fn input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f32> {
                 }
             }
         }
-    });
-    dx
+    })
 }
 
 /// dw from x and dy: per channel, the sum over the batch (in image order) of each tap's

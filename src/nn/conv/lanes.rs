@@ -102,16 +102,13 @@ impl Kernels {
 pub fn kernels() -> Option<Kernels> {
     static CHOSEN: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
     *CHOSEN.get_or_init(|| {
-        let wanted = std::env::var("MPCS_NN_LANES").unwrap_or_default();
-        [Kernels::Avx512, Kernels::Avx2]
-            .into_iter()
-            .filter(|k| !(wanted == "avx2" && *k == Kernels::Avx512))
-            .find(|k| wanted != "0" && k.supported())
+        let candidates: &[Kernels] = match std::env::var("MPCS_NN_LANES").as_deref() {
+            Ok("0") => &[],
+            Ok("avx2") => &[Kernels::Avx2],
+            _ => &[Kernels::Avx512, Kernels::Avx2],
+        };
+        candidates.iter().copied().find(|k| k.supported())
     })
-}
-
-fn available() -> bool {
-    kernels().is_some()
 }
 
 /// Whether a convolution takes this path: a spatial kernel (a 1×1 convolution has no padding to
@@ -120,7 +117,7 @@ fn available() -> bool {
 /// to amortise its tile's loads and stores, and enough images to fill most lanes. Measured per
 /// layer against im2col + GEMM in notes/speed.md.
 pub(super) fn suits(g: &Geometry) -> bool {
-    available() && g.kh * g.kw > 1 && g.h * g.w <= 64 && g.c >= 16 && g.n >= 8
+    kernels().is_some() && g.kh * g.kw > 1 && g.h * g.w <= 64 && g.c >= 16 && g.n >= 8
 }
 
 /// The micro-kernel for `run` adjacent positions of m images (m ≤ 16; all 16 lanes when run > 1)
@@ -362,6 +359,16 @@ struct Group<'a> {
     max_run: usize,
 }
 
+/// Consecutive output positions `first..first + len` that one micro-kernel call serves for a tap:
+/// inside the map for each, reading consecutive input positions, overwriting their tiles (status
+/// 0, the positions' first valid tap) or adding to them (1).
+#[derive(Clone, Copy)]
+struct Run {
+    first: usize,
+    len: usize,
+    status: u8,
+}
+
 impl Group<'_> {
     /// The transposed output yt[(ch, pos), lane] of the channels of weight panels `panels`, every
     /// position.
@@ -396,35 +403,30 @@ impl Group<'_> {
                     // input positions (stride 1; across a row's end only where the output is as
                     // wide as the input) and that agree on overwriting (their first valid tap) or
                     // adding.
-                    let mut run: Option<(usize, usize, u8)> = None; // (first position, length, status)
+                    // A run always ends at the previous position: one where the tap is outside ends it.
+                    let mut run: Option<Run> = None;
                     for (pos, &((ki0, ki1), (kj0, kj1))) in taps.iter().enumerate() {
-                        if !(ki0..ki1).contains(&ki) || !(kj0..kj1).contains(&kj) {
-                            if let Some((first, len, status)) = run.take() {
-                                self.call(j, n, (ki, kj), rhs, first, len, status, yt);
-                            }
+                        let inside = (ki0..ki1).contains(&ki) && (kj0..kj1).contains(&kj);
+                        // The first valid tap of a position overwrites its tile; later ones add.
+                        let status = u8::from((ki, kj) != (ki0, kj0));
+                        if let Some(r) = run.as_mut().filter(|r| {
+                            inside
+                                && r.status == status
+                                && r.len < self.max_run
+                                && self.input_pos(pos, ki, kj) == self.input_pos(r.first, ki, kj) + r.len
+                        }) {
+                            r.len += 1;
                             continue;
                         }
-                        // The first valid tap of a position overwrites its tile; later ones add.
-                        let status = if (ki, kj) == (ki0, kj0) { 0 } else { 1 };
-                        match run {
-                            Some((first, len, s))
-                                if s == status
-                                    && len < self.max_run
-                                    && first + len == pos
-                                    && self.input_pos(pos, ki, kj) == self.input_pos(first, ki, kj) + len =>
-                            {
-                                run = Some((first, len + 1, s));
-                            }
-                            _ => {
-                                if let Some((first, len, status)) = run.take() {
-                                    self.call(j, n, (ki, kj), rhs, first, len, status, yt);
-                                }
-                                run = Some((pos, 1, status));
-                            }
+                        if let Some(r) = run.take() {
+                            self.call(j, n, (ki, kj), rhs, r, yt);
+                        }
+                        if inside {
+                            run = Some(Run { first: pos, len: 1, status });
                         }
                     }
-                    if let Some((first, len, status)) = run {
-                        self.call(j, n, (ki, kj), rhs, first, len, status, yt);
+                    if let Some(r) = run {
+                        self.call(j, n, (ki, kj), rhs, r, yt);
                     }
                 }
             }
@@ -441,21 +443,9 @@ impl Group<'_> {
         iy * g.w + column_slot(g, ix)
     }
 
-    /// Tap (ki, kj) of weight panel j (its n channels at `rhs`) for the `len` positions from
-    /// `first` on (the tap inside the map for each, reading consecutive input positions),
-    /// overwriting (status 0) or adding to (1) their tiles.
-    #[allow(clippy::too_many_arguments)]
-    fn call(
-        &self,
-        j: usize,
-        n: usize,
-        (ki, kj): (usize, usize),
-        rhs: *const f32,
-        first: usize,
-        len: usize,
-        status: u8,
-        yt: OutPtr,
-    ) {
+    /// Tap (ki, kj) of weight panel j (its n channels at `rhs`) for the positions of `run`.
+    fn call(&self, j: usize, n: usize, (ki, kj): (usize, usize), rhs: *const f32, run: Run, yt: OutPtr) {
+        let Run { first, len, status } = run;
         let g = self.g;
         let p = g.p();
         let lhs = self.xt[self.input_pos(first, ki, kj) * LANES..].as_ptr();
@@ -509,54 +499,42 @@ mod tests {
             .collect()
     }
 
-    /// Direct convolution in f64: y (n, o, oh, ow).
-    fn direct_forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f64> {
-        let mut y = vec![0f64; g.n * g.o * g.p()];
-        for (b, oc, oy, ox) in itertools(g) {
-            let mut acc = 0f64;
-            for ci in 0..g.c {
-                for ki in 0..g.kh {
-                    for kj in 0..g.kw {
-                        let iy = (oy * g.stride + ki * g.dilation) as isize - g.padding as isize;
-                        let ix = (ox * g.stride + kj * g.dilation) as isize - g.padding as isize;
-                        if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                            let xv = x[((b * g.c + ci) * g.h + iy as usize) * g.w + ix as usize];
-                            acc += xv as f64 * wt[((oc * g.c + ci) * g.kh + ki) * g.kw + kj] as f64;
+    /// `f(y index, x index, weight index)` for every product of the convolution: each output
+    /// (image, channel, row, column), input channel and kernel tap inside the image.
+    fn for_each_product(g: &Geometry, mut f: impl FnMut(usize, usize, usize)) {
+        for b in 0..g.n {
+            for oc in 0..g.o {
+                for (oy, ox) in (0..g.oh).flat_map(|oy| (0..g.ow).map(move |ox| (oy, ox))) {
+                    let yi = ((b * g.o + oc) * g.oh + oy) * g.ow + ox;
+                    for ci in 0..g.c {
+                        for ki in 0..g.kh {
+                            for kj in 0..g.kw {
+                                let iy = (oy * g.stride + ki * g.dilation) as isize - g.padding as isize;
+                                let ix = (ox * g.stride + kj * g.dilation) as isize - g.padding as isize;
+                                if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                                    let xi = ((b * g.c + ci) * g.h + iy as usize) * g.w + ix as usize;
+                                    f(yi, xi, ((oc * g.c + ci) * g.kh + ki) * g.kw + kj);
+                                }
+                            }
                         }
                     }
                 }
             }
-            y[((b * g.o + oc) * g.oh + oy) * g.ow + ox] = acc;
         }
+    }
+
+    /// Direct convolution in f64: y (n, o, oh, ow).
+    fn direct_forward(g: &Geometry, x: &[f32], wt: &[f32]) -> Vec<f64> {
+        let mut y = vec![0f64; g.n * g.o * g.p()];
+        for_each_product(g, |yi, xi, wi| y[yi] += x[xi] as f64 * wt[wi] as f64);
         y
     }
 
     /// Direct input gradient in f64: dx (n, c, h, w) of sum(y · dy).
     fn direct_input_grad(g: &Geometry, dy: &[f32], wt: &[f32]) -> Vec<f64> {
         let mut dx = vec![0f64; g.n * g.c * g.h * g.w];
-        for (b, oc, oy, ox) in itertools(g) {
-            let d = dy[((b * g.o + oc) * g.oh + oy) * g.ow + ox] as f64;
-            for ci in 0..g.c {
-                for ki in 0..g.kh {
-                    for kj in 0..g.kw {
-                        let iy = (oy * g.stride + ki * g.dilation) as isize - g.padding as isize;
-                        let ix = (ox * g.stride + kj * g.dilation) as isize - g.padding as isize;
-                        if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                            dx[((b * g.c + ci) * g.h + iy as usize) * g.w + ix as usize] +=
-                                d * wt[((oc * g.c + ci) * g.kh + ki) * g.kw + kj] as f64;
-                        }
-                    }
-                }
-            }
-        }
+        for_each_product(g, |yi, xi, wi| dx[xi] += dy[yi] as f64 * wt[wi] as f64);
         dx
-    }
-
-    /// Every (image, output channel, row, column) of the output.
-    fn itertools(g: &Geometry) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
-        (0..g.n).flat_map(move |b| {
-            (0..g.o).flat_map(move |oc| (0..g.oh).flat_map(move |oy| (0..g.ow).map(move |ox| (b, oc, oy, ox))))
-        })
     }
 
     fn assert_close(got: &[f32], want: &[f64], what: &str) {

@@ -103,11 +103,10 @@ pub struct SrgbQuantiser {
     /// 255 thresholds and a sentinel (+∞) so that a lookup needs no bounds test.
     thresholds: [f64; 256],
     /// `start[i]`: the quantised value of `i / BUCKETS`, so a lookup is one table read and one
-    /// comparison (no bucket holds two thresholds; `new` checks it).
+    /// comparison (no bucket holds two thresholds; `new` checks it). Three more bytes follow
+    /// entry `BUCKETS` so that a 32-bit gather at any bucket stays inside (the AVX-512 kernel).
     start: Vec<u8>,
 }
-
-const BUCKETS: usize = 8192;
 
 impl Default for SrgbQuantiser {
     fn default() -> Self {
@@ -116,6 +115,9 @@ impl Default for SrgbQuantiser {
 }
 
 impl SrgbQuantiser {
+    /// Buckets of the `start` table over [0, 1] (a power of two).
+    pub const BUCKETS: usize = 8192;
+
     pub fn new() -> Self {
         let thresholds = std::array::from_fn(|i| {
             if i == 255 {
@@ -146,9 +148,16 @@ impl SrgbQuantiser {
         for t in &mut q.thresholds[..255] {
             *t = t.min(1.0);
         }
-        q.start = (0..=BUCKETS).map(|i| q.search(i as f64 / BUCKETS as f64)).collect();
+        q.start = (0..=Self::BUCKETS).map(|i| q.search(i as f64 / Self::BUCKETS as f64)).collect();
         assert!(q.start.windows(2).all(|w| w[1] - w[0] <= 1), "a quantiser bucket holds two thresholds");
+        q.start.extend([255; 3]);
         q
+    }
+
+    /// The thresholds and the bucket starts (with their 3 bytes of padding), for vector kernels
+    /// that look values up as [`Self::quantise`] does.
+    pub(crate) fn tables(&self) -> (&[f64; 256], &[u8]) {
+        (&self.thresholds, &self.start)
     }
 
     fn search(&self, lin: f64) -> u8 {
@@ -166,7 +175,7 @@ impl SrgbQuantiser {
     pub fn quantise(&self, lin: f64) -> u8 {
         let x = if lin > 0.0 { lin.min(1.0) } else { 0.0 };
         // BUCKETS is a power of two: x · BUCKETS is exact, so bucket i starts at or below x
-        let k = self.start[(x * BUCKETS as f64) as usize] as usize;
+        let k = self.start[(x * Self::BUCKETS as f64) as usize] as usize;
         (k + (self.thresholds[k] <= x) as usize) as u8
     }
 }

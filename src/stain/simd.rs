@@ -13,6 +13,9 @@
 
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
+mod lab512;
+
 /// Pixels per kernel step.
 pub const W: usize = 8;
 /// One value per pixel of an 8-pixel block.
@@ -397,10 +400,21 @@ pub struct LabConsts<'a> {
     pub white: [f64; 3],
 }
 
+/// CIE L*a*b* of every pixel of `p` into `out` (one entry per block of 8), as
+/// [`super::color::linear_rgb_to_lab`]; returns their moments. On AVX-512 the hand-written
+/// kernel of [`lab512`] (same bits), below that the compiler's builds of [`lab_forward_lanes`].
+pub fn lab_forward(level: Level, p: Px<'_>, k: &LabConsts, out: &mut [[V; 3]]) -> Moments {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && level.available() {
+        // SAFETY: the CPU has the kernel's instructions (checked above).
+        return unsafe { lab512::lab_forward(p, k, out) };
+    }
+    lab_forward_lanes(level, p, k, out)
+}
+
 kernel! {
-    /// CIE L*a*b* of every pixel of `raw` into `out` (one entry per block of 8), as
-    /// [`super::color::linear_rgb_to_lab`]; returns their moments.
-    pub fn lab_forward(p: Px<'_>, k: &LabConsts, out: &mut [[V; 3]]) -> Moments {
+    /// [`lab_forward`] as plain lanes, compiled for each level.
+    pub fn lab_forward_lanes(p: Px<'_>, k: &LabConsts, out: &mut [[V; 3]]) -> Moments {
         let pixels = p.pixels;
         let inv_white = [1.0 / k.white[0], 1.0 / k.white[1], 1.0 / k.white[2]];
         let mut m = Moments::new(pixels, [0.0; 3]);
@@ -444,10 +458,31 @@ kernel! {
     }
 }
 
+/// Standardised LAB blocks back to linear RGB, as [`super::color::lab_to_linear_rgb`] after
+/// `x · gain + shift`; `quant` turns each component into the 8-bit output in `out`. On AVX-512
+/// the hand-written kernel of [`lab512`] (same bytes), below that [`lab_inverse_lanes`].
+#[allow(clippy::too_many_arguments)]
+pub fn lab_inverse(
+    level: Level,
+    lab: &[[V; 3]],
+    gain: [f64; 3],
+    shift: [f64; 3],
+    xyz2rgb: &[[f64; 3]; 3],
+    white: [f64; 3],
+    quant: &super::color::SrgbQuantiser,
+    out: &mut [u8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && level.available() {
+        // SAFETY: the CPU has the kernel's instructions (checked above).
+        return unsafe { lab512::lab_inverse(lab, gain, shift, xyz2rgb, white, quant, out) };
+    }
+    lab_inverse_lanes(level, lab, gain, shift, xyz2rgb, white, quant, out)
+}
+
 kernel! {
-    /// Standardised LAB blocks back to linear RGB, as [`super::color::lab_to_linear_rgb`] after
-    /// `x · gain + shift`; `quant` turns each component into the 8-bit output in `out`.
-    pub fn lab_inverse(
+    /// [`lab_inverse`] as plain lanes, compiled for each level.
+    pub fn lab_inverse_lanes(
         lab: &[[V; 3]],
         gain: [f64; 3],
         shift: [f64; 3],

@@ -544,10 +544,27 @@ fn zero_if_eps(e: f64) -> f64 {
 
 // ---------------------------------------------------------------- Ruderman lαβ (HistomicsTK)
 
+/// lαβ of every pixel (RGB 0..255, zero LMS replaced by machine epsilon), as
+/// [`super::color::Ruderman::rgb_to_lab`]; returns their moments. On AVX-512 the hand-written
+/// kernel of [`lab512`] (same bits), below that [`lab_beta_forward_lanes`].
+pub fn lab_beta_forward(
+    level: Level,
+    p: Px<'_>,
+    rgb2lms: &[[f64; 3]; 3],
+    lms2lab: &[[f64; 3]; 3],
+    out: &mut [[V; 3]],
+) -> Moments {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && level.available() {
+        // SAFETY: the CPU has the kernel's instructions (checked above).
+        return unsafe { lab512::lab_beta_forward(p, rgb2lms, lms2lab, out) };
+    }
+    lab_beta_forward_lanes(level, p, rgb2lms, lms2lab, out)
+}
+
 kernel! {
-    /// lαβ of every pixel (RGB 0..255, zero LMS replaced by machine epsilon), as
-    /// [`super::color::Ruderman::rgb_to_lab`]; returns their moments.
-    pub fn lab_beta_forward(p: Px<'_>, rgb2lms: &[[f64; 3]; 3], lms2lab: &[[f64; 3]; 3], out: &mut [[V; 3]]) -> Moments {
+    /// [`lab_beta_forward`] as plain lanes, compiled for each level.
+    pub fn lab_beta_forward_lanes(p: Px<'_>, rgb2lms: &[[f64; 3]; 3], lms2lab: &[[f64; 3]; 3], out: &mut [[V; 3]]) -> Moments {
         let pixels = p.pixels;
         let mut m = Moments::new(pixels, [0.0; 3]);
         for (b, o) in out.iter_mut().enumerate() {
@@ -576,10 +593,29 @@ kernel! {
     }
 }
 
+/// Standardised lαβ blocks back to 8-bit RGB (HistomicsTK `lab_to_rgb`, clip to 0..255,
+/// truncate, NaN to 0). On AVX-512 the hand-written kernel of [`lab512`] (same bytes), below
+/// that [`lab_beta_inverse_lanes`].
+pub fn lab_beta_inverse(
+    level: Level,
+    lab: &[[V; 3]],
+    gain: [f64; 3],
+    shift: [f64; 3],
+    lab2lms: &[[f64; 3]; 3],
+    lms2rgb: &[[f64; 3]; 3],
+    out: &mut [u8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && level.available() {
+        // SAFETY: the CPU has the kernel's instructions (checked above).
+        return unsafe { lab512::lab_beta_inverse(lab, gain, shift, lab2lms, lms2rgb, out) };
+    }
+    lab_beta_inverse_lanes(level, lab, gain, shift, lab2lms, lms2rgb, out)
+}
+
 kernel! {
-    /// Standardised lαβ blocks back to 8-bit RGB (HistomicsTK `lab_to_rgb`, clip to 0..255,
-    /// truncate, NaN to 0).
-    pub fn lab_beta_inverse(
+    /// [`lab_beta_inverse`] as plain lanes, compiled for each level.
+    pub fn lab_beta_inverse_lanes(
         lab: &[[V; 3]],
         gain: [f64; 3],
         shift: [f64; 3],

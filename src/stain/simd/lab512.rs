@@ -1,8 +1,9 @@
-//! CIE LAB forward and inverse on AVX-512 registers, written with intrinsics.
+//! The Reinhard colour spaces (CIE LAB, Ruderman lαβ) forward and inverse on AVX-512 registers,
+//! written with intrinsics.
 //!
-//! The compiler's AVX-512 build of the plain `[f64; 8]` kernels ([`super::lab_forward`]) runs
-//! mostly on 256-bit registers with stack spills (perf annotate on an Emerald Rapids Xeon), and
-//! Reinhard LAB spent 95 % of its time in those two kernels. Here one block of 8 pixels is one
+//! The compiler's AVX-512 build of the plain `[f64; 8]` kernels ([`super::lab_forward_lanes`])
+//! runs mostly on 256-bit registers with stack spills (perf annotate on an Emerald Rapids Xeon),
+//! and both Reinhards spent 95 % of their time in their two kernels. Here one block of 8 pixels is one
 //! `__m512d` per channel from the table gather to the moments.
 //!
 //! Every operation is the one the plain kernel performs, in the same order, with no fused
@@ -89,9 +90,7 @@ avx512_fn! {
 #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
 pub(super) fn lab_forward(p: Px<'_>, k: &LabConsts, out: &mut [[V; 3]]) -> Moments {
     let inv_white = k.white.map(|w| splat(1.0 / w));
-    let mut m = Moments::new(p.pixels, [0.0; 3]);
-    let zero = splat(0.0);
-    let (mut s1, mut s2, mut shift) = ([zero; 3], [zero; 3], [zero; 3]);
+    let mut sums = Sums::new(p.pixels);
     for (b, o) in out.iter_mut().enumerate() {
         let (px, valid) = p.block(b);
         // SAFETY: the indices are bytes and the table has 256 entries.
@@ -112,24 +111,9 @@ pub(super) fn lab_forward(p: Px<'_>, k: &LabConsts, out: &mut [[V; 3]]) -> Momen
         for c in 0..3 {
             store(lab[c], &mut o[c]);
         }
-        if b == 0 {
-            m.shift = super::first_shift(o);
-            shift = m.shift.map(|s| splat(s));
-        }
-        // padding lanes weigh 0, as in `Moments::add`
-        let w = _mm512_maskz_mov_pd(((1u32 << valid) - 1) as u8, splat(1.0));
-        for c in 0..3 {
-            let d = _mm512_sub_pd(lab[c], shift[c]);
-            let d = if valid == W { d } else { _mm512_mul_pd(d, w) };
-            s1[c] = _mm512_add_pd(s1[c], d);
-            s2[c] = _mm512_add_pd(s2[c], _mm512_mul_pd(d, d));
-        }
+        sums.add(b, o, &lab, valid);
     }
-    for c in 0..3 {
-        store(s1[c], &mut m.s1[c]);
-        store(s2[c], &mut m.s2[c]);
-    }
-    m
+    sums.finish()
 }
 
 avx512_fn! {
@@ -194,6 +178,176 @@ pub(super) fn lab_inverse(
     }
 }
 
+avx512_fn! {
+    /// [`super::exp8`], lane for lane.
+    fn exp(x: __m512d) -> __m512d {
+        const LOG2E: f64 = std::f64::consts::LOG2_E;
+        const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+        const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
+        const MAGIC: f64 = 6755399441055744.0;
+        const C: [f64; 12] = [
+            1.0 / 6227020800.0,
+            1.0 / 479001600.0,
+            1.0 / 39916800.0,
+            1.0 / 3628800.0,
+            1.0 / 362880.0,
+            1.0 / 40320.0,
+            1.0 / 5040.0,
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+        ];
+        // f64::clamp keeps NaN: max/min return their second operand (x) for a NaN
+        let x = _mm512_min_pd(splat(709.0), _mm512_max_pd(splat(-708.0), x));
+        let t = _mm512_add_pd(_mm512_mul_pd(x, splat(LOG2E)), splat(MAGIC));
+        let n = _mm512_sub_pd(t, splat(MAGIC));
+        let nb = _mm512_sub_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(MAGIC.to_bits() as i64));
+        let r = _mm512_sub_pd(_mm512_sub_pd(x, _mm512_mul_pd(n, splat(LN2_HI))), _mm512_mul_pd(n, splat(LN2_LO)));
+        let mut p = splat(C[0]);
+        for c in &C[1..] {
+            p = _mm512_add_pd(_mm512_mul_pd(p, r), splat(*c));
+        }
+        let one = splat(1.0);
+        let p = _mm512_add_pd(_mm512_mul_pd(_mm512_add_pd(_mm512_mul_pd(p, r), one), r), one);
+        let two_n = _mm512_slli_epi64::<52>(_mm512_add_epi64(nb, _mm512_set1_epi64(1023)));
+        _mm512_mul_pd(p, _mm512_castsi512_pd(two_n))
+    }
+}
+
+avx512_fn! {
+    /// [`super::ln8`], lane for lane.
+    fn ln(x: __m512d) -> __m512d {
+        const SQRT_HALF_BITS: u64 = 0x3FE6_A09E_667F_3BCD;
+        const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+        const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
+        const TWO52: f64 = 4503599627370496.0;
+        const C: [f64; 9] =
+            [1.0 / 19.0, 1.0 / 17.0, 1.0 / 15.0, 1.0 / 13.0, 1.0 / 11.0, 1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0];
+        let ix = _mm512_add_epi64(_mm512_castpd_si512(x), _mm512_set1_epi64((0x3FF0_0000_0000_0000 - SQRT_HALF_BITS) as i64));
+        let kb = _mm512_srli_epi64::<52>(ix);
+        let mantissa = _mm512_and_si512(ix, _mm512_set1_epi64(0x000F_FFFF_FFFF_FFFF));
+        let m = _mm512_castsi512_pd(_mm512_add_epi64(mantissa, _mm512_set1_epi64(SQRT_HALF_BITS as i64)));
+        let k = _mm512_sub_pd(
+            _mm512_castsi512_pd(_mm512_or_si512(kb, _mm512_set1_epi64(TWO52.to_bits() as i64))),
+            splat(TWO52 + 1023.0),
+        );
+        let one = splat(1.0);
+        let s = _mm512_div_pd(_mm512_sub_pd(m, one), _mm512_add_pd(m, one));
+        let z = _mm512_mul_pd(s, s);
+        let mut p = splat(C[0]);
+        for c in &C[1..] {
+            p = _mm512_add_pd(_mm512_mul_pd(p, z), splat(*c));
+        }
+        let two_s = _mm512_mul_pd(splat(2.0), s);
+        let lnm = _mm512_add_pd(two_s, _mm512_mul_pd(two_s, _mm512_mul_pd(z, p)));
+        _mm512_add_pd(_mm512_mul_pd(k, splat(LN2_HI)), _mm512_add_pd(_mm512_mul_pd(k, splat(LN2_LO)), lnm))
+    }
+}
+
+avx512_fn! {
+    /// `v` with each lane equal to `from` replaced by `to`.
+    fn replace(v: __m512d, from: f64, to: f64) -> __m512d {
+        _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_EQ_OQ>(v, splat(from)), v, splat(to))
+    }
+}
+
+/// Moments of the blocks a kernel produces, kept in registers ([`Moments::add`], lane for lane).
+struct Sums {
+    m: Moments,
+    shift: [__m512d; 3],
+    s1: [__m512d; 3],
+    s2: [__m512d; 3],
+}
+
+impl Sums {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+    fn new(pixels: usize) -> Self {
+        let zero = splat(0.0);
+        Sums { m: Moments::new(pixels, [0.0; 3]), shift: [zero; 3], s1: [zero; 3], s2: [zero; 3] }
+    }
+
+    /// Adds block `b` (already stored in `o`) with `valid` real pixels.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+    fn add(&mut self, b: usize, o: &[V; 3], v: &[__m512d; 3], valid: usize) {
+        if b == 0 {
+            self.m.shift = super::first_shift(o);
+            self.shift = self.m.shift.map(|s| splat(s));
+        }
+        // padding lanes weigh 0, as in `Moments::add`
+        let w = _mm512_maskz_mov_pd(((1u32 << valid) - 1) as u8, splat(1.0));
+        for c in 0..3 {
+            let d = _mm512_sub_pd(v[c], self.shift[c]);
+            let d = if valid == W { d } else { _mm512_mul_pd(d, w) };
+            self.s1[c] = _mm512_add_pd(self.s1[c], d);
+            self.s2[c] = _mm512_add_pd(self.s2[c], _mm512_mul_pd(d, d));
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+    fn finish(mut self) -> Moments {
+        for c in 0..3 {
+            store(self.s1[c], &mut self.m.s1[c]);
+            store(self.s2[c], &mut self.m.s2[c]);
+        }
+        self.m
+    }
+}
+
+/// [`super::lab_beta_forward`] on AVX-512.
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+pub(super) fn lab_beta_forward(
+    p: Px<'_>,
+    rgb2lms: &[[f64; 3]; 3],
+    lms2lab: &[[f64; 3]; 3],
+    out: &mut [[V; 3]],
+) -> Moments {
+    let mut sums = Sums::new(p.pixels);
+    for (b, o) in out.iter_mut().enumerate() {
+        let (px, valid) = p.block(b);
+        let rgb = px.map(|c| _mm512_cvtepi32_pd(indices(c)));
+        let lms = mat(rgb2lms, &rgb).map(|v| ln(replace(v, 0.0, f64::EPSILON)));
+        let lab = mat(lms2lab, &lms);
+        for c in 0..3 {
+            store(lab[c], &mut o[c]);
+        }
+        sums.add(b, o, &lab, valid);
+    }
+    sums.finish()
+}
+
+/// [`super::lab_beta_inverse`] on AVX-512.
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+pub(super) fn lab_beta_inverse(
+    lab: &[[V; 3]],
+    gain: [f64; 3],
+    shift: [f64; 3],
+    lab2lms: &[[f64; 3]; 3],
+    lms2rgb: &[[f64; 3]; 3],
+    out: &mut [u8],
+) {
+    let pixels = out.len() / 3;
+    let (gain, shift) = (gain.map(|x| splat(x)), shift.map(|x| splat(x)));
+    for (b, v) in lab.iter().enumerate() {
+        let l: [__m512d; 3] = std::array::from_fn(|c| _mm512_add_pd(_mm512_mul_pd(load(&v[c]), gain[c]), shift[c]));
+        let lms = mat(lab2lms, &l).map(|v| replace(exp(v), f64::EPSILON, 0.0));
+        let rgb = mat(lms2rgb, &lms);
+        let mut q = [[0u8; W]; 3];
+        for c in 0..3 {
+            // NaN gives 0, then clamp to 0..=255 and truncate
+            let x = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_ORD_Q>(rgb[c], rgb[c]), rgb[c]);
+            let x = _mm512_min_pd(_mm512_max_pd(x, splat(0.0)), splat(255.0));
+            // SAFETY: q[c] holds 8 bytes (an unaligned 64-bit store).
+            unsafe { _mm_storel_epi64(q[c].as_mut_ptr().cast(), _mm256_cvtepi32_epi8(_mm512_cvttpd_epi32(x))) };
+        }
+        super::store_rgb(&q, (pixels - W * b).min(W), &mut out[3 * W * b..]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +405,32 @@ mod tests {
         });
         for (x, g) in xs.iter().zip(got) {
             assert_eq!(g, q.quantise(*x) as f64, "quantise({x:e})");
+        }
+    }
+
+    #[test]
+    fn exp_and_ln_lanes_match_the_scalar_forms_at_their_edges() {
+        if !have_avx512("exp_and_ln_lanes_match_the_scalar_forms_at_their_edges") {
+            return;
+        }
+        let mut xs = around([-708.0, 709.0, -745.0, 710.0, 0.5, -0.5, 1e-10, 3.0, 100.0]);
+        xs.extend((0..400).map(|i| (i as f64 - 200.0) * 0.731));
+        // SAFETY: as in `lanes`.
+        let got = lanes(&xs, |v| unsafe { exp(v) });
+        for (x, g) in xs.iter().zip(&got) {
+            let want = super::super::exp(*x);
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "exp({x:e}): {g:e} vs {want:e}");
+        }
+        let mut xs: Vec<f64> =
+            around([f64::EPSILON, f64::MIN_POSITIVE, 0.7071067811865476, 1.0, 1.4142135623730951, 255.0])
+                .into_iter()
+                .filter(|x| *x >= f64::MIN_POSITIVE && x.is_finite())
+                .collect();
+        xs.extend((1..400).map(|i| i as f64 * 0.731));
+        // SAFETY: as in `lanes`.
+        let got = lanes(&xs, |v| unsafe { ln(v) });
+        for (x, g) in xs.iter().zip(&got) {
+            assert_eq!(g.to_bits(), super::super::ln(*x).to_bits(), "ln({x:e})");
         }
     }
 

@@ -421,11 +421,17 @@ mod tests {
             let want = super::super::exp(*x);
             assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "exp({x:e}): {g:e} vs {want:e}");
         }
-        let mut xs: Vec<f64> =
-            around([f64::EPSILON, f64::MIN_POSITIVE, 0.7071067811865476, 1.0, 1.4142135623730951, 255.0])
-                .into_iter()
-                .filter(|x| *x >= f64::MIN_POSITIVE && x.is_finite())
-                .collect();
+        let mut xs: Vec<f64> = around([
+            f64::EPSILON,
+            f64::MIN_POSITIVE,
+            std::f64::consts::FRAC_1_SQRT_2,
+            1.0,
+            std::f64::consts::SQRT_2,
+            255.0,
+        ])
+        .into_iter()
+        .filter(|x| *x >= f64::MIN_POSITIVE && x.is_finite())
+        .collect();
         xs.extend((1..400).map(|i| i as f64 * 0.731));
         // SAFETY: as in `lanes`.
         let got = lanes(&xs, |v| unsafe { ln(v) });
